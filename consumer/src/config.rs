@@ -1,0 +1,74 @@
+//! A consumer service's configuration file (TOML, `CHANGEWIRE_*` environment overrides).
+
+use std::path::{Path, PathBuf};
+
+use changewire_schemas::settings::{load_config, ConfigError, KafkaConfig};
+use changewire_schemas::topic::TopicsConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything `changewire-consumer` reads from its config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Kafka brokers and client properties (TLS/SASL pass through here).
+    pub kafka: KafkaConfig,
+    /// Topic naming (the DLQ is `<prefix>.dlq.<service>`).
+    #[serde(default)]
+    pub topics: TopicsConfig,
+    /// Which service this process runs and where it keeps its state.
+    pub service: ServiceConfig,
+}
+
+/// The `[service]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Service name: names the consumer group and the DLQ topic.
+    pub name: String,
+    /// Consumer group id; defaults to `changewire-<name>`.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// Topics to subscribe: names, or `^regex` patterns as librdkafka accepts them.
+    pub subscribe: Vec<String>,
+    /// Directory of the service's sled database (state, processed ids, offsets).
+    pub state_dir: PathBuf,
+}
+
+impl ConsumerConfig {
+    /// Loads and validates the config at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = load_config(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka.validate()?;
+        let names = self
+            .topics
+            .names()
+            .map_err(|e| ConfigError::invalid("topics.prefix", e.to_string()))?;
+        names
+            .dlq(&self.service.name)
+            .map_err(|e| ConfigError::invalid("service.name", e.to_string()))?;
+        if self.service.name.is_empty() {
+            return Err(ConfigError::invalid("service.name", "must not be empty"));
+        }
+        if self.service.subscribe.is_empty() {
+            return Err(ConfigError::invalid(
+                "service.subscribe",
+                "expected at least one topic name or ^regex",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The consumer group this service joins.
+    pub fn group_id(&self) -> String {
+        self.service
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("changewire-{}", self.service.name))
+    }
+}

@@ -1,0 +1,70 @@
+//! `changewire-producer`: reads its config, checks the broker, and streams changes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use changewire_producer::config::ProducerConfig;
+use changewire_producer::sink::KafkaSink;
+use changewire_schemas::Codec;
+use clap::Parser;
+
+/// Command-line flags.
+#[derive(Debug, Parser)]
+#[command(
+    name = "changewire-producer",
+    version,
+    about = "Stream database and Kubernetes changes to Kafka"
+)]
+struct Args {
+    /// TOML config file; `CHANGEWIRE_<SECTION>__<KEY>` variables override its keys.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Validate the config and reach the broker, then exit.
+    #[arg(long)]
+    check: bool,
+}
+
+/// Exit status for configuration errors (distinct from runtime failures).
+const EXIT_CONFIG: u8 = 2;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let config = match ProducerConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("changewire-producer: configuration error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match run(config, args.check).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("changewire-producer: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
+    tracing::info!(kafka = ?config.kafka, format = ?config.format.value, "starting");
+    let codec = Codec::from_config(&config.format)
+        .await
+        .context("cannot set up the value codec")?;
+    let sink = KafkaSink::new(&config.kafka).context("cannot create the Kafka producer")?;
+    let brokers = sink
+        .broker_count(Duration::from_secs(10))
+        .with_context(|| format!("cannot reach Kafka at {}", config.kafka.brokers))?;
+    tracing::info!(brokers, format = ?codec.format(), "Kafka reachable, configuration valid");
+    if check_only {
+        return Ok(());
+    }
+    anyhow::bail!("nothing to stream: no change source is configured")
+}

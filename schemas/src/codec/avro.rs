@@ -1,0 +1,450 @@
+//! Avro encoding of the envelope, framed either as Avro single-object encoding
+//! (`C3 01` + 8-byte CRC-64-AVRO fingerprint) or, with a schema registry, in the
+//! Confluent wire format (`00` + 4-byte big-endian schema id).
+//!
+//! `before`, `after` and `diff` travel as JSON text: row and object shapes differ per
+//! table and kind, and one envelope schema for all topics keeps the registry simple.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use apache_avro::rabin::Rabin;
+use apache_avro::{from_avro_datum, from_value, to_avro_datum, to_value, Schema};
+use serde::{Deserialize, Serialize};
+
+use super::CodecError;
+use crate::envelope::{
+    Actor, ActorVia, ChangeEvent, EventId, KubernetesOrigin, Op, Origin, PostgresOrigin,
+    SnapshotMarker, Source, Transaction,
+};
+use crate::registry::SchemaRegistry;
+
+/// The current envelope schema, as kept in `schemas/avro/change_event.avsc`.
+pub const CURRENT_SCHEMA: &str = include_str!("../../avro/change_event.avsc");
+
+/// Every released schema version, oldest first, as kept in `schemas/avro/released/`.
+/// Data written with any of them must stay readable (see the compatibility tests).
+pub const RELEASED_SCHEMAS: &[(&str, &str)] = &[(
+    "v1",
+    include_str!("../../avro/released/change_event.v1.avsc"),
+)];
+
+/// First two bytes of an Avro single-object encoded message.
+pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
+/// First byte of a Confluent wire-format message.
+pub const CONFLUENT_MAGIC: u8 = 0x00;
+
+const FINGERPRINT_LEN: usize = 8;
+const SCHEMA_ID_LEN: usize = 4;
+
+/// How encoded datums are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    SingleObject,
+    Confluent { schema_id: u32 },
+}
+
+/// Encodes and decodes [`ChangeEvent`]s as Avro.
+#[derive(Debug)]
+pub struct AvroCodec {
+    reader: Schema,
+    framing: Framing,
+    by_fingerprint: Vec<([u8; FINGERPRINT_LEN], Schema)>,
+    by_id: RwLock<HashMap<u32, Arc<Schema>>>,
+    registry: Option<SchemaRegistry>,
+}
+
+impl AvroCodec {
+    /// A codec using single-object encoding, no registry needed.
+    pub fn single_object() -> Result<Self, CodecError> {
+        let reader = parse(CURRENT_SCHEMA)?;
+        let mut by_fingerprint = vec![(fingerprint(&reader), reader.clone())];
+        for (_, text) in RELEASED_SCHEMAS {
+            let schema = parse(text)?;
+            by_fingerprint.push((fingerprint(&schema), schema));
+        }
+        Ok(Self {
+            reader,
+            framing: Framing::SingleObject,
+            by_fingerprint,
+            by_id: RwLock::new(HashMap::new()),
+            registry: None,
+        })
+    }
+
+    /// Fetches writer schemas of Confluent-framed messages from `registry`.
+    pub fn fetching_from(mut self, registry: SchemaRegistry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Registers the current schema under `subject` and from then on writes the
+    /// Confluent wire format with the id the registry assigned.
+    pub async fn register(mut self, subject: &str) -> Result<Self, CodecError> {
+        let registry = self
+            .registry
+            .as_ref()
+            .ok_or_else(|| invalid("format.schema_registry", "no registry configured"))?;
+        let schema_id = registry.register(subject, &self.reader).await?;
+        self.cache_schema(schema_id, Arc::new(self.reader.clone()));
+        self.framing = Framing::Confluent { schema_id };
+        Ok(self)
+    }
+
+    /// Encodes one event with the configured framing.
+    pub fn encode(&self, event: &ChangeEvent) -> Result<Vec<u8>, CodecError> {
+        let value = to_value(AvroEvent::try_from(event)?)
+            .and_then(|v| v.resolve(&self.reader))
+            .map_err(avro_error)?;
+        let datum = to_avro_datum(&self.reader, value).map_err(avro_error)?;
+        let mut out = match self.framing {
+            Framing::SingleObject => {
+                let mut head = SINGLE_OBJECT_MAGIC.to_vec();
+                head.extend_from_slice(&self.by_fingerprint[0].0);
+                head
+            }
+            Framing::Confluent { schema_id } => {
+                let mut head = vec![CONFLUENT_MAGIC];
+                head.extend_from_slice(&schema_id.to_be_bytes());
+                head
+            }
+        };
+        out.extend_from_slice(&datum);
+        Ok(out)
+    }
+
+    /// Decodes a single-object or Confluent-framed message. A Confluent schema id this
+    /// codec has not seen yields [`CodecError::UnknownSchemaId`]; call
+    /// [`AvroCodec::learn_schema_id`] and decode again.
+    pub fn decode(&self, bytes: &[u8]) -> Result<ChangeEvent, CodecError> {
+        if let Some(rest) = bytes.strip_prefix(&SINGLE_OBJECT_MAGIC) {
+            let (print, datum) = split(rest, FINGERPRINT_LEN)?;
+            let writer = self
+                .by_fingerprint
+                .iter()
+                .find(|(known, _)| known == print)
+                .map(|(_, schema)| schema)
+                .ok_or_else(|| CodecError::UnknownFingerprint(hex(print)))?;
+            return self.decode_datum(writer, datum);
+        }
+        if let Some(rest) = bytes.strip_prefix(&[CONFLUENT_MAGIC]) {
+            let (id, datum) = split(rest, SCHEMA_ID_LEN)?;
+            let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+            let writer = self
+                .cached_schema(id)
+                .ok_or(CodecError::UnknownSchemaId(id))?;
+            return self.decode_datum(&writer, datum);
+        }
+        Err(CodecError::UnknownFraming {
+            first_byte: bytes.first().copied(),
+        })
+    }
+
+    /// Fetches the writer schema with this Confluent id from the registry and keeps it.
+    pub async fn learn_schema_id(&self, id: u32) -> Result<(), CodecError> {
+        let registry = self
+            .registry
+            .as_ref()
+            .ok_or(CodecError::UnknownSchemaId(id))?;
+        let schema = registry.schema_by_id(id).await?;
+        self.cache_schema(id, Arc::new(schema));
+        Ok(())
+    }
+
+    fn decode_datum(&self, writer: &Schema, mut datum: &[u8]) -> Result<ChangeEvent, CodecError> {
+        let value = from_avro_datum(writer, &mut datum, Some(&self.reader)).map_err(avro_error)?;
+        if !datum.is_empty() {
+            return Err(CodecError::TrailingBytes(datum.len()));
+        }
+        let event: AvroEvent = from_value(&value).map_err(avro_error)?;
+        event.try_into()
+    }
+
+    fn cached_schema(&self, id: u32) -> Option<Arc<Schema>> {
+        // A poisoned lock only means another thread panicked mid-insert of an Arc;
+        // the map itself is still consistent.
+        let map = self.by_id.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&id).cloned()
+    }
+
+    fn cache_schema(&self, id: u32, schema: Arc<Schema>) {
+        let mut map = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        map.insert(id, schema);
+    }
+}
+
+fn parse(text: &str) -> Result<Schema, CodecError> {
+    Schema::parse_str(text).map_err(avro_error)
+}
+
+fn fingerprint(schema: &Schema) -> [u8; FINGERPRINT_LEN] {
+    let bytes = schema.fingerprint::<Rabin>().bytes;
+    let mut print = [0; FINGERPRINT_LEN];
+    print.copy_from_slice(&bytes[..FINGERPRINT_LEN]);
+    print
+}
+
+fn split(bytes: &[u8], at: usize) -> Result<(&[u8], &[u8]), CodecError> {
+    if bytes.len() < at {
+        return Err(CodecError::Truncated);
+    }
+    Ok(bytes.split_at(at))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn avro_error(error: apache_avro::Error) -> CodecError {
+    CodecError::Avro(Box::new(error))
+}
+
+/// The envelope as the `.avsc` record lays it out.
+#[derive(Serialize, Deserialize)]
+pub(super) struct AvroEvent {
+    id: String,
+    op: String,
+    ts_ms: i64,
+    source: AvroSource,
+    before: Option<String>,
+    after: Option<String>,
+    diff: Option<String>,
+    actor: Option<AvroActor>,
+    transaction: Option<AvroTransaction>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct AvroSource {
+    connector: String,
+    name: String,
+    ts_ms: i64,
+    snapshot: String,
+    db: Option<String>,
+    schema: Option<String>,
+    table: Option<String>,
+    lsn: Option<i64>,
+    #[serde(rename = "txId")]
+    tx_id: Option<i64>,
+    sequence: Option<String>,
+    cluster: Option<String>,
+    group: Option<String>,
+    version: Option<String>,
+    kind: Option<String>,
+    namespace: Option<String>,
+    #[serde(rename = "objectName")]
+    object_name: Option<String>,
+    uid: Option<String>,
+    #[serde(rename = "resourceVersion")]
+    resource_version: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AvroActor {
+    name: String,
+    via: String,
+    groups: Vec<String>,
+    source_ips: Vec<String>,
+    user_agent: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AvroTransaction {
+    id: String,
+    total_order: i64,
+    data_collection_order: i64,
+}
+
+fn json_text(value: &Option<serde_json::Value>) -> Option<String> {
+    value.as_ref().map(serde_json::Value::to_string)
+}
+
+fn parse_json_text(
+    field: &'static str,
+    text: Option<String>,
+) -> Result<Option<serde_json::Value>, CodecError> {
+    text.map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|source| CodecError::InvalidField {
+            field,
+            reason: source.to_string(),
+        })
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> CodecError {
+    CodecError::InvalidField {
+        field,
+        reason: reason.into(),
+    }
+}
+
+// Avro has no unsigned types: counters travel as `long` and must fit.
+fn to_long(field: &'static str, n: u64) -> Result<i64, CodecError> {
+    i64::try_from(n).map_err(|_| invalid(field, format!("{n} does not fit an Avro long")))
+}
+
+fn from_long(field: &'static str, n: i64) -> Result<u64, CodecError> {
+    u64::try_from(n).map_err(|_| invalid(field, format!("negative value {n}")))
+}
+
+fn required(field: &'static str, value: Option<String>) -> Result<String, CodecError> {
+    value.ok_or_else(|| invalid(field, "missing"))
+}
+
+impl TryFrom<&ChangeEvent> for AvroEvent {
+    type Error = CodecError;
+
+    fn try_from(event: &ChangeEvent) -> Result<Self, CodecError> {
+        Ok(Self {
+            id: event.id.to_string(),
+            op: event.op.code().to_owned(),
+            ts_ms: event.ts_ms,
+            source: AvroSource::try_from(&event.source)?,
+            before: json_text(&event.before),
+            after: json_text(&event.after),
+            diff: json_text(&event.diff),
+            actor: event.actor.as_ref().map(|a| AvroActor {
+                name: a.name.clone(),
+                via: a.via.as_str().to_owned(),
+                groups: a.groups.clone(),
+                source_ips: a.source_ips.clone(),
+                user_agent: a.user_agent.clone(),
+            }),
+            transaction: event
+                .transaction
+                .as_ref()
+                .map(|t| {
+                    Ok::<_, CodecError>(AvroTransaction {
+                        id: t.id.clone(),
+                        total_order: to_long("transaction.total_order", t.total_order)?,
+                        data_collection_order: to_long(
+                            "transaction.data_collection_order",
+                            t.data_collection_order,
+                        )?,
+                    })
+                })
+                .transpose()?,
+        })
+    }
+}
+
+impl TryFrom<&Source> for AvroSource {
+    type Error = CodecError;
+
+    fn try_from(source: &Source) -> Result<Self, CodecError> {
+        let common = AvroSource {
+            name: source.name.clone(),
+            ts_ms: source.ts_ms,
+            snapshot: source.snapshot.as_str().to_owned(),
+            ..AvroSource::default()
+        };
+        Ok(match &source.origin {
+            Origin::Postgresql(pg) => AvroSource {
+                connector: "postgresql".into(),
+                db: Some(pg.db.clone()),
+                schema: Some(pg.schema.clone()),
+                table: Some(pg.table.clone()),
+                lsn: Some(to_long("source.lsn", pg.lsn)?),
+                tx_id: pg.tx_id,
+                sequence: pg.sequence.clone(),
+                ..common
+            },
+            Origin::Kubernetes(k8s) => AvroSource {
+                connector: "kubernetes".into(),
+                cluster: Some(k8s.cluster.clone()),
+                group: Some(k8s.group.clone()),
+                version: Some(k8s.version.clone()),
+                kind: Some(k8s.kind.clone()),
+                namespace: k8s.namespace.clone(),
+                object_name: Some(k8s.name.clone()),
+                uid: Some(k8s.uid.clone()),
+                resource_version: Some(k8s.resource_version.clone()),
+                ..common
+            },
+        })
+    }
+}
+
+impl TryFrom<AvroEvent> for ChangeEvent {
+    type Error = CodecError;
+
+    fn try_from(event: AvroEvent) -> Result<Self, CodecError> {
+        let op = Op::from_code(&event.op).ok_or_else(|| invalid("op", event.op.clone()))?;
+        Ok(ChangeEvent {
+            id: EventId::from(event.id),
+            op,
+            ts_ms: event.ts_ms,
+            source: event.source.try_into()?,
+            before: parse_json_text("before", event.before)?,
+            after: parse_json_text("after", event.after)?,
+            diff: parse_json_text("diff", event.diff)?,
+            actor: event.actor.map(Actor::try_from).transpose()?,
+            transaction: event
+                .transaction
+                .map(|t| {
+                    Ok::<_, CodecError>(Transaction {
+                        id: t.id,
+                        total_order: from_long("transaction.total_order", t.total_order)?,
+                        data_collection_order: from_long(
+                            "transaction.data_collection_order",
+                            t.data_collection_order,
+                        )?,
+                    })
+                })
+                .transpose()?,
+        })
+    }
+}
+
+impl TryFrom<AvroActor> for Actor {
+    type Error = CodecError;
+
+    fn try_from(actor: AvroActor) -> Result<Self, CodecError> {
+        Ok(Actor {
+            via: ActorVia::parse(&actor.via)
+                .ok_or_else(|| invalid("actor.via", actor.via.clone()))?,
+            name: actor.name,
+            groups: actor.groups,
+            source_ips: actor.source_ips,
+            user_agent: actor.user_agent,
+        })
+    }
+}
+
+impl TryFrom<AvroSource> for Source {
+    type Error = CodecError;
+
+    fn try_from(s: AvroSource) -> Result<Self, CodecError> {
+        let snapshot = SnapshotMarker::parse(&s.snapshot)
+            .ok_or_else(|| invalid("source.snapshot", s.snapshot.clone()))?;
+        let origin = match s.connector.as_str() {
+            "postgresql" => Origin::Postgresql(PostgresOrigin {
+                db: required("source.db", s.db)?,
+                schema: required("source.schema", s.schema)?,
+                table: required("source.table", s.table)?,
+                lsn: from_long(
+                    "source.lsn",
+                    s.lsn.ok_or_else(|| invalid("source.lsn", "missing"))?,
+                )?,
+                tx_id: s.tx_id,
+                sequence: s.sequence,
+            }),
+            "kubernetes" => Origin::Kubernetes(KubernetesOrigin {
+                cluster: required("source.cluster", s.cluster)?,
+                group: required("source.group", s.group)?,
+                version: required("source.version", s.version)?,
+                kind: required("source.kind", s.kind)?,
+                namespace: s.namespace,
+                name: required("source.objectName", s.object_name)?,
+                uid: required("source.uid", s.uid)?,
+                resource_version: required("source.resourceVersion", s.resource_version)?,
+            }),
+            other => return Err(invalid("source.connector", other)),
+        };
+        Ok(Source {
+            name: s.name,
+            ts_ms: s.ts_ms,
+            snapshot,
+            origin,
+        })
+    }
+}

@@ -1,0 +1,297 @@
+//! The change event envelope: the contract between the producer and every consumer.
+//!
+//! Field names follow Debezium's envelope (`before`, `after`, `source`, `op`, `ts_ms`,
+//! `transaction`) so Debezium-aware tools read our events; `id`, `diff` and `actor`
+//! are changewire extensions.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One create, update, delete, snapshot read or truncate of one entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    /// Stable identity: the same change re-delivered carries the same id.
+    pub id: EventId,
+    /// What happened to the entity.
+    pub op: Op,
+    /// When the producer emitted the event (milliseconds since the Unix epoch).
+    pub ts_ms: i64,
+    /// Where the change came from.
+    pub source: Source,
+    /// The entity before the change; `None` for creates and snapshot reads.
+    pub before: Option<Value>,
+    /// The entity after the change; `None` for deletes.
+    pub after: Option<Value>,
+    /// RFC 6902 JSON Patch from `before` to `after`, when the producer computes one.
+    #[serde(default)]
+    pub diff: Option<Value>,
+    /// Who made the change, when known.
+    #[serde(default)]
+    pub actor: Option<Actor>,
+    /// The transaction the change belongs to, for transactional sources.
+    #[serde(default)]
+    pub transaction: Option<Transaction>,
+}
+
+/// The kind of change, with Debezium's one-letter codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Op {
+    /// Entity created (`c`).
+    #[serde(rename = "c")]
+    Create,
+    /// Entity updated (`u`).
+    #[serde(rename = "u")]
+    Update,
+    /// Entity deleted (`d`).
+    #[serde(rename = "d")]
+    Delete,
+    /// Entity read during an initial snapshot (`r`).
+    #[serde(rename = "r")]
+    Read,
+    /// Table truncated (`t`).
+    #[serde(rename = "t")]
+    Truncate,
+}
+
+impl Op {
+    /// The one-letter code used on the wire.
+    pub fn code(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Read => "r",
+            Op::Truncate => "t",
+        }
+    }
+
+    /// Parses a one-letter code; `None` for anything else.
+    pub fn from_code(code: &str) -> Option<Op> {
+        [Op::Create, Op::Update, Op::Delete, Op::Read, Op::Truncate]
+            .into_iter()
+            .find(|op| op.code() == code)
+    }
+}
+
+/// Stable event identity used by consumers to deduplicate.
+///
+/// `pg:<source>:<commit_lsn>:<seq_in_tx>` or `k8s:<source>:<uid>:<resourceVersion>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventId(String);
+
+impl EventId {
+    /// Id of the `seq`-th change of the Postgres transaction that committed at `commit_lsn`.
+    pub fn postgres(source: &str, commit_lsn: u64, seq: u64) -> Self {
+        Self(format!(
+            "pg:{source}:{:X}/{:X}:{seq}",
+            commit_lsn >> 32,
+            commit_lsn & 0xFFFF_FFFF
+        ))
+    }
+
+    /// Id of one Kubernetes object state.
+    pub fn kubernetes(source: &str, uid: &str, resource_version: &str) -> Self {
+        Self(format!("k8s:{source}:{uid}:{resource_version}"))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for EventId {
+    fn from(id: String) -> Self {
+        Self(id)
+    }
+}
+
+/// Where a change came from (Debezium's `source` block).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// The configured source name (one Postgres database or one cluster).
+    pub name: String,
+    /// When the change happened: commit time or Kubernetes change time (ms since epoch).
+    pub ts_ms: i64,
+    /// Whether the event comes from an initial snapshot.
+    #[serde(default)]
+    pub snapshot: SnapshotMarker,
+    /// Connector-specific position fields, tagged by `connector`.
+    #[serde(flatten)]
+    pub origin: Origin,
+}
+
+/// Debezium's `source.snapshot` marker, a string on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMarker {
+    /// Part of a snapshot.
+    True,
+    /// Streamed, not a snapshot.
+    #[default]
+    False,
+    /// The last event of a snapshot.
+    Last,
+}
+
+impl SnapshotMarker {
+    /// The marker as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotMarker::True => "true",
+            SnapshotMarker::False => "false",
+            SnapshotMarker::Last => "last",
+        }
+    }
+
+    /// Parses the wire form; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::True, Self::False, Self::Last]
+            .into_iter()
+            .find(|m| m.as_str() == text)
+    }
+}
+
+/// Connector-specific source fields; `connector` on the wire selects the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "connector", rename_all = "lowercase")]
+pub enum Origin {
+    /// A PostgreSQL logical replication stream.
+    Postgresql(PostgresOrigin),
+    /// A Kubernetes watch stream.
+    Kubernetes(KubernetesOrigin),
+}
+
+/// Position of a change in a PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostgresOrigin {
+    /// Database name.
+    pub db: String,
+    /// Schema of the table.
+    pub schema: String,
+    /// Table name.
+    pub table: String,
+    /// LSN of the change (Debezium: `lsn`, a number).
+    pub lsn: u64,
+    /// Transaction id (Debezium: `txId`).
+    #[serde(rename = "txId", default)]
+    pub tx_id: Option<i64>,
+    /// Debezium's `sequence`: JSON text `["<last commit lsn>","<lsn>"]`.
+    #[serde(default)]
+    pub sequence: Option<String>,
+}
+
+/// Identity of a changed Kubernetes object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesOrigin {
+    /// Configured cluster name.
+    pub cluster: String,
+    /// API group; empty for the core group.
+    pub group: String,
+    /// API version.
+    pub version: String,
+    /// Kind, e.g. `ConfigMap`.
+    pub kind: String,
+    /// Namespace; `None` for cluster-scoped objects.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Object name (`objectName` on the wire: `name` is the source name).
+    #[serde(rename = "objectName")]
+    pub name: String,
+    /// Object uid (a delete and re-create under one name has two uids).
+    pub uid: String,
+    /// The object's resourceVersion after the change.
+    #[serde(rename = "resourceVersion")]
+    pub resource_version: String,
+}
+
+/// Who made a change, as far as the producer could tell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// User or field-manager name.
+    pub name: String,
+    /// How the actor was found.
+    pub via: ActorVia,
+    /// Groups of the authenticated user (audit only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Source IP addresses of the request (audit only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ips: Vec<String>,
+    /// User agent of the request (audit only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+}
+
+/// The evidence an [`Actor`] was derived from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActorVia {
+    /// The Kubernetes audit log (authenticated user).
+    #[serde(rename = "audit")]
+    Audit,
+    /// The newest `metadata.managedFields` entry (field manager, best effort).
+    #[serde(rename = "managedFields")]
+    ManagedFields,
+    /// The Postgres session (e.g. the role that committed).
+    #[serde(rename = "postgres")]
+    Postgres,
+}
+
+impl ActorVia {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorVia::Audit => "audit",
+            ActorVia::ManagedFields => "managedFields",
+            ActorVia::Postgres => "postgres",
+        }
+    }
+
+    /// Parses the wire form; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Audit, Self::ManagedFields, Self::Postgres]
+            .into_iter()
+            .find(|v| v.as_str() == text)
+    }
+}
+
+/// Debezium's transaction block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    /// Transaction id, `<txid>:<commit lsn>`.
+    pub id: String,
+    /// Position of the event among all events of the transaction (1-based).
+    pub total_order: u64,
+    /// Position of the event among the events of its table in the transaction (1-based).
+    pub data_collection_order: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_event_id_uses_the_postgres_lsn_text_form() {
+        let id = EventId::postgres("inventory", 0x1_0000_16B3, 7);
+        assert_eq!(id.as_str(), "pg:inventory:1/16B3:7");
+    }
+
+    #[test]
+    fn op_codes_round_trip() {
+        for op in [Op::Create, Op::Update, Op::Delete, Op::Read, Op::Truncate] {
+            assert_eq!(Op::from_code(op.code()), Some(op));
+            let json = serde_json::to_string(&op).expect("op serializes");
+            assert_eq!(json, format!("\"{}\"", op.code()));
+        }
+        assert_eq!(Op::from_code("x"), None);
+    }
+}

@@ -1,0 +1,21 @@
+//! The changewire event contract, shared by the producer, every consumer service and
+//! anyone writing their own consumer:
+//!
+//! - [`envelope`]: [`ChangeEvent`] and its parts (a Debezium-compatible envelope);
+//! - [`topic`]: topic names derived from one prefix;
+//! - [`codec`]: JSON and Avro value codecs (the `.avsc` files live in `schemas/avro/`);
+//! - [`registry`]: the Confluent schema-registry client used by the Avro codec;
+//! - [`settings`]: the `[kafka]` section and config loading shared by every binary.
+
+pub mod codec;
+pub mod envelope;
+pub mod registry;
+pub mod settings;
+pub mod topic;
+
+pub use codec::{Codec, CodecError, FormatConfig, ValueFormat};
+pub use envelope::{
+    Actor, ActorVia, ChangeEvent, EventId, KubernetesOrigin, Op, Origin, PostgresOrigin,
+    SnapshotMarker, Source, Transaction,
+};
+pub use topic::TopicNames;

@@ -1,0 +1,271 @@
+//! Support code for changewire's end-to-end tests: the local stack's endpoints, a
+//! database and topic names of its own per test, a Kafka consumer that polls until a
+//! deadline, and teardown. Tests run in parallel, so every name is unique.
+//!
+//! Start the stack first (`scripts/stack up`); `scripts/test` does it for you.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::time::Instant;
+use tokio_postgres::NoTls;
+
+/// Where the local stack listens (see `scripts/stack env`).
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// Superuser URL of the `postgres` database.
+    pub pg_url: String,
+    /// Kafka bootstrap list.
+    pub kafka_brokers: String,
+}
+
+impl Stack {
+    /// Reads `CW_TEST_PG_URL` and `CW_TEST_KAFKA_BROKERS`, defaulting to `scripts/stack`'s ports.
+    pub fn from_env() -> Self {
+        Self {
+            pg_url: std::env::var("CW_TEST_PG_URL").unwrap_or_else(|_| {
+                "postgres://changewire:changewire@127.0.0.1:55432/postgres".to_owned()
+            }),
+            kafka_brokers: std::env::var("CW_TEST_KAFKA_BROKERS")
+                .unwrap_or_else(|_| "127.0.0.1:19092".to_owned()),
+        }
+    }
+
+    /// The `[kafka]` config section pointing at the test broker.
+    pub fn kafka_config(&self) -> changewire_schemas::settings::KafkaConfig {
+        changewire_schemas::settings::KafkaConfig {
+            brokers: self.kafka_brokers.clone(),
+            properties: Default::default(),
+        }
+    }
+}
+
+/// A name no other test uses: `<prefix>_<12 hex digits>`, valid as a database, slot
+/// and topic name.
+pub fn unique_name(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}_{}", &id[..12])
+}
+
+/// A database created for one test and dropped when the value is dropped.
+pub struct TestDatabase {
+    /// Database name.
+    pub name: String,
+    /// Connection URL of the database.
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDatabase {
+    /// Creates a fresh, empty database.
+    pub async fn create(stack: &Stack) -> anyhow::Result<Self> {
+        let name = unique_name("cw");
+        let admin = connect(&stack.pg_url).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        let url = stack
+            .pg_url
+            .rsplit_once('/')
+            .map(|(server, _)| format!("{server}/{name}"))
+            .context("CW_TEST_PG_URL must end in /<database>")?;
+        Ok(Self {
+            name,
+            url,
+            admin_url: stack.pg_url.clone(),
+        })
+    }
+
+    /// A new connection to this database.
+    pub async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
+        connect(&self.url).await
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot block on async work:
+        // tear down on a thread of its own and wait for it.
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let teardown = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let admin = connect(&admin_url).await?;
+                // Replication slots pin a database; drop the test's slots first.
+                admin
+                    .execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE database = $1 AND NOT active",
+                        &[&name],
+                    )
+                    .await?;
+                admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await?;
+                anyhow::Ok(())
+            })
+        });
+        if let Ok(Err(error)) = teardown.join() {
+            eprintln!("teardown of database {} failed: {error:#}", self.name);
+        }
+    }
+}
+
+/// Connects to Postgres and drives the connection in the background.
+pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| format!("connecting to {}", redact_url(url)))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if scheme < at => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Creates topics with `partitions` partitions each (tansu does not auto-create them).
+pub async fn create_topics(stack: &Stack, topics: &[&str], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .create()
+        .context("creating the Kafka admin client")?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        if let Err((topic, code)) = result {
+            bail!("creating topic {topic} failed: {code}");
+        }
+    }
+    Ok(())
+}
+
+/// A record read back from Kafka, detached from the consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRecord {
+    /// Partition it was stored in.
+    pub partition: i32,
+    /// Offset in that partition.
+    pub offset: i64,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Message value (`None` for a tombstone).
+    pub value: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl ReadRecord {
+    fn from_message(message: &BorrowedMessage<'_>) -> Self {
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+}
+
+/// Reads topics from the beginning by direct partition assignment: no consumer group
+/// to join, so reading starts at once.
+pub struct TestConsumer {
+    consumer: StreamConsumer,
+}
+
+impl TestConsumer {
+    /// Assigns every partition of `topic` (which must exist) from the beginning.
+    pub fn from_beginning(stack: &Stack, topic: &str) -> anyhow::Result<Self> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &stack.kafka_brokers)
+            .set("group.id", unique_name("test-reader"))
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .context("creating the test consumer")?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("fetching metadata of {topic}"))?;
+        let mut assignment = TopicPartitionList::new();
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            assignment.add_partition_offset(topic, partition.id(), Offset::Beginning)?;
+        }
+        if assignment.count() == 0 {
+            bail!("topic {topic} has no partitions (was it created?)");
+        }
+        consumer.assign(&assignment)?;
+        Ok(Self { consumer })
+    }
+
+    /// Reads until `count` records arrived or `timeout` passed; returns what arrived.
+    pub async fn read(&self, count: usize, timeout: Duration) -> anyhow::Result<Vec<ReadRecord>> {
+        let deadline = Instant::now() + timeout;
+        let mut records = Vec::with_capacity(count);
+        while records.len() < count {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(message) => records.push(ReadRecord::from_message(&message?)),
+                Err(_elapsed) => break,
+            }
+        }
+        Ok(records)
+    }
+
+    /// Reads exactly `count` records, failing with what arrived if fewer did in time.
+    pub async fn read_exactly(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<ReadRecord>> {
+        let records = self.read(count, timeout).await?;
+        if records.len() != count {
+            bail!(
+                "expected {count} records within {timeout:?}, got {}",
+                records.len()
+            );
+        }
+        Ok(records)
+    }
+}
+
+/// Path of a workspace binary built next to the running test.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    // Test binaries live in target/<profile>/deps; workspace binaries one level up.
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name))
+        .context("cannot locate the target directory")?;
+    if !path.is_file() {
+        bail!(
+            "{} is not built; run `cargo build --workspace` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}

@@ -1,0 +1,159 @@
+//! The binaries reject bad settings with a message naming the key, exit status 2, and
+//! accept `CHANGEWIRE_*` environment overrides.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use changewire_tests::{workspace_binary, Stack};
+
+const EXIT_CONFIG: i32 = 2;
+
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn run(binary: &str, config: &Path, env: &[(&str, &str)]) -> anyhow::Result<Output> {
+    let mut command = Command::new(workspace_binary(binary)?);
+    command.arg("--config").arg(config).arg("--check");
+    // Overrides in the test's own environment must not leak into the child.
+    for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("CHANGEWIRE_")) {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().copied());
+    Ok(command.output()?)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn producer_config(brokers: &str) -> String {
+    format!("[kafka]\nbrokers = \"{brokers}\"\n\n[topics]\nprefix = \"cwtest\"\n")
+}
+
+#[test]
+fn unknown_key_is_named_in_the_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(
+        dir.path(),
+        "[kafka]\nbrokers = \"h:1\"\nbrokerz = \"typo\"\n",
+    );
+    let output = run("changewire-producer", &config, &[])?;
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    let message = stderr(&output);
+    assert!(message.contains("brokerz"), "{message}");
+    assert!(
+        message.contains("brokers"),
+        "should list what is expected: {message}"
+    );
+    Ok(())
+}
+
+#[test]
+fn invalid_value_names_the_key_and_what_was_expected() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(
+        dir.path(),
+        "[kafka]\nbrokers = \"h:1\"\n[topics]\nprefix = \"has space\"\n",
+    );
+    let output = run("changewire-producer", &config, &[])?;
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    let message = stderr(&output);
+    assert!(message.contains("topics.prefix"), "{message}");
+    assert!(message.contains("[a-zA-Z0-9._-]"), "{message}");
+    Ok(())
+}
+
+#[test]
+fn wrong_type_and_missing_file_are_reported() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), "[kafka]\nbrokers = 9092\n");
+    let output = run("changewire-producer", &config, &[])?;
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    assert!(stderr(&output).contains("brokers"), "{}", stderr(&output));
+
+    let output = run("changewire-producer", &dir.path().join("absent.toml"), &[])?;
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    assert!(
+        stderr(&output).contains("absent.toml"),
+        "{}",
+        stderr(&output)
+    );
+    Ok(())
+}
+
+#[test]
+fn environment_overrides_are_validated_like_the_file() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &producer_config("h:1"));
+    let output = run(
+        "changewire-producer",
+        &config,
+        &[("CHANGEWIRE_KAFKA__BROKERS", "no-port")],
+    )?;
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    assert!(
+        stderr(&output).contains("kafka.brokers"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = run(
+        "changewire-producer",
+        &config,
+        &[("CHANGEWIRE_KAFKA__TYPO", "1")],
+    )?;
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    assert!(
+        stderr(&output).to_lowercase().contains("typo"),
+        "{}",
+        stderr(&output)
+    );
+    Ok(())
+}
+
+#[test]
+fn environment_override_reaches_the_real_broker() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let dir = tempfile::tempdir()?;
+    // The file points nowhere; only the override makes the broker check pass.
+    let config = write_config(dir.path(), &producer_config("127.0.0.1:1"));
+    let output = run(
+        "changewire-producer",
+        &config,
+        &[("CHANGEWIRE_KAFKA__BROKERS", stack.kafka_brokers.as_str())],
+    )?;
+    assert!(output.status.success(), "{}", stderr(&output));
+    Ok(())
+}
+
+#[test]
+fn unreachable_broker_fails_the_check_with_a_runtime_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &producer_config("127.0.0.1:1"));
+    let output = run("changewire-producer", &config, &[])?;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("cannot reach Kafka at 127.0.0.1:1"),
+        "{}",
+        stderr(&output)
+    );
+    Ok(())
+}
+
+#[test]
+fn consumer_requires_a_subscription() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let text = "[kafka]\nbrokers = \"h:1\"\n[service]\nname = \"dedup\"\nsubscribe = []\nstate_dir = \"/tmp/x\"\n";
+    let config = write_config(dir.path(), text);
+    let output = run("changewire-consumer", &config, &[])?;
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    assert!(
+        stderr(&output).contains("service.subscribe"),
+        "{}",
+        stderr(&output)
+    );
+    Ok(())
+}
