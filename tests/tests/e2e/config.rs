@@ -157,3 +157,27 @@ fn consumer_requires_a_subscription() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The files under config/ are what the demo and docker-compose run; with the
+/// overrides docker-compose sets, they must pass `--check`.
+#[test]
+fn shipped_config_files_are_valid() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let state = tempfile::tempdir()?;
+    let state_dir = state.path().to_string_lossy().into_owned();
+    let cases = [
+        ("changewire-producer", "producer.toml", vec![]),
+        (
+            "changewire-consumer",
+            "dedup.toml",
+            vec![("CHANGEWIRE_SERVICE__STATE_DIR", state_dir.as_str())],
+        ),
+    ];
+    for (binary, file, mut env) in cases {
+        env.push(("CHANGEWIRE_KAFKA__BROKERS", stack.kafka_brokers.as_str()));
+        let output = run(binary, &config_dir.join(file), &env)?;
+        assert!(output.status.success(), "{file}: {}", stderr(&output));
+    }
+    Ok(())
+}
