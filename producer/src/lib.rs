@@ -3,7 +3,9 @@
 //! publishes them; the source checkpoints only what the sink acknowledged.
 //!
 //! - [`config`]: the config file;
+//! - [`postgres`]: the PostgreSQL source (so far: the pgoutput decoder);
 //! - [`sink`]: the sink seam and its Kafka implementation.
 
 pub mod config;
+pub mod postgres;
 pub mod sink;

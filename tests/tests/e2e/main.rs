@@ -3,5 +3,6 @@
 
 mod config;
 mod fixtures;
+mod pgoutput;
 mod registry;
 mod smoke;
