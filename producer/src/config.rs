@@ -1,11 +1,13 @@
 //! The producer's configuration file (TOML, `CHANGEWIRE_*` environment overrides).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use changewire_schemas::settings::{load_config, ConfigError, KafkaConfig};
 use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::FormatConfig;
 use serde::{Deserialize, Serialize};
+
+use crate::postgres::PostgresConfig;
 
 /// Everything `changewire-producer` reads from its config file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -19,6 +21,16 @@ pub struct ProducerConfig {
     /// Value format (JSON or Avro) and schema registry.
     #[serde(default)]
     pub format: FormatConfig,
+    /// Directory of the producer's sled checkpoints.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The PostgreSQL source, if any.
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("changewire-state")
 }
 
 impl ProducerConfig {
@@ -32,6 +44,9 @@ impl ProducerConfig {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
+        if let Some(postgres) = &self.postgres {
+            postgres.validate()?;
+        }
         self.topics
             .names()
             .map_err(|e| ConfigError::invalid("topics.prefix", e.to_string()))?;

@@ -3,9 +3,11 @@
 //! publishes them; the source checkpoints only what the sink acknowledged.
 //!
 //! - [`config`]: the config file;
-//! - [`postgres`]: the PostgreSQL source (so far: the pgoutput decoder);
+//! - [`postgres`]: the PostgreSQL change source;
+//! - [`checkpoint`]: the checkpoint seam (sled);
 //! - [`sink`]: the sink seam and its Kafka implementation.
 
+pub mod checkpoint;
 pub mod config;
 pub mod postgres;
 pub mod sink;

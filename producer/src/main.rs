@@ -6,9 +6,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use changewire_producer::config::ProducerConfig;
+use std::sync::Arc;
+
+use changewire_producer::checkpoint::SledCheckpoints;
+use changewire_producer::postgres::source::report;
+use changewire_producer::postgres::PostgresSource;
 use changewire_producer::sink::KafkaSink;
 use changewire_schemas::Codec;
 use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
 /// Command-line flags.
 #[derive(Debug, Parser)]
@@ -54,7 +61,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
-    tracing::info!(kafka = ?config.kafka, format = ?config.format.value, "starting");
+    tracing::info!(kafka = ?config.kafka, postgres = ?config.postgres, format = ?config.format.value, "starting");
     let codec = Codec::from_config(&config.format)
         .await
         .context("cannot set up the value codec")?;
@@ -66,5 +73,47 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
     if check_only {
         return Ok(());
     }
-    anyhow::bail!("nothing to stream: no change source is configured")
+    let Some(postgres) = config.postgres else {
+        anyhow::bail!(
+            "nothing to stream: no change source is configured (add a [postgres] section)"
+        )
+    };
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+    let checkpoints = SledCheckpoints::open(&config.state_dir)
+        .with_context(|| format!("cannot open checkpoints in {}", config.state_dir.display()))?;
+    let names = config.topics.names()?;
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        let _ = stop.send(true);
+    });
+    let source = PostgresSource::new(
+        postgres,
+        names,
+        Arc::new(codec),
+        Arc::new(sink),
+        Arc::new(checkpoints),
+    );
+    source
+        .run(shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!(report(&e)))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_signal() {
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the producer");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -8,6 +8,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use changewire_schemas::settings::KafkaConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -53,6 +55,14 @@ pub enum SinkError {
     /// The producer was dropped before the record was acknowledged.
     #[error("the Kafka producer shut down before acknowledging the record")]
     Canceled,
+    /// A topic could not be created.
+    #[error("cannot create topic {topic}: {reason}")]
+    CreateTopic {
+        /// Topic name.
+        topic: String,
+        /// The broker's answer.
+        reason: String,
+    },
     /// The client could not be created from the configuration.
     #[error("invalid Kafka client configuration")]
     Config(#[source] KafkaError),
@@ -63,7 +73,7 @@ impl SinkError {
     /// permanent error (record too large, bad config) needs an operator.
     pub fn is_transient(&self) -> bool {
         match self {
-            SinkError::QueueFull | SinkError::Canceled => true,
+            SinkError::QueueFull | SinkError::Canceled | SinkError::CreateTopic { .. } => true,
             SinkError::Delivery { source, .. } => matches!(
                 source.rdkafka_error_code(),
                 Some(
@@ -92,11 +102,19 @@ pub trait EventSink: Send + Sync {
 
     /// Waits up to `timeout` for every queued record to be acknowledged.
     fn flush(&self, timeout: Duration) -> Result<(), SinkError>;
+
+    /// Creates the topics that do not exist yet (brokers may not auto-create them).
+    fn ensure_topics(
+        &self,
+        topics: &[String],
+        partitions: i32,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
 /// The Kafka sink: an idempotent producer with `acks=all`.
 pub struct KafkaSink {
     producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
 }
 
 impl KafkaSink {
@@ -113,8 +131,14 @@ impl KafkaSink {
                 client.set(name, default);
             }
         }
+        // No delivery timeout: while the broker is down records wait (and the in-flight
+        // bound stops the source) instead of failing and forcing a replay.
+        if client.get("message.timeout.ms").is_none() {
+            client.set("message.timeout.ms", "0");
+        }
         let producer = client.create().map_err(SinkError::Config)?;
-        Ok(Self { producer })
+        let admin = client.create().map_err(SinkError::Config)?;
+        Ok(Self { producer, admin })
     }
 
     /// Asks the cluster for its metadata: proves the brokers are reachable.
@@ -172,6 +196,31 @@ impl EventSink for KafkaSink {
                 Err(_canceled) => Err(SinkError::Canceled),
             }
         })
+    }
+
+    async fn ensure_topics(&self, topics: &[String], partitions: i32) -> Result<(), SinkError> {
+        let new_topics: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = self
+            .admin
+            .create_topics(&new_topics, &options)
+            .await
+            .map_err(SinkError::Config)?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(SinkError::CreateTopic {
+                        topic,
+                        reason: code.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     fn flush(&self, timeout: Duration) -> Result<(), SinkError> {

@@ -1,6 +1,24 @@
-//! The PostgreSQL change source (in progress): the pgoutput decoder so far.
+//! The PostgreSQL change source: logical replication with pgoutput, from slot and
+//! publication set-up through the initial snapshot to the confirmed stream.
+//!
+//! - [`config`]: the `[postgres]` section;
+//! - [`setup`]: server checks, publication and slot;
+//! - [`pgoutput`]: the message decoder;
+//! - [`normalize`]: relation cache, type mapping, event building;
+//! - [`source`]: the replication loop with confirm-after-ack;
+//! - `snapshot`: the initial snapshot from the slot's exported snapshot.
 
+pub mod config;
+pub mod error;
+pub mod normalize;
 pub mod pgoutput;
+pub mod setup;
+mod snapshot;
+pub mod source;
+
+pub use config::{PostgresConfig, SnapshotMode};
+pub use error::PostgresError;
+pub use source::PostgresSource;
 
 #[cfg(test)]
 mod tests;

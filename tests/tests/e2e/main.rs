@@ -4,5 +4,6 @@
 mod config;
 mod fixtures;
 mod pgoutput;
+mod postgres;
 mod registry;
 mod smoke;

@@ -1,0 +1,232 @@
+//! The initial snapshot: every published row as an `r` event, read inside the slot's
+//! exported snapshot so it meets the stream with no gap and no overlap.
+
+use changewire_schemas::{ChangeEvent, EventId, Op, SnapshotMarker};
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio_postgres::Client;
+
+use super::error::PostgresError;
+use super::normalize::{SourceInfo, Table};
+use super::pgoutput::{Column, Lsn, Relation, Value};
+use super::setup::quote_ident;
+use super::source::{now_ms, PostgresSource};
+use crate::checkpoint::CheckpointStore;
+use crate::sink::{EventSink, OutboundRecord};
+
+/// One snapshot run.
+pub(super) struct Snapshot<'a, S, C> {
+    source: &'a PostgresSource<S, C>,
+    consistent_point: Lsn,
+    seq: u64,
+    /// The latest event, held back so the very last one can be marked `last`.
+    held: Option<(ChangeEvent, Table, Vec<Value>)>,
+}
+
+impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
+    pub(super) fn new(source: &'a PostgresSource<S, C>, consistent_point: Lsn) -> Self {
+        Self {
+            source,
+            consistent_point,
+            seq: 0,
+            held: None,
+        }
+    }
+
+    /// Reads every published table in the exported snapshot `name` and waits until
+    /// the sink acknowledged every event.
+    pub(super) async fn run(mut self, name: &str) -> Result<(), PostgresError> {
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(PostgresError::SlotMismatch {
+                slot: name.to_owned(),
+                reason: "unexpected snapshot name".into(),
+            });
+        }
+        let client = self.source.connect().await?;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        client
+            .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{name}'"))
+            .await?;
+        let info = SourceInfo {
+            name: self.source.config().name.clone(),
+            db: client
+                .query_one("SELECT current_database()", &[])
+                .await?
+                .get(0),
+        };
+        let mut in_flight = FuturesOrdered::new();
+        for relation in
+            published_relations(&client, &self.source.config().publication_name()).await?
+        {
+            let table = self.source.describe(&client, relation).await?;
+            self.read_table(&client, &info, &table, &mut in_flight)
+                .await?;
+        }
+        if let Some((mut event, table, tuple)) = self.held.take() {
+            event.source.snapshot = SnapshotMarker::Last;
+            let record = self.source.record(&table, &tuple, &event)?;
+            self.source.enqueue(record, &mut in_flight).await?;
+        }
+        while let Some(ack) = in_flight.next().await {
+            ack?;
+        }
+        client.batch_execute("COMMIT").await?;
+        tracing::info!(rows = self.seq, "snapshot complete");
+        Ok(())
+    }
+
+    async fn read_table(
+        &mut self,
+        client: &Client,
+        info: &SourceInfo,
+        table: &Table,
+        in_flight: &mut FuturesOrdered<super::source::Pending>,
+    ) -> Result<(), PostgresError> {
+        let query = PageQuery::new(table);
+        let chunk = i64::from(self.source.config().snapshot_chunk_rows);
+        let mut after: Option<String> = None;
+        let mut rows_read = 0u64;
+        loop {
+            let rows = match &after {
+                None => client.query(&query.first, &[&chunk]).await?,
+                Some(ctid) => client.query(&query.next, &[ctid, &chunk]).await?,
+            };
+            let Some(last) = rows.last() else { break };
+            let width = table.relation.columns.len();
+            after = Some(last.get::<_, String>(width));
+            for row in &rows {
+                let tuple: Vec<Value> = (0..width)
+                    .map(|i| {
+                        row.get::<_, Option<String>>(i)
+                            .map_or(Value::Null, Value::Text)
+                    })
+                    .collect();
+                self.emit(info, table, tuple, in_flight).await?;
+            }
+            rows_read += rows.len() as u64;
+            tracing::info!(table = %format!("{}.{}", table.relation.namespace, table.relation.name), rows = rows_read, "snapshot progress");
+            if (rows.len() as i64) < chunk {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn emit(
+        &mut self,
+        info: &SourceInfo,
+        table: &Table,
+        tuple: Vec<Value>,
+        in_flight: &mut FuturesOrdered<super::source::Pending>,
+    ) -> Result<(), PostgresError> {
+        self.seq += 1;
+        let now = now_ms();
+        let event = ChangeEvent {
+            id: EventId::postgres(&info.name, self.consistent_point.0, self.seq),
+            op: Op::Read,
+            ts_ms: now,
+            source: info.source(
+                table,
+                self.consistent_point,
+                None,
+                now,
+                SnapshotMarker::True,
+            ),
+            before: None,
+            after: Some(table.row(&tuple)),
+            diff: None,
+            actor: None,
+            transaction: None,
+        };
+        if let Some((event, table, tuple)) = self.held.replace((event, table.clone(), tuple)) {
+            let record: OutboundRecord = self.source.record(&table, &tuple, &event)?;
+            self.source.enqueue(record, in_flight).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Keyset-paged queries over one table, ordered by primary key (or ctid without
+/// one). Each page starts after the previous page's last row, found by its ctid,
+/// which is stable inside the snapshot, so key values never need casting back.
+struct PageQuery {
+    first: String,
+    next: String,
+}
+
+impl PageQuery {
+    fn new(table: &Table) -> Self {
+        let columns = &table.relation.columns;
+        let values: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{}::text", quote_ident(&c.name)))
+            .collect();
+        let from = format!(
+            "{}.{}",
+            quote_ident(&table.relation.namespace),
+            quote_ident(&table.relation.name)
+        );
+        let select = format!("SELECT {}, ctid::text FROM {from}", values.join(", "));
+        let (order, after) = if table.key_columns.is_empty() {
+            ("ctid".to_owned(), "ctid > $1::text::tid".to_owned())
+        } else {
+            let key = table
+                .key_columns
+                .iter()
+                .map(|&i| quote_ident(&columns[i].name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let after = format!("({key}) > (SELECT {key} FROM {from} WHERE ctid = $1::text::tid)");
+            (key, after)
+        };
+        Self {
+            first: format!("{select} ORDER BY {order} LIMIT $1"),
+            next: format!("{select} WHERE {after} ORDER BY {order} LIMIT $2"),
+        }
+    }
+}
+
+/// The tables of `publication` as relations (columns in attribute order).
+async fn published_relations(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<Relation>, PostgresError> {
+    let tables = client
+        .query(
+            "SELECT c.oid, t.schemaname::text, t.tablename::text, c.relreplident::text FROM pg_publication_tables t \
+             JOIN pg_namespace n ON n.nspname = t.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename \
+             WHERE t.pubname = $1 ORDER BY 2, 3",
+            &[&publication],
+        )
+        .await?;
+    let mut relations = Vec::with_capacity(tables.len());
+    for table in tables {
+        let oid: u32 = table.get(0);
+        let columns = client
+            .query(
+                "SELECT attname::text, atttypid, atttypmod FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                &[&oid],
+            )
+            .await?
+            .iter()
+            .map(|c| Column {
+                is_key: false,
+                name: c.get(0),
+                type_oid: c.get(1),
+                type_modifier: c.get(2),
+            })
+            .collect();
+        let identity: String = table.get(3);
+        relations.push(Relation {
+            oid,
+            namespace: table.get(1),
+            name: table.get(2),
+            replica_identity: identity.bytes().next().unwrap_or(b'd'),
+            columns,
+        });
+    }
+    Ok(relations)
+}

@@ -1,0 +1,502 @@
+//! The PostgreSQL change source: slot and publication set-up, the initial snapshot,
+//! then the replication stream to the sink, confirming an LSN only after the sink
+//! acknowledged every event at or below it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use changewire_schemas::{ChangeEvent, Codec, Op, TopicNames};
+use futures::stream::{FuturesOrdered, StreamExt};
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::watch;
+use tokio_postgres::{Client, NoTls};
+
+use super::config::{PostgresConfig, SnapshotMode};
+use super::error::PostgresError;
+use super::normalize::{Change, Relations, SourceInfo, Table, TxContext, SESSION_OPTIONS};
+use super::pgoutput::{Decoder, Lsn, Message, OldTuple, Relation};
+use super::setup::{self, quote_ident};
+use super::snapshot::Snapshot;
+use crate::checkpoint::CheckpointStore;
+use crate::sink::{EventSink, OutboundRecord, SinkError};
+
+/// How often the replication client reports the confirmed position.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// A session that ran this long before failing resets the reconnect backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// An acknowledgement still to come, in stream order; a commit resolves to its LSN.
+pub(super) type Pending = Pin<Box<dyn Future<Output = Result<Option<Lsn>, SinkError>> + Send>>;
+
+/// Streams one PostgreSQL database to a sink.
+pub struct PostgresSource<S, C> {
+    config: PostgresConfig,
+    topics: TopicNames,
+    codec: Arc<Codec>,
+    sink: Arc<S>,
+    checkpoints: Arc<C>,
+}
+
+impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
+    /// A source for the `[postgres]` section.
+    pub fn new(
+        config: PostgresConfig,
+        topics: TopicNames,
+        codec: Arc<Codec>,
+        sink: Arc<S>,
+        checkpoints: Arc<C>,
+    ) -> Self {
+        Self {
+            config,
+            topics,
+            codec,
+            sink,
+            checkpoints,
+        }
+    }
+
+    /// Streams until `shutdown` turns true, reconnecting with backoff after transient
+    /// failures (Postgres restarts, network errors, broker outages). Returns a
+    /// permanent error, or `Ok` after a graceful shutdown that confirmed everything
+    /// acknowledged.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), PostgresError> {
+        let mut delay = BACKOFF_MIN;
+        loop {
+            let started = Instant::now();
+            let error = match self.run_session(&mut shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(error) if error.is_transient() => error,
+                Err(error) => return Err(error),
+            };
+            if started.elapsed() > HEALTHY_AFTER {
+                delay = BACKOFF_MIN;
+            }
+            let jittered = delay.mul_f64(1.0 + jitter_fraction());
+            tracing::warn!(error = %report(&error), retry_in = ?jittered, "PostgreSQL source failed; reconnecting");
+            tokio::select! {
+                () = tokio::time::sleep(jittered) => {}
+                () = stopped(&mut shutdown) => return Ok(()),
+            }
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn run_session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), PostgresError> {
+        let client = self.connect().await?;
+        setup::check_server(&client).await?;
+        setup::ensure_publication(&client, &self.config).await?;
+        setup::report_replica_identity(&client, &self.config.publication_name()).await?;
+        let replication = self.open_replication(&client).await?;
+        let info = SourceInfo {
+            name: self.config.name.clone(),
+            db: client
+                .query_one("SELECT current_database()", &[])
+                .await?
+                .get(0),
+        };
+        Stream {
+            source: self,
+            client,
+            replication,
+            info,
+            decoder: Decoder::new(),
+            relations: Relations::default(),
+            tx: None,
+            in_flight: FuturesOrdered::new(),
+            confirmed: Lsn::default(),
+        }
+        .run(shutdown)
+        .await
+    }
+
+    /// A catalog connection, with the session settings events are rendered in.
+    pub(super) async fn connect(&self) -> Result<Client, PostgresError> {
+        let mut config = self.config.connection()?;
+        config
+            .options(SESSION_OPTIONS)
+            .application_name("changewire");
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "catalog connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Opens the replication session: creates the slot (and snapshots) when needed,
+    /// else resumes from the slot's confirmed position.
+    async fn open_replication(&self, client: &Client) -> Result<ReplicationClient, PostgresError> {
+        let slot = self.config.slot_name();
+        let done_key = format!("postgres/{slot}/snapshot_done");
+        let existing = setup::inspect_slot(client, &slot).await?;
+        let snapshot_done = self.checkpoints.get(&done_key)?.is_some();
+        let must_snapshot = match self.config.snapshot {
+            SnapshotMode::Never => false,
+            SnapshotMode::Always => true,
+            SnapshotMode::Initial => existing.is_none() || !snapshot_done,
+        };
+        if existing.is_some() && !must_snapshot {
+            tracing::info!(%slot, confirmed = ?existing.and_then(|s| s.confirmed_flush_lsn), "resuming from the replication slot");
+            let mut replication = ReplicationClient::connect(self.replication_config()?).await?;
+            replication.wait_started().await?;
+            return Ok(replication);
+        }
+        if existing.is_some() {
+            tracing::warn!(%slot, "the last snapshot did not complete (or snapshot = always): re-creating the slot to take a new one");
+            setup::drop_slot(client, &slot).await?;
+        }
+        self.checkpoints.remove(&done_key)?;
+        let mut replication = ReplicationClient::connect_gated(self.replication_config()?).await?;
+        let mode = if must_snapshot { "export" } else { "nothing" };
+        let rows = replication
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
+                quote_ident(&slot)
+            ))
+            .await?;
+        let field = |i: usize| {
+            rows.first()
+                .and_then(|row| row.get(i).cloned().flatten())
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+        };
+        let consistent_point = field(1)
+            .and_then(|text| parse_lsn(&text))
+            .unwrap_or_default();
+        tracing::info!(%slot, %consistent_point, "created replication slot");
+        if let (true, Some(snapshot_name)) = (must_snapshot, field(2)) {
+            // The exported snapshot lives while the replication session stays idle.
+            Snapshot::new(self, consistent_point)
+                .run(&snapshot_name)
+                .await?;
+        }
+        self.checkpoints
+            .put(&done_key, consistent_point.to_string().as_bytes())?;
+        replication.start().await?;
+        replication.wait_started().await?;
+        Ok(replication)
+    }
+
+    fn replication_config(&self) -> Result<ReplicationConfig, PostgresError> {
+        let pg = self.config.connection()?;
+        let host = match pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => "127.0.0.1".to_owned(),
+        };
+        let password = pg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let mut config = ReplicationConfig::new(
+            host,
+            pg.get_user().unwrap_or_default(),
+            password,
+            pg.get_dbname().unwrap_or_default(),
+            self.config.slot_name(),
+            self.config.publication_name(),
+        )
+        .with_port(pg.get_ports().first().copied().unwrap_or(5432))
+        .with_status_interval(STATUS_INTERVAL)
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_options(SESSION_OPTIONS);
+        config.application_name = Some("changewire".to_owned());
+        Ok(config)
+    }
+
+    /// Describes a table for events: key columns and topic (created if missing).
+    pub(super) async fn describe(
+        &self,
+        client: &Client,
+        relation: Relation,
+    ) -> Result<Table, PostgresError> {
+        let key_names: Vec<String> = client
+            .query(
+                "SELECT a.attname FROM pg_index i \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = $1 AND i.indisprimary",
+                &[&relation.oid],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let key_columns: Vec<usize> = if key_names.is_empty() && relation.replica_identity != b'f' {
+            (0..relation.columns.len())
+                .filter(|&i| relation.columns[i].is_key)
+                .collect()
+        } else {
+            (0..relation.columns.len())
+                .filter(|&i| key_names.contains(&relation.columns[i].name))
+                .collect()
+        };
+        let topic =
+            self.topics
+                .postgres_table(&self.config.name, &relation.namespace, &relation.name)?;
+        self.sink
+            .ensure_topics(std::slice::from_ref(&topic), self.config.topic_partitions)
+            .await?;
+        Ok(Table {
+            relation,
+            key_columns,
+            topic,
+        })
+    }
+
+    /// The record for one event of `table`.
+    pub(super) fn record(
+        &self,
+        table: &Table,
+        key_tuple: &[super::pgoutput::Value],
+        event: &ChangeEvent,
+    ) -> Result<OutboundRecord, PostgresError> {
+        Ok(OutboundRecord {
+            topic: table.topic.clone(),
+            key: table.key(&key_tuple.to_vec()),
+            value: Some(self.codec.encode(event)?),
+            headers: Vec::new(),
+        })
+    }
+
+    /// Queues `record`, waiting for older acknowledgements while the queue is full.
+    pub(super) async fn enqueue(
+        &self,
+        record: OutboundRecord,
+        in_flight: &mut FuturesOrdered<Pending>,
+    ) -> Result<Lsn, PostgresError> {
+        loop {
+            match self.sink.enqueue(record.clone()) {
+                Ok(ack) => {
+                    in_flight.push_back(Box::pin(async move { ack.await.map(|_| None) }));
+                    return Ok(Lsn::default());
+                }
+                Err(SinkError::QueueFull) => match in_flight.next().await {
+                    Some(result) => {
+                        if let Some(lsn) = result? {
+                            return Ok(lsn);
+                        }
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(10)).await,
+                },
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    pub(super) fn config(&self) -> &PostgresConfig {
+        &self.config
+    }
+}
+
+/// One replication session's state.
+struct Stream<'a, S, C> {
+    source: &'a PostgresSource<S, C>,
+    client: Client,
+    replication: ReplicationClient,
+    info: SourceInfo,
+    decoder: Decoder,
+    relations: Relations,
+    tx: Option<TxContext>,
+    in_flight: FuturesOrdered<Pending>,
+    confirmed: Lsn,
+}
+
+impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
+    async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), PostgresError> {
+        let max_in_flight = self.source.config.max_in_flight;
+        loop {
+            tokio::select! {
+                biased;
+                () = stopped(shutdown) => return self.shut_down().await,
+                Some(ack) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if let Some(lsn) = ack? {
+                        self.confirm(lsn);
+                    }
+                }
+                event = self.replication.recv(), if self.in_flight.len() < max_in_flight => {
+                    match event? {
+                        Some(event) => self.handle(event).await?,
+                        None => return Err(PostgresError::Replication(pgwire_replication::PgWireError::Task("replication stream ended".into()))),
+                    }
+                }
+            }
+        }
+    }
+
+    fn confirm(&mut self, lsn: Lsn) {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            self.replication
+                .update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+        }
+    }
+
+    async fn handle(&mut self, event: ReplicationEvent) -> Result<(), PostgresError> {
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                let commit_ms = (commit_time_micros + 946_684_800_000_000) / 1000;
+                self.tx = Some(TxContext::new(xid, Lsn(final_lsn.0), commit_ms));
+            }
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
+                let message = self.decoder.decode(&data)?;
+                self.handle_message(message, Lsn(wal_start.0)).await?;
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.tx = None;
+                let lsn = Lsn(end_lsn.0);
+                self.in_flight
+                    .push_back(Box::pin(async move { Ok(Some(lsn)) }));
+            }
+            // Between transactions with nothing in flight, everything up to the server's
+            // position is published: confirm it so the slot advances even when only
+            // unpublished tables change.
+            ReplicationEvent::KeepAlive { wal_end, .. }
+                if self.tx.is_none() && self.in_flight.is_empty() =>
+            {
+                self.confirm(Lsn(wal_end.0));
+            }
+            ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    async fn handle_message(&mut self, message: Message, lsn: Lsn) -> Result<(), PostgresError> {
+        let (oid, op, old, new) = match message {
+            Message::Relation(relation) => {
+                let table = self.source.describe(&self.client, relation).await?;
+                self.relations.insert(table);
+                return Ok(());
+            }
+            Message::Insert { relation, new } => (relation, Op::Create, None, Some(new)),
+            Message::Update { relation, old, new } => {
+                (relation, Op::Update, old.map(old_tuple), Some(new))
+            }
+            Message::Delete { relation, old } => (relation, Op::Delete, Some(old_tuple(old)), None),
+            Message::Truncate { relations, .. } => {
+                for oid in relations {
+                    self.publish(oid, Op::Truncate, None, None, lsn).await?;
+                }
+                return Ok(());
+            }
+            _ => return Ok(()),
+        };
+        self.publish(oid, op, old, new, lsn).await
+    }
+
+    async fn publish(
+        &mut self,
+        oid: u32,
+        op: Op,
+        old: Option<Vec<super::pgoutput::Value>>,
+        new: Option<Vec<super::pgoutput::Value>>,
+        lsn: Lsn,
+    ) -> Result<(), PostgresError> {
+        let table = self
+            .relations
+            .get(oid)
+            .ok_or(PostgresError::UnknownRelation(oid))?;
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or(PostgresError::UnknownRelation(oid))?;
+        let change = Change {
+            op,
+            before: old.as_ref().map(|t| table.row(t)),
+            after: new.as_ref().map(|t| table.row(t)),
+            lsn,
+        };
+        let event = self.info.event(table, tx, change, now_ms());
+        let key_tuple = new.as_ref().or(old.as_ref()).cloned().unwrap_or_default();
+        let record = self.source.record(table, &key_tuple, &event)?;
+        let tombstone =
+            (op == Op::Delete && self.source.config.tombstones).then(|| OutboundRecord {
+                value: None,
+                ..record.clone()
+            });
+        for record in std::iter::once(record).chain(tombstone) {
+            let lsn = self.source.enqueue(record, &mut self.in_flight).await?;
+            if lsn > Lsn::default() {
+                self.confirm(lsn);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops reading, waits for every acknowledgement, confirms, and gives the client
+    /// one status interval to report the final position before closing.
+    async fn shut_down(mut self) -> Result<(), PostgresError> {
+        tracing::info!(
+            in_flight = self.in_flight.len(),
+            "shutting down: waiting for Kafka acknowledgements"
+        );
+        while let Some(ack) = self.in_flight.next().await {
+            if let Some(lsn) = ack? {
+                self.confirm(lsn);
+            }
+        }
+        tokio::time::sleep(STATUS_INTERVAL + Duration::from_millis(200)).await;
+        self.replication.stop();
+        let _ = self.replication.shutdown().await;
+        tracing::info!(confirmed = %self.confirmed, "PostgreSQL source stopped");
+        Ok(())
+    }
+}
+
+fn old_tuple(old: OldTuple) -> Vec<super::pgoutput::Value> {
+    match old {
+        OldTuple::Key(tuple) | OldTuple::Full(tuple) => tuple,
+    }
+}
+
+/// Resolves once shutdown was requested (or its sender is gone). Returns `()` so no
+/// watch guard is held across an await.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Milliseconds since the Unix epoch.
+pub(super) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// A pseudo-random fraction in [0, 0.5) for backoff jitter.
+fn jitter_fraction() -> f64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    f64::from(nanos % 500) / 1000.0
+}
+
+/// Parses PostgreSQL's `X/Y` LSN text.
+pub(super) fn parse_lsn(text: &str) -> Option<Lsn> {
+    let (high, low) = text.split_once('/')?;
+    Some(Lsn(
+        (u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?
+    ))
+}
+
+/// An error with its chain of causes on one line.
+pub fn report(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,302 @@
+//! The PostgreSQL source end to end: real database, real broker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use changewire_producer::checkpoint::SledCheckpoints;
+use changewire_producer::postgres::setup::inspect_slot;
+use changewire_producer::postgres::{PostgresConfig, PostgresError, PostgresSource, SnapshotMode};
+use changewire_producer::sink::KafkaSink;
+use changewire_schemas::{ChangeEvent, Codec, Op, Origin, SnapshotMarker, TopicNames};
+use changewire_tests::{unique_name, Stack, TestConsumer, TestDatabase};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// A source running in this process, stopped gracefully by `stop`.
+struct RunningSource {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), PostgresError>>,
+    _state: tempfile::TempDir,
+}
+
+impl RunningSource {
+    fn start(stack: &Stack, config: PostgresConfig, prefix: &str) -> anyhow::Result<Self> {
+        let state = tempfile::tempdir()?;
+        let source = PostgresSource::new(
+            config,
+            TopicNames::new(prefix)?,
+            Arc::new(Codec::json()?),
+            Arc::new(KafkaSink::new(&stack.kafka_config())?),
+            Arc::new(SledCheckpoints::open(state.path())?),
+        );
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(async move { source.run(shutdown).await });
+        Ok(Self {
+            stop,
+            task,
+            _state: state,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.send(true)?;
+        tokio::time::timeout(Duration::from_secs(30), self.task).await???;
+        Ok(())
+    }
+}
+
+fn config(db: &TestDatabase, name: &str) -> PostgresConfig {
+    PostgresConfig {
+        name: name.to_owned(),
+        url: db.url.clone(),
+        password: None,
+        slot: None,
+        publication: None,
+        include: vec![],
+        exclude: vec![],
+        snapshot: SnapshotMode::Initial,
+        snapshot_chunk_rows: 2,
+        tombstones: false,
+        topic_partitions: 1,
+        max_in_flight: 1000,
+    }
+}
+
+fn decode(records: &[changewire_tests::ReadRecord]) -> anyhow::Result<Vec<ChangeEvent>> {
+    let codec = Codec::json()?;
+    records
+        .iter()
+        .map(|r| Ok(codec.decode(r.value.as_deref().unwrap_or_default())?))
+        .collect()
+}
+
+/// Waits until `topic` exists (the source creates it on first sight of the table).
+async fn consumer_when_ready(stack: &Stack, topic: &str) -> anyhow::Result<TestConsumer> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match TestConsumer::from_beginning(stack, topic) {
+            Ok(consumer) => return Ok(consumer),
+            Err(error) if Instant::now() > deadline => return Err(error),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn snapshot_then_stream_with_types_transactions_and_toast() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let db = TestDatabase::create(&stack).await?;
+    let client = db.connect().await?;
+    client
+        .batch_execute(
+            "CREATE TYPE mood AS ENUM ('ok', 'great');
+             CREATE TABLE items (
+               id bigint PRIMARY KEY, note text, amount numeric(20,4), ratio float8, flag bool,
+               tags text[], grid int[], doc jsonb, at timestamptz, day date, span interval,
+               uid uuid, raw bytea, feeling mood, big text);
+             ALTER TABLE items ALTER big SET STORAGE EXTERNAL;
+             INSERT INTO items (id, note) VALUES (1, 'one'), (2, 'two'), (3, 'three');",
+        )
+        .await?;
+    let prefix = unique_name("pg");
+    let source = RunningSource::start(&stack, config(&db, "shop"), &prefix)?;
+    let topic = format!("{prefix}.shop.public.items");
+    let consumer = consumer_when_ready(&stack, &topic).await?;
+
+    let snapshot = decode(&consumer.read_exactly(3, Duration::from_secs(30)).await?)?;
+    assert!(snapshot.iter().all(|e| e.op == Op::Read));
+    let markers: Vec<_> = snapshot.iter().map(|e| e.source.snapshot).collect();
+    assert_eq!(
+        markers,
+        [
+            SnapshotMarker::True,
+            SnapshotMarker::True,
+            SnapshotMarker::Last
+        ]
+    );
+    let ids: Vec<_> = snapshot
+        .iter()
+        .map(|e| e.after.as_ref().map(|a| a["id"].clone()))
+        .collect();
+    assert_eq!(
+        ids,
+        [Some(json!(1)), Some(json!(2)), Some(json!(3))],
+        "keyset pages in key order"
+    );
+
+    client
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO items VALUES (10, 'ten', 12345678901234.5678, 0.5, true, '{a,\"b c\",NULL}',
+               '{{1,2},{3,4}}', '{\"k\": [1, null]}', '2026-11-21 10:00:00+02', '2026-11-21', '1 day 2 hours',
+               '6f1c2d3e-0000-4000-8000-000000000001', '\\xdeadbeef', 'great', repeat('z', 9000));
+             UPDATE items SET note = 'uno' WHERE id = 1;
+             COMMIT;
+             UPDATE items SET note = 'diez' WHERE id = 10;
+             DELETE FROM items WHERE id = 2;",
+        )
+        .await?;
+    let records = consumer.read_exactly(4, Duration::from_secs(30)).await?;
+    let events = decode(&records)?;
+    let [insert, update, toast_update, delete] = &events[..] else {
+        unreachable!()
+    };
+
+    assert_eq!(insert.op, Op::Create);
+    let after = insert.after.as_ref().expect("after");
+    assert_eq!(
+        after["amount"],
+        json!("12345678901234.5678"),
+        "numeric stays exact"
+    );
+    assert_eq!(after["ratio"], json!(0.5));
+    assert_eq!(after["flag"], json!(true));
+    assert_eq!(after["tags"], json!(["a", "b c", null]));
+    assert_eq!(after["grid"], json!([[1, 2], [3, 4]]));
+    assert_eq!(after["doc"], json!({"k": [1, null]}));
+    assert_eq!(after["at"], json!("2026-11-21 08:00:00+00"), "UTC, ISO");
+    assert_eq!(after["day"], json!("2026-11-21"));
+    assert_eq!(after["span"], json!("P1DT2H"));
+    assert_eq!(after["uid"], json!("6f1c2d3e-0000-4000-8000-000000000001"));
+    assert_eq!(after["raw"], json!("deadbeef"));
+    assert_eq!(after["feeling"], json!("great"), "enums as text");
+    assert_eq!(after["big"].as_str().map(str::len), Some(9000));
+
+    // Both changes of the first transaction share its commit LSN and are numbered.
+    let (Some(t1), Some(t2)) = (&insert.transaction, &update.transaction) else {
+        panic!("no transaction")
+    };
+    assert_eq!(t1.id, t2.id);
+    assert_eq!((t1.total_order, t2.total_order), (1, 2));
+    let commit_part = |e: &ChangeEvent| {
+        e.id.as_str()
+            .rsplit_once(':')
+            .map(|(head, _)| head.to_owned())
+    };
+    assert_eq!(commit_part(insert), commit_part(update));
+    assert!(insert.id.as_str().starts_with("pg:shop:") && insert.id.as_str().ends_with(":1"));
+    let Origin::Postgresql(origin) = &insert.source.origin else {
+        panic!("not postgres")
+    };
+    assert_eq!(
+        (origin.schema.as_str(), origin.table.as_str()),
+        ("public", "items")
+    );
+    assert!(origin.tx_id.is_some() && origin.lsn > 0);
+
+    // The unchanged TOASTed column is marked, not nulled.
+    let toast_after = toast_update.after.as_ref().expect("after");
+    assert_eq!(toast_after["big"], json!("__changewire_unchanged_toast"));
+    assert_eq!(toast_after["note"], json!("diez"));
+
+    // Without REPLICA IDENTITY FULL, a delete's before holds the key.
+    assert_eq!(delete.op, Op::Delete);
+    assert_eq!(
+        delete.before.as_ref().map(|b| b["id"].clone()),
+        Some(json!(2))
+    );
+    let key: serde_json::Value =
+        serde_json::from_slice(records[3].key.as_deref().unwrap_or_default())?;
+    assert_eq!(key, json!({"id": 2}), "the key is the primary key");
+
+    source.stop().await?;
+    Ok(())
+}
+
+/// Only unpublished tables change: the slot's confirmed position must still move,
+/// or the server keeps WAL forever.
+#[tokio::test]
+async fn slot_advances_when_only_unpublished_tables_change() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let db = TestDatabase::create(&stack).await?;
+    let client = db.connect().await?;
+    client
+        .batch_execute(
+            "CREATE TABLE watched (id int PRIMARY KEY); CREATE TABLE noisy (id int PRIMARY KEY)",
+        )
+        .await?;
+    let mut config = config(&db, "quiet");
+    config.include = vec!["public.watched".into()];
+    let slot = config.slot_name();
+    let source = RunningSource::start(&stack, config, &unique_name("pg"))?;
+    wait_for_slot(&client, &slot).await?;
+
+    client
+        .batch_execute("INSERT INTO noisy SELECT generate_series(1, 2000)")
+        .await?;
+    let target: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let passed: bool = client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&target, &slot],
+            )
+            .await?
+            .get(0);
+        if passed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "confirmed_flush_lsn did not reach {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    source.stop().await?;
+    Ok(())
+}
+
+async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&slot],
+        )
+        .await?
+        .is_none()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "slot {slot} never became active");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn slot_in_use_gives_a_clear_transient_error() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let db = TestDatabase::create(&stack).await?;
+    let client = db.connect().await?;
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await?;
+    let config = config(&db, "busy");
+    let slot = config.slot_name();
+    let source = RunningSource::start(&stack, config, &unique_name("pg"))?;
+    wait_for_slot(&client, &slot).await?;
+
+    let error = inspect_slot(&client, &slot)
+        .await
+        .expect_err("slot is active");
+    let message = error.to_string();
+    assert!(
+        matches!(error, PostgresError::SlotInUse { .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains(&slot) && message.contains("in use"),
+        "{message}"
+    );
+    assert!(error.is_transient(), "another instance may release it");
+    source.stop().await?;
+
+    // After a graceful stop the slot is free again.
+    assert!(inspect_slot(&client, &slot).await?.is_some());
+    Ok(())
+}
