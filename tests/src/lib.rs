@@ -235,6 +235,26 @@ impl TestConsumer {
         Ok(records)
     }
 
+    /// Reads until `done` returns true for a record or `timeout` passed; returns
+    /// whether `done` was reached.
+    pub async fn read_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(ReadRecord) -> bool,
+    ) -> anyhow::Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(message) => {
+                    if done(ReadRecord::from_message(&message?)) {
+                        return Ok(true);
+                    }
+                }
+                Err(_elapsed) => return Ok(false),
+            }
+        }
+    }
+
     /// Reads exactly `count` records, failing with what arrived if fewer did in time.
     pub async fn read_exactly(
         &self,

@@ -2,6 +2,7 @@
 //! (start them with `scripts/stack up`; `scripts/test` does everything).
 
 mod config;
+mod crash;
 mod fixtures;
 mod pgoutput;
 mod postgres;
