@@ -4,6 +4,8 @@
 //!
 //! Start the stack first (`scripts/stack up`); `scripts/test` does it for you.
 
+pub mod servers;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -158,27 +158,39 @@ struct PageQuery {
 impl PageQuery {
     fn new(table: &Table) -> Self {
         let columns = &table.relation.columns;
+        // Output columns get names of their own and input columns are qualified:
+        // ORDER BY would otherwise bind `id` to the `id::text` output and sort as text.
         let values: Vec<String> = columns
             .iter()
-            .map(|c| format!("{}::text", quote_ident(&c.name)))
+            .enumerate()
+            .map(|(i, c)| format!("t.{}::text AS c{i}", quote_ident(&c.name)))
             .collect();
         let from = format!(
             "{}.{}",
             quote_ident(&table.relation.namespace),
             quote_ident(&table.relation.name)
         );
-        let select = format!("SELECT {}, ctid::text FROM {from}", values.join(", "));
+        let select = format!(
+            "SELECT {}, t.ctid::text AS row_ctid FROM {from} AS t",
+            values.join(", ")
+        );
         let (order, after) = if table.key_columns.is_empty() {
-            ("ctid".to_owned(), "ctid > $1::text::tid".to_owned())
+            ("t.ctid".to_owned(), "t.ctid > $1::text::tid".to_owned())
         } else {
-            let key = table
-                .key_columns
-                .iter()
-                .map(|&i| quote_ident(&columns[i].name))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let after = format!("({key}) > (SELECT {key} FROM {from} WHERE ctid = $1::text::tid)");
-            (key, after)
+            let key = |alias: &str| {
+                table
+                    .key_columns
+                    .iter()
+                    .map(|&i| format!("{alias}.{}", quote_ident(&columns[i].name)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let after = format!(
+                "({}) > (SELECT {} FROM {from} AS p WHERE p.ctid = $1::text::tid)",
+                key("t"),
+                key("p")
+            );
+            (key("t"), after)
         };
         Self {
             first: format!("{select} ORDER BY {order} LIMIT $1"),

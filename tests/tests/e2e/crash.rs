@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use changewire_schemas::Codec;
 use changewire_tests::{unique_name, workspace_binary, Stack, TestConsumer, TestDatabase};
-use tokio::time::Instant;
 
 const ROWS: i64 = 100_000;
 const ROWS_PER_TX: i64 = 100;
@@ -47,10 +46,11 @@ async fn sigkill_loop_under_load_loses_no_committed_change() -> anyhow::Result<(
         &config,
         format!(
             "state_dir = {:?}\n[kafka]\nbrokers = {:?}\n[topics]\nprefix = {prefix:?}\n\
-             [postgres]\nname = \"crash\"\nurl = {:?}\ntopic_partitions = 3\n",
+             [postgres]\nname = \"crash\"\nurl = {:?}\nslot = {:?}\ntopic_partitions = 3\n",
             dir.path().join("state"),
             stack.kafka_brokers,
-            db.url
+            db.url,
+            unique_name("slot"),
         ),
     )?;
     let log = dir.path().join("producer.log");

@@ -5,6 +5,8 @@ mod config;
 mod crash;
 mod fixtures;
 mod pgoutput;
+mod pipeline;
 mod postgres;
 mod registry;
+mod restart;
 mod smoke;

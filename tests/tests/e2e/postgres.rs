@@ -1,88 +1,15 @@
 //! The PostgreSQL source end to end: real database, real broker.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use changewire_producer::checkpoint::SledCheckpoints;
 use changewire_producer::postgres::setup::inspect_slot;
-use changewire_producer::postgres::{PostgresConfig, PostgresError, PostgresSource, SnapshotMode};
-use changewire_producer::sink::KafkaSink;
-use changewire_schemas::{ChangeEvent, Codec, Op, Origin, SnapshotMarker, TopicNames};
-use changewire_tests::{unique_name, Stack, TestConsumer, TestDatabase};
+use changewire_producer::postgres::PostgresError;
+use changewire_schemas::{ChangeEvent, Op, Origin, SnapshotMarker};
+use changewire_tests::{unique_name, Stack, TestDatabase};
 use serde_json::json;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// A source running in this process, stopped gracefully by `stop`.
-struct RunningSource {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), PostgresError>>,
-    _state: tempfile::TempDir,
-}
-
-impl RunningSource {
-    fn start(stack: &Stack, config: PostgresConfig, prefix: &str) -> anyhow::Result<Self> {
-        let state = tempfile::tempdir()?;
-        let source = PostgresSource::new(
-            config,
-            TopicNames::new(prefix)?,
-            Arc::new(Codec::json()?),
-            Arc::new(KafkaSink::new(&stack.kafka_config())?),
-            Arc::new(SledCheckpoints::open(state.path())?),
-        );
-        let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(async move { source.run(shutdown).await });
-        Ok(Self {
-            stop,
-            task,
-            _state: state,
-        })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        self.stop.send(true)?;
-        tokio::time::timeout(Duration::from_secs(30), self.task).await???;
-        Ok(())
-    }
-}
-
-fn config(db: &TestDatabase, name: &str) -> PostgresConfig {
-    PostgresConfig {
-        name: name.to_owned(),
-        url: db.url.clone(),
-        password: None,
-        slot: None,
-        publication: None,
-        include: vec![],
-        exclude: vec![],
-        snapshot: SnapshotMode::Initial,
-        snapshot_chunk_rows: 2,
-        tombstones: false,
-        topic_partitions: 1,
-        max_in_flight: 1000,
-    }
-}
-
-fn decode(records: &[changewire_tests::ReadRecord]) -> anyhow::Result<Vec<ChangeEvent>> {
-    let codec = Codec::json()?;
-    records
-        .iter()
-        .map(|r| Ok(codec.decode(r.value.as_deref().unwrap_or_default())?))
-        .collect()
-}
-
-/// Waits until `topic` exists (the source creates it on first sight of the table).
-async fn consumer_when_ready(stack: &Stack, topic: &str) -> anyhow::Result<TestConsumer> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match TestConsumer::from_beginning(stack, topic) {
-            Ok(consumer) => return Ok(consumer),
-            Err(error) if Instant::now() > deadline => return Err(error),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
+use crate::pipeline::{config, decode, RunningSource};
 
 #[tokio::test]
 async fn snapshot_then_stream_with_types_transactions_and_toast() -> anyhow::Result<()> {
@@ -97,13 +24,13 @@ async fn snapshot_then_stream_with_types_transactions_and_toast() -> anyhow::Res
                tags text[], grid int[], doc jsonb, at timestamptz, day date, span interval,
                uid uuid, raw bytea, feeling mood, big text);
              ALTER TABLE items ALTER big SET STORAGE EXTERNAL;
-             INSERT INTO items (id, note) VALUES (1, 'one'), (2, 'two'), (3, 'three');",
+             INSERT INTO items (id, note) VALUES (1, 'one'), (2, 'two'), (10, 'ten');",
         )
         .await?;
     let prefix = unique_name("pg");
-    let source = RunningSource::start(&stack, config(&db, "shop"), &prefix)?;
+    let mut source = RunningSource::start(&stack.kafka_brokers, config(&db.url, "shop"), &prefix)?;
     let topic = format!("{prefix}.shop.public.items");
-    let consumer = consumer_when_ready(&stack, &topic).await?;
+    let consumer = source.consumer(&stack, &topic).await?;
 
     let snapshot = decode(&consumer.read_exactly(3, Duration::from_secs(30)).await?)?;
     assert!(snapshot.iter().all(|e| e.op == Op::Read));
@@ -122,19 +49,19 @@ async fn snapshot_then_stream_with_types_transactions_and_toast() -> anyhow::Res
         .collect();
     assert_eq!(
         ids,
-        [Some(json!(1)), Some(json!(2)), Some(json!(3))],
+        [Some(json!(1)), Some(json!(2)), Some(json!(10))],
         "keyset pages in key order"
     );
 
     client
         .batch_execute(
             "BEGIN;
-             INSERT INTO items VALUES (10, 'ten', 12345678901234.5678, 0.5, true, '{a,\"b c\",NULL}',
+             INSERT INTO items VALUES (20, 'twenty', 12345678901234.5678, 0.5, true, '{a,\"b c\",NULL}',
                '{{1,2},{3,4}}', '{\"k\": [1, null]}', '2026-11-21 10:00:00+02', '2026-11-21', '1 day 2 hours',
                '6f1c2d3e-0000-4000-8000-000000000001', '\\xdeadbeef', 'great', repeat('z', 9000));
              UPDATE items SET note = 'uno' WHERE id = 1;
              COMMIT;
-             UPDATE items SET note = 'diez' WHERE id = 10;
+             UPDATE items SET note = 'veinte' WHERE id = 20;
              DELETE FROM items WHERE id = 2;",
         )
         .await?;
@@ -189,7 +116,7 @@ async fn snapshot_then_stream_with_types_transactions_and_toast() -> anyhow::Res
     // The unchanged TOASTed column is marked, not nulled.
     let toast_after = toast_update.after.as_ref().expect("after");
     assert_eq!(toast_after["big"], json!("__changewire_unchanged_toast"));
-    assert_eq!(toast_after["note"], json!("diez"));
+    assert_eq!(toast_after["note"], json!("veinte"));
 
     // Without REPLICA IDENTITY FULL, a delete's before holds the key.
     assert_eq!(delete.op, Op::Delete);
@@ -217,10 +144,10 @@ async fn slot_advances_when_only_unpublished_tables_change() -> anyhow::Result<(
             "CREATE TABLE watched (id int PRIMARY KEY); CREATE TABLE noisy (id int PRIMARY KEY)",
         )
         .await?;
-    let mut config = config(&db, "quiet");
+    let mut config = config(&db.url, "quiet");
     config.include = vec!["public.watched".into()];
     let slot = config.slot_name();
-    let source = RunningSource::start(&stack, config, &unique_name("pg"))?;
+    let source = RunningSource::start(&stack.kafka_brokers, config, &unique_name("pg"))?;
     wait_for_slot(&client, &slot).await?;
 
     client
@@ -276,9 +203,9 @@ async fn slot_in_use_gives_a_clear_transient_error() -> anyhow::Result<()> {
     client
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
         .await?;
-    let config = config(&db, "busy");
+    let config = config(&db.url, "busy");
     let slot = config.slot_name();
-    let source = RunningSource::start(&stack, config, &unique_name("pg"))?;
+    let source = RunningSource::start(&stack.kafka_brokers, config, &unique_name("pg"))?;
     wait_for_slot(&client, &slot).await?;
 
     let error = inspect_slot(&client, &slot)
