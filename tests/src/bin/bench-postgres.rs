@@ -1,0 +1,305 @@
+//! Producer benchmark:
+//! `cargo run --release -p changewire-tests --bin bench-postgres -- [ROWS] [ROWS_PER_TX]`
+//!
+//! On the local stack (`scripts/stack up`), in one run:
+//! 1. loads ROWS row changes (default 1,000,000: 60% inserts, 30% updates, 10%
+//!    deletes, ROWS_PER_TX per transaction, default 1,000) while two pgoutput slots
+//!    hold the WAL;
+//! 2. times `pg_recvlogical` reading it to /dev/null (the walsender's limit for one
+//!    slot; it does not decode);
+//! 3. times changewire from the same WAL to Kafka-acknowledged (the slot's
+//!    confirmed_flush_lsn reaching the end of the load);
+//! 4. measures commit-to-consumer latency at a steady 10,000 changes/s.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use changewire_producer::checkpoint::SledCheckpoints;
+use changewire_producer::postgres::{PostgresConfig, PostgresSource, SnapshotMode};
+use changewire_producer::sink::KafkaSink;
+use changewire_schemas::{Codec, TopicNames};
+use changewire_tests::{connect, unique_name, Stack, TestConsumer, TestDatabase};
+use tokio::sync::watch;
+
+const LATENCY_RATE: u64 = 10_000;
+const LATENCY_SECONDS: u64 = 10;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let arg = |n: usize, default: i64| {
+        std::env::args()
+            .nth(n)
+            .map(|a| a.parse::<i64>())
+            .transpose()
+            .map(|v| v.unwrap_or(default))
+    };
+    let rows = arg(1, 1_000_000)?;
+    let per_tx = arg(2, 1_000)?;
+    ensure!(
+        rows > 0 && per_tx > 0,
+        "ROWS and ROWS_PER_TX must be positive"
+    );
+    let stack = Stack::from_env();
+    let db = TestDatabase::create(&stack).await?;
+    let client = db.connect().await?;
+    client
+        .batch_execute("CREATE TABLE bench (id bigint PRIMARY KEY, n int, note text); CREATE PUBLICATION changewire_bench FOR ALL TABLES")
+        .await?;
+    let (ours, theirs) = (unique_name("slot"), unique_name("slot"));
+    for slot in [&ours, &theirs] {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[slot],
+            )
+            .await?;
+    }
+
+    let started = Instant::now();
+    let changes = load(&client, rows, per_tx).await?;
+    let end_lsn: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    println!(
+        "loaded {changes} changes in {:.1} s (end LSN {end_lsn})",
+        started.elapsed().as_secs_f64()
+    );
+
+    let recvlogical = time_pg_recvlogical(&db, &theirs, &end_lsn)?;
+    let prefix = unique_name("bench");
+    let (ours_time, peak_rss, running) =
+        time_changewire(&stack, &db, &ours, &prefix, &end_lsn).await?;
+    let (p50, p99, samples) = latency(&stack, &db, &prefix).await?;
+    running.stop.send(true)?;
+    running.task.await??;
+
+    let rate = |d: Duration| changes as f64 / d.as_secs_f64();
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| row changes | {changes} |");
+    println!(
+        "| pg_recvlogical (no decoding, /dev/null) | {:.0} changes/s ({:.2} s) |",
+        rate(recvlogical),
+        recvlogical.as_secs_f64()
+    );
+    println!(
+        "| changewire WAL -> Kafka acknowledged | {:.0} changes/s ({:.2} s) |",
+        rate(ours_time),
+        ours_time.as_secs_f64()
+    );
+    println!(
+        "| ratio changewire / pg_recvlogical | {:.2} |",
+        recvlogical.as_secs_f64() / ours_time.as_secs_f64()
+    );
+    println!("| commit -> consumer latency at {LATENCY_RATE}/s | p50 {p50} ms, p99 {p99} ms ({samples} events) |");
+    println!(
+        "| peak RSS of the bench process (producer + loader) | {} MiB |",
+        peak_rss / 1024
+    );
+    Ok(())
+}
+
+/// Loads `rows` changes (6 inserts, 3 updates, 1 delete per 10 rows) in statements
+/// of `per_tx` rows, one transaction each; with `per_tx >= rows` all of them form
+/// one transaction.
+async fn load(client: &tokio_postgres::Client, rows: i64, per_tx: i64) -> anyhow::Result<i64> {
+    let inserts = rows * 6 / 10;
+    let updates = rows * 3 / 10;
+    let deletes = rows - inserts - updates;
+    let statements = [
+        ("INSERT INTO bench SELECT g, 0, md5(g::text) FROM generate_series($1::bigint, $2::bigint) g", 1, inserts),
+        ("UPDATE bench SET n = n + 1 WHERE id BETWEEN $1 AND $2", 1, updates),
+        ("DELETE FROM bench WHERE id BETWEEN $1 AND $2", inserts - deletes + 1, inserts),
+    ];
+    client.batch_execute("BEGIN").await?;
+    for (sql, from, to) in statements {
+        let mut first = from;
+        while first <= to {
+            let last = (first + per_tx - 1).min(to);
+            client.execute(sql, &[&first, &last]).await?;
+            if per_tx < rows {
+                client.batch_execute("COMMIT; BEGIN").await?;
+            }
+            first = last + 1;
+        }
+    }
+    client.batch_execute("COMMIT").await?;
+    Ok(rows)
+}
+
+fn time_pg_recvlogical(db: &TestDatabase, slot: &str, end_lsn: &str) -> anyhow::Result<Duration> {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin/pg_recvlogical")))
+        .filter(|p| p.is_file())
+        .max()
+        .context("pg_recvlogical not found")?;
+    let started = Instant::now();
+    let status = Command::new(bin)
+        .args([
+            "-d",
+            &db.url,
+            "--slot",
+            slot,
+            "--start",
+            "--endpos",
+            end_lsn,
+            "-f",
+            "/dev/null",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=changewire_bench",
+            "--no-loop",
+        ])
+        .status()?;
+    ensure!(status.success(), "pg_recvlogical failed");
+    Ok(started.elapsed())
+}
+
+async fn time_changewire(
+    stack: &Stack,
+    db: &TestDatabase,
+    slot: &str,
+    prefix: &str,
+    end_lsn: &str,
+) -> anyhow::Result<(Duration, u64, RunningBench)> {
+    let state = tempfile::tempdir()?;
+    let config = PostgresConfig {
+        name: "bench".into(),
+        url: db.url.clone(),
+        password: None,
+        slot: Some(slot.to_owned()),
+        publication: Some("changewire_bench".into()),
+        include: vec![],
+        exclude: vec![],
+        snapshot: SnapshotMode::Never,
+        snapshot_chunk_rows: 10_000,
+        tombstones: false,
+        topic_partitions: 3,
+        max_in_flight: 100_000,
+    };
+    let source = PostgresSource::new(
+        config,
+        TopicNames::new(prefix)?,
+        Arc::new(Codec::json()?),
+        Arc::new(KafkaSink::new(&stack.kafka_config())?),
+        Arc::new(SledCheckpoints::open(state.path())?),
+    );
+    let (stop, shutdown) = watch::channel(false);
+    let started = Instant::now();
+    let task = tokio::spawn(async move { source.run(shutdown).await });
+    let admin = connect(&stack.pg_url).await?;
+    let mut peak_rss = 0;
+    loop {
+        let done: bool = admin
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&end_lsn, &slot],
+            )
+            .await?
+            .get(0);
+        peak_rss = peak_rss.max(rss_kib());
+        if done {
+            break;
+        }
+        ensure!(!task.is_finished(), "the source stopped: {:?}", task.await?);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The source keeps running (caught up) for the latency phase.
+    Ok((
+        started.elapsed(),
+        peak_rss,
+        RunningBench {
+            stop,
+            task,
+            _state: state,
+        },
+    ))
+}
+
+/// The benchmarked source, stopped gracefully at the end.
+struct RunningBench {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), changewire_producer::postgres::PostgresError>>,
+    _state: tempfile::TempDir,
+}
+
+/// Writes LATENCY_RATE rows/s for LATENCY_SECONDS (100 rows per transaction) and
+/// takes, per event, the consumer's receive time minus the commit time
+/// (`source.ts_ms`): an upper bound of commit-to-acknowledged latency.
+async fn latency(
+    stack: &Stack,
+    db: &TestDatabase,
+    prefix: &str,
+) -> anyhow::Result<(i64, i64, usize)> {
+    let topic = format!("{prefix}.bench.public.bench");
+    let consumer = TestConsumer::from_beginning(stack, &topic)?;
+    // Skip what the throughput phase produced.
+    while !consumer
+        .read(100_000, Duration::from_millis(500))
+        .await?
+        .is_empty()
+    {}
+    let writer = db.connect().await?;
+    let per_tx = 100i64;
+    let interval = Duration::from_micros(1_000_000 * per_tx as u64 / LATENCY_RATE);
+    let total = (LATENCY_RATE * LATENCY_SECONDS) as usize;
+    let write = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        for first in (10_000_001..10_000_001 + total as i64).step_by(per_tx as usize) {
+            tick.tick().await;
+            writer
+                .execute(
+                    "INSERT INTO bench SELECT g, 0, 'x' FROM generate_series($1::bigint, $2::bigint) g",
+                    &[&first, &(first + per_tx - 1)],
+                )
+                .await?;
+        }
+        anyhow::Ok(())
+    });
+    let codec = Codec::json()?;
+    let mut latencies = Vec::with_capacity(total);
+    consumer
+        .read_until(Duration::from_secs(LATENCY_SECONDS + 30), |record| {
+            let received = now_ms();
+            if let Some(event) = record.value.as_deref().and_then(|v| codec.decode(v).ok()) {
+                latencies.push(received - event.source.ts_ms);
+            }
+            latencies.len() == total
+        })
+        .await?;
+    write.await??;
+    ensure!(
+        latencies.len() == total,
+        "only {} of {total} events arrived",
+        latencies.len()
+    );
+    latencies.sort_unstable();
+    let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    Ok((pick(0.5), pick(0.99), latencies.len()))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Peak resident set size of this process in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
