@@ -102,14 +102,36 @@ impl Drop for TestDatabase {
                 .build()?;
             runtime.block_on(async {
                 let admin = connect(&admin_url).await?;
-                // Replication slots pin a database; drop the test's slots first.
+                // Replication slots pin a database. A failed test may leave its source
+                // streaming: end those sessions, then drop the slots once released.
                 admin
                     .execute(
-                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                         WHERE database = $1 AND NOT active",
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                         WHERE database = $1 AND active",
                         &[&name],
                     )
                     .await?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    admin
+                        .execute(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                             WHERE database = $1 AND NOT active",
+                            &[&name],
+                        )
+                        .await?;
+                    let left: i64 = admin
+                        .query_one(
+                            "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                            &[&name],
+                        )
+                        .await?
+                        .get(0);
+                    if left == 0 || Instant::now() > deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 admin
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .await?;

@@ -54,6 +54,13 @@ pub struct PostgresConfig {
     /// Partitions of the topics the producer creates.
     #[serde(default = "default_partitions")]
     pub topic_partitions: i32,
+    /// Columns to redact, as `schema.table.column` patterns (`*` wildcard): their
+    /// values are replaced by `hmac-sha256:<hex>` keyed with `redaction_key`.
+    #[serde(default)]
+    pub redact: Vec<String>,
+    /// Key of the redaction hash (set it from `CHANGEWIRE_POSTGRES__REDACTION_KEY`).
+    #[serde(default)]
+    pub redaction_key: Option<String>,
     /// Events published but not yet acknowledged before reading WAL pauses.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
@@ -82,6 +89,11 @@ impl fmt::Debug for PostgresConfig {
             .field("include", &self.include)
             .field("exclude", &self.exclude)
             .field("snapshot", &self.snapshot)
+            .field("redact", &self.redact)
+            .field(
+                "redaction_key",
+                &self.redaction_key.as_ref().map(|_| "<redacted>"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -132,6 +144,13 @@ impl PostgresConfig {
         Ok(config)
     }
 
+    /// The column redactor, when columns are configured for redaction.
+    pub fn redactor(&self) -> Option<super::redact::Redactor> {
+        let key = self.redaction_key.as_deref()?;
+        (!self.redact.is_empty())
+            .then(|| super::redact::Redactor::new(key.as_bytes(), self.redact.clone()))
+    }
+
     /// Whether `schema.table` is published under the include/exclude patterns.
     pub fn publishes(&self, schema: &str, table: &str) -> bool {
         let name = format!("{schema}.{table}");
@@ -177,6 +196,20 @@ impl PostgresConfig {
                 ));
             }
         }
+        for pattern in &self.redact {
+            if pattern.split('.').count() != 3 {
+                return Err(ConfigError::invalid(
+                    "postgres.redact",
+                    format!("pattern {pattern:?} must be schema.table.column (use * as wildcard)"),
+                ));
+            }
+        }
+        if !self.redact.is_empty() && self.redaction_key.as_deref().is_none_or(|k| k.len() < 16) {
+            return Err(ConfigError::invalid(
+                "postgres.redaction_key",
+                "redact is set: a key of at least 16 characters is required (CHANGEWIRE_POSTGRES__REDACTION_KEY)",
+            ));
+        }
         if self.topic_partitions < 1 || self.max_in_flight == 0 || self.snapshot_chunk_rows == 0 {
             return Err(ConfigError::invalid(
                 "postgres",
@@ -188,7 +221,7 @@ impl PostgresConfig {
 }
 
 /// Glob match with `*` as the only wildcard.
-fn matches_pattern(pattern: &str, name: &str) -> bool {
+pub(super) fn matches_pattern(pattern: &str, name: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == name,
         Some((prefix, rest)) => {
@@ -219,6 +252,8 @@ mod tests {
             snapshot_chunk_rows: 10,
             tombstones: false,
             topic_partitions: 1,
+            redact: vec![],
+            redaction_key: None,
             max_in_flight: 10,
         }
     }
@@ -238,6 +273,19 @@ mod tests {
         let shown = format!("{:?}", config(&[], &[]));
         assert!(!shown.contains("secret"), "{shown}");
         assert!(shown.contains("changewire_shop"), "{shown}");
+    }
+
+    #[test]
+    fn redaction_needs_a_key_and_column_patterns() {
+        let mut c = config(&[], &[]);
+        c.redact = vec!["public.users.password".into()];
+        let error = c.validate().expect_err("no key").to_string();
+        assert!(error.contains("postgres.redaction_key"), "{error}");
+        c.redaction_key = Some("0123456789abcdef".into());
+        assert!(c.validate().is_ok());
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
+        c.redact = vec!["users.password".into()];
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`setup`]: server checks, publication and slot;
 //! - [`pgoutput`]: the message decoder;
 //! - [`normalize`]: relation cache, type mapping, event building;
+//! - [`redact`]: keyed hashes for secret columns;
 //! - [`source`]: the replication loop with confirm-after-ack;
 //! - `snapshot`: the initial snapshot from the slot's exported snapshot.
 
@@ -12,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod normalize;
 pub mod pgoutput;
+pub mod redact;
 pub mod setup;
 mod snapshot;
 pub mod source;

@@ -14,6 +14,7 @@ use changewire_schemas::{
 use serde_json::{Map, Number, Value as Json};
 
 use super::pgoutput::{Lsn, Relation, Tuple, Value};
+use super::redact::Redactor;
 
 /// Session settings for every connection whose values reach events.
 pub const SESSION_OPTIONS: &str =
@@ -32,22 +33,36 @@ pub struct Table {
     pub key_columns: Vec<usize>,
     /// Destination topic.
     pub topic: String,
+    /// The redactor, when some of this table's columns are redacted.
+    pub redactor: Option<Redactor>,
+    /// Per column: whether its values are redacted.
+    pub redacted: Vec<bool>,
 }
 
 impl Table {
     /// A row as a JSON object, column name to value.
     pub fn row(&self, tuple: &Tuple) -> Json {
         let mut object = Map::with_capacity(tuple.len());
-        for (column, value) in self.relation.columns.iter().zip(tuple) {
-            object.insert(column.name.clone(), to_json(column.type_oid, value));
+        for (i, (column, value)) in self.relation.columns.iter().zip(tuple).enumerate() {
+            object.insert(column.name.clone(), self.value(i, column.type_oid, value));
         }
         Json::Object(object)
     }
 
+    /// Column `i`'s value as JSON, redacted when configured. Nulls and unchanged
+    /// TOAST markers carry no secret and stay as they are.
+    fn value(&self, i: usize, type_oid: u32, value: &Value) -> Json {
+        let json = to_json(type_oid, value);
+        match (&self.redactor, self.redacted.get(i), value) {
+            (Some(redactor), Some(true), Value::Text(_) | Value::Binary(_)) => redactor.hash(&json),
+            _ => json,
+        }
+    }
+
     /// The message key: the key columns of `tuple` as a JSON object, or `None` for a
-    /// table without a key.
+    /// table without a key and for changes without a row (truncate).
     pub fn key(&self, tuple: &Tuple) -> Option<Vec<u8>> {
-        if self.key_columns.is_empty() {
+        if self.key_columns.is_empty() || tuple.is_empty() {
             return None;
         }
         let mut object = Map::new();

@@ -239,10 +239,22 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         self.sink
             .ensure_topics(std::slice::from_ref(&topic), self.config.topic_partitions)
             .await?;
+        let redactor = self.config.redactor();
+        let redacted = relation
+            .columns
+            .iter()
+            .map(|c| {
+                redactor
+                    .as_ref()
+                    .is_some_and(|r| r.covers(&relation.namespace, &relation.name, &c.name))
+            })
+            .collect();
         Ok(Table {
             relation,
             key_columns,
             topic,
+            redactor,
+            redacted,
         })
     }
 

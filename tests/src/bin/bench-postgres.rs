@@ -182,6 +182,8 @@ async fn time_changewire(
         snapshot_chunk_rows: 10_000,
         tombstones: false,
         topic_partitions: 3,
+        redact: vec![],
+        redaction_key: None,
         max_in_flight: 100_000,
     };
     let source = PostgresSource::new(

@@ -92,6 +92,8 @@ pub fn config(url: &str, name: &str) -> PostgresConfig {
         snapshot_chunk_rows: 2,
         tombstones: false,
         topic_partitions: 1,
+        redact: vec![],
+        redaction_key: None,
         max_in_flight: 1000,
     }
 }

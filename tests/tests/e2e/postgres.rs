@@ -227,3 +227,140 @@ async fn slot_in_use_gives_a_clear_transient_error() -> anyhow::Result<()> {
     assert!(inspect_slot(&client, &slot).await?.is_some());
     Ok(())
 }
+
+#[tokio::test]
+async fn redacted_columns_never_reach_kafka_and_changes_stay_visible() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let db = TestDatabase::create(&stack).await?;
+    let client = db.connect().await?;
+    client
+        .batch_execute(
+            "CREATE TABLE users (id int PRIMARY KEY, email text, password text, ssn text)",
+        )
+        .await?;
+    let mut config = config(&db.url, "sec");
+    config.redact = vec!["public.users.password".into(), "*.*.ssn".into()];
+    config.redaction_key = Some("test-redaction-key-0123".into());
+    let slot = config.slot_name();
+    let prefix = unique_name("pg");
+    let mut source = RunningSource::start(&stack.kafka_brokers, config, &prefix)?;
+    wait_for_slot(&client, &slot).await?;
+    let topic = format!("{prefix}.sec.public.users");
+    client
+        .batch_execute(
+            "INSERT INTO users VALUES (1, 'a@example.com', 'hunter2-secret', '123-45-6789');
+             UPDATE users SET email = 'b@example.com' WHERE id = 1;
+             UPDATE users SET password = 'correct-horse-battery' WHERE id = 1;",
+        )
+        .await?;
+    let consumer = source.consumer(&stack, &topic).await?;
+    let records = consumer.read_exactly(3, Duration::from_secs(30)).await?;
+    for record in &records {
+        let bytes =
+            String::from_utf8_lossy(record.value.as_deref().unwrap_or_default()).into_owned();
+        for secret in ["hunter2-secret", "123-45-6789", "correct-horse-battery"] {
+            assert!(
+                !bytes.contains(secret),
+                "secret {secret} reached the topic: {bytes}"
+            );
+        }
+    }
+    let events = decode(&records)?;
+    let password = |e: &ChangeEvent| e.after.as_ref().map(|a| a["password"].clone());
+    assert!(
+        password(&events[0]).and_then(|p| p.as_str().map(|s| s.starts_with("hmac-sha256:")))
+            == Some(true)
+    );
+    assert_eq!(
+        events[0].after.as_ref().map(|a| a["email"].clone()),
+        Some(json!("a@example.com"))
+    );
+    assert_eq!(
+        password(&events[0]),
+        password(&events[1]),
+        "unchanged secret, same hash"
+    );
+    assert_ne!(
+        password(&events[1]),
+        password(&events[2]),
+        "a changed secret is visible"
+    );
+    source.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn full_identity_tombstones_and_truncate() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let db = TestDatabase::create(&stack).await?;
+    let client = db.connect().await?;
+    client
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); ALTER TABLE t REPLICA IDENTITY FULL",
+        )
+        .await?;
+    let mut config = config(&db.url, "full");
+    config.tombstones = true;
+    let slot = config.slot_name();
+    let prefix = unique_name("pg");
+    let mut source = RunningSource::start(&stack.kafka_brokers, config, &prefix)?;
+    wait_for_slot(&client, &slot).await?;
+    client
+        .batch_execute(
+            "INSERT INTO t VALUES (1, 'a'), (2, 'b');
+             UPDATE t SET v = 'c' WHERE id = 1;
+             DELETE FROM t WHERE id = 2;
+             TRUNCATE t;",
+        )
+        .await?;
+    let consumer = source
+        .consumer(&stack, &format!("{prefix}.full.public.t"))
+        .await?;
+    // 2 inserts, 1 update, 1 delete + its tombstone, 1 truncate.
+    let records = consumer.read_exactly(6, Duration::from_secs(30)).await?;
+    let tombstone = &records[4];
+    assert_eq!(tombstone.value, None, "a tombstone follows the delete");
+    assert_eq!(tombstone.key, records[3].key, "with the deleted row's key");
+    let events = decode(&[&records[..4], &records[5..]].concat())?;
+    assert_eq!(
+        events[2].before,
+        Some(json!({"id": 1, "v": "a"})),
+        "FULL identity: whole old row"
+    );
+    assert_eq!(events[3].before, Some(json!({"id": 2, "v": "b"})));
+    assert_eq!(events[4].op, Op::Truncate);
+    assert_eq!(records[5].key, None, "truncate has no key");
+    source.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slot_with_another_plugin_is_refused_with_a_clear_error() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let db = TestDatabase::create(&stack).await?;
+    let client = db.connect().await?;
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await?;
+    let config = config(&db.url, "wrong");
+    let slot = config.slot_name();
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
+            &[&slot],
+        )
+        .await?;
+    let source = RunningSource::start(&stack.kafka_brokers, config, &unique_name("pg"))?;
+    let error = source
+        .stop()
+        .await
+        .expect_err("the source must refuse the slot");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains(&slot)
+            && message.contains("test_decoding")
+            && message.contains("pgoutput"),
+        "{message}"
+    );
+    Ok(())
+}
