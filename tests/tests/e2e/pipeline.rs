@@ -9,7 +9,7 @@ use changewire_producer::postgres::{PostgresConfig, PostgresError, PostgresSourc
 use changewire_producer::sink::KafkaSink;
 use changewire_schemas::settings::KafkaConfig;
 use changewire_schemas::{ChangeEvent, Codec, TopicNames};
-use changewire_tests::{unique_name, Stack, TestConsumer};
+use changewire_tests::{unique_name, Stack, TestConsumer, TestDatabase};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -49,6 +49,20 @@ impl RunningSource {
             task,
             _state: state,
         })
+    }
+
+    /// Starts a source and waits until its slot streams, so that changes made from
+    /// then on arrive as stream events rather than in the snapshot.
+    pub async fn streaming(
+        brokers: &str,
+        config: PostgresConfig,
+        prefix: &str,
+        client: &tokio_postgres::Client,
+    ) -> anyhow::Result<Self> {
+        let slot = config.slot_name();
+        let source = Self::start(brokers, config, prefix)?;
+        wait_for_slot(client, &slot).await?;
+        Ok(source)
     }
 
     /// Waits until the source created `topic`, then reads it from the beginning.
@@ -165,4 +179,31 @@ pub async fn read_row_ids(
         })
         .await?;
     Ok(seen)
+}
+
+/// A fresh test database on which `ddl` has run, and a connection to it.
+pub async fn database_with(
+    stack: &Stack,
+    ddl: &str,
+) -> anyhow::Result<(TestDatabase, tokio_postgres::Client)> {
+    let db = TestDatabase::create(stack).await?;
+    let client = db.connect().await?;
+    client.batch_execute(ddl).await?;
+    Ok((db, client))
+}
+
+pub async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&slot],
+        )
+        .await?
+        .is_none()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "slot {slot} never became active");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }

@@ -5,28 +5,26 @@ use std::time::Duration;
 use changewire_producer::postgres::setup::inspect_slot;
 use changewire_producer::postgres::PostgresError;
 use changewire_schemas::{ChangeEvent, Op, Origin, SnapshotMarker};
-use changewire_tests::{unique_name, Stack, TestDatabase};
+use changewire_tests::{unique_name, Stack};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::pipeline::{config, decode, RunningSource};
+use crate::pipeline::{config, database_with, decode, RunningSource};
 
 #[tokio::test]
 async fn snapshot_then_stream_with_types_transactions_and_toast() -> anyhow::Result<()> {
     let stack = Stack::from_env();
-    let db = TestDatabase::create(&stack).await?;
-    let client = db.connect().await?;
-    client
-        .batch_execute(
-            "CREATE TYPE mood AS ENUM ('ok', 'great');
+    let (db, client) = database_with(
+        &stack,
+        "CREATE TYPE mood AS ENUM ('ok', 'great');
              CREATE TABLE items (
                id bigint PRIMARY KEY, note text, amount numeric(20,4), ratio float8, flag bool,
                tags text[], grid int[], doc jsonb, at timestamptz, day date, span interval,
                uid uuid, raw bytea, feeling mood, big text);
              ALTER TABLE items ALTER big SET STORAGE EXTERNAL;
              INSERT INTO items (id, note) VALUES (1, 'one'), (2, 'two'), (10, 'ten');",
-        )
-        .await?;
+    )
+    .await?;
     let prefix = unique_name("pg");
     let mut source = RunningSource::start(&stack.kafka_brokers, config(&db.url, "shop"), &prefix)?;
     let topic = format!("{prefix}.shop.public.items");
@@ -137,18 +135,16 @@ async fn snapshot_then_stream_with_types_transactions_and_toast() -> anyhow::Res
 #[tokio::test]
 async fn slot_advances_when_only_unpublished_tables_change() -> anyhow::Result<()> {
     let stack = Stack::from_env();
-    let db = TestDatabase::create(&stack).await?;
-    let client = db.connect().await?;
-    client
-        .batch_execute(
-            "CREATE TABLE watched (id int PRIMARY KEY); CREATE TABLE noisy (id int PRIMARY KEY)",
-        )
-        .await?;
+    let (db, client) = database_with(
+        &stack,
+        "CREATE TABLE watched (id int PRIMARY KEY); CREATE TABLE noisy (id int PRIMARY KEY)",
+    )
+    .await?;
     let mut config = config(&db.url, "quiet");
     config.include = vec!["public.watched".into()];
     let slot = config.slot_name();
-    let source = RunningSource::start(&stack.kafka_brokers, config, &unique_name("pg"))?;
-    wait_for_slot(&client, &slot).await?;
+    let source =
+        RunningSource::streaming(&stack.kafka_brokers, config, &unique_name("pg"), &client).await?;
 
     client
         .batch_execute("INSERT INTO noisy SELECT generate_series(1, 2000)")
@@ -179,34 +175,14 @@ async fn slot_advances_when_only_unpublished_tables_change() -> anyhow::Result<(
     Ok(())
 }
 
-async fn wait_for_slot(client: &tokio_postgres::Client, slot: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-            &[&slot],
-        )
-        .await?
-        .is_none()
-    {
-        anyhow::ensure!(Instant::now() < deadline, "slot {slot} never became active");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn slot_in_use_gives_a_clear_transient_error() -> anyhow::Result<()> {
     let stack = Stack::from_env();
-    let db = TestDatabase::create(&stack).await?;
-    let client = db.connect().await?;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await?;
+    let (db, client) = database_with(&stack, "CREATE TABLE t (id int PRIMARY KEY)").await?;
     let config = config(&db.url, "busy");
     let slot = config.slot_name();
-    let source = RunningSource::start(&stack.kafka_brokers, config, &unique_name("pg"))?;
-    wait_for_slot(&client, &slot).await?;
+    let source =
+        RunningSource::streaming(&stack.kafka_brokers, config, &unique_name("pg"), &client).await?;
 
     let error = inspect_slot(&client, &slot)
         .await
@@ -231,20 +207,17 @@ async fn slot_in_use_gives_a_clear_transient_error() -> anyhow::Result<()> {
 #[tokio::test]
 async fn redacted_columns_never_reach_kafka_and_changes_stay_visible() -> anyhow::Result<()> {
     let stack = Stack::from_env();
-    let db = TestDatabase::create(&stack).await?;
-    let client = db.connect().await?;
-    client
-        .batch_execute(
-            "CREATE TABLE users (id int PRIMARY KEY, email text, password text, ssn text)",
-        )
-        .await?;
+    let (db, client) = database_with(
+        &stack,
+        "CREATE TABLE users (id int PRIMARY KEY, email text, password text, ssn text)",
+    )
+    .await?;
     let mut config = config(&db.url, "sec");
     config.redact = vec!["public.users.password".into(), "*.*.ssn".into()];
     config.redaction_key = Some("test-redaction-key-0123".into());
-    let slot = config.slot_name();
     let prefix = unique_name("pg");
-    let mut source = RunningSource::start(&stack.kafka_brokers, config, &prefix)?;
-    wait_for_slot(&client, &slot).await?;
+    let mut source =
+        RunningSource::streaming(&stack.kafka_brokers, config, &prefix, &client).await?;
     let topic = format!("{prefix}.sec.public.users");
     client
         .batch_execute(
@@ -292,19 +265,16 @@ async fn redacted_columns_never_reach_kafka_and_changes_stay_visible() -> anyhow
 #[tokio::test]
 async fn full_identity_tombstones_and_truncate() -> anyhow::Result<()> {
     let stack = Stack::from_env();
-    let db = TestDatabase::create(&stack).await?;
-    let client = db.connect().await?;
-    client
-        .batch_execute(
-            "CREATE TABLE t (id int PRIMARY KEY, v text); ALTER TABLE t REPLICA IDENTITY FULL",
-        )
-        .await?;
+    let (db, client) = database_with(
+        &stack,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); ALTER TABLE t REPLICA IDENTITY FULL",
+    )
+    .await?;
     let mut config = config(&db.url, "full");
     config.tombstones = true;
-    let slot = config.slot_name();
     let prefix = unique_name("pg");
-    let mut source = RunningSource::start(&stack.kafka_brokers, config, &prefix)?;
-    wait_for_slot(&client, &slot).await?;
+    let mut source =
+        RunningSource::streaming(&stack.kafka_brokers, config, &prefix, &client).await?;
     client
         .batch_execute(
             "INSERT INTO t VALUES (1, 'a'), (2, 'b');
@@ -337,11 +307,7 @@ async fn full_identity_tombstones_and_truncate() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_slot_with_another_plugin_is_refused_with_a_clear_error() -> anyhow::Result<()> {
     let stack = Stack::from_env();
-    let db = TestDatabase::create(&stack).await?;
-    let client = db.connect().await?;
-    client
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await?;
+    let (db, client) = database_with(&stack, "CREATE TABLE t (id int PRIMARY KEY)").await?;
     let config = config(&db.url, "wrong");
     let slot = config.slot_name();
     client
