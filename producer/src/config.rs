@@ -7,6 +7,7 @@ use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::FormatConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::http::HttpConfig;
 use crate::postgres::PostgresConfig;
 
 /// Everything `changewire-producer` reads from its config file.
@@ -24,6 +25,9 @@ pub struct ProducerConfig {
     /// Directory of the producer's sled checkpoints.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// The `/metrics` and `/health` endpoints.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// The PostgreSQL source, if any.
     #[serde(default)]
     pub postgres: Option<PostgresConfig>,

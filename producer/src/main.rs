@@ -9,6 +9,7 @@ use changewire_producer::config::ProducerConfig;
 use std::sync::Arc;
 
 use changewire_producer::checkpoint::SledCheckpoints;
+use changewire_producer::http;
 use changewire_producer::postgres::source::report;
 use changewire_producer::postgres::PostgresSource;
 use changewire_producer::sink::KafkaSink;
@@ -96,6 +97,17 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
         Arc::new(sink),
         Arc::new(checkpoints),
     );
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(listen = %bound, "serving /metrics and /health");
+    let router = http::router(source.metrics(), config.http.token.clone());
+    tokio::spawn(async move {
+        if let Err(error) = http::serve(listener, router).await {
+            tracing::error!(%error, "HTTP endpoint failed");
+        }
+    });
     source
         .run(shutdown)
         .await

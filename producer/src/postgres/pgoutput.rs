@@ -21,8 +21,9 @@ impl fmt::Display for Lsn {
     }
 }
 
-/// A commit timestamp as milliseconds since the Unix epoch.
-fn pg_micros_to_unix_ms(micros: i64) -> i64 {
+/// A PostgreSQL timestamp (microseconds since 2000-01-01) as milliseconds since the
+/// Unix epoch.
+pub fn pg_micros_to_unix_ms(micros: i64) -> i64 {
     micros.saturating_add(PG_EPOCH_OFFSET_MICROS) / 1000
 }
 

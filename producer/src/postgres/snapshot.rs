@@ -139,6 +139,7 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
             actor: None,
             transaction: None,
         };
+        self.source.count_event(table, Op::Read);
         if let Some((event, table, tuple)) = self.held.replace((event, table.clone(), tuple)) {
             let record: OutboundRecord = self.source.record(&table, &tuple, &event)?;
             self.source.enqueue(record, in_flight).await?;

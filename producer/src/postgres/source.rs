@@ -16,10 +16,11 @@ use tokio_postgres::{Client, NoTls};
 use super::config::{PostgresConfig, SnapshotMode};
 use super::error::PostgresError;
 use super::normalize::{Change, Relations, SourceInfo, Table, TxContext, SESSION_OPTIONS};
-use super::pgoutput::{Decoder, Lsn, Message, OldTuple, Relation};
+use super::pgoutput::{pg_micros_to_unix_ms, Decoder, Lsn, Message, OldTuple, Relation};
 use super::setup::{self, quote_ident};
 use super::snapshot::Snapshot;
 use crate::checkpoint::CheckpointStore;
+use crate::metrics::{ProducerMetrics, SourceState, TableOp};
 use crate::sink::{EventSink, OutboundRecord, SinkError};
 
 /// How often the replication client reports the confirmed position.
@@ -29,8 +30,17 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// An acknowledgement still to come, in stream order; a commit resolves to its LSN.
-pub(super) type Pending = Pin<Box<dyn Future<Output = Result<Option<Lsn>, SinkError>> + Send>>;
+/// A committed position that may be confirmed once everything before it is acked.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Checkpoint {
+    lsn: Lsn,
+    commit_ms: i64,
+}
+
+/// An acknowledgement still to come, in stream order; a commit resolves to its
+/// checkpoint.
+pub(super) type Pending =
+    Pin<Box<dyn Future<Output = Result<Option<Checkpoint>, SinkError>> + Send>>;
 
 /// Streams one PostgreSQL database to a sink.
 pub struct PostgresSource<S, C> {
@@ -39,6 +49,7 @@ pub struct PostgresSource<S, C> {
     codec: Arc<Codec>,
     sink: Arc<S>,
     checkpoints: Arc<C>,
+    metrics: Arc<ProducerMetrics>,
 }
 
 impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
@@ -56,7 +67,19 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
             codec,
             sink,
             checkpoints,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Reports into `metrics` instead of a private registry.
+    pub fn with_metrics(mut self, metrics: Arc<ProducerMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The metrics this source reports into.
+    pub fn metrics(&self) -> Arc<ProducerMetrics> {
+        self.metrics.clone()
     }
 
     /// Streams until `shutdown` turns true, reconnecting with backoff after transient
@@ -67,19 +90,33 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         let mut delay = BACKOFF_MIN;
         loop {
             let started = Instant::now();
+            self.metrics.set_state(SourceState::Starting);
             let error = match self.run_session(&mut shutdown).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.metrics.set_state(SourceState::Stopped);
+                    return Ok(());
+                }
                 Err(error) if error.is_transient() => error,
-                Err(error) => return Err(error),
+                Err(error) => {
+                    self.metrics.set_state(SourceState::Stopped);
+                    self.metrics.set_error(Some(report(&error)));
+                    return Err(error);
+                }
             };
             if started.elapsed() > HEALTHY_AFTER {
                 delay = BACKOFF_MIN;
             }
             let jittered = delay.mul_f64(1.0 + jitter_fraction());
             tracing::warn!(error = %report(&error), retry_in = ?jittered, "PostgreSQL source failed; reconnecting");
+            self.metrics.set_state(SourceState::Reconnecting);
+            self.metrics.set_error(Some(report(&error)));
+            self.metrics.reconnects.inc();
             tokio::select! {
                 () = tokio::time::sleep(jittered) => {}
-                () = stopped(&mut shutdown) => return Ok(()),
+                () = stopped(&mut shutdown) => {
+                    self.metrics.set_state(SourceState::Stopped);
+                    return Ok(());
+                }
             }
             delay = (delay * 2).min(BACKOFF_MAX);
         }
@@ -98,6 +135,8 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
                 .await?
                 .get(0),
         };
+        self.metrics.set_state(SourceState::Streaming);
+        self.metrics.set_error(None);
         Stream {
             source: self,
             client,
@@ -170,6 +209,7 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         tracing::info!(%slot, %consistent_point, "created replication slot");
         if let (true, Some(snapshot_name)) = (must_snapshot, field(2)) {
             // The exported snapshot lives while the replication session stays idle.
+            self.metrics.set_state(SourceState::Snapshotting);
             Snapshot::new(self, consistent_point)
                 .run(&snapshot_name)
                 .await?;
@@ -274,27 +314,45 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
     }
 
     /// Queues `record`, waiting for older acknowledgements while the queue is full.
+    /// Returns only once the record is queued, with the newest checkpoint that became
+    /// confirmable while waiting, if any.
     pub(super) async fn enqueue(
         &self,
         record: OutboundRecord,
         in_flight: &mut FuturesOrdered<Pending>,
-    ) -> Result<Lsn, PostgresError> {
+    ) -> Result<Option<Checkpoint>, PostgresError> {
+        let mut confirmable = None;
         loop {
             match self.sink.enqueue(record.clone()) {
                 Ok(ack) => {
-                    in_flight.push_back(Box::pin(async move { ack.await.map(|_| None) }));
-                    return Ok(Lsn::default());
+                    let (metrics, queued) = (self.metrics.clone(), Instant::now());
+                    in_flight.push_back(Box::pin(async move {
+                        let result = ack.await;
+                        metrics
+                            .delivery_seconds
+                            .observe(queued.elapsed().as_secs_f64());
+                        result.map(|_| None)
+                    }));
+                    return Ok(confirmable);
                 }
                 Err(SinkError::QueueFull) => match in_flight.next().await {
-                    Some(result) => {
-                        if let Some(lsn) = result? {
-                            return Ok(lsn);
-                        }
-                    }
+                    Some(result) => confirmable = result?.or(confirmable),
                     None => tokio::time::sleep(Duration::from_millis(10)).await,
                 },
                 Err(error) => return Err(error.into()),
             }
+        }
+    }
+
+    /// Counts one published event.
+    pub(super) fn count_event(&self, table: &Table, op: Op) {
+        let labels = TableOp {
+            table: format!("{}.{}", table.relation.namespace, table.relation.name),
+            op: op.code().to_owned(),
+        };
+        self.metrics.events.get_or_create(&labels).inc();
+        if op == Op::Read {
+            self.metrics.snapshot_rows.inc();
         }
     }
 
@@ -324,8 +382,8 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
                 biased;
                 () = stopped(shutdown) => return self.shut_down().await,
                 Some(ack) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    if let Some(lsn) = ack? {
-                        self.confirm(lsn);
+                    if let Some(checkpoint) = ack? {
+                        self.confirm(checkpoint);
                     }
                 }
                 event = self.replication.recv(), if self.in_flight.len() < max_in_flight => {
@@ -335,15 +393,35 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
                     }
                 }
             }
+            self.source
+                .metrics
+                .in_flight
+                .set(self.in_flight.len() as i64);
         }
     }
 
-    fn confirm(&mut self, lsn: Lsn) {
-        if lsn > self.confirmed {
-            self.confirmed = lsn;
+    /// Confirms `checkpoint` to the server (monotonic).
+    fn confirm(&mut self, checkpoint: Checkpoint) {
+        if checkpoint.lsn > self.confirmed {
+            self.confirmed = checkpoint.lsn;
             self.replication
-                .update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+                .update_applied_lsn(pgwire_replication::Lsn(checkpoint.lsn.0));
+            let metrics = &self.source.metrics;
+            metrics
+                .confirmed_lsn
+                .set(i64::try_from(checkpoint.lsn.0).unwrap_or(i64::MAX));
+            metrics
+                .lag_seconds
+                .set((now_ms() - checkpoint.commit_ms).max(0) as f64 / 1000.0);
         }
+    }
+
+    fn observe_server_position(&self, wal_end: u64) {
+        let lag = wal_end.saturating_sub(self.confirmed.0);
+        self.source
+            .metrics
+            .lag_bytes
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
     }
 
     async fn handle(&mut self, event: ReplicationEvent) -> Result<(), PostgresError> {
@@ -353,20 +431,31 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
                 xid,
                 commit_time_micros,
             } => {
-                let commit_ms = (commit_time_micros + 946_684_800_000_000) / 1000;
+                let commit_ms = pg_micros_to_unix_ms(commit_time_micros);
                 self.tx = Some(TxContext::new(xid, Lsn(final_lsn.0), commit_ms));
             }
             ReplicationEvent::XLogData {
-                wal_start, data, ..
+                wal_start,
+                wal_end,
+                data,
+                ..
             } => {
+                self.observe_server_position(wal_end.0);
                 let message = self.decoder.decode(&data)?;
                 self.handle_message(message, Lsn(wal_start.0)).await?;
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
                 self.tx = None;
-                let lsn = Lsn(end_lsn.0);
+                let checkpoint = Checkpoint {
+                    lsn: Lsn(end_lsn.0),
+                    commit_ms: pg_micros_to_unix_ms(commit_time_micros),
+                };
                 self.in_flight
-                    .push_back(Box::pin(async move { Ok(Some(lsn)) }));
+                    .push_back(Box::pin(async move { Ok(Some(checkpoint)) }));
             }
             // Between transactions with nothing in flight, everything up to the server's
             // position is published: confirm it so the slot advances even when only
@@ -374,9 +463,15 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
             ReplicationEvent::KeepAlive { wal_end, .. }
                 if self.tx.is_none() && self.in_flight.is_empty() =>
             {
-                self.confirm(Lsn(wal_end.0));
+                // Caught up: nothing of the server's is waiting on us.
+                self.confirm(Checkpoint {
+                    lsn: Lsn(wal_end.0),
+                    commit_ms: now_ms(),
+                });
+                self.observe_server_position(wal_end.0);
             }
-            ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::KeepAlive { wal_end, .. } => self.observe_server_position(wal_end.0),
+            ReplicationEvent::Message { .. } => {}
             ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
@@ -435,10 +530,10 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
                 value: None,
                 ..record.clone()
             });
+        self.source.count_event(table, op);
         for record in std::iter::once(record).chain(tombstone) {
-            let lsn = self.source.enqueue(record, &mut self.in_flight).await?;
-            if lsn > Lsn::default() {
-                self.confirm(lsn);
+            if let Some(checkpoint) = self.source.enqueue(record, &mut self.in_flight).await? {
+                self.confirm(checkpoint);
             }
         }
         Ok(())
@@ -452,8 +547,8 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
             "shutting down: waiting for Kafka acknowledgements"
         );
         while let Some(ack) = self.in_flight.next().await {
-            if let Some(lsn) = ack? {
-                self.confirm(lsn);
+            if let Some(checkpoint) = ack? {
+                self.confirm(checkpoint);
             }
         }
         tokio::time::sleep(STATUS_INTERVAL + Duration::from_millis(200)).await;

@@ -45,7 +45,7 @@ async fn sigkill_loop_under_load_loses_no_committed_change() -> anyhow::Result<(
     std::fs::write(
         &config,
         format!(
-            "state_dir = {:?}\n[kafka]\nbrokers = {:?}\n[topics]\nprefix = {prefix:?}\n\
+            "state_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[kafka]\nbrokers = {:?}\n[topics]\nprefix = {prefix:?}\n\
              [postgres]\nname = \"crash\"\nurl = {:?}\nslot = {:?}\ntopic_partitions = 3\n",
             dir.path().join("state"),
             stack.kafka_brokers,

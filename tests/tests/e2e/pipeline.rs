@@ -16,6 +16,8 @@ use tokio::time::Instant;
 
 /// A source running in this process, stopped gracefully by `stop`.
 pub struct RunningSource {
+    /// The source's metrics and health state.
+    pub metrics: Arc<changewire_producer::metrics::ProducerMetrics>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), PostgresError>>,
     _state: tempfile::TempDir,
@@ -43,8 +45,10 @@ impl RunningSource {
             Arc::new(SledCheckpoints::open(state.path())?),
         );
         let (stop, shutdown) = watch::channel(false);
+        let metrics = source.metrics();
         let task = tokio::spawn(async move { source.run(shutdown).await });
         Ok(Self {
+            metrics,
             stop,
             task,
             _state: state,

@@ -1,0 +1,180 @@
+//! Producer metrics (Prometheus) and the state the health endpoint reports.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of per-table event counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableOp {
+    /// `schema.table`.
+    pub table: String,
+    /// Event op code.
+    pub op: String,
+}
+
+/// What the source is doing, for the health endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SourceState {
+    /// Connecting and checking the server.
+    Starting = 0,
+    /// Taking the initial snapshot.
+    Snapshotting = 1,
+    /// Streaming changes.
+    Streaming = 2,
+    /// Waiting to reconnect after a failure.
+    Reconnecting = 3,
+    /// Stopped (shut down or failed permanently).
+    Stopped = 4,
+}
+
+impl SourceState {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceState::Starting => "starting",
+            SourceState::Snapshotting => "snapshotting",
+            SourceState::Streaming => "streaming",
+            SourceState::Reconnecting => "reconnecting",
+            SourceState::Stopped => "stopped",
+        }
+    }
+
+    fn from_u8(value: u8) -> Self {
+        [
+            Self::Starting,
+            Self::Snapshotting,
+            Self::Streaming,
+            Self::Reconnecting,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == value)
+        .unwrap_or(Self::Stopped)
+    }
+}
+
+/// Every producer metric, registered in one registry.
+pub struct ProducerMetrics {
+    registry: Registry,
+    /// Events published, by table and op.
+    pub events: Family<TableOp, Counter>,
+    /// Seconds from handing a record to Kafka until it was acknowledged.
+    pub delivery_seconds: Histogram,
+    /// Events handed to Kafka and not yet acknowledged.
+    pub in_flight: Gauge,
+    /// Bytes of WAL between the server's position and the confirmed position.
+    pub lag_bytes: Gauge,
+    /// Age of the latest confirmed transaction when it was confirmed.
+    pub lag_seconds: Gauge<f64, AtomicU64>,
+    /// The last LSN confirmed to PostgreSQL.
+    pub confirmed_lsn: Gauge,
+    /// Sessions restarted after a transient failure.
+    pub reconnects: Counter,
+    /// Rows read by snapshots.
+    pub snapshot_rows: Counter,
+    state: AtomicU8,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Default for ProducerMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("changewire_producer");
+        let metrics = Self {
+            events: Family::default(),
+            delivery_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            in_flight: Gauge::default(),
+            lag_bytes: Gauge::default(),
+            lag_seconds: Gauge::default(),
+            confirmed_lsn: Gauge::default(),
+            reconnects: Counter::default(),
+            snapshot_rows: Counter::default(),
+            state: AtomicU8::new(SourceState::Starting as u8),
+            last_error: Mutex::new(None),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "events",
+            "Events published to Kafka",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "kafka_delivery_seconds",
+            "Time from enqueue to Kafka acknowledgement",
+            metrics.delivery_seconds.clone(),
+        );
+        registry.register(
+            "in_flight_events",
+            "Events awaiting Kafka acknowledgement",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "replication_lag_bytes",
+            "WAL bytes between the server and the confirmed position",
+            metrics.lag_bytes.clone(),
+        );
+        registry.register(
+            "replication_lag_seconds",
+            "Age of the latest confirmed transaction when confirmed",
+            metrics.lag_seconds.clone(),
+        );
+        registry.register(
+            "confirmed_lsn",
+            "Last LSN confirmed to PostgreSQL",
+            metrics.confirmed_lsn.clone(),
+        );
+        registry.register(
+            "reconnects",
+            "Sessions restarted after a transient failure",
+            metrics.reconnects.clone(),
+        );
+        registry.register(
+            "snapshot_rows",
+            "Rows read by snapshots",
+            metrics.snapshot_rows.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+impl ProducerMetrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Records what the source is doing.
+    pub fn set_state(&self, state: SourceState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// What the source is doing.
+    pub fn state(&self) -> SourceState {
+        SourceState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Records the latest failure (shown by the health endpoint).
+    pub fn set_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// The latest failure, if the source has not recovered since.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}

@@ -1,0 +1,99 @@
+//! The producer's `/metrics` and `/health` endpoints over real HTTP.
+
+use std::time::Duration;
+
+use changewire_producer::http;
+use changewire_tests::{unique_name, Stack};
+use tokio::time::Instant;
+
+use crate::pipeline::{config, database_with, RunningSource};
+
+const TOKEN: &str = "metrics-token-for-tests";
+
+/// Serves the source's endpoints on a free loopback port; returns the base URL.
+async fn serve(source: &RunningSource) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let router = http::router(source.metrics.clone(), Some(TOKEN.to_owned()));
+    tokio::spawn(http::serve(listener, router));
+    Ok(base)
+}
+
+#[tokio::test]
+async fn metrics_count_events_and_health_follows_the_source() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let (db, client) = database_with(&stack, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let source = RunningSource::streaming(
+        &stack.kafka_brokers,
+        config(&db.url, "ops"),
+        &unique_name("pg"),
+        &client,
+    )
+    .await?;
+    let base = serve(&source).await?;
+    let http = reqwest::Client::new();
+
+    let health = http.get(format!("{base}/health")).send().await?;
+    assert_eq!(health.status(), 200);
+    let body: serde_json::Value = health.json().await?;
+    assert_eq!(body["state"], "streaming");
+
+    let unauthorized = http.get(format!("{base}/metrics")).send().await?;
+    assert_eq!(unauthorized.status(), 401, "metrics need the bearer token");
+    let wrong = http
+        .get(format!("{base}/metrics"))
+        .bearer_auth("nope")
+        .send()
+        .await?;
+    assert_eq!(wrong.status(), 401);
+
+    client
+        .batch_execute("INSERT INTO t SELECT generate_series(1, 5); DELETE FROM t WHERE id = 1")
+        .await?;
+    let expected = [
+        r#"changewire_producer_events_total{table="public.t",op="c"} 5"#,
+        r#"changewire_producer_events_total{table="public.t",op="d"} 1"#,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?
+            .text()
+            .await?;
+        if expected.iter().all(|line| text.contains(line))
+            && text.contains("changewire_producer_in_flight_events 0")
+        {
+            break text;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "metrics never showed the events:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        text.contains("changewire_producer_kafka_delivery_seconds_count 6"),
+        "{text}"
+    );
+    assert!(
+        text.contains("changewire_producer_replication_lag_bytes"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("changewire_producer_confirmed_lsn 0\n"),
+        "an LSN was confirmed:\n{text}"
+    );
+
+    let metrics = source.metrics.clone();
+    source.stop().await?;
+    let router = http::router(metrics, None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let after = format!("http://{}/health", listener.local_addr()?);
+    tokio::spawn(http::serve(listener, router));
+    let health = http.get(after).send().await?;
+    assert_eq!(health.status(), 503, "a stopped source is not healthy");
+    Ok(())
+}
