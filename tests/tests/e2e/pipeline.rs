@@ -25,6 +25,19 @@ pub struct RunningSource {
 
 impl RunningSource {
     pub fn start(brokers: &str, config: PostgresConfig, prefix: &str) -> anyhow::Result<Self> {
+        let kafka = KafkaConfig {
+            brokers: brokers.to_owned(),
+            properties: Default::default(),
+        };
+        Self::start_with(&kafka, config, prefix)
+    }
+
+    /// Starts a source publishing with these Kafka client settings.
+    pub fn start_with(
+        kafka: &KafkaConfig,
+        config: PostgresConfig,
+        prefix: &str,
+    ) -> anyhow::Result<Self> {
         // The source's log goes to the test's output (shown when a test fails).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -38,10 +51,7 @@ impl RunningSource {
             config,
             TopicNames::new(prefix)?,
             Arc::new(Codec::json()?),
-            Arc::new(KafkaSink::new(&KafkaConfig {
-                brokers: brokers.to_owned(),
-                properties: Default::default(),
-            })?),
+            Arc::new(KafkaSink::new(kafka)?),
             Arc::new(SledCheckpoints::open(state.path())?),
         );
         let (stop, shutdown) = watch::channel(false);
