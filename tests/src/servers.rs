@@ -50,11 +50,23 @@ pub struct PrivatePostgres {
     _dir: tempfile::TempDir,
     /// Port it listens on.
     pub port: u16,
+    /// The CA that signed the server certificate, when started with TLS.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl PrivatePostgres {
     /// Initialises and starts a new cluster with superuser `changewire`.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// Like [`PrivatePostgres::start`], but accepting only TLS connections, with a
+    /// server certificate for 127.0.0.1 signed by a test CA ([`PrivatePostgres::ca_file`]).
+    pub fn start_with_tls() -> anyhow::Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> anyhow::Result<Self> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .context("PostgreSQL is not installed (run scripts/stack install)")?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -89,20 +101,46 @@ impl PrivatePostgres {
         let conf = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf)?;
         text.push_str(&settings);
+        let ca_file = if tls {
+            let ca = issue_server_certificate(dir.path(), &data)?;
+            // verify-full in pgwire-replication needs a host name: serve `localhost`.
+            text.push_str(
+                "listen_addresses = 'localhost'\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            );
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "hostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n\
+                 hostssl all all ::1/128 trust\nhostssl replication all ::1/128 trust\n",
+            )?;
+            Some(ca)
+        } else {
+            None
+        };
         std::fs::write(&conf, text)?;
+        if is_root() {
+            let mut chown = Command::new("chown");
+            chown.args(["-R", "postgres:postgres"]).arg(&data);
+            run(chown, "chown")?;
+        }
         let postgres = Self {
             bin,
             data,
             _dir: dir,
             port,
+            ca_file,
         };
         postgres.pg_ctl(&["start", "-w", "-t", "60", "-l"], true)?;
         Ok(postgres)
     }
 
-    /// URL of database `db`.
+    /// URL of database `db` (by host name with TLS, which verify-full checks).
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://changewire@127.0.0.1:{}/{db}", self.port)
+        let host = if self.ca_file.is_some() {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        format!("postgres://changewire@{host}:{}/{db}", self.port)
     }
 
     /// Restarts the server (fast shutdown: sessions are terminated).
@@ -118,6 +156,74 @@ impl PrivatePostgres {
         }
         run(command, "pg_ctl")
     }
+}
+
+/// Creates a test CA in `dir` and a server certificate for 127.0.0.1 it signs,
+/// installed in `data` as server.crt/server.key. Returns the CA's path.
+fn issue_server_certificate(dir: &Path, data: &Path) -> anyhow::Result<PathBuf> {
+    let ca_key = dir.join("ca.key");
+    let ca = dir.join("ca.crt");
+    let csr = dir.join("server.csr");
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n\
+         keyUsage=digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n",
+    )?;
+    let openssl = |args: &[&str], paths: &[&Path]| {
+        let mut command = Command::new("openssl");
+        command.args(args);
+        for path in paths {
+            command.arg(path);
+        }
+        run(command, "openssl")
+    };
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=changewire test CA",
+            "-keyout",
+        ],
+        &[&ca_key, Path::new("-out"), &ca],
+    )?;
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ],
+        &[&data.join("server.key"), Path::new("-out"), &csr],
+    )?;
+    openssl(
+        &["x509", "-req", "-days", "2", "-CAcreateserial", "-in"],
+        &[
+            &csr,
+            Path::new("-CA"),
+            &ca,
+            Path::new("-CAkey"),
+            &ca_key,
+            Path::new("-extfile"),
+            &ext,
+            Path::new("-out"),
+            &data.join("server.crt"),
+        ],
+    )?;
+    // PostgreSQL refuses a key others can read.
+    let mut chmod = Command::new("chmod");
+    chmod.arg("600").arg(data.join("server.key"));
+    run(chmod, "chmod")?;
+    Ok(ca)
 }
 
 impl Drop for PrivatePostgres {

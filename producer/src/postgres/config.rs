@@ -61,6 +61,9 @@ pub struct PostgresConfig {
     /// Key of the redaction hash (set it from `CHANGEWIRE_POSTGRES__REDACTION_KEY`).
     #[serde(default)]
     pub redaction_key: Option<String>,
+    /// TLS to the server.
+    #[serde(default)]
+    pub tls: super::tls::TlsSettings,
     /// Events published but not yet acknowledged before reading WAL pauses.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
@@ -173,6 +176,7 @@ impl PostgresConfig {
             ));
         }
         self.connection()?;
+        self.tls.validate()?;
         for (key, name) in [
             ("postgres.slot", self.slot_name()),
             ("postgres.publication", self.publication_name()),
@@ -254,6 +258,7 @@ mod tests {
             topic_partitions: 1,
             redact: vec![],
             redaction_key: None,
+            tls: Default::default(),
             max_in_flight: 10,
         }
     }

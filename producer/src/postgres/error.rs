@@ -41,6 +41,18 @@ pub enum PostgresError {
     /// The checkpoint store failed.
     #[error("checkpoint store failed")]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// TLS could not be set up (bad certificate or key).
+    #[error("cannot set up TLS to PostgreSQL")]
+    Tls(#[from] native_tls::Error),
+    /// A certificate or key file could not be read.
+    #[error("cannot read {path}")]
+    TlsFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The include/exclude patterns select no table.
     #[error("no table matches postgres.include / postgres.exclude")]
     NoTables,

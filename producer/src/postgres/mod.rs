@@ -7,6 +7,7 @@
 //! - [`normalize`]: relation cache, type mapping, event building;
 //! - [`redact`]: keyed hashes for secret columns;
 //! - [`source`]: the replication loop with confirm-after-ack;
+//! - [`tls`]: TLS settings for both kinds of session;
 //! - `snapshot`: the initial snapshot from the slot's exported snapshot.
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod redact;
 pub mod setup;
 mod snapshot;
 pub mod source;
+pub mod tls;
 
 pub use config::{PostgresConfig, SnapshotMode};
 pub use error::PostgresError;

@@ -158,12 +158,19 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         config
             .options(SESSION_OPTIONS)
             .application_name("changewire");
-        let (client, connection) = config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "catalog connection ended");
+        let client = match self.config.tls.connector()? {
+            None => {
+                let (client, connection) = config.connect(NoTls).await?;
+                drive(connection);
+                client
             }
-        });
+            Some(tls) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let (client, connection) = config.connect(tls).await?;
+                drive(connection);
+                client
+            }
+        };
         Ok(client)
     }
 
@@ -242,7 +249,8 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         .with_port(pg.get_ports().first().copied().unwrap_or(5432))
         .with_status_interval(STATUS_INTERVAL)
         .with_wakeup_interval(Duration::from_secs(5))
-        .with_options(SESSION_OPTIONS);
+        .with_options(SESSION_OPTIONS)
+        .with_tls(self.config.tls.replication());
         config.application_name = Some("changewire".to_owned());
         Ok(config)
     }
@@ -563,6 +571,18 @@ fn old_tuple(old: OldTuple) -> Vec<super::pgoutput::Value> {
     match old {
         OldTuple::Key(tuple) | OldTuple::Full(tuple) => tuple,
     }
+}
+
+/// Runs a tokio-postgres connection in the background until it closes.
+fn drive<C>(connection: C)
+where
+    C: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "PostgreSQL connection ended");
+        }
+    });
 }
 
 /// Resolves once shutdown was requested (or its sender is gone). Returns `()` so no

@@ -184,6 +184,7 @@ async fn time_changewire(
         topic_partitions: 3,
         redact: vec![],
         redaction_key: None,
+        tls: Default::default(),
         max_in_flight: 100_000,
     };
     let source = PostgresSource::new(

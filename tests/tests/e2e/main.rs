@@ -11,3 +11,4 @@ mod postgres;
 mod registry;
 mod restart;
 mod smoke;
+mod tls;

@@ -122,6 +122,7 @@ pub fn config(url: &str, name: &str) -> PostgresConfig {
         topic_partitions: 1,
         redact: vec![],
         redaction_key: None,
+        tls: Default::default(),
         max_in_flight: 1000,
     }
 }
