@@ -57,16 +57,22 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     /// Initialises and starts a new cluster with superuser `changewire`.
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_with(false)
+        Self::start_with(false, "")
+    }
+
+    /// Like [`PrivatePostgres::start`], with `settings` (postgresql.conf lines) added
+    /// last so they override the defaults.
+    pub fn start_configured(settings: &str) -> anyhow::Result<Self> {
+        Self::start_with(false, settings)
     }
 
     /// Like [`PrivatePostgres::start`], but accepting only TLS connections, with a
     /// server certificate for 127.0.0.1 signed by a test CA ([`PrivatePostgres::ca_file`]).
     pub fn start_with_tls() -> anyhow::Result<Self> {
-        Self::start_with(true)
+        Self::start_with(true, "")
     }
 
-    fn start_with(tls: bool) -> anyhow::Result<Self> {
+    fn start_with(tls: bool, extra_settings: &str) -> anyhow::Result<Self> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .context("PostgreSQL is not installed (run scripts/stack install)")?
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -116,6 +122,8 @@ impl PrivatePostgres {
         } else {
             None
         };
+        text.push_str(extra_settings);
+        text.push('\n');
         std::fs::write(&conf, text)?;
         if is_root() {
             let mut chown = Command::new("chown");

@@ -10,5 +10,6 @@ mod pipeline;
 mod postgres;
 mod registry;
 mod restart;
+mod server_checks;
 mod smoke;
 mod tls;

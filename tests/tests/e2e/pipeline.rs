@@ -79,6 +79,11 @@ impl RunningSource {
         Ok(source)
     }
 
+    /// Whether the source has ended (after a permanent error, or a stop).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Waits until the source created `topic`, then reads it from the beginning.
     /// Fails at once with the source's own error if the source stopped.
     pub async fn consumer(&mut self, stack: &Stack, topic: &str) -> anyhow::Result<TestConsumer> {
@@ -100,7 +105,8 @@ impl RunningSource {
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.stop.send(true)?;
+        // A source that already ended has dropped its receiver.
+        let _ = self.stop.send(true);
         tokio::time::timeout(Duration::from_secs(30), self.task).await???;
         Ok(())
     }
