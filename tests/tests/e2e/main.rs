@@ -4,6 +4,7 @@
 mod config;
 mod crash;
 mod fixtures;
+mod large;
 mod operability;
 mod pgoutput;
 mod pipeline;
