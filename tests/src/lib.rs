@@ -316,3 +316,39 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     }
     Ok(path)
 }
+
+/// Creates a pgoutput slot with a unique name in the database `client` is on.
+pub async fn create_pgoutput_slot(client: &tokio_postgres::Client) -> anyhow::Result<String> {
+    let slot = unique_name("slot");
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .with_context(|| format!("creating slot {slot}"))?;
+    Ok(slot)
+}
+
+/// The server's current WAL position, as text.
+pub async fn current_wal_lsn(client: &tokio_postgres::Client) -> anyhow::Result<String> {
+    Ok(client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0))
+}
+
+/// Whether `slot` has confirmed everything up to `lsn`.
+pub async fn slot_confirmed(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    lsn: &str,
+) -> anyhow::Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $2",
+            &[&lsn, &slot],
+        )
+        .await?
+        .get(0))
+}

@@ -20,7 +20,9 @@ use changewire_producer::checkpoint::SledCheckpoints;
 use changewire_producer::postgres::{PostgresConfig, PostgresSource, SnapshotMode};
 use changewire_producer::sink::KafkaSink;
 use changewire_schemas::{Codec, TopicNames};
-use changewire_tests::{connect, unique_name, Stack, TestConsumer, TestDatabase};
+use changewire_tests::{
+    connect, create_pgoutput_slot, unique_name, Stack, TestConsumer, TestDatabase,
+};
 use tokio::sync::watch;
 
 const LATENCY_RATE: u64 = 10_000;
@@ -47,22 +49,12 @@ async fn main() -> anyhow::Result<()> {
     client
         .batch_execute("CREATE TABLE bench (id bigint PRIMARY KEY, n int, note text); CREATE PUBLICATION changewire_bench FOR ALL TABLES")
         .await?;
-    let (ours, theirs) = (unique_name("slot"), unique_name("slot"));
-    for slot in [&ours, &theirs] {
-        client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[slot],
-            )
-            .await?;
-    }
+    let ours = create_pgoutput_slot(&client).await?;
+    let theirs = create_pgoutput_slot(&client).await?;
 
     let started = Instant::now();
     let changes = load(&client, rows, per_tx).await?;
-    let end_lsn: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
+    let end_lsn: String = changewire_tests::current_wal_lsn(&client).await?;
     println!(
         "loaded {changes} changes in {:.1} s (end LSN {end_lsn})",
         started.elapsed().as_secs_f64()
@@ -200,13 +192,7 @@ async fn time_changewire(
     let admin = connect(&stack.pg_url).await?;
     let mut peak_rss = 0;
     loop {
-        let done: bool = admin
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                &[&end_lsn, &slot],
-            )
-            .await?
-            .get(0);
+        let done: bool = changewire_tests::slot_confirmed(&admin, slot, end_lsn).await?;
         peak_rss = peak_rss.max(rss_kib());
         if done {
             break;

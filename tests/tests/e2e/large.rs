@@ -60,21 +60,12 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
             &[&(ROWS as i64)],
         )
         .await?;
-    let end: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
+    let end: String = changewire_tests::current_wal_lsn(&client).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut peak = 0;
     loop {
         peak = peak.max(peak_rss_kib(producer.id()));
-        let done: bool = client
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                &[&end, &slot],
-            )
-            .await?
-            .get(0);
+        let done: bool = changewire_tests::slot_confirmed(&client, &slot, &end).await?;
         if done {
             break;
         }

@@ -3,7 +3,7 @@
 //! producer itself streams over the replication protocol.
 
 use changewire_producer::postgres::pgoutput::{Decoder, Message, OldTuple, Value};
-use changewire_tests::{unique_name, Stack, TestDatabase};
+use changewire_tests::{Stack, TestDatabase};
 
 /// Every pgoutput message in `slot`, decoded, with the given protocol version and options.
 async fn peek(
@@ -43,13 +43,7 @@ async fn database_with_slot() -> anyhow::Result<(TestDatabase, tokio_postgres::C
              CREATE PUBLICATION pub FOR TABLE t;",
         )
         .await?;
-    let slot = unique_name("slot");
-    client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await?;
+    let slot = changewire_tests::create_pgoutput_slot(&client).await?;
     Ok((db, client, slot))
 }
 

@@ -149,19 +149,10 @@ async fn slot_advances_when_only_unpublished_tables_change() -> anyhow::Result<(
     client
         .batch_execute("INSERT INTO noisy SELECT generate_series(1, 2000)")
         .await?;
-    let target: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
+    let target: String = changewire_tests::current_wal_lsn(&client).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let passed: bool = client
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                &[&target, &slot],
-            )
-            .await?
-            .get(0);
+        let passed: bool = changewire_tests::slot_confirmed(&client, &slot, &target).await?;
         if passed {
             break;
         }

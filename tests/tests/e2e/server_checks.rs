@@ -47,13 +47,7 @@ async fn an_invalidated_slot_is_refused_with_instructions() -> anyhow::Result<()
     )?;
     let url = postgres.url("postgres");
     let client = connect(&url).await?;
-    let slot = unique_name("slot");
-    client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await?;
+    let slot = changewire_tests::create_pgoutput_slot(&client).await?;
     // Write WAL past the slot's allowance and checkpoint until the server gives up on it.
     let mut status = String::new();
     for round in 0..10 {
