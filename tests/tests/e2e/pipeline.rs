@@ -29,12 +29,13 @@ impl RunningSource {
             brokers: brokers.to_owned(),
             properties: Default::default(),
         };
-        Self::start_with(&kafka, config, prefix)
+        Self::start_with(&kafka, Codec::json()?, config, prefix)
     }
 
-    /// Starts a source publishing with these Kafka client settings.
+    /// Starts a source publishing with these Kafka client settings and value codec.
     pub fn start_with(
         kafka: &KafkaConfig,
+        codec: Codec,
         config: PostgresConfig,
         prefix: &str,
     ) -> anyhow::Result<Self> {
@@ -50,7 +51,7 @@ impl RunningSource {
         let source = PostgresSource::new(
             config,
             TopicNames::new(prefix)?,
-            Arc::new(Codec::json()?),
+            Arc::new(codec),
             Arc::new(KafkaSink::new(kafka)?),
             Arc::new(SledCheckpoints::open(state.path())?),
         );

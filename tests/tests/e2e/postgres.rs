@@ -335,7 +335,8 @@ async fn a_full_producer_queue_delays_but_never_drops_events() -> anyhow::Result
     let config = config(&db.url, "tiny");
     let slot = config.slot_name();
     let prefix = unique_name("pg");
-    let mut source = RunningSource::start_with(&kafka, config, &prefix)?;
+    let mut source =
+        RunningSource::start_with(&kafka, changewire_schemas::Codec::json()?, config, &prefix)?;
     crate::pipeline::wait_for_slot(&client, &slot).await?;
     for first in (1..=2000).step_by(10) {
         client
@@ -439,6 +440,49 @@ async fn snapshot_and_concurrent_writes_meet_without_gap_or_overlap() -> anyhow:
         state, expected,
         "replaying the topic gives the table's final state"
     );
+    source.stop().await?;
+    Ok(())
+}
+
+/// With `format.value = "avro"` the same changes travel as Avro single-object
+/// messages that any reader decodes to the same events.
+#[tokio::test]
+async fn avro_values_carry_the_same_events() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let (db, client) =
+        database_with(&stack, "CREATE TABLE t (id int PRIMARY KEY, doc jsonb)").await?;
+    let avro = changewire_schemas::FormatConfig {
+        value: changewire_schemas::ValueFormat::Avro,
+        schema_registry: None,
+    };
+    let codec = changewire_schemas::Codec::from_config(&avro).await?;
+    let config = config(&db.url, "avro");
+    let slot = config.slot_name();
+    let prefix = unique_name("pg");
+    let mut source = RunningSource::start_with(&stack.kafka_config(), codec, config, &prefix)?;
+    crate::pipeline::wait_for_slot(&client, &slot).await?;
+    client
+        .batch_execute(r#"INSERT INTO t VALUES (1, '{"a": [1, 2]}'); UPDATE t SET doc = '{"a": null}' WHERE id = 1"#)
+        .await?;
+    let consumer = source
+        .consumer(&stack, &format!("{prefix}.avro.public.t"))
+        .await?;
+    let records = consumer.read_exactly(2, Duration::from_secs(30)).await?;
+    for record in &records {
+        assert_eq!(
+            record.value.as_deref().map(|v| &v[..2]),
+            Some(&[0xC3, 0x01][..]),
+            "single-object framing"
+        );
+    }
+    let events = decode(&records)?;
+    assert_eq!(events[0].op, Op::Create);
+    assert_eq!(
+        events[0].after,
+        Some(json!({"id": 1, "doc": {"a": [1, 2]}}))
+    );
+    assert_eq!(events[1].after, Some(json!({"id": 1, "doc": {"a": null}})));
+    assert!(events[1].transaction.is_some());
     source.stop().await?;
     Ok(())
 }
