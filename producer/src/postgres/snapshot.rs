@@ -144,6 +144,13 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
             let record: OutboundRecord = self.source.record(&table, &tuple, &event)?;
             self.source.enqueue(record, in_flight).await?;
         }
+        // Bounded memory for tables of any size: wait for acknowledgements, as the
+        // stream does, once max_in_flight rows are outstanding.
+        while in_flight.len() >= self.source.config().max_in_flight {
+            if let Some(ack) = in_flight.next().await {
+                ack?;
+            }
+        }
         Ok(())
     }
 }

@@ -375,6 +375,8 @@ async fn snapshot_and_concurrent_writes_meet_without_gap_or_overlap() -> anyhow:
     .await?;
     let mut config = config(&db.url, "meet");
     config.snapshot_chunk_rows = 500;
+    // Far fewer than the snapshot's rows: the snapshot must wait for acknowledgements.
+    config.max_in_flight = 100;
     let prefix = unique_name("pg");
     let mut source = RunningSource::start(&stack.kafka_brokers, config, &prefix)?;
     let writer = db.connect().await?;
