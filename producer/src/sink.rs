@@ -94,10 +94,11 @@ impl SinkError {
 
 /// Accepts records and reports when each is durably stored.
 pub trait EventSink: Send + Sync {
-    /// Queues `record`. The returned future resolves once the record is acknowledged.
+    /// Queues `record` (the sink copies what it needs). The returned future resolves
+    /// once the record is acknowledged.
     fn enqueue(
         &self,
-        record: OutboundRecord,
+        record: &OutboundRecord,
     ) -> Result<impl Future<Output = Result<Delivered, SinkError>> + Send + 'static, SinkError>;
 
     /// Waits up to `timeout` for every queued record to be acknowledged.
@@ -155,7 +156,7 @@ impl KafkaSink {
 impl EventSink for KafkaSink {
     fn enqueue(
         &self,
-        record: OutboundRecord,
+        record: &OutboundRecord,
     ) -> Result<impl Future<Output = Result<Delivered, SinkError>> + Send + 'static, SinkError>
     {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
@@ -180,12 +181,12 @@ impl EventSink for KafkaSink {
             }
             Err((source, _)) => {
                 return Err(SinkError::Delivery {
-                    topic: record.topic,
+                    topic: record.topic.clone(),
                     source,
                 })
             }
         };
-        let topic = record.topic;
+        let topic = record.topic.clone();
         Ok(async move {
             match ack.await {
                 Ok(Ok(delivery)) => Ok(Delivered {

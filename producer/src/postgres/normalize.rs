@@ -61,7 +61,7 @@ impl Table {
 
     /// The message key: the key columns of `tuple` as a JSON object, or `None` for a
     /// table without a key and for changes without a row (truncate).
-    pub fn key(&self, tuple: &Tuple) -> Option<Vec<u8>> {
+    pub fn key(&self, tuple: &[Value]) -> Option<Vec<u8>> {
         if self.key_columns.is_empty() || tuple.is_empty() {
             return None;
         }

@@ -315,7 +315,7 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
     ) -> Result<OutboundRecord, PostgresError> {
         Ok(OutboundRecord {
             topic: table.topic.clone(),
-            key: table.key(&key_tuple.to_vec()),
+            key: table.key(key_tuple),
             value: Some(self.codec.encode(event)?),
             headers: Vec::new(),
         })
@@ -331,7 +331,7 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
     ) -> Result<Option<Checkpoint>, PostgresError> {
         let mut confirmable = None;
         loop {
-            match self.sink.enqueue(record.clone()) {
+            match self.sink.enqueue(&record) {
                 Ok(ack) => {
                     let (metrics, queued) = (self.metrics.clone(), Instant::now());
                     in_flight.push_back(Box::pin(async move {
@@ -531,12 +531,14 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
             lsn,
         };
         let event = self.info.event(table, tx, change, now_ms());
-        let key_tuple = new.as_ref().or(old.as_ref()).cloned().unwrap_or_default();
-        let record = self.source.record(table, &key_tuple, &event)?;
+        let key_tuple = new.as_deref().or(old.as_deref()).unwrap_or_default();
+        let record = self.source.record(table, key_tuple, &event)?;
         let tombstone =
             (op == Op::Delete && self.source.config.tombstones).then(|| OutboundRecord {
+                topic: record.topic.clone(),
+                key: record.key.clone(),
                 value: None,
-                ..record.clone()
+                headers: record.headers.clone(),
             });
         self.source.count_event(table, op);
         for record in std::iter::once(record).chain(tombstone) {

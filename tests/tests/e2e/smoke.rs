@@ -37,8 +37,8 @@ async fn change_events_round_trip_through_the_broker_in_json_and_avro() -> anyho
                     format!("{:?}", codec.format()).into_bytes(),
                 )],
             };
-            sent.push(record.clone());
-            let delivered = sink.enqueue(record)?.await?;
+            let delivered = sink.enqueue(&record)?.await?;
+            sent.push(record);
             assert!(delivered.offset >= 0);
         }
     }
