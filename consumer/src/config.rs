@@ -32,6 +32,20 @@ pub struct ServiceConfig {
     pub subscribe: Vec<String>,
     /// Directory of the service's sled database (state, processed ids, offsets).
     pub state_dir: PathBuf,
+    /// How long processed event ids are remembered for deduplication, in days.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Attempts at a transiently failing event before it goes to the DLQ.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_retention_days() -> u32 {
+    7
+}
+
+fn default_max_attempts() -> u32 {
+    5
 }
 
 impl ConsumerConfig {
@@ -55,6 +69,12 @@ impl ConsumerConfig {
         if self.service.name.is_empty() {
             return Err(ConfigError::invalid("service.name", "must not be empty"));
         }
+        if self.service.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "service.max_attempts",
+                "must be at least 1",
+            ));
+        }
         if self.service.subscribe.is_empty() {
             return Err(ConfigError::invalid(
                 "service.subscribe",
@@ -62,6 +82,11 @@ impl ConsumerConfig {
             ));
         }
         Ok(())
+    }
+
+    /// How long processed ids are kept.
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.service.retention_days) * 86_400)
     }
 
     /// The consumer group this service joins.

@@ -5,9 +5,11 @@
 //! - [`topic`]: topic names derived from one prefix;
 //! - [`codec`]: JSON and Avro value codecs (the `.avsc` files live in `schemas/avro/`);
 //! - [`registry`]: the Confluent schema-registry client used by the Avro codec;
+//! - [`diagnostics`]: one-line error reports with their causes;
 //! - [`settings`]: the `[kafka]` section and config loading shared by every binary.
 
 pub mod codec;
+pub mod diagnostics;
 pub mod envelope;
 pub mod registry;
 pub mod settings;

@@ -310,11 +310,16 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
         .context("cannot locate the target directory")?;
     if !path.is_file() {
         bail!(
-            "{} is not built; run `cargo build --workspace` first",
+            "{} is not built; run `cargo build --workspace --bins --examples` first",
             path.display()
         );
     }
     Ok(path)
+}
+
+/// Path of a workspace example built next to the running test.
+pub fn workspace_example(name: &str) -> anyhow::Result<PathBuf> {
+    workspace_binary(&format!("examples/{name}"))
 }
 
 /// Creates a pgoutput slot with a unique name in the database `client` is on.

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use changewire_schemas::diagnostics::report;
 use changewire_schemas::{ChangeEvent, Codec, Op, TopicNames};
 use futures::stream::{FuturesOrdered, StreamExt};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
@@ -616,16 +617,4 @@ pub(super) fn parse_lsn(text: &str) -> Option<Lsn> {
     Some(Lsn(
         (u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?
     ))
-}
-
-/// An error with its chain of causes on one line.
-pub fn report(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -2,6 +2,7 @@
 //! (start them with `scripts/stack up`; `scripts/test` does everything).
 
 mod config;
+mod consumer;
 mod crash;
 mod fixtures;
 mod large;

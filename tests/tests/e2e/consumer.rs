@@ -1,0 +1,327 @@
+//! The consumer runtime against the real broker: dead letters, and effects that
+//! happen once per event id although the service is killed with SIGKILL.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use changewire_consumer::config::{ConsumerConfig, ServiceConfig};
+use changewire_consumer::runtime::{
+    self, dlq_headers, Context, Handler, HandlerError, RecordMeta, Store,
+};
+use changewire_producer::sink::{EventSink, KafkaSink, OutboundRecord};
+use changewire_schemas::topic::TopicsConfig;
+use changewire_schemas::{ChangeEvent, Codec, EventId, Op};
+use changewire_tests::{create_topics, unique_name, workspace_example, Stack, TestConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::fixtures;
+
+fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) -> ConsumerConfig {
+    let mut kafka = stack.kafka_config();
+    kafka
+        .properties
+        .insert("session.timeout.ms".into(), "6000".into());
+    // A rebalance waits this long for members that left without saying so (killed).
+    kafka
+        .properties
+        .insert("max.poll.interval.ms".into(), "10000".into());
+    ConsumerConfig {
+        kafka,
+        topics: TopicsConfig {
+            prefix: prefix.to_owned(),
+        },
+        service: ServiceConfig {
+            name: "svc".into(),
+            group_id: Some(unique_name("group")),
+            subscribe: vec![topic.to_owned()],
+            state_dir: state.to_owned(),
+            retention_days: 7,
+            max_attempts: 2,
+        },
+    }
+}
+
+/// An event of the Postgres fixture with its own id and op.
+fn event(n: u64, op: Op) -> ChangeEvent {
+    let mut event = fixtures::postgres_update("src");
+    event.id = EventId::postgres("src", 0x100 + n, 1);
+    event.op = op;
+    event
+}
+
+/// Publishes `values` to `topic` (key = index) and returns where each landed.
+async fn publish(
+    stack: &Stack,
+    topic: &str,
+    values: Vec<Vec<u8>>,
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    let sink = KafkaSink::new(&stack.kafka_config())?;
+    let mut acks = Vec::new();
+    for (i, value) in values.into_iter().enumerate() {
+        let record = OutboundRecord {
+            topic: topic.to_owned(),
+            key: Some(i.to_string().into_bytes()),
+            value: Some(value),
+            headers: vec![],
+        };
+        acks.push(sink.enqueue(&record)?);
+    }
+    let mut landed = Vec::with_capacity(acks.len());
+    for ack in acks {
+        let delivered = ack.await?;
+        landed.push((delivered.partition, delivered.offset));
+    }
+    Ok(landed)
+}
+
+/// Applies creates; rejects deletes as permanently invalid.
+struct RejectDeletes;
+
+impl Handler for RejectDeletes {
+    async fn handle(
+        &self,
+        event: &ChangeEvent,
+        _: &RecordMeta,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        if event.op == Op::Delete {
+            return Err(HandlerError::Permanent(
+                "deletes are not accepted here".into(),
+            ));
+        }
+        context.put(format!("applied/{}", event.id), "1");
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn bad_records_go_to_the_dlq_with_reasons_and_the_service_keeps_going() -> anyhow::Result<()>
+{
+    let stack = Stack::from_env();
+    let (prefix, topic) = (unique_name("cons"), unique_name("input"));
+    create_topics(&stack, &[&topic], 1).await?;
+    let codec = Codec::json()?;
+    let values = vec![
+        b"\x00\x01not an event".to_vec(),
+        br#"{"hello": "world"}"#.to_vec(),
+        codec.encode(&event(1, Op::Delete))?,
+        codec.encode(&event(2, Op::Create))?,
+        codec.encode(&event(2, Op::Create))?, // the same id again: skipped
+    ];
+    publish(&stack, &topic, values).await?;
+    let state = tempfile::tempdir()?;
+    let config = service_config(&stack, &prefix, &topic, state.path());
+    let group = config.group_id();
+    let (stop, shutdown) = watch::channel(false);
+    let runner = tokio::spawn(async move { runtime::run(&config, RejectDeletes, shutdown).await });
+
+    let dlq = format!("{prefix}.dlq.svc");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let consumer = loop {
+        match TestConsumer::from_beginning(&stack, &dlq) {
+            Ok(consumer) => break consumer,
+            Err(error) => anyhow::ensure!(Instant::now() < deadline, "no DLQ topic: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let dead = consumer.read_exactly(3, Duration::from_secs(60)).await?;
+    let header = |record: &changewire_tests::ReadRecord, name: &str| {
+        record
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|r| header(r, dlq_headers::ERROR).unwrap_or_default())
+        .collect();
+    assert!(reasons[0].starts_with("undecodable"), "{reasons:?}");
+    assert!(
+        reasons[1].starts_with("undecodable") && reasons[1].contains("JSON"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].contains("deletes are not accepted"),
+        "{reasons:?}"
+    );
+    for (i, record) in dead.iter().enumerate() {
+        assert_eq!(
+            header(record, dlq_headers::TOPIC).as_deref(),
+            Some(topic.as_str())
+        );
+        assert_eq!(header(record, dlq_headers::OFFSET), Some(i.to_string()));
+        assert_eq!(header(record, dlq_headers::SERVICE).as_deref(), Some("svc"));
+    }
+    assert_eq!(
+        dead[0].value.as_deref(),
+        Some(&b"\x00\x01not an event"[..]),
+        "the original bytes are kept"
+    );
+
+    // The service went on past the bad records to the end of the topic.
+    wait_for_committed(&stack, &group, &topic, &[(0, 4)]).await?;
+    stop.send(true)?;
+    let stats = runner.await??;
+    assert_eq!(
+        (stats.applied, stats.duplicates, stats.dead_lettered),
+        (1, 1, 3),
+        "{stats:?}"
+    );
+    Ok(())
+}
+
+/// The group's committed offset per partition (`-1` when none), read without
+/// joining the group.
+fn committed(stack: &Stack, group: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec<i64>> {
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("group.id", group)
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for partition in 0..partitions {
+        tpl.add_partition(topic, partition);
+    }
+    let offsets = client.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok((0..partitions)
+        .map(
+            |p| match offsets.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(n)) => n,
+                _ => -1,
+            },
+        )
+        .collect())
+}
+
+/// Waits until the group committed past the last offset of each `(partition, offset)`.
+async fn wait_for_committed(
+    stack: &Stack,
+    group: &str,
+    topic: &str,
+    last: &[(i32, i64)],
+) -> anyhow::Result<()> {
+    let partitions = last.iter().map(|(p, _)| p + 1).max().unwrap_or(1);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let offsets = committed(stack, group, topic, partitions)?;
+        if last.iter().all(|&(p, offset)| offsets[p as usize] > offset) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "committed offsets stuck at {offsets:?}, want past {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The example service, killed with SIGKILL three times while it works through
+/// 20,000 events of which 2,000 repeat an earlier id: each distinct event takes
+/// effect exactly once (its `applied/<id>` counter in sled is 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "work in progress (issue 5): on tansu 0.6.0 the high watermark lags stored records \
+            (6,183 reported for offsets up to 6,728 stored) and partitions of killed members are \
+            not always reassigned, so the final run stalls; one run also lost 1,214 effects, \
+            not yet explained (suspect: prefetched messages from before a rebalance)"]
+async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow::Result<()> {
+    const EVENTS: u64 = 20_000;
+    const DISTINCT: u64 = 18_000;
+    let stack = Stack::from_env();
+    let (prefix, topic) = (unique_name("cons"), unique_name("input"));
+    create_topics(&stack, &[&topic], 3).await?;
+    let codec = Codec::json()?;
+    // Every tenth event repeats the id of an earlier one.
+    let ids: Vec<u64> = (0..EVENTS)
+        .map(|i| if i % 10 == 9 { i / 10 } else { i - i / 10 })
+        .collect();
+    let distinct: BTreeSet<u64> = ids.iter().copied().collect();
+    assert_eq!(distinct.len() as u64, DISTINCT);
+    let values = ids
+        .iter()
+        .map(|&n| codec.encode(&event(n, Op::Create)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let landed = publish(&stack, &topic, values).await?;
+    let mut last: HashMap<i32, i64> = HashMap::new();
+    for (partition, offset) in landed {
+        let entry = last.entry(partition).or_insert(offset);
+        *entry = (*entry).max(offset);
+    }
+    let last: Vec<(i32, i64)> = last.into_iter().collect();
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let config = service_config(&stack, &prefix, &topic, &state);
+    let group = config.group_id();
+    let file = dir.path().join("count.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[kafka]\nbrokers = {:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"10000\"\n[topics]\nprefix = {prefix:?}\n\
+             [service]\nname = \"svc\"\ngroup_id = {group:?}\nsubscribe = [{topic:?}]\nstate_dir = {state:?}\n",
+            stack.kafka_brokers
+        ),
+    )?;
+    let start = || -> anyhow::Result<KillOnDrop> {
+        let child = Command::new(workspace_example("count_events")?)
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        Ok(KillOnDrop(child))
+    };
+    for kill in 0..3 {
+        let service = start()?;
+        tokio::time::sleep(Duration::from_millis(3000 + 1000 * kill)).await;
+        drop(service); // SIGKILL
+    }
+    let mut service = start()?;
+    wait_for_committed(&stack, &group, &topic, &last).await?;
+    // SIGTERM: the service finishes the event at hand and exits.
+    Command::new("kill")
+        .arg(service.0.id().to_string())
+        .status()?;
+    service.0.wait()?;
+
+    let store = Store::open(&state)?;
+    let mut applied_twice = Vec::new();
+    for n in &distinct {
+        let id = EventId::postgres("src", 0x100 + n, 1);
+        let count = store.get(format!("applied/{id}").as_bytes())?;
+        if count.as_deref() != Some(b"1") {
+            applied_twice.push((
+                id.to_string(),
+                count.map(|c| String::from_utf8_lossy(&c).into_owned()),
+            ));
+        }
+    }
+    assert!(
+        applied_twice.is_empty(),
+        "{} events not applied exactly once, e.g. {:?}",
+        applied_twice.len(),
+        &applied_twice[..applied_twice.len().min(5)]
+    );
+    let table = store
+        .get(b"table/public.orders")?
+        .map(|c| String::from_utf8_lossy(&c).into_owned());
+    assert_eq!(
+        table,
+        Some(DISTINCT.to_string()),
+        "per-table count equals the distinct events"
+    );
+    Ok(())
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
