@@ -94,8 +94,18 @@ impl ConsumerContext for AssignFromStore {
                     .collect();
                 for (topic, partition) in partitions {
                     // No sled offset: keep the default (the group's offset, else reset).
-                    if let Ok(Some(next)) = self.store.offset(&topic, partition) {
-                        let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
+                    match self.store.offset(&topic, partition) {
+                        Ok(Some(next)) => {
+                            tracing::info!(%topic, partition, next, "starting from the sled offset");
+                            let _ =
+                                tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
+                        }
+                        Ok(None) => {
+                            tracing::info!(%topic, partition, "no sled offset: starting from the group's offset")
+                        }
+                        Err(error) => {
+                            tracing::error!(%topic, partition, %error, "cannot read the sled offset: starting from the group's offset")
+                        }
                     }
                 }
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
