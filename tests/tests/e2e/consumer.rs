@@ -295,7 +295,7 @@ async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow
         let child = Command::new(workspace_example("count_events")?)
             .arg("--config")
             .arg(&file)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -329,6 +329,15 @@ async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow
                 id.to_string(),
                 count.map(|c| String::from_utf8_lossy(&c).into_owned()),
             ));
+        }
+    }
+    if !applied_twice.is_empty() {
+        let log = std::fs::read_to_string(dir.path().join("service.log")).unwrap_or_default();
+        for line in log
+            .lines()
+            .filter(|l| l.contains("offset") || l.contains("assigned") || l.contains("revoked"))
+        {
+            eprintln!("service: {line}");
         }
     }
     assert!(
