@@ -357,3 +357,42 @@ pub async fn slot_confirmed(
         .await?
         .get(0))
 }
+
+/// Peak resident set size (VmHWM) in KiB of `process`: a pid, or `self`.
+/// 0 when it cannot be read.
+pub fn peak_rss_kib(process: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{process}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Writes `dir/producer.toml` for running `changewire-producer` against the stack:
+/// state in `dir/state`, HTTP on a free port, source `name` on `db_url` with `slot`,
+/// plus `extra_postgres` lines in the `[postgres]` section. Returns its path.
+pub fn write_producer_config(
+    dir: &std::path::Path,
+    stack: &Stack,
+    prefix: &str,
+    name: &str,
+    db_url: &str,
+    slot: &str,
+    extra_postgres: &str,
+) -> anyhow::Result<PathBuf> {
+    let path = dir.join("producer.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[kafka]\nbrokers = {:?}\n\
+             [topics]\nprefix = {prefix:?}\n[postgres]\nname = {name:?}\nurl = {db_url:?}\n\
+             slot = {slot:?}\n{extra_postgres}\n",
+            dir.join("state"),
+            stack.kafka_brokers,
+        ),
+    )?;
+    Ok(path)
+}

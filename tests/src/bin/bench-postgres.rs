@@ -193,7 +193,7 @@ async fn time_changewire(
     let mut peak_rss = 0;
     loop {
         let done: bool = changewire_tests::slot_confirmed(&admin, slot, end_lsn).await?;
-        peak_rss = peak_rss.max(rss_kib());
+        peak_rss = peak_rss.max(changewire_tests::peak_rss_kib("self"));
         if done {
             break;
         }
@@ -279,16 +279,4 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
-}
-
-/// Peak resident set size of this process in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }

@@ -7,7 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use changewire_schemas::Codec;
-use changewire_tests::{unique_name, workspace_binary, Stack, TestConsumer, TestDatabase};
+use changewire_tests::{
+    unique_name, workspace_binary, write_producer_config, Stack, TestConsumer, TestDatabase,
+};
 
 const ROWS: i64 = 100_000;
 const ROWS_PER_TX: i64 = 100;
@@ -41,17 +43,14 @@ async fn sigkill_loop_under_load_loses_no_committed_change() -> anyhow::Result<(
         .await?;
     let dir = tempfile::tempdir()?;
     let prefix = unique_name("crash");
-    let config = dir.path().join("producer.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[kafka]\nbrokers = {:?}\n[topics]\nprefix = {prefix:?}\n\
-             [postgres]\nname = \"crash\"\nurl = {:?}\nslot = {:?}\ntopic_partitions = 3\n",
-            dir.path().join("state"),
-            stack.kafka_brokers,
-            db.url,
-            unique_name("slot"),
-        ),
+    let config = write_producer_config(
+        dir.path(),
+        &stack,
+        &prefix,
+        "crash",
+        &db.url,
+        &unique_name("slot"),
+        "topic_partitions = 3",
     )?;
     let log = dir.path().join("producer.log");
 

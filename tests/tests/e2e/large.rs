@@ -4,7 +4,9 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use changewire_tests::{unique_name, workspace_binary, Stack, TestConsumer};
+use changewire_tests::{
+    peak_rss_kib, unique_name, workspace_binary, write_producer_config, Stack, TestConsumer,
+};
 use tokio::time::Instant;
 
 use crate::pipeline::{database_with, wait_for_slot};
@@ -12,17 +14,6 @@ use crate::pipeline::{database_with, wait_for_slot};
 const ROWS: usize = 1_000_000;
 /// Held as JSON, 1M events would take several hundred MiB.
 const RSS_LIMIT_KIB: u64 = 200 * 1024;
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result<()> {
@@ -35,16 +26,15 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
     let dir = tempfile::tempdir()?;
     let prefix = unique_name("large");
     let slot = unique_name("slot");
-    let config = dir.path().join("producer.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[kafka]\nbrokers = {:?}\n[topics]\nprefix = {prefix:?}\n\
-             [postgres]\nname = \"large\"\nurl = {:?}\nslot = {slot:?}\nmax_in_flight = 10000\ntopic_partitions = 3\n",
-            dir.path().join("state"),
-            stack.kafka_brokers,
-            db.url,
-        ),
+    let config = write_producer_config(
+        dir.path(),
+        &stack,
+        &prefix,
+        "large",
+        &db.url,
+        &slot,
+        "max_in_flight = 10000
+topic_partitions = 3",
     )?;
     let mut producer = Command::new(workspace_binary("changewire-producer")?)
         .arg("--config")
@@ -64,7 +54,7 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut peak = 0;
     loop {
-        peak = peak.max(peak_rss_kib(producer.id()));
+        peak = peak.max(peak_rss_kib(&producer.id().to_string()));
         let done: bool = changewire_tests::slot_confirmed(&client, &slot, &end).await?;
         if done {
             break;
@@ -76,7 +66,7 @@ async fn a_million_row_transaction_streams_in_bounded_memory() -> anyhow::Result
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    peak = peak.max(peak_rss_kib(producer.id()));
+    peak = peak.max(peak_rss_kib(&producer.id().to_string()));
     producer.kill()?;
     producer.wait()?;
     eprintln!(
