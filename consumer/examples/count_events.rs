@@ -12,11 +12,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use changewire_consumer::config::ConsumerConfig;
-use changewire_consumer::runtime::{self, Context, Handler, HandlerError, RecordMeta};
+use changewire_consumer::runtime::{self, Context, Handler, HandlerError, Record};
 use changewire_schemas::{ChangeEvent, Origin};
 use clap::Parser;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
 
 /// Counts events; state keys `table/<schema.table>` and `applied/<event id>`.
 struct CountEvents;
@@ -24,7 +22,7 @@ struct CountEvents;
 fn increment(context: &mut Context<'_>, key: String) -> Result<(), HandlerError> {
     let current = context
         .get(key.as_bytes())
-        .map_err(|e| HandlerError::Transient(Box::new(e)))?
+        .map_err(HandlerError::from)?
         .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
         .unwrap_or(0);
     context.put(key, (current + 1).to_string());
@@ -35,7 +33,7 @@ impl Handler for CountEvents {
     async fn handle(
         &self,
         event: &ChangeEvent,
-        _meta: &RecordMeta,
+        _record: &Record,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
         let entity = match &event.source.origin {
@@ -65,15 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = ConsumerConfig::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
-    let (stop, shutdown) = watch::channel(false);
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        let _ = stop.send(true);
-    });
+    let shutdown = runtime::stop_on_signals()?;
     let stats = runtime::run(&config, CountEvents, shutdown).await?;
     tracing::info!(?stats, "stopped");
     Ok(())

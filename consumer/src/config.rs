@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use changewire_schemas::http::HttpConfig;
 use changewire_schemas::settings::{load_config, ConfigError, KafkaConfig};
 use changewire_schemas::topic::TopicsConfig;
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,9 @@ pub struct ConsumerConfig {
     /// Topic naming (the DLQ is `<prefix>.dlq.<service>`).
     #[serde(default)]
     pub topics: TopicsConfig,
+    /// `/metrics` and `/health`; not served when absent.
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
     /// Which service this process runs and where it keeps its state.
     pub service: ServiceConfig,
 }
@@ -38,6 +42,16 @@ pub struct ServiceConfig {
     /// Attempts at a transiently failing event before it goes to the DLQ.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Most records applied and committed to sled in one batch (one flush).
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How many offsets before its sled offset a partition is re-read from (the
+    /// records below the sled offset are skipped unapplied). 0 is right for Apache
+    /// Kafka; tansu 0.6 serves a fetch from inside a record batch with the next
+    /// batch, so there set it above the producers' batch size (10000 covers
+    /// librdkafka's default `batch.num.messages`).
+    #[serde(default)]
+    pub resume_rewind: i64,
 }
 
 fn default_retention_days() -> u32 {
@@ -46,6 +60,10 @@ fn default_retention_days() -> u32 {
 
 fn default_max_attempts() -> u32 {
     5
+}
+
+fn default_max_batch() -> usize {
+    1000
 }
 
 impl ConsumerConfig {
@@ -73,6 +91,18 @@ impl ConsumerConfig {
             return Err(ConfigError::invalid(
                 "service.max_attempts",
                 "must be at least 1",
+            ));
+        }
+        if self.service.max_batch == 0 {
+            return Err(ConfigError::invalid(
+                "service.max_batch",
+                "must be at least 1",
+            ));
+        }
+        if self.service.resume_rewind < 0 {
+            return Err(ConfigError::invalid(
+                "service.resume_rewind",
+                "must not be negative",
             ));
         }
         if self.service.subscribe.is_empty() {

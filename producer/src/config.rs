@@ -7,8 +7,8 @@ use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::FormatConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::http::HttpConfig;
 use crate::postgres::PostgresConfig;
+use changewire_schemas::http::HttpConfig;
 
 /// Everything `changewire-producer` reads from its config file.
 #[derive(Debug, Clone, Serialize, Deserialize)]

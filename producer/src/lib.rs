@@ -6,12 +6,10 @@
 //! - [`postgres`]: the PostgreSQL change source;
 //! - [`checkpoint`]: the checkpoint seam (sled);
 //! - [`metrics`]: Prometheus metrics and health state;
-//! - [`http`]: the `/metrics` and `/health` endpoints;
 //! - [`sink`]: the sink seam and its Kafka implementation.
 
 pub mod checkpoint;
 pub mod config;
-pub mod http;
 pub mod metrics;
 pub mod postgres;
 pub mod sink;

@@ -9,10 +9,10 @@ use changewire_producer::config::ProducerConfig;
 use std::sync::Arc;
 
 use changewire_producer::checkpoint::SledCheckpoints;
-use changewire_producer::http;
 use changewire_producer::postgres::PostgresSource;
 use changewire_producer::sink::KafkaSink;
 use changewire_schemas::diagnostics::report;
+use changewire_schemas::http;
 use changewire_schemas::Codec;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};

@@ -1,8 +1,8 @@
 //! Producer metrics (Prometheus) and the state the health endpoint reports.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
+use changewire_schemas::http::{encode_registry, HealthReport, Observable, Status};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -21,7 +21,6 @@ pub struct TableOp {
 
 /// What the source is doing, for the health endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum SourceState {
     /// Connecting and checking the server.
     Starting = 0,
@@ -46,18 +45,6 @@ impl SourceState {
             SourceState::Stopped => "stopped",
         }
     }
-
-    fn from_u8(value: u8) -> Self {
-        [
-            Self::Starting,
-            Self::Snapshotting,
-            Self::Streaming,
-            Self::Reconnecting,
-        ]
-        .into_iter()
-        .find(|s| *s as u8 == value)
-        .unwrap_or(Self::Stopped)
-    }
 }
 
 /// Every producer metric, registered in one registry.
@@ -79,8 +66,7 @@ pub struct ProducerMetrics {
     pub reconnects: Counter,
     /// Rows read by snapshots.
     pub snapshot_rows: Counter,
-    state: AtomicU8,
-    last_error: Mutex<Option<String>>,
+    status: Status<SourceState>,
 }
 
 impl Default for ProducerMetrics {
@@ -95,8 +81,7 @@ impl Default for ProducerMetrics {
             confirmed_lsn: Gauge::default(),
             reconnects: Counter::default(),
             snapshot_rows: Counter::default(),
-            state: AtomicU8::new(SourceState::Starting as u8),
-            last_error: Mutex::new(None),
+            status: Status::new(SourceState::Starting),
             registry: Registry::default(),
         };
         registry.register(
@@ -146,35 +131,40 @@ impl Default for ProducerMetrics {
     }
 }
 
-impl ProducerMetrics {
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
+impl Observable for ProducerMetrics {
+    fn encode_metrics(&self) -> String {
+        encode_registry(&self.registry)
     }
 
+    /// Healthy while snapshotting or streaming.
+    fn health(&self) -> HealthReport {
+        let state = self.state();
+        HealthReport {
+            healthy: matches!(state, SourceState::Streaming | SourceState::Snapshotting),
+            state: state.as_str(),
+            last_error: self.last_error(),
+        }
+    }
+}
+
+impl ProducerMetrics {
     /// Records what the source is doing.
     pub fn set_state(&self, state: SourceState) {
-        self.state.store(state as u8, Ordering::Relaxed);
+        self.status.set(state);
     }
 
     /// What the source is doing.
     pub fn state(&self) -> SourceState {
-        SourceState::from_u8(self.state.load(Ordering::Relaxed))
+        self.status.get()
     }
 
     /// Records the latest failure (shown by the health endpoint).
     pub fn set_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+        self.status.set_error(error);
     }
 
     /// The latest failure, if the source has not recovered since.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.status.last_error()
     }
 }

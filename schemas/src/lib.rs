@@ -6,11 +6,13 @@
 //! - [`codec`]: JSON and Avro value codecs (the `.avsc` files live in `schemas/avro/`);
 //! - [`registry`]: the Confluent schema-registry client used by the Avro codec;
 //! - [`diagnostics`]: one-line error reports with their causes;
+//! - [`http`]: the `/metrics` and `/health` endpoints every process serves;
 //! - [`settings`]: the `[kafka]` section and config loading shared by every binary.
 
 pub mod codec;
 pub mod diagnostics;
 pub mod envelope;
+pub mod http;
 pub mod registry;
 pub mod settings;
 pub mod topic;

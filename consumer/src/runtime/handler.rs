@@ -6,9 +6,9 @@ use changewire_schemas::ChangeEvent;
 
 use super::store::{StateChanges, Store, StoreError};
 
-/// Where an event was read from.
+/// A record as read from Kafka, with the bytes a service may pass on unchanged.
 #[derive(Debug, Clone)]
-pub struct RecordMeta {
+pub struct Record {
     /// Topic.
     pub topic: String,
     /// Partition.
@@ -17,6 +17,10 @@ pub struct RecordMeta {
     pub offset: i64,
     /// Message key.
     pub key: Option<Vec<u8>>,
+    /// Message headers, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The encoded value.
+    pub payload: Vec<u8>,
 }
 
 /// Why a handler did not apply an event.
@@ -30,24 +34,49 @@ pub enum HandlerError {
     Permanent(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// The state a handler reads and changes for one event. Changes are applied
-/// together with the event's offset and id, or not at all.
+impl HandlerError {
+    /// A transient failure from any error.
+    pub fn transient(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Transient(error.into())
+    }
+
+    /// A permanent failure from any error.
+    pub fn permanent(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Permanent(error.into())
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        Self::Transient(Box::new(error))
+    }
+}
+
+/// The state a handler reads and changes for one event. Its changes are applied
+/// with the event's offset and id, in the batch's one atomic write, or not at all
+/// (a failed event leaves no trace).
 pub struct Context<'a> {
     store: &'a Store,
+    batch: &'a StateChanges,
     changes: StateChanges,
 }
 
 impl<'a> Context<'a> {
-    pub(super) fn new(store: &'a Store) -> Self {
+    pub(super) fn new(store: &'a Store, batch: &'a StateChanges) -> Self {
         Self {
             store,
+            batch,
             changes: StateChanges::default(),
         }
     }
 
-    /// A state value, including changes made earlier for this event.
+    /// A state value, including changes made earlier in this batch.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.changes.pending(key) {
+        match self
+            .changes
+            .pending(key)
+            .or_else(|| self.batch.pending(key))
+        {
             Some(value) => Ok(value.map(<[u8]>::to_vec)),
             None => self.store.get(key),
         }
@@ -68,15 +97,31 @@ impl<'a> Context<'a> {
     }
 }
 
-/// A consumer service. The runtime calls it once per event id (duplicates within
-/// the retention window are skipped) and commits its state changes atomically
-/// with the partition offset.
+/// A consumer service. The runtime calls [`Handler::handle`] once per new event id
+/// (duplicates within the retention window are skipped) and commits its state
+/// changes atomically with the ids and partition offsets of the whole batch.
 pub trait Handler: Send + Sync + 'static {
     /// Applies one event.
     fn handle(
         &self,
         event: &ChangeEvent,
-        meta: &RecordMeta,
+        record: &Record,
         context: &mut Context<'_>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Runs once before the first batch is read: finish outward effects a crash
+    /// interrupted (state written by [`Handler::handle`] and committed, effect not
+    /// yet confirmed). Failures are retried with backoff.
+    fn recover(&self, store: &Store) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = store;
+        async { Ok(()) }
+    }
+
+    /// Runs after each batch is durable in sled, before the next batch is read and
+    /// before its offsets are mirrored to Kafka: perform the outward effects the
+    /// batch recorded. Failures are retried with backoff.
+    fn committed(&self, store: &Store) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = store;
+        async { Ok(()) }
+    }
 }

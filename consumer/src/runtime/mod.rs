@@ -1,36 +1,56 @@
 //! The consumer runtime: every service runs on it.
 //!
-//! Guarantees: each event's state changes, its id and its partition offset are
-//! written to sled in one atomic, flushed batch before the next message is read.
-//! On assignment a partition starts from its sled offset (set in the assignment
-//! itself); without one, from the group's Kafka offset, else the reset policy.
-//! Events whose id was processed within the retention window are skipped. So within
-//! one instance every event takes effect once; across a hand-over to another
-//! instance (whose sled does not know this one's ids) an event may take effect again
-//! (at-least-once), which is why services keep their effects idempotent.
-//! Undecodable events and permanent handler failures go to `<prefix>.dlq.<service>`
-//! with headers saying why; transient failures are retried with backoff, then
-//! dead-lettered, so a poison message never stops the service.
+//! Records are read in batches (whatever the client has fetched, up to
+//! `service.max_batch`). For each batch the handler's state changes, the event ids
+//! it applied and the partition offsets are written to sled in one atomic, flushed
+//! write before [`Handler::committed`] performs outward effects and before the next
+//! batch is read; only then are offsets mirrored to Kafka (for lag tools and the
+//! next owner of a partition).
+//!
+//! On assignment a partition starts from its sled offset, set in the assignment
+//! itself; without one, from the group's Kafka offset, else `auto.offset.reset`
+//! (default `earliest`). Events whose id was processed within the retention window
+//! are skipped.
+//!
+//! The guarantee: within one instance every event takes effect once
+//! (effectively-once), because its effects, id and offset become durable together.
+//! Across a hand-over to another instance it is at-least-once: the new owner starts
+//! from the offset mirrored to Kafka, which may trail sled by up to one mirror
+//! interval when the old owner died without a clean revocation, and its own sled
+//! does not know the old owner's ids, so a few events may take effect again.
+//!
+//! Undecodable records and permanent handler failures go to `<prefix>.dlq.<service>`
+//! with headers saying why; transient failures are retried with exponential backoff
+//! (holding up this instance's other partitions meanwhile, which keeps per-key
+//! order simple), then dead-lettered, so a poison message never stops the service.
+//! Tombstones (records without a value) are skipped.
 
+mod assign;
+mod dlq;
 mod handler;
+mod metrics;
 mod store;
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use changewire_schemas::diagnostics::report;
-use changewire_schemas::Codec;
+use changewire_schemas::{ChangeEvent, Codec};
+use futures::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-pub use handler::{Context, Handler, HandlerError, RecordMeta};
+use assign::{Assignment, PartitionKey, ServiceContext};
+use dlq::DeadLetters;
+pub use handler::{Context, Handler, HandlerError, Record};
+pub use metrics::{ConsumerMetrics, Outcome, ServiceState};
 pub use store::{StateChanges, Store, StoreError};
 
 use crate::config::ConsumerConfig;
@@ -69,64 +89,18 @@ pub enum RuntimeError {
     /// The configuration cannot be used.
     #[error("invalid configuration")]
     Config(#[from] changewire_schemas::settings::ConfigError),
+    /// The HTTP endpoint could not listen.
+    #[error("cannot serve HTTP on {address}")]
+    Http {
+        /// The configured address.
+        address: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Starts assigned partitions from the offsets in sled.
-struct AssignFromStore {
-    store: Store,
-}
-
-impl ClientContext for AssignFromStore {}
-
-impl ConsumerContext for AssignFromStore {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let partitions: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                for (topic, partition) in partitions {
-                    // No sled offset: keep the default (the group's offset, else reset).
-                    match self.store.offset(&topic, partition) {
-                        Ok(Some(next)) => {
-                            tracing::info!(%topic, partition, next, "starting from the sled offset");
-                            let _ =
-                                tpl.set_partition_offset(&topic, partition, Offset::Offset(next));
-                        }
-                        Ok(None) => {
-                            tracing::info!(%topic, partition, "no sled offset: starting from the group's offset")
-                        }
-                        Err(error) => {
-                            tracing::error!(%topic, partition, %error, "cannot read the sled offset: starting from the group's offset")
-                        }
-                    }
-                }
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
-                if let Err(error) = consumer.assign(tpl) {
-                    tracing::error!(%error, "cannot take the assignment");
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                // Events are committed to sled one by one before the next poll, so
-                // nothing is in flight when the group takes partitions away.
-                tracing::info!(partitions = tpl.count(), "partitions revoked");
-                if let Err(error) = consumer.unassign() {
-                    tracing::error!(%error, "cannot give up the assignment");
-                }
-            }
-            other => tracing::error!(error = ?other, "rebalance failed"),
-        }
-    }
-}
-
-/// Counters the runtime keeps (a metrics endpoint is future work).
+/// Counters of one run (the same figures are in [`ConsumerMetrics`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RunStats {
     /// Events applied by the handler.
@@ -137,11 +111,43 @@ pub struct RunStats {
     pub dead_lettered: u64,
 }
 
-/// Runs `handler` as the service `config` describes until `shutdown` turns true.
+/// Runs `handler` as the service `config` describes until `shutdown` turns true,
+/// serving `/metrics` and `/health` when `[http]` is configured.
 pub async fn run<H: Handler>(
     config: &ConsumerConfig,
     handler: H,
+    shutdown: watch::Receiver<bool>,
+) -> Result<RunStats, RuntimeError> {
+    let metrics = Arc::new(ConsumerMetrics::default());
+    let server = match &config.http {
+        Some(http) => {
+            let listener = tokio::net::TcpListener::bind(http.listen)
+                .await
+                .map_err(|source| RuntimeError::Http {
+                    address: http.listen,
+                    source,
+                })?;
+            tracing::info!(listen = %http.listen, "serving /metrics and /health");
+            let router = changewire_schemas::http::router(metrics.clone(), http.token.clone());
+            Some(tokio::spawn(changewire_schemas::http::serve(
+                listener, router,
+            )))
+        }
+        None => None,
+    };
+    let result = run_observed(config, handler, shutdown, metrics).await;
+    if let Some(server) = server {
+        server.abort();
+    }
+    result
+}
+
+/// [`run`] with metrics the caller holds (and serves, if it wants).
+pub async fn run_observed<H: Handler>(
+    config: &ConsumerConfig,
+    handler: H,
     mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<ConsumerMetrics>,
 ) -> Result<RunStats, RuntimeError> {
     std::fs::create_dir_all(&config.service.state_dir)
         .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
@@ -151,45 +157,32 @@ pub async fn run<H: Handler>(
         pruned,
         "forgot processed ids older than the retention window"
     );
-    let consumer = subscribe(config, store.clone())?;
     let dlq = DeadLetters::new(config)?;
     dlq.ensure_topic(config).await?;
-    let codec = Codec::json()?;
-    let mut stats = RunStats::default();
-    let mut mirrored: HashMap<(String, i32), i64> = HashMap::new();
-    let mut mirror = tokio::time::interval(MIRROR_INTERVAL);
-    loop {
-        let message = tokio::select! {
-            biased;
-            () = stopped(&mut shutdown) => break,
-            _ = mirror.tick() => {
-                mirror_offsets(&consumer, &store, &mut mirrored);
-                continue;
-            }
-            message = consumer.recv() => message,
-        };
-        let message = match message {
-            Ok(message) => message,
-            Err(error) => {
-                tracing::warn!(%error, "consumer error");
-                continue;
-            }
-        };
-        process(
-            &message,
-            config,
-            &handler,
-            &store,
-            &dlq,
-            &codec,
-            &mut stats,
-            &mut shutdown,
-        )
-        .await?;
+    metrics.set_state(ServiceState::Recovering);
+    let recovered = until_done(
+        "recovering interrupted effects",
+        || handler.recover(&store),
+        &metrics,
+        &mut shutdown,
+    )
+    .await;
+    let mut worker = Worker {
+        config,
+        handler,
+        store,
+        dlq,
+        codec: Codec::json()?,
+        metrics,
+        assignment: Arc::new(Assignment::default()),
+        stats: RunStats::default(),
+    };
+    if recovered {
+        worker.consume(&mut shutdown).await?;
     }
-    mirror_offsets(&consumer, &store, &mut mirrored);
-    tracing::info!(?stats, "consumer runtime stopped");
-    Ok(stats)
+    worker.metrics.set_state(ServiceState::Stopped);
+    tracing::info!(stats = ?worker.stats, "consumer runtime stopped");
+    Ok(worker.stats)
 }
 
 /// A Kafka client configuration with the `[kafka]` section's properties.
@@ -201,245 +194,404 @@ fn client_config(config: &ConsumerConfig) -> ClientConfig {
         .collect()
 }
 
-fn subscribe(
+/// Creates `topic` with `partitions` when missing (brokers may not auto-create).
+pub async fn ensure_topic(
     config: &ConsumerConfig,
-    store: Store,
-) -> Result<StreamConsumer<AssignFromStore>, RuntimeError> {
-    let mut client = client_config(config);
-    client
-        .set("group.id", config.group_id())
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
-    if client.get("auto.offset.reset").is_none() {
-        client.set("auto.offset.reset", "earliest");
-    }
-    let consumer: StreamConsumer<AssignFromStore> =
-        client.create_with_context(AssignFromStore { store })?;
-    let topics: Vec<&str> = config
-        .service
-        .subscribe
-        .iter()
-        .map(String::as_str)
-        .collect();
-    consumer.subscribe(&topics)?;
-    Ok(consumer)
-}
-
-/// Copies the sled offsets of the assigned partitions to Kafka's committed offsets,
-/// for lag tools and for a partition's next owner. Best effort: sled is the truth.
-fn mirror_offsets(
-    consumer: &StreamConsumer<AssignFromStore>,
-    store: &Store,
-    mirrored: &mut HashMap<(String, i32), i64>,
-) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
-    let mut tpl = TopicPartitionList::new();
-    for element in assignment.elements() {
-        let (topic, partition) = (element.topic(), element.partition());
-        let Ok(Some(next)) = store.offset(topic, partition) else {
-            continue;
-        };
-        if mirrored.insert((topic.to_owned(), partition), next) != Some(next) {
-            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(next));
+    topic: &str,
+    partitions: i32,
+) -> Result<(), RuntimeError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics([&new], &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                tracing::error!(%topic, %code, "cannot create the topic");
+                return Err(rdkafka::error::KafkaError::AdminOp(code).into());
+            }
         }
     }
-    if tpl.count() == 0 {
-        return;
-    }
-    if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
-        tracing::debug!(%error, "mirroring offsets to Kafka failed");
-        mirrored.clear();
+    Ok(())
+}
+
+/// Reads batches, applies them through the handler and commits them.
+struct Worker<'a, H> {
+    config: &'a ConsumerConfig,
+    handler: H,
+    store: Store,
+    dlq: DeadLetters,
+    codec: Codec,
+    metrics: Arc<ConsumerMetrics>,
+    assignment: Arc<Assignment>,
+    stats: RunStats,
+}
+
+/// What one batch changes, committed to sled in one write.
+#[derive(Default)]
+struct Batch {
+    changes: StateChanges,
+    ids: Vec<String>,
+    seen: HashSet<String>,
+    offsets: HashMap<PartitionKey, i64>,
+}
+
+impl Batch {
+    /// Marks `record` done: the partition's next offset moves past it.
+    fn done(&mut self, record: &Record) {
+        self.offsets
+            .insert((record.topic.clone(), record.partition), record.offset + 1);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn process<H: Handler>(
-    message: &BorrowedMessage<'_>,
-    config: &ConsumerConfig,
-    handler: &H,
-    store: &Store,
-    dlq: &DeadLetters,
-    codec: &Codec,
-    stats: &mut RunStats,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), RuntimeError> {
-    let meta = RecordMeta {
-        topic: message.topic().to_owned(),
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-    };
-    let commit_offset_only = |store: &Store| {
-        store.commit(
-            StateChanges::default(),
-            None,
-            &meta.topic,
-            meta.partition,
-            meta.offset,
-        )
-    };
-    let event = match codec.decode(message.payload().unwrap_or_default()) {
-        Ok(event) => event,
-        Err(error) => {
-            dlq.send(
-                message,
-                &format!("undecodable: {}", report(&error)),
+/// Whether work ran to the end or stopped for shutdown.
+#[derive(PartialEq, Eq)]
+enum Step {
+    Done,
+    Interrupted,
+}
+
+impl<H: Handler> Worker<'_, H> {
+    async fn consume(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), RuntimeError> {
+        let consumer = self.subscribe()?;
+        self.metrics.set_state(ServiceState::Consuming);
+        let mut mirrored: HashMap<PartitionKey, i64> = HashMap::new();
+        let mut mirror = tokio::time::interval(MIRROR_INTERVAL);
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = stopped(shutdown) => break,
+                _ = mirror.tick() => {
+                    self.mirror_offsets(&consumer, &mut mirrored);
+                    continue;
+                }
+                message = consumer.recv() => message,
+            };
+            let mut records = Vec::new();
+            collect(first, &mut records);
+            while records.len() < self.config.service.max_batch {
+                match consumer.recv().now_or_never() {
+                    Some(message) => collect(message, &mut records),
+                    None => break,
+                }
+            }
+            let (batch, step) = self.apply(records, shutdown).await?;
+            self.commit(batch)?;
+            if step == Step::Interrupted {
+                break;
+            }
+            let store = &self.store;
+            let handler = &self.handler;
+            let committed = until_done(
+                "performing the batch's effects",
+                || handler.committed(store),
+                &self.metrics,
                 shutdown,
             )
             .await;
-            stats.dead_lettered += 1;
-            return Ok(commit_offset_only(store)?);
+            if !committed {
+                break;
+            }
+            self.metrics.set_state(ServiceState::Consuming);
         }
-    };
-    if store.is_processed(event.id.as_str())? {
-        stats.duplicates += 1;
-        return Ok(commit_offset_only(store)?);
-    }
-    let mut delay = RETRY_MIN;
-    for attempt in 1.. {
-        let mut context = Context::new(store);
-        let failure = match handler.handle(&event, &meta, &mut context).await {
-            Ok(()) => {
-                store.commit(
-                    context.into_changes(),
-                    Some(event.id.as_str()),
-                    &meta.topic,
-                    meta.partition,
-                    meta.offset,
-                )?;
-                stats.applied += 1;
-                return Ok(());
-            }
-            Err(HandlerError::Transient(error)) if attempt < config.service.max_attempts => {
-                tracing::warn!(event = %event.id, attempt, error = %report(error.as_ref()), "transient failure; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    // Leave the offset where it is: the event is retried after a restart.
-                    () = stopped(shutdown) => return Ok(()),
-                }
-                delay = (delay * 2).min(RETRY_MAX);
-                continue;
-            }
-            Err(HandlerError::Transient(error)) => {
-                format!(
-                    "gave up after {attempt} attempts: {}",
-                    report(error.as_ref())
-                )
-            }
-            Err(HandlerError::Permanent(error)) => format!("rejected: {}", report(error.as_ref())),
-        };
-        dlq.send(message, &failure, shutdown).await;
-        stats.dead_lettered += 1;
-        break;
-    }
-    Ok(commit_offset_only(store)?)
-}
-
-/// Publishes records the service cannot apply, with the reason in headers.
-struct DeadLetters {
-    producer: FutureProducer,
-    topic: String,
-    service: String,
-}
-
-impl DeadLetters {
-    fn new(config: &ConsumerConfig) -> Result<Self, RuntimeError> {
-        let mut client = client_config(config);
-        client
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", "0");
-        let topic = config
-            .topics
-            .names()
-            .and_then(|names| names.dlq(&config.service.name))
-            .map_err(|e| {
-                changewire_schemas::settings::ConfigError::invalid("service.name", e.to_string())
-            })?;
-        Ok(Self {
-            producer: client.create()?,
-            topic,
-            service: config.service.name.clone(),
-        })
-    }
-
-    /// Creates the DLQ topic when missing (brokers may not auto-create it).
-    async fn ensure_topic(&self, config: &ConsumerConfig) -> Result<(), RuntimeError> {
-        let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
-        let topic = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(-1));
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        for result in admin.create_topics([&topic], &options).await? {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => {
-                    return Err(RuntimeError::Kafka(rdkafka::error::KafkaError::AdminOp(
-                        code,
-                    )))
-                    .inspect_err(|_| tracing::error!(%topic, "cannot create the DLQ topic"))
-                }
-            }
-        }
+        self.mirror_offsets(&consumer, &mut mirrored);
         Ok(())
     }
 
-    /// Sends `message` to the DLQ and waits for the acknowledgement, retrying until
-    /// it is stored (the offset must not move past a record that went nowhere).
-    async fn send(
+    fn subscribe(&self) -> Result<StreamConsumer<ServiceContext>, RuntimeError> {
+        let config = self.config;
+        let mut client = client_config(config);
+        client
+            .set("group.id", config.group_id())
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        for (key, default) in [
+            ("auto.offset.reset", "earliest"),
+            ("statistics.interval.ms", "5000"),
+        ] {
+            if client.get(key).is_none() {
+                client.set(key, default);
+            }
+        }
+        let consumer: StreamConsumer<ServiceContext> =
+            client.create_with_context(ServiceContext {
+                store: self.store.clone(),
+                assignment: self.assignment.clone(),
+                metrics: self.metrics.clone(),
+                rewind: config.service.resume_rewind,
+            })?;
+        let topics: Vec<&str> = config
+            .service
+            .subscribe
+            .iter()
+            .map(String::as_str)
+            .collect();
+        consumer.subscribe(&topics)?;
+        Ok(consumer)
+    }
+
+    /// Copies the sled offsets of owned partitions to Kafka's committed offsets,
+    /// for lag tools and for a partition's next owner. Best effort: sled is the truth.
+    fn mirror_offsets(
         &self,
-        message: &BorrowedMessage<'_>,
-        reason: &str,
-        shutdown: &mut watch::Receiver<bool>,
+        consumer: &StreamConsumer<ServiceContext>,
+        mirrored: &mut HashMap<PartitionKey, i64>,
     ) {
-        tracing::warn!(
-            topic = message.topic(),
-            partition = message.partition(),
-            offset = message.offset(),
-            reason,
-            "dead-lettering"
-        );
-        let (partition, offset) = (
-            message.partition().to_string(),
-            message.offset().to_string(),
-        );
-        let headers = [
-            (dlq_headers::ERROR, reason),
-            (dlq_headers::TOPIC, message.topic()),
-            (dlq_headers::PARTITION, partition.as_str()),
-            (dlq_headers::OFFSET, offset.as_str()),
-            (dlq_headers::SERVICE, self.service.as_str()),
-        ]
-        .into_iter()
-        .fold(OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(Header {
-                key,
-                value: Some(value),
-            })
-        });
-        let mut delay = RETRY_MIN;
-        loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.topic).headers(headers.clone());
-            if let Some(key) = message.key() {
-                record = record.key(key);
+        let owned: Vec<PartitionKey> = self.assignment.lock().keys().cloned().collect();
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in owned {
+            let Ok(Some(next)) = self.store.offset(&topic, partition) else {
+                continue;
+            };
+            if mirrored.insert((topic.clone(), partition), next) != Some(next) {
+                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
             }
-            if let Some(payload) = message.payload() {
-                record = record.payload(payload);
-            }
-            match self.producer.send(record, Duration::from_secs(30)).await {
-                Ok(_) => return,
-                Err((error, _)) => {
-                    tracing::error!(%error, topic = %self.topic, "cannot write to the DLQ; retrying")
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = stopped(shutdown) => return,
-            }
-            delay = (delay * 2).min(RETRY_MAX);
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(%error, "mirroring offsets to Kafka failed");
+            mirrored.clear();
         }
     }
+
+    /// Applies `records` in order; stops early (committing what is done) on shutdown.
+    async fn apply(
+        &mut self,
+        records: Vec<Record>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(Batch, Step), RuntimeError> {
+        let mut batch = Batch::default();
+        for record in records {
+            if !self.owns(&record) {
+                continue;
+            }
+            if self.apply_one(&record, &mut batch, shutdown).await? == Step::Interrupted {
+                return Ok((batch, Step::Interrupted));
+            }
+        }
+        Ok((batch, Step::Done))
+    }
+
+    /// Whether `record` is from a partition this instance owns and at or past the
+    /// sled offset (records before it are the rewind, or already applied).
+    fn owns(&self, record: &Record) -> bool {
+        let mut owned = self.assignment.lock();
+        let Some(expected) = owned.get_mut(&(record.topic.clone(), record.partition)) else {
+            return false;
+        };
+        match *expected {
+            Some(next) if record.offset < next => return false,
+            Some(next) if record.offset > next => {
+                self.metrics.offset_gaps.inc();
+                tracing::warn!(
+                    topic = %record.topic,
+                    partition = record.partition,
+                    expected = next,
+                    got = record.offset,
+                    "the broker skipped offsets (compaction or transaction markers; or a broker \
+                     that serves a fetch from inside a record batch with the next batch: raise \
+                     service.resume_rewind)"
+                );
+            }
+            _ => {}
+        }
+        *expected = Some(record.offset + 1);
+        true
+    }
+
+    async fn apply_one(
+        &mut self,
+        record: &Record,
+        batch: &mut Batch,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Step, RuntimeError> {
+        if record.payload.is_empty() {
+            // A tombstone after a delete: nothing to apply.
+            batch.done(record);
+            return Ok(Step::Done);
+        }
+        let event = match self.codec.decode(&record.payload) {
+            Ok(event) => event,
+            Err(error) => {
+                let reason = format!("undecodable: {}", report(&error));
+                return Ok(self.dead_letter(record, &reason, batch, shutdown).await);
+            }
+        };
+        let id = event.id.to_string();
+        if batch.seen.contains(&id) || self.store.is_processed(&id)? {
+            self.stats.duplicates += 1;
+            self.metrics.count(&record.topic, Outcome::Duplicate);
+            batch.done(record);
+            return Ok(Step::Done);
+        }
+        Ok(match self.handle(&event, record, batch, shutdown).await {
+            Ok(step) => step,
+            Err(reason) => self.dead_letter(record, &reason, batch, shutdown).await,
+        })
+    }
+
+    /// Runs the handler with retries. `Err` carries why the event goes to the DLQ.
+    async fn handle(
+        &mut self,
+        event: &ChangeEvent,
+        record: &Record,
+        batch: &mut Batch,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Step, String> {
+        let mut delay = RETRY_MIN;
+        for attempt in 1.. {
+            let started = Instant::now();
+            let mut context = Context::new(&self.store, &batch.changes);
+            let result = self.handler.handle(event, record, &mut context).await;
+            let changes = context.into_changes();
+            self.metrics
+                .handler_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(()) => {
+                    batch.changes.extend(changes);
+                    let id = event.id.to_string();
+                    batch.seen.insert(id.clone());
+                    batch.ids.push(id);
+                    batch.done(record);
+                    self.stats.applied += 1;
+                    self.metrics.count(&record.topic, Outcome::Applied);
+                    return Ok(Step::Done);
+                }
+                Err(HandlerError::Transient(error))
+                    if attempt < self.config.service.max_attempts =>
+                {
+                    tracing::warn!(event = %event.id, attempt, error = %report(error.as_ref()), "transient failure; retrying");
+                    self.metrics.retries.inc();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        // The offset stays before the event: it is retried after a restart.
+                        () = stopped(shutdown) => return Ok(Step::Interrupted),
+                    }
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+                Err(HandlerError::Transient(error)) => {
+                    return Err(format!(
+                        "gave up after {attempt} attempts: {}",
+                        report(error.as_ref())
+                    ))
+                }
+                Err(HandlerError::Permanent(error)) => {
+                    return Err(format!("rejected: {}", report(error.as_ref())))
+                }
+            }
+        }
+        unreachable!("the retry loop returns")
+    }
+
+    async fn dead_letter(
+        &mut self,
+        record: &Record,
+        reason: &str,
+        batch: &mut Batch,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Step {
+        if !self.dlq.send(record, reason, shutdown).await {
+            return Step::Interrupted;
+        }
+        self.stats.dead_lettered += 1;
+        self.metrics.count(&record.topic, Outcome::DeadLettered);
+        batch.done(record);
+        Step::Done
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), RuntimeError> {
+        if batch.offsets.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.store
+            .commit(batch.changes, &batch.ids, &batch.offsets)?;
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
+/// Adds a polled message to `records` as an owned [`Record`]; logs client errors
+/// (librdkafka retries them itself).
+fn collect(
+    message: Result<BorrowedMessage<'_>, rdkafka::error::KafkaError>,
+    records: &mut Vec<Record>,
+) {
+    match message {
+        Ok(message) => records.push(Record {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            headers: message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            payload: message.payload().unwrap_or_default().to_vec(),
+        }),
+        Err(error) => tracing::warn!(%error, "consumer error"),
+    }
+}
+
+/// Runs `attempt` until it succeeds, with backoff; `false` if shutdown came first.
+async fn until_done<F, Fut>(
+    what: &str,
+    mut attempt: F,
+    metrics: &ConsumerMetrics,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), HandlerError>>,
+{
+    let mut delay = RETRY_MIN;
+    loop {
+        match attempt().await {
+            Ok(()) => {
+                metrics.set_error(None);
+                return true;
+            }
+            Err(error) => {
+                let error = report(&error);
+                tracing::warn!(%error, "{what} failed; retrying");
+                metrics.set_error(Some(format!("{what}: {error}")));
+                metrics.set_state(ServiceState::Retrying);
+                metrics.retries.inc();
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stopped(shutdown) => return false,
+        }
+        delay = (delay * 2).min(RETRY_MAX);
+    }
+}
+
+/// A shutdown switch that turns true on SIGTERM or SIGINT, for [`run`].
+pub fn stop_on_signals() -> std::io::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (stop, shutdown) = watch::channel(false);
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("shutting down: finishing the batch at hand");
+        let _ = stop.send(true);
+    });
+    Ok(shutdown)
 }
 
 /// Resolves once shutdown was requested; holds no watch guard across awaits.

@@ -1,6 +1,7 @@
 //! The service's sled database: its own state, the event ids it processed, and its
 //! partition offsets, all written in one atomic, flushed batch.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,6 +14,9 @@ const OFFSET: u8 = b'o';
 #[derive(Debug, thiserror::Error)]
 #[error("state store failed")]
 pub struct StoreError(#[from] sled::Error);
+
+/// A state key and its value.
+pub type StateEntry = (Vec<u8>, Vec<u8>);
 
 /// The service's durable state.
 #[derive(Clone)]
@@ -70,30 +74,49 @@ impl Store {
         Ok(self.db.get(key(STATE, &[state_key]))?.map(|v| v.to_vec()))
     }
 
-    /// Applies `changes`, marks `event_id` processed (if any) and moves the offset of
-    /// `topic`/`partition` past `offset`, atomically, and flushes to disk.
+    /// Applies `changes`, marks `event_ids` processed and moves each partition's
+    /// offset to the next one to read (`offsets` maps topic/partition to it),
+    /// atomically, and flushes to disk.
     pub fn commit(
         &self,
         changes: StateChanges,
-        event_id: Option<&str>,
-        topic: &str,
-        partition: i32,
-        offset: i64,
+        event_ids: &[String],
+        offsets: &HashMap<(String, i32), i64>,
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (state_key, value) in changes.writes {
-            match value {
-                Some(value) => batch.insert(key(STATE, &[&state_key]), value),
-                None => batch.remove(key(STATE, &[&state_key])),
-            }
+        let mut batch = changes.into_batch();
+        let now = now_ms().to_be_bytes();
+        for id in event_ids {
+            batch.insert(key(PROCESSED, &[id.as_bytes()]), &now);
         }
-        if let Some(id) = event_id {
-            batch.insert(key(PROCESSED, &[id.as_bytes()]), &now_ms().to_be_bytes());
+        for ((topic, partition), next) in offsets {
+            batch.insert(offset_key(topic, *partition), &next.to_be_bytes());
         }
-        batch.insert(offset_key(topic, partition), &(offset + 1).to_be_bytes());
         self.db.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Applies state `changes` alone, atomically and durably.
+    pub fn apply(&self, changes: StateChanges) -> Result<(), StoreError> {
+        self.db.apply_batch(changes.into_batch())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// State entries whose key starts with `prefix`, in key order.
+    pub fn scan(&self, prefix: &[u8]) -> Result<Vec<StateEntry>, StoreError> {
+        self.db
+            .scan_prefix(key(STATE, &[prefix]))
+            .map(|entry| {
+                let (k, v) = entry?;
+                Ok((k[2..].to_vec(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
     }
 
     /// Forgets processed ids older than `retention`; returns how many.
@@ -115,30 +138,42 @@ impl Store {
     }
 }
 
-/// State writes a handler makes for one event; applied with the offset or not at all.
+/// State writes, applied together with offsets and ids or not at all.
 #[derive(Debug, Default)]
 pub struct StateChanges {
-    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    writes: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl StateChanges {
     /// Sets `key` to `value`.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.writes.push((key.into(), Some(value.into())));
+        self.writes.insert(key.into(), Some(value.into()));
     }
 
     /// Removes `key`.
     pub fn remove(&mut self, key: impl Into<Vec<u8>>) {
-        self.writes.push((key.into(), None));
+        self.writes.insert(key.into(), None);
     }
 
     /// The value `key` will have after these changes, if they touch it.
     pub fn pending(&self, key: &[u8]) -> Option<Option<&[u8]>> {
-        self.writes
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_deref())
+        self.writes.get(key).map(Option::as_deref)
+    }
+
+    /// Adds `later` on top of these changes.
+    pub fn extend(&mut self, later: StateChanges) {
+        self.writes.extend(later.writes);
+    }
+
+    fn into_batch(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (state_key, value) in self.writes {
+            match value {
+                Some(value) => batch.insert(key(STATE, &[&state_key]), value),
+                None => batch.remove(key(STATE, &[&state_key])),
+            }
+        }
+        batch
     }
 }
 
@@ -153,8 +188,9 @@ mod tests {
         assert_eq!(store.offset("t", 0).expect("read"), None);
         let mut changes = StateChanges::default();
         changes.put(b"count".to_vec(), b"1".to_vec());
+        let offsets = HashMap::from([(("t".to_owned(), 0), 42)]);
         store
-            .commit(changes, Some("pg:a:0/1:1"), "t", 0, 41)
+            .commit(changes, &["pg:a:0/1:1".to_owned()], &offsets)
             .expect("commit");
         assert_eq!(store.offset("t", 0).expect("read"), Some(42));
         assert!(store.is_processed("pg:a:0/1:1").expect("read"));
@@ -167,5 +203,24 @@ mod tests {
         );
         assert_eq!(store.prune_processed(Duration::ZERO).expect("prune"), 1);
         assert!(!store.is_processed("pg:a:0/1:1").expect("read"));
+    }
+
+    #[test]
+    fn scan_returns_state_under_a_prefix_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut changes = StateChanges::default();
+        changes.put(b"outbox/1".to_vec(), b"a".to_vec());
+        changes.put(b"outbox/2".to_vec(), b"b".to_vec());
+        changes.put(b"other".to_vec(), b"c".to_vec());
+        store.apply(changes).expect("apply");
+        let found = store.scan(b"outbox/").expect("scan");
+        assert_eq!(
+            found,
+            vec![
+                (b"outbox/1".to_vec(), b"a".to_vec()),
+                (b"outbox/2".to_vec(), b"b".to_vec())
+            ]
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use changewire_consumer::config::{ConsumerConfig, ServiceConfig};
 use changewire_consumer::runtime::{
-    self, dlq_headers, Context, Handler, HandlerError, RecordMeta, Store,
+    self, dlq_headers, Context, Handler, HandlerError, Record, Store,
 };
 use changewire_producer::sink::{EventSink, KafkaSink, OutboundRecord};
 use changewire_schemas::topic::TopicsConfig;
@@ -21,7 +21,11 @@ use tokio::time::Instant;
 
 use crate::fixtures;
 
-fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) -> ConsumerConfig {
+/// tansu serves a fetch from inside a record batch with the next batch; the test
+/// publisher batches up to 10,000 records.
+pub const RESUME_REWIND: i64 = 10_000;
+
+pub fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) -> ConsumerConfig {
     let mut kafka = stack.kafka_config();
     kafka
         .properties
@@ -42,7 +46,10 @@ fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) -> Con
             state_dir: state.to_owned(),
             retention_days: 7,
             max_attempts: 2,
+            max_batch: 500,
+            resume_rewind: RESUME_REWIND,
         },
+        http: None,
     }
 }
 
@@ -86,7 +93,7 @@ impl Handler for RejectDeletes {
     async fn handle(
         &self,
         event: &ChangeEvent,
-        _: &RecordMeta,
+        _: &Record,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
         if event.op == Op::Delete {
@@ -198,6 +205,29 @@ fn committed(stack: &Stack, group: &str, topic: &str, partitions: i32) -> anyhow
         .collect())
 }
 
+/// Waits until the group's committed offsets add up to at least `records`.
+pub async fn wait_for_progress(
+    stack: &Stack,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    records: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let offsets = committed(stack, group, topic, partitions)?;
+        let done: i64 = offsets.iter().map(|o| o.max(&0)).sum();
+        if done as u64 >= records {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "progress stuck at {offsets:?}, want {records} records"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until the group committed past the last offset of each `(partition, offset)`.
 async fn wait_for_committed(
     stack: &Stack,
@@ -224,9 +254,6 @@ async fn wait_for_committed(
 /// 20,000 events of which 2,000 repeat an earlier id: each distinct event takes
 /// effect exactly once (its `applied/<id>` counter in sled is 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "work in progress (issue 5): with kills, runs either stall (tansu does not always \
-            reassign a killed member's partitions) or lose ~1,200-1,300 effects (not yet explained; \
-            without kills every event applies exactly once)"]
 async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow::Result<()> {
     const EVENTS: u64 = 20_000;
     const DISTINCT: u64 = 18_000;
@@ -287,7 +314,7 @@ async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow
         &file,
         format!(
             "[kafka]\nbrokers = {:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"10000\"\n[topics]\nprefix = {prefix:?}\n\
-             [service]\nname = \"svc\"\ngroup_id = {group:?}\nsubscribe = [{topic:?}]\nstate_dir = {state:?}\n",
+             [service]\nname = \"svc\"\ngroup_id = {group:?}\nsubscribe = [{topic:?}]\nstate_dir = {state:?}\nresume_rewind = {RESUME_REWIND}\n",
             stack.kafka_brokers
         ),
     )?;
@@ -306,9 +333,10 @@ async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow
             .spawn()?;
         Ok(KillOnDrop(child))
     };
-    for kill in 0..3 {
+    // Kill when a quarter, half and three quarters are done (as mirrored to Kafka).
+    for quarter in 1..=3 {
         let service = start()?;
-        tokio::time::sleep(Duration::from_millis(3000 + 1000 * kill)).await;
+        wait_for_progress(&stack, &group, &topic, 3, EVENTS * quarter / 4).await?;
         drop(service); // SIGKILL
     }
     let mut service = start()?;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use changewire_producer::http;
+use changewire_schemas::http;
 use changewire_tests::{unique_name, Stack};
 use tokio::time::Instant;
 
