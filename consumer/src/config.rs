@@ -7,6 +7,9 @@ use changewire_schemas::settings::{load_config, ConfigError, KafkaConfig};
 use changewire_schemas::topic::TopicsConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::services::dedup::DedupConfig;
+use crate::services::forward::ForwardConfig;
+
 /// Everything `changewire-consumer` reads from its config file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +24,13 @@ pub struct ConsumerConfig {
     pub http: Option<HttpConfig>,
     /// Which service this process runs and where it keeps its state.
     pub service: ServiceConfig,
+    /// Run the dedup service (`changewire-consumer` runs the one service whose
+    /// section is present).
+    #[serde(default)]
+    pub dedup: Option<DedupConfig>,
+    /// Run the forward (webhook) service.
+    #[serde(default)]
+    pub forward: Option<ForwardConfig>,
 }
 
 /// The `[service]` section.
@@ -104,6 +114,9 @@ impl ConsumerConfig {
                 "service.resume_rewind",
                 "must not be negative",
             ));
+        }
+        if let Some(forward) = &self.forward {
+            forward.validate()?;
         }
         if self.service.subscribe.is_empty() {
             return Err(ConfigError::invalid(

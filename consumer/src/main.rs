@@ -1,10 +1,17 @@
-//! `changewire-consumer`: runs one consumer service.
+//! `changewire-consumer`: runs one consumer service (dedup or forward), chosen by
+//! the section its config file has.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use changewire_consumer::config::ConsumerConfig;
+use changewire_consumer::runtime::{self, RunStats};
+use changewire_consumer::services::dedup::{Dedup, DedupConfig};
+use changewire_consumer::services::forward::{Forward, ForwardConfig};
+use changewire_schemas::diagnostics::report;
+use changewire_schemas::settings::ConfigError;
 use clap::Parser;
+use tracing_subscriber::EnvFilter;
 
 /// Command-line flags.
 #[derive(Debug, Parser)]
@@ -34,17 +41,83 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let service = match Service::from_config(&config) {
+        Ok(service) => service,
+        Err(error) => {
+            eprintln!("changewire-consumer: configuration error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     if args.check {
         eprintln!(
-            "changewire-consumer: configuration valid (service {}, group {})",
+            "changewire-consumer: configuration valid ({} service {:?}, group {})",
+            service.kind(),
             config.service.name,
             config.group_id()
         );
         return ExitCode::SUCCESS;
     }
-    eprintln!(
-        "changewire-consumer: service {:?} is not available in this build",
-        config.service.name
-    );
-    ExitCode::FAILURE
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("changewire-consumer: cannot start: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(service.run(&config)) {
+        Ok(stats) => {
+            tracing::info!(?stats, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(error = %report(error.as_ref()), "stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The service a config selects, by which section it has.
+enum Service {
+    Dedup(DedupConfig),
+    Forward(ForwardConfig),
+}
+
+impl Service {
+    fn from_config(config: &ConsumerConfig) -> Result<Self, ConfigError> {
+        match (&config.dedup, &config.forward) {
+            (Some(dedup), None) => Ok(Self::Dedup(dedup.clone())),
+            (None, Some(forward)) => Ok(Self::Forward(forward.clone())),
+            _ => Err(ConfigError::invalid(
+                "dedup/forward",
+                "expected exactly one service section: [dedup] or [forward]",
+            )),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Dedup(_) => "dedup",
+            Self::Forward(_) => "forward",
+        }
+    }
+
+    async fn run(
+        self,
+        config: &ConsumerConfig,
+    ) -> Result<RunStats, Box<dyn std::error::Error + Send + Sync>> {
+        let shutdown = runtime::stop_on_signals()?;
+        Ok(match self {
+            Self::Dedup(dedup) => {
+                runtime::run(config, Dedup::new(config, &dedup)?, shutdown).await?
+            }
+            Self::Forward(forward) => {
+                runtime::run(config, Forward::new(&forward)?, shutdown).await?
+            }
+        })
+    }
 }

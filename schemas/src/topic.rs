@@ -99,6 +99,16 @@ impl TopicNames {
         self.compose(&["dlq", consumer])
     }
 
+    /// Where the dedup service republishes `raw_topic`: `<prefix>.dedup.<suffix>`,
+    /// the suffix being the raw topic's name after `<prefix>.` (or all of it).
+    pub fn dedup(&self, raw_topic: &str) -> Result<String, TopicNameError> {
+        let suffix = raw_topic
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(raw_topic);
+        self.compose(&["dedup", suffix])
+    }
+
     fn compose(&self, parts: &[&str]) -> Result<String, TopicNameError> {
         let mut name = self.prefix.clone();
         for part in parts {
@@ -122,6 +132,15 @@ mod tests {
 
     fn names() -> TopicNames {
         TopicNames::new("cw").expect("valid prefix")
+    }
+
+    #[test]
+    fn dedup_topics_keep_the_raw_suffix() {
+        assert_eq!(
+            names().dedup("cw.shop.public.orders").as_deref(),
+            Ok("cw.dedup.shop.public.orders")
+        );
+        assert_eq!(names().dedup("other").as_deref(), Ok("cw.dedup.other"));
     }
 
     #[test]

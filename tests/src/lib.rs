@@ -14,6 +14,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::time::Instant;
 use tokio_postgres::NoTls;
@@ -220,6 +221,7 @@ impl ReadRecord {
 /// to join, so reading starts at once.
 pub struct TestConsumer {
     consumer: StreamConsumer,
+    partitions: Vec<i32>,
 }
 
 impl TestConsumer {
@@ -239,14 +241,23 @@ impl TestConsumer {
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .with_context(|| format!("fetching metadata of {topic}"))?;
         let mut assignment = TopicPartitionList::new();
-        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            assignment.add_partition_offset(topic, partition.id(), Offset::Beginning)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions())
+            .map(|p| p.id())
+            .collect();
+        for &partition in &partitions {
+            assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
         }
         if assignment.count() == 0 {
             bail!("topic {topic} has no partitions (was it created?)");
         }
         consumer.assign(&assignment)?;
-        Ok(Self { consumer })
+        Ok(Self {
+            consumer,
+            partitions,
+        })
     }
 
     /// Reads until `count` records arrived or `timeout` passed; returns what arrived.
@@ -297,6 +308,54 @@ impl TestConsumer {
         }
         Ok(records)
     }
+}
+
+/// Payload of the end markers [`read_to_end`] writes.
+const END_MARKER: &[u8] = b"changewire-test-end-marker";
+
+/// Every record of `topic`, once nothing writes to it any more: appends an end
+/// marker to each partition and reads until every marker arrived (watermarks are
+/// not trusted: tansu's lag the records it stores). Markers are left out.
+pub async fn read_to_end(
+    stack: &Stack,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<ReadRecord>> {
+    let reader = TestConsumer::from_beginning(stack, topic)?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("enable.idempotence", "true")
+        .create()?;
+    let partitions = reader.partitions.clone();
+    for &partition in &partitions {
+        let marker: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .partition(partition)
+            .payload(END_MARKER);
+        producer
+            .send(marker, Duration::from_secs(30))
+            .await
+            .map_err(|(error, _)| error)?;
+    }
+    let mut records = Vec::new();
+    let mut ended = std::collections::HashSet::new();
+    let complete = reader
+        .read_until(timeout, |record| {
+            if record.value.as_deref() == Some(END_MARKER) {
+                ended.insert(record.partition);
+            } else {
+                records.push(record);
+            }
+            ended.len() == partitions.len()
+        })
+        .await?;
+    if !complete {
+        bail!(
+            "the end markers of {topic} did not all arrive within {timeout:?} ({} of {})",
+            ended.len(),
+            partitions.len()
+        );
+    }
+    Ok(records)
 }
 
 /// Path of a workspace binary built next to the running test.

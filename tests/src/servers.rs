@@ -244,20 +244,52 @@ impl Drop for PrivatePostgres {
 pub struct PrivateBroker {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    engine: &'static str,
     /// Port it listens on.
     pub port: u16,
 }
 
 impl PrivateBroker {
-    /// Starts a broker and waits until it listens.
+    /// Starts a broker that keeps its data on disk (survives [`Self::stop`]) and
+    /// waits until it listens.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with("sqlite://tansu.db")
+    }
+
+    /// Starts a broker that keeps its data in memory (faster; lost on stop).
+    pub fn start_in_memory() -> anyhow::Result<Self> {
+        Self::start_with("memory://tansu/")
+    }
+
+    fn start_with(engine: &'static str) -> anyhow::Result<Self> {
         let mut broker = Self {
             dir: tempfile::Builder::new().prefix("cw-tansu").tempdir()?,
             child: None,
+            engine,
             port: free_port()?,
         };
         broker.resume()?;
         Ok(broker)
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a frozen broker go on (SIGCONT).
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("the broker is not running")?;
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} failed");
+        Ok(())
     }
 
     /// Bootstrap list of this broker.
@@ -268,6 +300,10 @@ impl PrivateBroker {
     /// Stops the broker (SIGKILL).
     pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
             child.kill()?;
             child.wait()?;
         }
@@ -285,7 +321,7 @@ impl PrivateBroker {
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             // tansu resolves the sqlite path against its working directory.
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(["--storage-engine", self.engine])
             .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,7 +1,7 @@
 //! Per-service metrics (Prometheus) and the state `/health` reports.
 
 use changewire_schemas::http::{encode_registry, HealthReport, Observable, Status};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -9,7 +9,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// What became of a record.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Outcome {
     /// The handler applied it.
     Applied,
@@ -19,13 +19,24 @@ pub enum Outcome {
     DeadLettered,
 }
 
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
 /// Labels of the per-topic record counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicOutcome {
     /// Topic read from.
     pub topic: String,
-    /// What became of the record.
-    pub outcome: Outcome,
+    /// What became of the record ([`Outcome::as_str`]).
+    pub outcome: &'static str,
 }
 
 /// Labels of per-partition gauges.
@@ -139,7 +150,7 @@ impl ConsumerMetrics {
         self.records
             .get_or_create(&TopicOutcome {
                 topic: topic.to_owned(),
-                outcome,
+                outcome: outcome.as_str(),
             })
             .inc();
     }

@@ -50,11 +50,13 @@ pub fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) ->
             resume_rewind: RESUME_REWIND,
         },
         http: None,
+        dedup: None,
+        forward: None,
     }
 }
 
 /// An event of the Postgres fixture with its own id and op.
-fn event(n: u64, op: Op) -> ChangeEvent {
+pub fn event(n: u64, op: Op) -> ChangeEvent {
     let mut event = fixtures::postgres_update("src");
     event.id = EventId::postgres("src", 0x100 + n, 1);
     event.op = op;
@@ -62,19 +64,33 @@ fn event(n: u64, op: Op) -> ChangeEvent {
 }
 
 /// Publishes `values` to `topic` (key = index) and returns where each landed.
-async fn publish(
+pub async fn publish(
     stack: &Stack,
     topic: &str,
     values: Vec<Vec<u8>>,
 ) -> anyhow::Result<Vec<(i32, i64)>> {
+    let keyed = values
+        .into_iter()
+        .enumerate()
+        .map(|(i, value)| (i.to_string().into_bytes(), value))
+        .collect();
+    publish_keyed(stack, topic, keyed).await
+}
+
+/// Publishes `(key, value)` pairs to `topic` and returns where each landed.
+pub async fn publish_keyed(
+    stack: &Stack,
+    topic: &str,
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+) -> anyhow::Result<Vec<(i32, i64)>> {
     let sink = KafkaSink::new(&stack.kafka_config())?;
     let mut acks = Vec::new();
-    for (i, value) in values.into_iter().enumerate() {
+    for (key, value) in records {
         let record = OutboundRecord {
             topic: topic.to_owned(),
-            key: Some(i.to_string().into_bytes()),
+            key: Some(key),
             value: Some(value),
-            headers: vec![],
+            headers: vec![("origin".to_owned(), b"test".to_vec())],
         };
         acks.push(sink.enqueue(&record)?);
     }
@@ -228,8 +244,18 @@ pub async fn wait_for_progress(
     }
 }
 
+/// The highest offset per partition among `landed`.
+pub fn last_offsets(landed: &[(i32, i64)]) -> Vec<(i32, i64)> {
+    let mut last: HashMap<i32, i64> = HashMap::new();
+    for &(partition, offset) in landed {
+        let entry = last.entry(partition).or_insert(offset);
+        *entry = (*entry).max(offset);
+    }
+    last.into_iter().collect()
+}
+
 /// Waits until the group committed past the last offset of each `(partition, offset)`.
-async fn wait_for_committed(
+pub async fn wait_for_committed(
     stack: &Stack,
     group: &str,
     topic: &str,
@@ -272,12 +298,7 @@ async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow
         .map(|&n| codec.encode(&event(n, Op::Create)))
         .collect::<Result<Vec<_>, _>>()?;
     let landed = publish(&stack, &topic, values).await?;
-    let mut last: HashMap<i32, i64> = HashMap::new();
-    for (partition, offset) in landed {
-        let entry = last.entry(partition).or_insert(offset);
-        *entry = (*entry).max(offset);
-    }
-    let last: Vec<(i32, i64)> = last.into_iter().collect();
+    let last = last_offsets(&landed);
     // tansu's high watermark lags stored records; later writes move it on. Publish
     // filler events (ids outside the checked range) until it covers the real ones.
     let probe: BaseConsumer = ClientConfig::new()
@@ -318,34 +339,19 @@ async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow
             stack.kafka_brokers
         ),
     )?;
-    let start = || -> anyhow::Result<KillOnDrop> {
-        let child = Command::new(workspace_example("count_events")?)
-            .arg("--config")
-            .arg(&file)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(dir.path().join("service.log"))?,
-            )
-            .spawn()?;
-        Ok(KillOnDrop(child))
-    };
+    let program = workspace_example("count_events")?;
+    let log = dir.path().join("service.log");
+    let start = || start_service(&program, &file, &log);
     // Kill when a quarter, half and three quarters are done (as mirrored to Kafka).
     for quarter in 1..=3 {
         let service = start()?;
         wait_for_progress(&stack, &group, &topic, 3, EVENTS * quarter / 4).await?;
         drop(service); // SIGKILL
     }
-    let mut service = start()?;
+    let service = start()?;
     wait_for_committed(&stack, &group, &topic, &last).await?;
-    // SIGTERM: the service finishes the event at hand and exits.
-    Command::new("kill")
-        .arg(service.0.id().to_string())
-        .status()?;
-    service.0.wait()?;
+    // SIGTERM: the service finishes the batch at hand and exits.
+    terminate(service)?;
 
     let store = Store::open(&state)?;
     let mut applied_twice = Vec::new();
@@ -385,8 +391,33 @@ async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow
     Ok(())
 }
 
+/// Starts a service process with `config`, appending its output to `log`.
+pub fn start_service(program: &Path, config: &Path, log: &Path) -> anyhow::Result<KillOnDrop> {
+    let child = Command::new(program)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)?,
+        )
+        .spawn()?;
+    Ok(KillOnDrop(child))
+}
+
+/// Stops `service` with SIGTERM and waits for it to exit.
+pub fn terminate(mut service: KillOnDrop) -> anyhow::Result<std::process::ExitStatus> {
+    Command::new("kill")
+        .arg(service.0.id().to_string())
+        .status()?;
+    Ok(service.0.wait()?)
+}
+
 /// A child process that is killed (SIGKILL) and reaped when dropped.
-struct KillOnDrop(std::process::Child);
+pub struct KillOnDrop(pub std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

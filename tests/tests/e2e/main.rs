@@ -4,6 +4,7 @@
 mod config;
 mod consumer;
 mod crash;
+mod dedup;
 mod fixtures;
 mod large;
 mod operability;

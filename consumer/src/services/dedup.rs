@@ -1,0 +1,494 @@
+//! The dedup service: republishes each distinct event once, to
+//! `<prefix>.dedup.<suffix of the raw topic>` (or one configured topic), with the
+//! same key, headers and bytes. Duplicates (an id seen within the retention window)
+//! are dropped by the runtime and counted (`outcome="duplicate"`).
+//!
+//! Exactly-once output without Kafka transactions (tansu has none, and they would
+//! tie the output to one broker feature): the order is *outbox first*.
+//! 1. `handle` stores the output record in an outbox entry, and the runtime commits
+//!    it with the event id and input offset in one flushed sled write. A crash
+//!    before that loses nothing: the input offset has not moved.
+//! 2. `committed` publishes the batch's outbox (idempotent producer, acks=all), and
+//!    only after every acknowledgement removes the entries and records, per output
+//!    partition, the offset after the last acknowledged record (the *written mark*).
+//! 3. A crash between 1 and the end of 2 leaves outbox entries some of which may be
+//!    in the topic already. `recover` reads each affected output partition from its
+//!    written mark to the end, collects the event ids found, and publishes only the
+//!    entries not found. Records published in order by one idempotent producer
+//!    land in order without gaps, so what is missing is a suffix and order holds.
+//!
+//! Publishing after the sled write (rather than before) is what makes 3 possible:
+//! the outbox says exactly which ids may be in doubt. Each input partition maps to
+//! one output partition (`input partition % output partitions`), so per-key order
+//! is kept; the output topic is created with the input's partition count.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use changewire_schemas::topic::TopicNames;
+use changewire_schemas::{ChangeEvent, Codec};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConsumerConfig;
+use crate::runtime::{ensure_topic, Context, Handler, HandlerError, Record, StateChanges, Store};
+
+const OUTBOX: &[u8] = b"outbox/";
+const WRITTEN: &[u8] = b"written/";
+/// Longest a recovery scan of one output partition may take before it is retried.
+const SCAN_DEADLINE: Duration = Duration::from_secs(120);
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `[dedup]` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// One topic for every distinct event; default: `<prefix>.dedup.<suffix>` per
+    /// raw topic.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+/// The dedup handler.
+pub struct Dedup {
+    config: ConsumerConfig,
+    names: TopicNames,
+    output: Option<String>,
+    producer: FutureProducer,
+    codec: Arc<Codec>,
+    /// Output topic → its partition count.
+    partitions: tokio::sync::Mutex<HashMap<String, i32>>,
+    /// Set when publishing failed part-way: the next attempt must check the topic.
+    in_doubt: AtomicBool,
+    /// Records found missing from the output by recoveries, and republished.
+    republished: AtomicU64,
+}
+
+impl Dedup {
+    /// A dedup handler for the service `config` describes.
+    pub fn new(
+        config: &ConsumerConfig,
+        dedup: &DedupConfig,
+    ) -> Result<Self, crate::runtime::RuntimeError> {
+        let names = config.topics.names().map_err(|e| {
+            changewire_schemas::settings::ConfigError::invalid("topics.prefix", e.to_string())
+        })?;
+        let producer = client_config(config)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "0")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .create()?;
+        Ok(Self {
+            config: config.clone(),
+            names,
+            output: dedup.output.clone(),
+            producer,
+            codec: Arc::new(Codec::json()?),
+            partitions: tokio::sync::Mutex::new(HashMap::new()),
+            in_doubt: AtomicBool::new(false),
+            republished: AtomicU64::new(0),
+        })
+    }
+
+    /// Records republished by recoveries (found missing from the output).
+    pub fn republished(&self) -> u64 {
+        self.republished.load(Ordering::Relaxed)
+    }
+
+    fn output_topic(&self, raw_topic: &str) -> Result<String, HandlerError> {
+        match &self.output {
+            Some(topic) => Ok(topic.clone()),
+            None => self.names.dedup(raw_topic).map_err(HandlerError::permanent),
+        }
+    }
+
+    /// The output topic's partition count, creating it like the raw topic if missing.
+    async fn output_partitions(&self, output: &str, raw_topic: &str) -> Result<i32, HandlerError> {
+        let mut known = self.partitions.lock().await;
+        if let Some(&count) = known.get(output) {
+            return Ok(count);
+        }
+        let raw = partition_count(&self.producer, raw_topic).await?;
+        ensure_topic(&self.config, output, raw.max(1))
+            .await
+            .map_err(HandlerError::transient)?;
+        let count = partition_count(&self.producer, output).await?;
+        if count == 0 {
+            return Err(HandlerError::transient(format!(
+                "topic {output} has no partitions yet"
+            )));
+        }
+        known.insert(output.to_owned(), count);
+        Ok(count)
+    }
+
+    /// Publishes the outbox; with `check`, skips entries already in the output.
+    async fn deliver(&self, store: &Store, check: bool) -> Result<(), HandlerError> {
+        let entries = store.scan(OUTBOX)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut outbox = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            let pending = Pending::decode(&value).ok_or_else(|| {
+                HandlerError::permanent(format!(
+                    "corrupt outbox entry {}",
+                    String::from_utf8_lossy(&key)
+                ))
+            })?;
+            outbox.push((key, pending));
+        }
+        let present = if check {
+            self.ids_in_output(store, &outbox).await?
+        } else {
+            HashSet::new()
+        };
+        let missing: Vec<&Pending> = outbox
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| !present.contains(&p.id))
+            .collect();
+        if check {
+            tracing::info!(
+                in_doubt = outbox.len(),
+                found = present.len(),
+                republishing = missing.len(),
+                "recovered the outbox"
+            );
+            self.republished
+                .fetch_add(missing.len() as u64, Ordering::Relaxed);
+        }
+        let mut acks = Vec::with_capacity(missing.len());
+        for pending in &missing {
+            acks.push((pending, self.enqueue(pending).await?));
+        }
+        let mut marks: HashMap<(String, i32), i64> = HashMap::new();
+        for (pending, ack) in acks {
+            let delivered = ack
+                .await
+                .map_err(HandlerError::transient)?
+                .map_err(|(e, _)| HandlerError::transient(e))?;
+            let mark = marks
+                .entry((pending.topic.clone(), delivered.partition))
+                .or_insert(0);
+            *mark = (*mark).max(delivered.offset + 1);
+        }
+        let mut changes = StateChanges::default();
+        for (key, _) in &outbox {
+            changes.remove(key.clone());
+        }
+        for ((topic, partition), next) in marks {
+            changes.put(written_key(&topic, partition), next.to_be_bytes().to_vec());
+        }
+        store.apply(changes)?;
+        Ok(())
+    }
+
+    /// Hands `pending` to the producer, waiting while its queue is full.
+    async fn enqueue(&self, pending: &Pending) -> Result<DeliveryFuture, HandlerError> {
+        let mut record = pending.record();
+        loop {
+            match self.producer.send_result(record) {
+                Ok(ack) => return Ok(ack),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => return Err(HandlerError::transient(error)),
+            }
+        }
+    }
+
+    /// Event ids found in the output partitions the outbox writes to, from each
+    /// partition's written mark (less the resume rewind) to its end.
+    async fn ids_in_output(
+        &self,
+        store: &Store,
+        outbox: &[(Vec<u8>, Pending)],
+    ) -> Result<HashSet<String>, HandlerError> {
+        let targets: HashSet<(String, i32)> = outbox
+            .iter()
+            .map(|(_, p)| (p.topic.clone(), p.partition))
+            .collect();
+        let mut found = HashSet::new();
+        for (topic, partition) in targets {
+            let mark = store
+                .get(&written_key(&topic, partition))?
+                .and_then(|v| v.as_slice().try_into().ok().map(i64::from_be_bytes))
+                .unwrap_or(0);
+            let from = (mark - self.config.service.resume_rewind).max(0);
+            let client = client_config(&self.config);
+            let codec = self.codec.clone();
+            let ids = tokio::task::spawn_blocking(move || {
+                scan_ids(client, &codec, &topic, partition, from)
+            })
+            .await
+            .map_err(HandlerError::transient)??;
+            found.extend(ids);
+        }
+        Ok(found)
+    }
+}
+
+impl Handler for Dedup {
+    async fn handle(
+        &self,
+        event: &ChangeEvent,
+        record: &Record,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        let topic = self.output_topic(&record.topic)?;
+        let partitions = self.output_partitions(&topic, &record.topic).await?;
+        let pending = Pending {
+            id: event.id.to_string(),
+            partition: record.partition % partitions,
+            topic,
+            key: record.key.clone(),
+            headers: record.headers.clone(),
+            payload: record.payload.clone(),
+        };
+        context.put(outbox_key(record), pending.encode());
+        Ok(())
+    }
+
+    async fn recover(&self, store: &Store) -> Result<(), HandlerError> {
+        self.deliver(store, true).await
+    }
+
+    async fn committed(&self, store: &Store) -> Result<(), HandlerError> {
+        let check = self.in_doubt.swap(false, Ordering::SeqCst);
+        self.deliver(store, check)
+            .await
+            .inspect_err(|_| self.in_doubt.store(true, Ordering::SeqCst))
+    }
+}
+
+fn client_config(config: &ConsumerConfig) -> ClientConfig {
+    config
+        .kafka
+        .client_properties()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+async fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, HandlerError> {
+    let producer = producer.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(&topic), METADATA_TIMEOUT)
+            .map_err(HandlerError::transient)?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len() as i32))
+    })
+    .await
+    .map_err(HandlerError::transient)?
+}
+
+/// Reads `topic`/`partition` from `from` to its end and returns the event ids.
+fn scan_ids(
+    client: ClientConfig,
+    codec: &Codec,
+    topic: &str,
+    partition: i32,
+    from: i64,
+) -> Result<HashSet<String>, HandlerError> {
+    let mut client = client;
+    let consumer: BaseConsumer = client
+        .set("group.id", "changewire-dedup-recovery")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .map_err(HandlerError::transient)?;
+    let (_, high) = consumer
+        .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
+        .map_err(HandlerError::transient)?;
+    let mut ids = HashSet::new();
+    if from >= high {
+        return Ok(ids);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(from))
+        .map_err(HandlerError::transient)?;
+    consumer.assign(&tpl).map_err(HandlerError::transient)?;
+    let deadline = Instant::now() + SCAN_DEADLINE;
+    let mut last = -1;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(message)) => {
+                // A reset to the start means the end was passed (tansu reports its
+                // high watermark below records it stores).
+                if message.offset() < last {
+                    return Ok(ids);
+                }
+                last = message.offset();
+                if let Ok(event) = codec.decode(message.payload().unwrap_or_default()) {
+                    ids.insert(event.id.to_string());
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(ids),
+            Some(Err(error)) if last >= high - 1 => {
+                tracing::debug!(%error, "end of the output partition");
+                return Ok(ids);
+            }
+            Some(Err(error)) => tracing::warn!(%error, topic, partition, "reading the output back"),
+            None if last >= high - 1 => return Ok(ids),
+            None => {}
+        }
+    }
+    Err(HandlerError::transient(format!(
+        "reading {topic}/{partition} back from offset {from} took over {SCAN_DEADLINE:?}"
+    )))
+}
+
+fn outbox_key(record: &Record) -> Vec<u8> {
+    let mut key = OUTBOX.to_vec();
+    key.extend_from_slice(record.topic.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&record.partition.to_be_bytes());
+    key.extend_from_slice(&record.offset.to_be_bytes());
+    key
+}
+
+fn written_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut key = WRITTEN.to_vec();
+    key.extend_from_slice(topic.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// An output record waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    id: String,
+    topic: String,
+    partition: i32,
+    key: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+    payload: Vec<u8>,
+}
+
+impl Pending {
+    fn record(&self) -> FutureRecord<'_, [u8], [u8]> {
+        let headers = self
+            .headers
+            .iter()
+            .fold(OwnedHeaders::new(), |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            });
+        let mut record = FutureRecord::to(&self.topic)
+            .partition(self.partition)
+            .payload(self.payload.as_slice())
+            .headers(headers);
+        if let Some(key) = &self.key {
+            record = record.key(key.as_slice());
+        }
+        record
+    }
+
+    /// Length-prefixed fields; a key is preceded by a presence byte.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.payload.len() + 128);
+        let mut field = |bytes: &[u8]| {
+            out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            out.extend_from_slice(bytes);
+        };
+        field(self.id.as_bytes());
+        field(self.topic.as_bytes());
+        field(&self.partition.to_be_bytes());
+        match &self.key {
+            Some(key) => {
+                field(&[1]);
+                field(key);
+            }
+            None => field(&[0]),
+        }
+        field(&(self.headers.len() as u32).to_be_bytes());
+        for (name, value) in &self.headers {
+            field(name.as_bytes());
+            field(value);
+        }
+        field(&self.payload);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut rest = bytes;
+        let mut field = || -> Option<&[u8]> {
+            let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            let value = rest.get(4..4 + len)?;
+            rest = &rest[4 + len..];
+            Some(value)
+        };
+        let id = String::from_utf8(field()?.to_vec()).ok()?;
+        let topic = String::from_utf8(field()?.to_vec()).ok()?;
+        let partition = i32::from_be_bytes(field()?.try_into().ok()?);
+        let key = match field()? {
+            [1] => Some(field()?.to_vec()),
+            _ => None,
+        };
+        let count = u32::from_be_bytes(field()?.try_into().ok()?);
+        let mut headers = Vec::with_capacity(count.min(64) as usize);
+        for _ in 0..count {
+            let name = String::from_utf8(field()?.to_vec()).ok()?;
+            headers.push((name, field()?.to_vec()));
+        }
+        let payload = field()?.to_vec();
+        Some(Self {
+            id,
+            topic,
+            partition,
+            key,
+            headers,
+            payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_entries_round_trip() {
+        let pending = Pending {
+            id: "pg:a:0/1:1".into(),
+            topic: "cw.dedup.a".into(),
+            partition: 2,
+            key: Some(b"k".to_vec()),
+            headers: vec![("h".into(), b"v".to_vec()), ("empty".into(), vec![])],
+            payload: b"{\"x\":1}".to_vec(),
+        };
+        assert_eq!(Pending::decode(&pending.encode()), Some(pending.clone()));
+        let keyless = Pending {
+            key: None,
+            headers: vec![],
+            ..pending
+        };
+        assert_eq!(Pending::decode(&keyless.encode()), Some(keyless.clone()));
+        let encoded = keyless.encode();
+        assert_eq!(
+            Pending::decode(&encoded[..encoded.len() - 1]),
+            None,
+            "truncated"
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! The dedup service against the real broker: killed with SIGKILL again and again
+//! while it works, its output still holds every distinct event exactly once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use changewire_schemas::{Codec, Op};
+use changewire_tests::servers::{free_port, PrivateBroker};
+use changewire_tests::{create_topics, read_to_end, unique_name, workspace_binary, Stack};
+use tokio::time::Instant;
+
+use crate::consumer::{
+    event, last_offsets, publish_keyed, start_service, terminate, wait_for_committed,
+    wait_for_progress, RESUME_REWIND,
+};
+
+/// A `changewire-consumer` config for the dedup service.
+fn dedup_config(
+    stack: &Stack,
+    prefix: &str,
+    raw: &str,
+    group: &str,
+    state: &std::path::Path,
+) -> String {
+    format!(
+        "[kafka]\nbrokers = {brokers:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+         \"max.poll.interval.ms\" = \"10000\"\n[topics]\nprefix = {prefix:?}\n\
+         [service]\nname = \"dedup\"\ngroup_id = {group:?}\nsubscribe = [{raw:?}]\n\
+         state_dir = {state:?}\nresume_rewind = {RESUME_REWIND}\n[dedup]\n",
+        brokers = stack.kafka_brokers
+    )
+}
+
+/// 100,000 events of which 10,000 repeat an earlier id (same key, as a producer
+/// retry would), SIGKILL at a quarter, half and three quarters done: every
+/// distinct event is in the output topic exactly once, with its key and headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_dedup_publishes_every_distinct_event_exactly_once() -> anyhow::Result<()> {
+    const EVENTS: u64 = 100_000;
+    const DISTINCT: usize = 90_000;
+    let stack = Stack::from_env();
+    let prefix = unique_name("dd");
+    let raw = format!("{prefix}.src.public.orders");
+    create_topics(&stack, &[&raw], 3).await?;
+    let codec = Codec::json()?;
+    // Every tenth event repeats the id of an earlier one.
+    let ids: Vec<u64> = (0..EVENTS)
+        .map(|i| if i % 10 == 9 { i / 10 } else { i - i / 10 })
+        .collect();
+    let records = ids
+        .iter()
+        .map(|&n| {
+            Ok((
+                n.to_string().into_bytes(),
+                codec.encode(&event(n, Op::Create))?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let last = last_offsets(&publish_keyed(&stack, &raw, records).await?);
+
+    let dir = tempfile::tempdir()?;
+    let group = unique_name("dedup");
+    let file = dir.path().join("dedup.toml");
+    std::fs::write(
+        &file,
+        dedup_config(&stack, &prefix, &raw, &group, &dir.path().join("state")),
+    )?;
+    let program = workspace_binary("changewire-consumer")?;
+    let log = dir.path().join("dedup.log");
+    for quarter in 1..=3 {
+        let service = start_service(&program, &file, &log)?;
+        wait_for_progress(&stack, &group, &raw, 3, EVENTS * quarter / 4).await?;
+        drop(service); // SIGKILL
+    }
+    let service = start_service(&program, &file, &log)?;
+    wait_for_committed(&stack, &group, &raw, &last).await?;
+    assert!(terminate(service)?.success(), "clean exit on SIGTERM");
+
+    assert_published_once(
+        &stack,
+        &format!("{prefix}.dedup.src.public.orders"),
+        DISTINCT,
+    )
+    .await
+}
+
+/// Reads the whole output topic: `distinct` events, each once, key = the event's
+/// number, headers kept.
+async fn assert_published_once(stack: &Stack, output: &str, distinct: usize) -> anyhow::Result<()> {
+    let codec = Codec::json()?;
+    let published = read_to_end(stack, output, Duration::from_secs(120)).await?;
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    for record in &published {
+        let event = codec.decode(record.value.as_deref().unwrap_or_default())?;
+        *copies.entry(event.id.to_string()).or_default() += 1;
+        assert_eq!(
+            record.headers,
+            vec![("origin".to_owned(), b"test".to_vec())],
+            "headers kept"
+        );
+    }
+    let repeated: Vec<_> = copies.iter().filter(|(_, &c)| c > 1).take(5).collect();
+    assert!(
+        repeated.is_empty(),
+        "published more than once: {repeated:?}"
+    );
+    assert_eq!(copies.len(), distinct, "every distinct event published");
+    assert_eq!(published.len(), distinct);
+    Ok(())
+}
+
+/// Batches the service committed to sled, from `/metrics`.
+async fn batches_committed(metrics_url: &str) -> anyhow::Result<u64> {
+    let text = reqwest::get(metrics_url).await?.text().await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("changewire_consumer_commit_seconds_count"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// The broker stops answering while dedup publishes a batch, so the batch is
+/// committed to sled but not confirmed; the service is then SIGKILLed. After the
+/// restart, the recovery reads the output back and publishes only what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_recovers_a_batch_in_doubt_after_a_stalled_broker_and_sigkill() -> anyhow::Result<()>
+{
+    const EVENTS: u64 = 20_000;
+    let broker = PrivateBroker::start_in_memory()?;
+    let stack = Stack {
+        kafka_brokers: broker.brokers(),
+        ..Stack::from_env()
+    };
+    let prefix = unique_name("ddr");
+    let raw = format!("{prefix}.src.public.orders");
+    create_topics(&stack, &[&raw], 2).await?;
+    let codec = Codec::json()?;
+    let records = (0..EVENTS)
+        .map(|n| {
+            Ok((
+                n.to_string().into_bytes(),
+                codec.encode(&event(n, Op::Create))?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let last = last_offsets(&publish_keyed(&stack, &raw, records).await?);
+
+    let dir = tempfile::tempdir()?;
+    let group = unique_name("dedup");
+    let port = free_port()?;
+    let file = dir.path().join("dedup.toml");
+    let config = dedup_config(&stack, &prefix, &raw, &group, &dir.path().join("state"));
+    std::fs::write(
+        &file,
+        format!("{config}[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )?;
+    let program = workspace_binary("changewire-consumer")?;
+    let log = dir.path().join("dedup.log");
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+
+    let service = start_service(&program, &file, &log)?;
+    wait_for_progress(&stack, &group, &raw, 2, EVENTS / 4).await?;
+    broker.freeze()?;
+    // A batch committed to sled after the broker froze cannot be published: it is
+    // in doubt.
+    let at_freeze = batches_committed(&metrics).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while batches_committed(&metrics).await? <= at_freeze {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no batch committed after the broker froze"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(service); // SIGKILL
+    broker.thaw()?;
+
+    let service = start_service(&program, &file, &log)?;
+    wait_for_committed(&stack, &group, &raw, &last).await?;
+    assert!(terminate(service)?.success(), "clean exit on SIGTERM");
+    let log = std::fs::read_to_string(&log)?;
+    let recoveries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("recovered the outbox"))
+        .collect();
+    assert!(
+        recoveries.iter().any(|l| !l.contains("in_doubt=0")),
+        "the restart recovered a batch in doubt: {recoveries:?}"
+    );
+    assert_published_once(
+        &stack,
+        &format!("{prefix}.dedup.src.public.orders"),
+        EVENTS as usize,
+    )
+    .await
+}
