@@ -186,7 +186,7 @@ pub async fn run_observed<H: Handler>(
 }
 
 /// A Kafka client configuration with the `[kafka]` section's properties.
-fn client_config(config: &ConsumerConfig) -> ClientConfig {
+pub fn client_config(config: &ConsumerConfig) -> ClientConfig {
     config
         .kafka
         .client_properties()

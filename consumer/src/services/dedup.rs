@@ -38,7 +38,9 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConsumerConfig;
-use crate::runtime::{ensure_topic, Context, Handler, HandlerError, Record, StateChanges, Store};
+use crate::runtime::{
+    client_config, ensure_topic, Context, Handler, HandlerError, Record, StateChanges, Store,
+};
 
 const OUTBOX: &[u8] = b"outbox/";
 const WRITTEN: &[u8] = b"written/";
@@ -270,14 +272,6 @@ impl Handler for Dedup {
             .await
             .inspect_err(|_| self.in_doubt.store(true, Ordering::SeqCst))
     }
-}
-
-fn client_config(config: &ConsumerConfig) -> ClientConfig {
-    config
-        .kafka
-        .client_properties()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
 }
 
 async fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, HandlerError> {

@@ -42,21 +42,9 @@ async fn sigkilled_dedup_publishes_every_distinct_event_exactly_once() -> anyhow
     let prefix = unique_name("dd");
     let raw = format!("{prefix}.src.public.orders");
     create_topics(&stack, &[&raw], 3).await?;
-    let codec = Codec::json()?;
     // Every tenth event repeats the id of an earlier one.
-    let ids: Vec<u64> = (0..EVENTS)
-        .map(|i| if i % 10 == 9 { i / 10 } else { i - i / 10 })
-        .collect();
-    let records = ids
-        .iter()
-        .map(|&n| {
-            Ok((
-                n.to_string().into_bytes(),
-                codec.encode(&event(n, Op::Create))?,
-            ))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let last = last_offsets(&publish_keyed(&stack, &raw, records).await?);
+    let ids = (0..EVENTS).map(|i| if i % 10 == 9 { i / 10 } else { i - i / 10 });
+    let last = publish_events(&stack, &raw, ids).await?;
 
     let dir = tempfile::tempdir()?;
     let group = unique_name("dedup");
@@ -82,6 +70,25 @@ async fn sigkilled_dedup_publishes_every_distinct_event_exactly_once() -> anyhow
         DISTINCT,
     )
     .await
+}
+
+/// Publishes a create event per number (key = the number); returns the last
+/// offset per partition.
+async fn publish_events(
+    stack: &Stack,
+    topic: &str,
+    numbers: impl Iterator<Item = u64>,
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    let codec = Codec::json()?;
+    let records = numbers
+        .map(|n| {
+            Ok((
+                n.to_string().into_bytes(),
+                codec.encode(&event(n, Op::Create))?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(last_offsets(&publish_keyed(stack, topic, records).await?))
 }
 
 /// Reads the whole output topic: `distinct` events, each once, key = the event's
@@ -134,16 +141,7 @@ async fn dedup_recovers_a_batch_in_doubt_after_a_stalled_broker_and_sigkill() ->
     let prefix = unique_name("ddr");
     let raw = format!("{prefix}.src.public.orders");
     create_topics(&stack, &[&raw], 2).await?;
-    let codec = Codec::json()?;
-    let records = (0..EVENTS)
-        .map(|n| {
-            Ok((
-                n.to_string().into_bytes(),
-                codec.encode(&event(n, Op::Create))?,
-            ))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let last = last_offsets(&publish_keyed(&stack, &raw, records).await?);
+    let last = publish_events(&stack, &raw, 0..EVENTS).await?;
 
     let dir = tempfile::tempdir()?;
     let group = unique_name("dedup");
