@@ -6,6 +6,7 @@ mod consumer;
 mod crash;
 mod dedup;
 mod fixtures;
+mod forward;
 mod large;
 mod operability;
 mod pgoutput;
