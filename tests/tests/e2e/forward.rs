@@ -153,7 +153,8 @@ async fn forward_posts_signed_events_in_key_order_with_retries_and_dlq() -> anyh
     wait_for_committed(&stack, &group, &topic, &last).await?;
     assert!(terminate(service)?.success(), "clean exit on SIGTERM");
 
-    let receiver = receiver.lock().expect("receiver lock");
+    let seen = std::mem::take(&mut *receiver.lock().expect("receiver lock"));
+    let receiver = seen;
     assert_eq!(receiver.bad_signatures, 0, "every request correctly signed");
     let mut accepted = receiver.accepted.clone();
     for key in 0..KEYS {
