@@ -107,6 +107,7 @@ impl ServiceContext {
             }
             owned.insert((topic, partition), next);
         }
+        self.metrics.partitions_assigned.set(owned.len() as i64);
         tracing::info!(partitions = tpl.count(), "partitions assigned");
         if let Err(error) = consumer.assign(tpl) {
             tracing::error!(%error, "cannot take the assignment");
@@ -123,6 +124,10 @@ impl ServiceContext {
         for element in tpl.elements() {
             let (topic, partition) = (element.topic(), element.partition());
             owned.remove(&(topic.to_owned(), partition));
+            self.metrics.lag.remove(&TopicPartition {
+                topic: topic.to_owned(),
+                partition,
+            });
             if let Ok(Some(next)) = self.store.offset(topic, partition) {
                 let _ = offsets.add_partition_offset(topic, partition, Offset::Offset(next));
             }
@@ -132,6 +137,7 @@ impl ServiceContext {
                 tracing::warn!(%error, "cannot hand the revoked partitions' offsets to Kafka");
             }
         }
+        self.metrics.partitions_assigned.set(owned.len() as i64);
         tracing::info!(partitions = tpl.count(), "partitions revoked");
         if let Err(error) = consumer.unassign() {
             tracing::error!(%error, "cannot give up the assignment");

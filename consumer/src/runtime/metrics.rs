@@ -87,6 +87,8 @@ pub struct ConsumerMetrics {
     pub commit_seconds: Histogram,
     /// Records between the broker's high watermark and the service's offset.
     pub lag: Family<TopicPartition, Gauge>,
+    /// Partitions this instance owns.
+    pub partitions_assigned: Gauge,
     /// Times the broker delivered a partition from a later offset than asked for.
     pub offset_gaps: Counter,
     /// Handler retries after transient failures.
@@ -103,6 +105,7 @@ impl Default for ConsumerMetrics {
             handler_seconds: Histogram::new(exponential_buckets(0.000_01, 4.0, 12)),
             commit_seconds: Histogram::new(exponential_buckets(0.000_1, 3.0, 12)),
             lag: Family::default(),
+            partitions_assigned: Gauge::default(),
             offset_gaps: Counter::default(),
             retries: Counter::default(),
             status: Status::new(ServiceState::Starting),
@@ -126,6 +129,11 @@ impl Default for ConsumerMetrics {
             "lag",
             "Records between the high watermark and the service's offset",
             metrics.lag.clone(),
+        );
+        registry.register(
+            "partitions_assigned",
+            "Partitions this instance owns",
+            metrics.partitions_assigned.clone(),
         );
         registry.register(
             "offset_gaps",

@@ -2,7 +2,7 @@
 //! happen once per event id although the service is killed with SIGKILL.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -330,15 +330,7 @@ async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow
     let state = dir.path().join("state");
     let config = service_config(&stack, &prefix, &topic, &state);
     let group = config.group_id();
-    let file = dir.path().join("count.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[kafka]\nbrokers = {:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"10000\"\n[topics]\nprefix = {prefix:?}\n\
-             [service]\nname = \"svc\"\ngroup_id = {group:?}\nsubscribe = [{topic:?}]\nstate_dir = {state:?}\nresume_rewind = {RESUME_REWIND}\n",
-            stack.kafka_brokers
-        ),
-    )?;
+    let file = write_config(dir.path(), "count", &config)?;
     let program = workspace_example("count_events")?;
     let log = dir.path().join("service.log");
     let start = || start_service(&program, &file, &log);
@@ -389,6 +381,13 @@ async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow
         "per-table count equals the distinct events"
     );
     Ok(())
+}
+
+/// Writes `config` as `<dir>/<name>.toml` and returns the path.
+pub fn write_config(dir: &Path, name: &str, config: &ConsumerConfig) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml::to_string(config)?)?;
+    Ok(path)
 }
 
 /// Starts a service process with `config`, appending its output to `log`.

@@ -12,6 +12,7 @@ mod operability;
 mod pgoutput;
 mod pipeline;
 mod postgres;
+mod rebalance;
 mod registry;
 mod restart;
 mod server_checks;
