@@ -55,6 +55,9 @@ pub struct ServiceConfig {
     /// Most records applied and committed to sled in one batch (one flush).
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// Longest wait, in milliseconds, for more records to fill a batch.
+    #[serde(default = "default_batch_linger_ms")]
+    pub batch_linger_ms: u64,
     /// How many offsets before its sled offset a partition is re-read from (the
     /// records below the sled offset are skipped unapplied). 0 is right for Apache
     /// Kafka; tansu 0.6 serves a fetch from inside a record batch with the next
@@ -74,6 +77,10 @@ fn default_max_attempts() -> u32 {
 
 fn default_max_batch() -> usize {
     1000
+}
+
+fn default_batch_linger_ms() -> u64 {
+    20
 }
 
 impl ConsumerConfig {
@@ -130,6 +137,11 @@ impl ConsumerConfig {
     /// How long processed ids are kept.
     pub fn retention(&self) -> std::time::Duration {
         std::time::Duration::from_secs(u64::from(self.service.retention_days) * 86_400)
+    }
+
+    /// How long a batch waits to fill.
+    pub fn batch_linger(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.service.batch_linger_ms)
     }
 
     /// The consumer group this service joins.

@@ -1,5 +1,7 @@
 //! Per-service metrics (Prometheus) and the state `/health` reports.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use changewire_schemas::http::{encode_registry, HealthReport, Observable, Status};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -94,6 +96,7 @@ pub struct ConsumerMetrics {
     /// Handler retries after transient failures.
     pub retries: Counter,
     status: Status<ServiceState>,
+    read: AtomicU64,
 }
 
 impl Default for ConsumerMetrics {
@@ -109,6 +112,7 @@ impl Default for ConsumerMetrics {
             offset_gaps: Counter::default(),
             retries: Counter::default(),
             status: Status::new(ServiceState::Starting),
+            read: AtomicU64::new(0),
         };
         registry.register(
             "records",
@@ -153,8 +157,14 @@ impl Default for ConsumerMetrics {
 }
 
 impl ConsumerMetrics {
+    /// Records read and settled (any outcome) since start.
+    pub fn records_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
     /// Counts one record of `topic` with `outcome`.
     pub fn count(&self, topic: &str, outcome: Outcome) {
+        self.read.fetch_add(1, Ordering::Relaxed);
         self.records
             .get_or_create(&TopicOutcome {
                 topic: topic.to_owned(),

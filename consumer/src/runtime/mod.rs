@@ -269,10 +269,16 @@ impl<H: Handler> Worker<'_, H> {
             };
             let mut records = Vec::new();
             collect(first, &mut records);
+            // Larger batches amortize the flush and the outward round trip; wait a
+            // little for more records, never past max_batch or the linger.
+            let linger = tokio::time::Instant::now() + self.config.batch_linger();
             while records.len() < self.config.service.max_batch {
                 match consumer.recv().now_or_never() {
                     Some(message) => collect(message, &mut records),
-                    None => break,
+                    None => match tokio::time::timeout_at(linger, consumer.recv()).await {
+                        Ok(message) => collect(message, &mut records),
+                        Err(_) => break,
+                    },
                 }
             }
             let (batch, step) = self.apply(records, shutdown).await?;

@@ -86,7 +86,8 @@ impl Dedup {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", "0")
-            .set("linger.ms", "5")
+            // Each batch waits for its acknowledgements: do not hold records back.
+            .set("linger.ms", "1")
             .set("compression.type", "lz4")
             .create()?;
         Ok(Self {
@@ -191,7 +192,9 @@ impl Dedup {
         for ((topic, partition), next) in marks {
             changes.put(written_key(&topic, partition), next.to_be_bytes().to_vec());
         }
-        store.apply(changes)?;
+        // No flush of its own: if a crash loses this write, the entries come back in
+        // doubt and recovery finds them in the output. The next batch flushes it.
+        store.apply_unflushed(changes)?;
         Ok(())
     }
 

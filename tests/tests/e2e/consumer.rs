@@ -47,6 +47,7 @@ pub fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) ->
             retention_days: 7,
             max_attempts: 2,
             max_batch: 500,
+            batch_linger_ms: 20,
             resume_rewind: RESUME_REWIND,
         },
         http: None,

@@ -1,0 +1,270 @@
+//! Dedup benchmark:
+//! `cargo run --release -p changewire-tests --bin bench-dedup -- [EVENTS]`
+//!
+//! On the local stack (`scripts/stack up`), in one run:
+//! 1. publishes EVENTS events (default 1,000,000) of which every tenth repeats an
+//!    earlier id, to a 3-partition topic;
+//! 2. times the dedup service (in-process, its own sled store) from subscribing to
+//!    the last batch published and acknowledged;
+//! 3. times a plain rdkafka loop over the same topic: consume, produce, wait for
+//!    every acknowledgement (the ceiling: no state, no dedup, no fsync);
+//! 4. prints throughput, the ratio, sled's disk writes per input byte (write
+//!    amplification), its size on disk, and the process's peak memory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use changewire_consumer::config::{ConsumerConfig, ServiceConfig};
+use changewire_consumer::runtime::{self, ConsumerMetrics, Store};
+use changewire_consumer::services::dedup::{Dedup, DedupConfig};
+use changewire_schemas::topic::TopicsConfig;
+use changewire_schemas::{
+    ChangeEvent, Codec, EventId, Op, Origin, PostgresOrigin, SnapshotMarker, Source,
+};
+use changewire_tests::{create_topics, peak_rss_kib, unique_name, Stack};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::json;
+use tokio::sync::watch;
+
+const PARTITIONS: i32 = 3;
+const PUBLISH_CHUNK: u64 = 50_000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let events: u64 = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    ensure!(events > 0, "EVENTS must be positive");
+    let stack = Stack::from_env();
+    let prefix = unique_name("benchdd");
+    let raw = format!("{prefix}.src.public.orders");
+    create_topics(&stack, &[&raw], PARTITIONS).await?;
+    let started = Instant::now();
+    let input_bytes = publish(&stack, &raw, events).await?;
+    println!(
+        "published {events} events ({:.0} MB, 10% duplicates) in {:.1} s",
+        input_bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+
+    let state = tempfile::tempdir()?;
+    let written_before = process_disk_writes();
+    let dedup_time = time_dedup(&stack, &prefix, &raw, state.path(), events).await?;
+    let disk_writes = process_disk_writes().saturating_sub(written_before);
+    let store_size = Store::open(state.path())?.size_on_disk()?;
+    let dedup_rss = peak_rss_kib("self");
+    let plain_time = time_plain_loop(&stack, &raw, &format!("{prefix}.plain"), events).await?;
+
+    let rate = |d: Duration| events as f64 / d.as_secs_f64();
+    println!(
+        "dedup service:     {:>8.1} s  {:>9.0} events/s",
+        dedup_time.as_secs_f64(),
+        rate(dedup_time)
+    );
+    println!(
+        "plain rdkafka loop:{:>8.1} s  {:>9.0} events/s",
+        plain_time.as_secs_f64(),
+        rate(plain_time)
+    );
+    println!(
+        "ratio dedup / plain: {:.2}",
+        rate(dedup_time) / rate(plain_time)
+    );
+    println!(
+        "sled: {:.0} MB written to disk for {:.0} MB of input (write amplification {:.2}), {:.0} MB on disk",
+        disk_writes as f64 / 1e6,
+        input_bytes as f64 / 1e6,
+        disk_writes as f64 / input_bytes as f64,
+        store_size as f64 / 1e6
+    );
+    println!("peak RSS after the dedup run: {} MiB", dedup_rss / 1024);
+    Ok(())
+}
+
+/// A compact create event; every tenth repeats the id of an earlier one.
+fn event(i: u64) -> ChangeEvent {
+    let n = if i % 10 == 9 { i / 10 } else { i - i / 10 };
+    ChangeEvent {
+        id: EventId::postgres("bench", 0x1000 + n, 1),
+        op: Op::Create,
+        ts_ms: 1_763_769_600_123,
+        source: Source {
+            name: "bench".into(),
+            ts_ms: 1_763_769_600_100,
+            snapshot: SnapshotMarker::False,
+            origin: Origin::Postgresql(PostgresOrigin {
+                db: "shop".into(),
+                schema: "public".into(),
+                table: "orders".into(),
+                lsn: 0x1000 + n,
+                tx_id: Some(n as i64),
+                sequence: None,
+            }),
+        },
+        before: None,
+        after: Some(json!({"id": n, "note": "paid", "amount": "10.50"})),
+        diff: None,
+        actor: None,
+        transaction: None,
+    }
+}
+
+/// Publishes `events` events in chunks; returns the bytes of their values.
+async fn publish(stack: &Stack, topic: &str, events: u64) -> anyhow::Result<u64> {
+    let producer = producer(stack)?;
+    let codec = Codec::json()?;
+    let mut bytes = 0;
+    let mut next = 0;
+    while next < events {
+        let end = (next + PUBLISH_CHUNK).min(events);
+        let mut acks = Vec::new();
+        for i in next..end {
+            let value = codec.encode(&event(i))?;
+            bytes += value.len() as u64;
+            let key = i.to_string();
+            let record = FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(value.as_slice());
+            acks.push(enqueue(&producer, record).await);
+        }
+        for ack in futures::future::join_all(acks).await {
+            ack?.map_err(|(error, _)| error)?;
+        }
+        next = end;
+    }
+    Ok(bytes)
+}
+
+fn producer(stack: &Stack) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()?)
+}
+
+/// Runs the dedup service until it has read `events` records and published the
+/// last batch.
+async fn time_dedup(
+    stack: &Stack,
+    prefix: &str,
+    raw: &str,
+    state: &std::path::Path,
+    events: u64,
+) -> anyhow::Result<Duration> {
+    let config = ConsumerConfig {
+        kafka: stack.kafka_config(),
+        topics: TopicsConfig {
+            prefix: prefix.to_owned(),
+        },
+        http: None,
+        service: ServiceConfig {
+            name: "dedup".into(),
+            group_id: Some(unique_name("benchdd")),
+            subscribe: vec![raw.to_owned()],
+            state_dir: state.to_owned(),
+            retention_days: 7,
+            max_attempts: 5,
+            max_batch: 5_000,
+            batch_linger_ms: 20,
+            resume_rewind: 10_000,
+        },
+        dedup: Some(DedupConfig::default()),
+        forward: None,
+    };
+    let metrics = Arc::new(ConsumerMetrics::default());
+    let (stop, shutdown) = watch::channel(false);
+    let started = Instant::now();
+    let handler = Dedup::new(&config, &DedupConfig::default())?;
+    let service = {
+        let metrics = metrics.clone();
+        tokio::spawn(async move { runtime::run_observed(&config, handler, shutdown, metrics).await })
+    };
+    while metrics.records_read() < events {
+        ensure!(!service.is_finished(), "the dedup service stopped early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The service finishes the batch at hand, publishing it, before it returns.
+    stop.send(true)?;
+    let stats = service.await??;
+    let elapsed = started.elapsed();
+    let text = changewire_schemas::http::Observable::encode_metrics(metrics.as_ref());
+    for line in text.lines().filter(|l| l.contains("_sum") || l.contains("_count")) {
+        println!("  {line}");
+    }
+    println!(
+        "dedup: {} published, {} duplicates dropped",
+        stats.applied, stats.duplicates
+    );
+    ensure!(
+        stats.applied + stats.duplicates == events,
+        "read {} of {events}",
+        stats.applied + stats.duplicates
+    );
+    Ok(elapsed)
+}
+
+/// Consumes `events` records of `raw` and produces each to `output`, then waits
+/// for every acknowledgement.
+async fn time_plain_loop(
+    stack: &Stack,
+    raw: &str,
+    output: &str,
+    events: u64,
+) -> anyhow::Result<Duration> {
+    create_topics(stack, &[output], PARTITIONS).await?;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("group.id", unique_name("benchplain"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    let producer = producer(stack)?;
+    let started = Instant::now();
+    consumer.subscribe(&[raw])?;
+    let mut acks = Vec::with_capacity(events as usize);
+    while (acks.len() as u64) < events {
+        let message = consumer.recv().await?;
+        let record = FutureRecord::to(output)
+            .partition(message.partition())
+            .key(message.key().unwrap_or_default())
+            .payload(message.payload().unwrap_or_default());
+        acks.push(enqueue(&producer, record).await);
+    }
+    for ack in futures::future::join_all(acks).await {
+        ack?.map_err(|(error, _)| error)?;
+    }
+    Ok(started.elapsed())
+}
+
+/// Hands `record` to the producer, waiting while its queue is full.
+async fn enqueue(producer: &FutureProducer, mut record: FutureRecord<'_, [u8], [u8]>) -> DeliveryFuture {
+    loop {
+        match producer.send_result(record) {
+            Ok(ack) => return ack,
+            Err((_, back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+/// Bytes this process caused to be written to storage (`/proc/self/io`).
+fn process_disk_writes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("write_bytes: "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
