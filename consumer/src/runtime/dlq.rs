@@ -39,6 +39,11 @@ impl DeadLetters {
         })
     }
 
+    /// The DLQ topic.
+    pub(super) fn topic(&self) -> &str {
+        &self.topic
+    }
+
     /// Creates the DLQ topic when missing (brokers may not auto-create it).
     pub(super) async fn ensure_topic(&self, config: &ConsumerConfig) -> Result<(), RuntimeError> {
         ensure_topic(config, &self.topic, 1).await

@@ -381,8 +381,14 @@ impl<H: Handler> Worker<'_, H> {
     }
 
     /// Whether `record` is from a partition this instance owns and at or past the
-    /// sled offset (records before it are the rewind, or already applied).
+    /// sled offset (records before it are the rewind, or already applied), and not
+    /// from the service's own DLQ.
     fn owns(&self, record: &Record) -> bool {
+        // A pattern subscription may match the service's own DLQ: dead-lettering
+        // those records again would loop. They are stored there already.
+        if record.topic == self.dlq.topic() {
+            return false;
+        }
         let mut owned = self.assignment.lock();
         let Some(expected) = owned.get_mut(&(record.topic.clone(), record.partition)) else {
             return false;

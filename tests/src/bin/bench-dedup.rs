@@ -185,7 +185,9 @@ async fn time_dedup(
     let handler = Dedup::new(&config, &DedupConfig::default())?;
     let service = {
         let metrics = metrics.clone();
-        tokio::spawn(async move { runtime::run_observed(&config, handler, shutdown, metrics).await })
+        tokio::spawn(
+            async move { runtime::run_observed(&config, handler, shutdown, metrics).await },
+        )
     };
     while metrics.records_read() < events {
         ensure!(!service.is_finished(), "the dedup service stopped early");
@@ -196,7 +198,10 @@ async fn time_dedup(
     let stats = service.await??;
     let elapsed = started.elapsed();
     let text = changewire_schemas::http::Observable::encode_metrics(metrics.as_ref());
-    for line in text.lines().filter(|l| l.contains("_sum") || l.contains("_count")) {
+    for line in text
+        .lines()
+        .filter(|l| l.contains("_sum") || l.contains("_count"))
+    {
         println!("  {line}");
     }
     println!(
@@ -245,7 +250,10 @@ async fn time_plain_loop(
 }
 
 /// Hands `record` to the producer, waiting while its queue is full.
-async fn enqueue(producer: &FutureProducer, mut record: FutureRecord<'_, [u8], [u8]>) -> DeliveryFuture {
+async fn enqueue(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> DeliveryFuture {
     loop {
         match producer.send_result(record) {
             Ok(ack) => return ack,
