@@ -103,13 +103,6 @@ impl Store {
         Ok(())
     }
 
-    /// Applies state `changes` alone, atomically, without waiting for the disk: the
-    /// next flushed write makes them durable, a crash before it may lose them.
-    pub fn apply_unflushed(&self, changes: StateChanges) -> Result<(), StoreError> {
-        self.db.apply_batch(changes.into_batch())?;
-        Ok(())
-    }
-
     /// State entries whose key starts with `prefix`, in key order.
     pub fn scan(&self, prefix: &[u8]) -> Result<Vec<StateEntry>, StoreError> {
         self.db

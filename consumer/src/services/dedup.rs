@@ -192,9 +192,7 @@ impl Dedup {
         for ((topic, partition), next) in marks {
             changes.put(written_key(&topic, partition), next.to_be_bytes().to_vec());
         }
-        // No flush of its own: if a crash loses this write, the entries come back in
-        // doubt and recovery finds them in the output. The next batch flushes it.
-        store.apply_unflushed(changes)?;
+        store.apply(changes)?;
         Ok(())
     }
 

