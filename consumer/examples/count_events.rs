@@ -55,13 +55,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    changewire_schemas::diagnostics::init_logging();
     let args = Args::parse();
     let config = ConsumerConfig::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;

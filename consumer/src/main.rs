@@ -11,7 +11,6 @@ use changewire_consumer::services::forward::{Forward, ForwardConfig};
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::settings::ConfigError;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// Command-line flags.
 #[derive(Debug, Parser)]
@@ -57,11 +56,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    changewire_schemas::diagnostics::init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

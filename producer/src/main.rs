@@ -39,13 +39,7 @@ const EXIT_CONFIG: u8 = 2;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    changewire_schemas::diagnostics::init_logging();
     let args = Args::parse();
     let config = match ProducerConfig::load(&args.config) {
         Ok(config) => config,

@@ -11,3 +11,15 @@ pub fn report(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Logs to stderr (colours only on a terminal), filtered by `RUST_LOG`, default
+/// `info`: what every changewire binary does at start.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
