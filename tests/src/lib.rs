@@ -40,6 +40,14 @@ impl Stack {
         }
     }
 
+    /// The local stack's PostgreSQL with another broker (a private one).
+    pub fn with_brokers(brokers: String) -> Self {
+        Self {
+            kafka_brokers: brokers,
+            ..Self::from_env()
+        }
+    }
+
     /// The `[kafka]` config section pointing at the test broker.
     pub fn kafka_config(&self) -> changewire_schemas::settings::KafkaConfig {
         changewire_schemas::settings::KafkaConfig {

@@ -44,10 +44,7 @@ async fn sigkilled_dedup_publishes_every_distinct_event_exactly_once() -> anyhow
     // A broker of its own: group rebalances after each kill are slow to settle on a
     // broker the rest of the suite loads.
     let broker = PrivateBroker::start_in_memory()?;
-    let stack = Stack {
-        kafka_brokers: broker.brokers(),
-        ..Stack::from_env()
-    };
+    let stack = Stack::with_brokers(broker.brokers());
     let prefix = unique_name("dd");
     let raw = format!("{prefix}.src.public.orders");
     create_topics(&stack, &[&raw], 3).await?;
@@ -156,10 +153,7 @@ async fn dedup_recovers_a_batch_in_doubt_after_a_stalled_broker_and_sigkill() ->
 {
     const EVENTS: u64 = 20_000;
     let broker = PrivateBroker::start_in_memory()?;
-    let stack = Stack {
-        kafka_brokers: broker.brokers(),
-        ..Stack::from_env()
-    };
+    let stack = Stack::with_brokers(broker.brokers());
     let prefix = unique_name("ddr");
     let raw = format!("{prefix}.src.public.orders");
     create_topics(&stack, &[&raw], 2).await?;
