@@ -19,6 +19,21 @@ async fn serve(source: &RunningSource) -> anyhow::Result<String> {
     Ok(base)
 }
 
+/// Polls `/health` until it answers 200; returns its body.
+async fn healthy_body(http: &reqwest::Client, base: &str) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = http.get(format!("{base}/health")).send().await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await?;
+        if status == 200 {
+            return Ok(body);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never healthy: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn metrics_count_events_and_health_follows_the_source() -> anyhow::Result<()> {
     let stack = Stack::from_env();
@@ -33,9 +48,8 @@ async fn metrics_count_events_and_health_follows_the_source() -> anyhow::Result<
     let base = serve(&source).await?;
     let http = reqwest::Client::new();
 
-    let health = http.get(format!("{base}/health")).send().await?;
-    assert_eq!(health.status(), 200);
-    let body: serde_json::Value = health.json().await?;
+    // The slot turns active a moment before the source records that it streams.
+    let body = healthy_body(&http, &base).await?;
     assert_eq!(body["state"], "streaming");
 
     let unauthorized = http.get(format!("{base}/metrics")).send().await?;
