@@ -29,6 +29,11 @@ impl SledCheckpoints {
             db: sled::open(dir)?,
         })
     }
+
+    /// The database, for stores of other shapes (Kubernetes object state).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
 }
 
 impl CheckpointStore for SledCheckpoints {

@@ -7,6 +7,7 @@ use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::FormatConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::kubernetes::KubernetesConfig;
 use crate::postgres::PostgresConfig;
 use changewire_schemas::http::HttpConfig;
 
@@ -31,6 +32,9 @@ pub struct ProducerConfig {
     /// The PostgreSQL source, if any.
     #[serde(default)]
     pub postgres: Option<PostgresConfig>,
+    /// The Kubernetes source, if any.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -50,6 +54,9 @@ impl ProducerConfig {
         self.kafka.validate()?;
         if let Some(postgres) = &self.postgres {
             postgres.validate()?;
+        }
+        if let Some(kubernetes) = &self.kubernetes {
+            kubernetes.validate()?;
         }
         self.topics
             .names()

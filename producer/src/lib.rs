@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod kubernetes;
 pub mod metrics;
 pub mod postgres;
 pub mod sink;

@@ -9,6 +9,8 @@ use changewire_producer::config::ProducerConfig;
 use std::sync::Arc;
 
 use changewire_producer::checkpoint::SledCheckpoints;
+use changewire_producer::kubernetes::{KubernetesSource, SledObjects};
+use changewire_producer::metrics::ProducerMetrics;
 use changewire_producer::postgres::PostgresSource;
 use changewire_producer::sink::KafkaSink;
 use changewire_schemas::diagnostics::report;
@@ -58,7 +60,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
-    tracing::info!(kafka = ?config.kafka, postgres = ?config.postgres, format = ?config.format.value, "starting");
+    tracing::info!(kafka = ?config.kafka, postgres = ?config.postgres, kubernetes = ?config.kubernetes, format = ?config.format.value, "starting");
     let codec = Codec::from_config(&config.format)
         .await
         .context("cannot set up the value codec")?;
@@ -70,15 +72,15 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
     if check_only {
         return Ok(());
     }
-    let Some(postgres) = config.postgres else {
-        anyhow::bail!(
-            "nothing to stream: no change source is configured (add a [postgres] section)"
-        )
-    };
+    if config.postgres.is_none() && config.kubernetes.is_none() {
+        anyhow::bail!("nothing to stream: no change source is configured (add a [postgres] or [kubernetes] section)")
+    }
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
-    let checkpoints = SledCheckpoints::open(&config.state_dir)
-        .with_context(|| format!("cannot open checkpoints in {}", config.state_dir.display()))?;
+    let checkpoints =
+        Arc::new(SledCheckpoints::open(&config.state_dir).with_context(|| {
+            format!("cannot open checkpoints in {}", config.state_dir.display())
+        })?);
     let names = config.topics.names()?;
     let (stop, shutdown) = watch::channel(false);
     tokio::spawn(async move {
@@ -86,28 +88,59 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
         tracing::info!("shutdown requested");
         let _ = stop.send(true);
     });
-    let source = PostgresSource::new(
-        postgres,
-        names,
-        Arc::new(codec),
-        Arc::new(sink),
-        Arc::new(checkpoints),
-    );
+    let (codec, sink) = (Arc::new(codec), Arc::new(sink));
+    let metrics = Arc::new(ProducerMetrics::default());
+    serve_http(&config, metrics.clone()).await?;
+    let mut sources = tokio::task::JoinSet::new();
+    if let Some(postgres) = config.postgres {
+        let source = PostgresSource::new(
+            postgres,
+            names.clone(),
+            codec.clone(),
+            sink.clone(),
+            checkpoints.clone(),
+        )
+        .with_metrics(metrics.clone());
+        let shutdown = shutdown.clone();
+        sources.spawn(async move {
+            source
+                .run(shutdown)
+                .await
+                .map_err(|e| anyhow::anyhow!(report(&e)))
+        });
+    }
+    if let Some(kubernetes) = config.kubernetes {
+        let objects = SledObjects::open(checkpoints.db())
+            .context("cannot open the Kubernetes object state")?;
+        let source = KubernetesSource::new(kubernetes, names, codec, sink, Arc::new(objects))
+            .with_metrics(metrics);
+        sources.spawn(async move {
+            source
+                .run(shutdown)
+                .await
+                .map_err(|e| anyhow::anyhow!(report(&e)))
+        });
+    }
+    // One source failing stops the producer: a half-working producer would look healthy.
+    while let Some(result) = sources.join_next().await {
+        result??;
+    }
+    Ok(())
+}
+
+/// Serves `/metrics` and `/health` in the background.
+async fn serve_http(config: &ProducerConfig, metrics: Arc<ProducerMetrics>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
-    let bound = listener.local_addr()?;
-    tracing::info!(listen = %bound, "serving /metrics and /health");
-    let router = http::router(source.metrics(), config.http.token.clone());
+    tracing::info!(listen = %listener.local_addr()?, "serving /metrics and /health");
+    let router = http::router(metrics, config.http.token.clone());
     tokio::spawn(async move {
         if let Err(error) = http::serve(listener, router).await {
             tracing::error!(%error, "HTTP endpoint failed");
         }
     });
-    source
-        .run(shutdown)
-        .await
-        .map_err(|e| anyhow::anyhow!(report(&e)))
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -19,6 +19,13 @@ pub struct TableOp {
     pub op: String,
 }
 
+/// Label of per-kind Kubernetes metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// `group/Kind` (`core/ConfigMap`).
+    pub kind: String,
+}
+
 /// What the source is doing, for the health endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceState {
@@ -66,6 +73,12 @@ pub struct ProducerMetrics {
     pub reconnects: Counter,
     /// Rows read by snapshots.
     pub snapshot_rows: Counter,
+    /// Kubernetes objects currently known, by kind.
+    pub watched_objects: Family<KindLabel, Gauge>,
+    /// Kubernetes relists (initial lists, and lists after 410 Gone or restarts), by kind.
+    pub relists: Family<KindLabel, Counter>,
+    /// Kubernetes watch failures the watcher recovered from, by kind.
+    pub watch_restarts: Family<KindLabel, Counter>,
     status: Status<SourceState>,
 }
 
@@ -81,6 +94,9 @@ impl Default for ProducerMetrics {
             confirmed_lsn: Gauge::default(),
             reconnects: Counter::default(),
             snapshot_rows: Counter::default(),
+            watched_objects: Family::default(),
+            relists: Family::default(),
+            watch_restarts: Family::default(),
             status: Status::new(SourceState::Starting),
             registry: Registry::default(),
         };
@@ -123,6 +139,21 @@ impl Default for ProducerMetrics {
             "snapshot_rows",
             "Rows read by snapshots",
             metrics.snapshot_rows.clone(),
+        );
+        registry.register(
+            "kubernetes_watched_objects",
+            "Kubernetes objects currently known",
+            metrics.watched_objects.clone(),
+        );
+        registry.register(
+            "kubernetes_relists",
+            "Kubernetes lists (initial, after 410 Gone, after restarts)",
+            metrics.relists.clone(),
+        );
+        registry.register(
+            "kubernetes_watch_restarts",
+            "Kubernetes watch failures recovered from",
+            metrics.watch_restarts.clone(),
         );
         Self {
             registry,

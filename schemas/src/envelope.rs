@@ -212,6 +212,9 @@ pub struct KubernetesOrigin {
     /// The object's resourceVersion after the change.
     #[serde(rename = "resourceVersion")]
     pub resource_version: String,
+    /// The update changed only `status` (spec and metadata are unchanged).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub status_only: bool,
 }
 
 /// Who made a change, as far as the producer could tell.

@@ -4,6 +4,7 @@
 //!
 //! Start the stack first (`scripts/stack up`); `scripts/test` does it for you.
 
+pub mod kube_api;
 pub mod servers;
 
 use std::path::PathBuf;

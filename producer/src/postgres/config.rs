@@ -225,7 +225,7 @@ impl PostgresConfig {
 }
 
 /// Glob match with `*` as the only wildcard.
-pub(super) fn matches_pattern(pattern: &str, name: &str) -> bool {
+pub(crate) fn matches_pattern(pattern: &str, name: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == name,
         Some((prefix, rest)) => {

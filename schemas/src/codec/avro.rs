@@ -236,6 +236,8 @@ struct AvroSource {
     uid: Option<String>,
     #[serde(rename = "resourceVersion")]
     resource_version: Option<String>,
+    #[serde(default)]
+    status_only: Option<bool>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -358,6 +360,7 @@ impl TryFrom<&Source> for AvroSource {
                 object_name: Some(k8s.name.clone()),
                 uid: Some(k8s.uid.clone()),
                 resource_version: Some(k8s.resource_version.clone()),
+                status_only: k8s.status_only.then_some(true),
                 ..common
             },
         })
@@ -437,6 +440,7 @@ impl TryFrom<AvroSource> for Source {
                 name: required("source.objectName", s.object_name)?,
                 uid: required("source.uid", s.uid)?,
                 resource_version: required("source.resourceVersion", s.resource_version)?,
+                status_only: s.status_only.unwrap_or(false),
             }),
             other => return Err(invalid("source.connector", other)),
         };

@@ -60,6 +60,7 @@ fn kubernetes_delete() -> ChangeEvent {
                 name: "checkout".into(),
                 uid: "6f1c-uid".into(),
                 resource_version: "4711".into(),
+                status_only: true,
             }),
         },
         before: Some(json!({"metadata": {"name": "checkout"}, "spec": {"hostnames": ["x"]}})),

@@ -56,6 +56,7 @@ pub fn kubernetes_create(source: &str) -> ChangeEvent {
                 name: "per-ip".into(),
                 uid: "0b9f-uid".into(),
                 resource_version: "812".into(),
+                status_only: false,
             }),
         },
         before: None,

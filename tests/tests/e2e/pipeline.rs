@@ -14,6 +14,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+/// Sends in-process sources' logs to the test's output (shown when a test fails).
+pub fn log_to_test_output() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// A source running in this process, stopped gracefully by `stop`.
 pub struct RunningSource {
     /// The source's metrics and health state.
@@ -39,14 +49,7 @@ impl RunningSource {
         config: PostgresConfig,
         prefix: &str,
     ) -> anyhow::Result<Self> {
-        // The source's log goes to the test's output (shown when a test fails).
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "info".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        log_to_test_output();
         let state = tempfile::tempdir()?;
         let source = PostgresSource::new(
             config,

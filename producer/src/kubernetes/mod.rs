@@ -1,0 +1,18 @@
+//! The Kubernetes change source.
+//!
+//! Data flows one way: kube-rs watchers (paginated list, watch from resourceVersion,
+//! bookmarks, relist on 410 Gone, backoff) deliver objects of each watched kind;
+//! [`object`] normalizes them (managedFields stripped, secrets hashed, noise dropped,
+//! diffs computed); the sink publishes; [`state`] keeps, per watch, the last
+//! published form of every object, written only after Kafka acknowledged. That state
+//! tells creates from updates and, after every relist or restart, which objects were
+//! deleted while the producer was away.
+
+pub mod config;
+pub mod object;
+pub mod source;
+pub mod state;
+
+pub use config::{KindConfig, KubernetesConfig};
+pub use source::{KubernetesError, KubernetesSource};
+pub use state::{ObjectStore, SledObjects};

@@ -1,0 +1,830 @@
+//! The Kubernetes change source: one watch per kind and namespace, a follower that
+//! starts and stops watches as CRDs come and go, and the publish-then-checkpoint loop.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use changewire_schemas::diagnostics::report;
+use changewire_schemas::topic::TopicNameError;
+use changewire_schemas::{ChangeEvent, Codec, CodecError, Op, SnapshotMarker, TopicNames};
+use futures::stream::{FuturesOrdered, StreamExt};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::config::{KindConfig, KubernetesConfig};
+use super::object::{compare, event, prepare, Difference, EventContext, WatchedKind};
+use super::state::{ObjectStore, Objects, StateError};
+use crate::metrics::{KindLabel, ProducerMetrics, SourceState, TableOp};
+use crate::postgres::redact::Redactor;
+use crate::sink::{EventSink, OutboundRecord, SinkError};
+
+/// A Kubernetes source failure.
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    /// No usable kubeconfig or in-cluster configuration.
+    #[error("cannot configure the Kubernetes client")]
+    Config(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The API server does not serve a configured kind.
+    #[error("the API server does not serve {0}")]
+    UnknownKind(String, #[source] kube::Error),
+    /// An API call failed (server down, network).
+    #[error("Kubernetes API request failed")]
+    Api(#[source] kube::Error),
+    /// The watch must start over with a fresh list (410 Gone answered as HTTP status).
+    #[error("the watch resumed from an expired resourceVersion")]
+    Expired(#[source] watcher::Error),
+    /// Publishing failed.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// An event could not be encoded.
+    #[error("cannot encode an event")]
+    Codec(#[from] CodecError),
+    /// The object state store failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A kind's name makes no valid topic.
+    #[error(transparent)]
+    Topic(#[from] TopicNameError),
+}
+
+impl KubernetesError {
+    /// Whether retrying may succeed (the server or broker comes back).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            KubernetesError::Api(_) | KubernetesError::Expired(_) => true,
+            KubernetesError::Sink(error) => error.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// Why a watch is asked to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// The producer shuts down.
+    Shutdown,
+    /// The kind's CRD was deleted: every object is gone.
+    KindRemoved,
+}
+
+/// What the CRD follower asks of the supervisor.
+enum Control {
+    Start(WatchedKind),
+    Remove(String),
+}
+
+/// What every watch shares: the source's parts and the client.
+struct Shared<S, O> {
+    source: KubernetesSource<S, O>,
+    redactor: Option<Redactor>,
+    client: kube::Client,
+}
+
+/// Streams changes of the configured kinds to the sink.
+pub struct KubernetesSource<S, O> {
+    config: KubernetesConfig,
+    names: TopicNames,
+    codec: Arc<Codec>,
+    sink: Arc<S>,
+    objects: Arc<O>,
+    metrics: Arc<ProducerMetrics>,
+}
+
+impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
+    /// A source publishing through `sink`, keeping object state in `objects`.
+    pub fn new(
+        config: KubernetesConfig,
+        names: TopicNames,
+        codec: Arc<Codec>,
+        sink: Arc<S>,
+        objects: Arc<O>,
+    ) -> Self {
+        Self {
+            config,
+            names,
+            codec,
+            sink,
+            objects,
+            metrics: Arc::new(ProducerMetrics::default()),
+        }
+    }
+
+    /// Shares `metrics` (e.g. with another source in the same process).
+    pub fn with_metrics(mut self, metrics: Arc<ProducerMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The source's metrics.
+    pub fn metrics(&self) -> Arc<ProducerMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs until `shutdown` turns true or a permanent error.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), KubernetesError> {
+        let result = self.supervise(&mut shutdown).await;
+        self.metrics.set_state(SourceState::Stopped);
+        if let Err(error) = &result {
+            self.metrics.set_error(Some(report(error)));
+        }
+        result
+    }
+
+    async fn supervise(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), KubernetesError> {
+        let shared = Arc::new(Shared {
+            client: self.client().await?,
+            redactor: self
+                .config
+                .redaction_key
+                .as_deref()
+                .map(|key| Redactor::new(key.as_bytes(), Vec::new())),
+            source: self.clone(),
+        });
+        let mut kinds = Vec::new();
+        for kind in &self.config.kinds {
+            kinds.extend(shared.resolve(kind, shutdown).await?);
+        }
+        let mut supervisor = Supervisor {
+            watches: HashMap::new(),
+            tasks: JoinSet::new(),
+        };
+        for kind in kinds {
+            supervisor.start(&shared, kind).await?;
+        }
+        let (control, mut requests) = mpsc::channel(64);
+        if !self.config.crd_groups().is_empty() {
+            let (follower, stopped) = (shared.clone(), shutdown.clone());
+            supervisor.tasks.spawn(async move {
+                (
+                    "crds".to_owned(),
+                    follow_crds(follower, control, stopped).await,
+                )
+            });
+        }
+        self.metrics.set_state(SourceState::Streaming);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return supervisor.stop_all().await,
+                Some(request) = requests.recv() => match request {
+                    Control::Start(kind) => supervisor.start(&shared, kind).await?,
+                    Control::Remove(scope) => supervisor.remove(&scope),
+                },
+                Some(done) = supervisor.tasks.join_next() => {
+                    let (scope, result) = done.expect("watch tasks do not panic");
+                    supervisor.watches.remove(&scope);
+                    result?;
+                }
+            }
+        }
+    }
+
+    async fn client(&self) -> Result<kube::Client, KubernetesError> {
+        let config = match &self.config.api_url {
+            Some(url) => kube::Config::new(
+                url.parse()
+                    .map_err(|e| KubernetesError::Config(Box::new(e)))?,
+            ),
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| KubernetesError::Config(Box::new(e)))?,
+        };
+        kube::Client::try_from(config).map_err(|e| KubernetesError::Config(Box::new(e)))
+    }
+}
+
+impl<S, O> Clone for KubernetesSource<S, O> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            names: self.names.clone(),
+            codec: self.codec.clone(),
+            sink: self.sink.clone(),
+            objects: self.objects.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The running watches, by scope.
+struct Supervisor {
+    watches: HashMap<String, watch::Sender<Stop>>,
+    tasks: JoinSet<(String, Result<(), KubernetesError>)>,
+}
+
+impl Supervisor {
+    async fn start<S: EventSink + 'static, O: ObjectStore>(
+        &mut self,
+        shared: &Arc<Shared<S, O>>,
+        kind: WatchedKind,
+    ) -> Result<(), KubernetesError> {
+        let scope = kind.scope();
+        if self.watches.contains_key(&scope) {
+            return Ok(());
+        }
+        shared
+            .source
+            .sink
+            .ensure_topics(
+                std::slice::from_ref(&kind.topic),
+                shared.source.config.topic_partitions,
+            )
+            .await?;
+        tracing::info!(kind = %kind.label(), namespace = kind.namespace.as_deref().unwrap_or("*"), topic = %kind.topic, "watching");
+        let (stop, stopped) = watch::channel(Stop::Running);
+        self.watches.insert(scope.clone(), stop);
+        let shared = shared.clone();
+        self.tasks
+            .spawn(async move { (scope, watch_scope(shared, kind, stopped).await) });
+        Ok(())
+    }
+
+    fn remove(&mut self, scope: &str) {
+        if let Some(stop) = self.watches.get(scope) {
+            tracing::info!(scope, "kind no longer served: its objects are deleted");
+            let _ = stop.send(Stop::KindRemoved);
+        }
+    }
+
+    async fn stop_all(mut self) -> Result<(), KubernetesError> {
+        for stop in self.watches.values() {
+            let _ = stop.send(Stop::Shutdown);
+        }
+        // The CRD follower watches `shutdown` itself.
+        while let Some(done) = self.tasks.join_next().await {
+            done.expect("watch tasks do not panic").1?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
+    /// The watches one configured kind needs (one per namespace), its plural found by
+    /// discovery when not configured. Retries while the API server is unreachable.
+    async fn resolve(
+        &self,
+        config: &KindConfig,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Vec<WatchedKind>, KubernetesError> {
+        let gvk = GroupVersionKind::gvk(&config.group, &config.version, &config.kind);
+        let mut backoff = Backoff::default();
+        let plural = loop {
+            if let Some(plural) = &config.plural {
+                break plural.clone();
+            }
+            match kube::discovery::pinned_kind(&self.client, &gvk).await {
+                Ok((resource, _)) => break resource.plural,
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    let name = format!("{}/{} {}", config.group, config.version, config.kind);
+                    return Err(KubernetesError::UnknownKind(name, kube::Error::Api(status)));
+                }
+                Err(error) => {
+                    tracing::warn!(error = %report(&error), kind = %config.kind, "discovery failed; retrying");
+                    if backoff.wait(shutdown).await {
+                        return Ok(Vec::new());
+                    }
+                }
+            }
+        };
+        let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
+            vec![None]
+        } else {
+            config.namespaces.iter().cloned().map(Some).collect()
+        };
+        let topic = self.source.names.kubernetes_kind(
+            &self.source.config.name,
+            &config.group,
+            &config.kind,
+        )?;
+        Ok(namespaces
+            .into_iter()
+            .map(|namespace| WatchedKind {
+                group: config.group.clone(),
+                version: config.version.clone(),
+                kind: config.kind.clone(),
+                plural: plural.clone(),
+                namespace,
+                label_selector: config.label_selector.clone(),
+                field_selector: config.field_selector.clone(),
+                drop_status_only: config.drop_status_only,
+                redact: config.redact.clone(),
+                topic: topic.clone(),
+            })
+            .collect())
+    }
+
+    fn context(&self) -> EventContext<'_> {
+        EventContext {
+            source: &self.source.config.name,
+            cluster: self.source.config.cluster(),
+            now_ms: now_ms(),
+        }
+    }
+
+    /// Publishes a batch, waits for every acknowledgement, then checkpoints its state.
+    async fn publish(&self, kind: &WatchedKind, batch: Batch) -> Result<(), KubernetesError> {
+        let mut acks = FuturesOrdered::new();
+        for change in &batch.events {
+            let record = OutboundRecord {
+                topic: kind.topic.clone(),
+                key: Some(
+                    kind.key(
+                        change
+                            .after
+                            .as_ref()
+                            .or(change.before.as_ref())
+                            .unwrap_or(&Value::Null),
+                    )
+                    .into_bytes(),
+                ),
+                value: Some(self.source.codec.encode(change)?),
+                headers: Vec::new(),
+            };
+            loop {
+                match self.source.sink.enqueue(&record) {
+                    Ok(ack) => break acks.push_back(ack),
+                    Err(SinkError::QueueFull) => match acks.next().await {
+                        Some(result) => drop(result?),
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    },
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+        while let Some(result) = acks.next().await {
+            result?;
+        }
+        for change in &batch.events {
+            self.source
+                .metrics
+                .events
+                .get_or_create(&TableOp {
+                    table: kind.label(),
+                    op: change.op.code().to_owned(),
+                })
+                .inc();
+        }
+        if !batch.writes.is_empty() {
+            self.source.objects.apply(&kind.scope(), batch.writes)?;
+        }
+        Ok(())
+    }
+}
+
+/// Events of one round and the state writes they justify once acknowledged.
+#[derive(Default)]
+struct Batch {
+    events: Vec<ChangeEvent>,
+    writes: Vec<(String, Option<Value>)>,
+}
+
+/// One watch's view: what was published of each object, and the pending batch.
+struct ScopeView<'a, S, O> {
+    shared: &'a Shared<S, O>,
+    kind: &'a WatchedKind,
+    label: KindLabel,
+    published: Objects,
+    batch: Batch,
+    /// Objects of a list in progress.
+    listing: Option<Vec<DynamicObject>>,
+    /// No sync of this scope completed yet: listed objects are snapshot reads.
+    first_sync: bool,
+}
+
+impl<S: EventSink + 'static, O: ObjectStore> ScopeView<'_, S, O> {
+    /// Turns watcher output into events of the pending batch. Returns the error that
+    /// requires starting the watch over, if any.
+    fn take(
+        &mut self,
+        items: Vec<Result<Event<DynamicObject>, watcher::Error>>,
+    ) -> Option<watcher::Error> {
+        let mut expired = None;
+        for item in items {
+            match item {
+                Ok(Event::Init) => {
+                    self.shared
+                        .source
+                        .metrics
+                        .relists
+                        .get_or_create(&self.label)
+                        .inc();
+                    self.listing = Some(Vec::new());
+                }
+                Ok(Event::InitApply(object)) => {
+                    self.listing.get_or_insert_with(Vec::new).push(object)
+                }
+                Ok(Event::InitDone) => {
+                    let listed = self.listing.take().unwrap_or_default();
+                    self.reconcile(listed, self.first_sync);
+                    self.first_sync = false;
+                    self.shared.source.metrics.set_error(None);
+                }
+                Ok(Event::Apply(object)) => self.apply(object, false),
+                Ok(Event::Delete(object)) => {
+                    let uid = object.metadata.uid.clone().unwrap_or_default();
+                    self.delete(
+                        &uid,
+                        Some(serde_json::to_value(&object).expect("objects serialize")),
+                    );
+                }
+                Err(error) => {
+                    self.shared
+                        .source
+                        .metrics
+                        .watch_restarts
+                        .get_or_create(&self.label)
+                        .inc();
+                    tracing::warn!(kind = %self.kind.label(), error = %report(&error), "watch interrupted; the watcher resumes");
+                    // kube's watcher relists on an in-stream 410 but retries an HTTP 410
+                    // forever with the same version: start over instead.
+                    if is_http_gone(&error) {
+                        expired = Some(error);
+                    }
+                }
+            }
+        }
+        expired
+    }
+
+    /// A create or update seen by the watch (or listed), unless it is noise.
+    fn apply(&mut self, object: DynamicObject, snapshot: bool) {
+        let Some(uid) = object.metadata.uid.clone() else {
+            tracing::warn!(name = ?object.metadata.name, "object without uid ignored");
+            return;
+        };
+        let raw = serde_json::to_value(&object).expect("objects serialize");
+        let prepared = prepare(self.kind, raw, self.shared.redactor.as_ref());
+        let (op, before, status_only) = match self.published.get(&uid) {
+            None if snapshot => (Op::Read, None, false),
+            None => (Op::Create, None, false),
+            Some(previous) => match compare(previous, &prepared.object) {
+                Difference::Noise => return,
+                Difference::StatusOnly if self.kind.drop_status_only => return,
+                difference => (
+                    Op::Update,
+                    Some(previous.clone()),
+                    difference == Difference::StatusOnly,
+                ),
+            },
+        };
+        let marker = if snapshot {
+            SnapshotMarker::True
+        } else {
+            SnapshotMarker::False
+        };
+        let change = event(
+            &self.shared.context(),
+            self.kind,
+            op,
+            before,
+            Some(&prepared),
+            marker,
+            status_only,
+        );
+        self.published.insert(uid.clone(), prepared.object.clone());
+        self.batch.writes.push((uid, Some(prepared.object)));
+        self.batch.events.push(change);
+    }
+
+    /// A delete: watched, or synthesized for an object missing from a relist.
+    fn delete(&mut self, uid: &str, last_seen: Option<Value>) {
+        let before = match (self.published.remove(uid), last_seen) {
+            (Some(published), _) => published,
+            (None, Some(object)) => {
+                prepare(self.kind, object, self.shared.redactor.as_ref()).object
+            }
+            (None, None) => return,
+        };
+        let change = event(
+            &self.shared.context(),
+            self.kind,
+            Op::Delete,
+            Some(before),
+            None,
+            SnapshotMarker::False,
+            false,
+        );
+        self.batch.writes.push((uid.to_owned(), None));
+        self.batch.events.push(change);
+    }
+
+    /// After a (re)list: deletes for what vanished first (so a delete precedes the
+    /// create of a same-named successor), then creates and updates.
+    fn reconcile(&mut self, listed: Vec<DynamicObject>, first_sync: bool) {
+        let present: HashSet<&str> = listed
+            .iter()
+            .filter_map(|o| o.metadata.uid.as_deref())
+            .collect();
+        let mut vanished: Vec<(String, String)> = self
+            .published
+            .iter()
+            .filter(|(uid, _)| !present.contains(uid.as_str()))
+            .map(|(uid, object)| (self.kind.key(object), uid.clone()))
+            .collect();
+        vanished.sort();
+        for (_, uid) in vanished {
+            self.delete(&uid, None);
+        }
+        let mut listed = listed;
+        listed.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        for object in listed {
+            self.apply(object, first_sync);
+        }
+        if first_sync {
+            if let Some(last) = self
+                .batch
+                .events
+                .iter_mut()
+                .rev()
+                .find(|e| e.op == Op::Read)
+            {
+                last.source.snapshot = SnapshotMarker::Last;
+            }
+        }
+    }
+
+    fn removed_kind(&mut self) {
+        let mut uids: Vec<String> = self.published.keys().cloned().collect();
+        uids.sort();
+        for uid in uids {
+            self.delete(&uid, None);
+        }
+    }
+}
+
+/// Runs one watch until stopped; transient failures restart it (after a backoff)
+/// from the state last checkpointed.
+async fn watch_scope<S: EventSink + 'static, O: ObjectStore>(
+    shared: Arc<Shared<S, O>>,
+    kind: WatchedKind,
+    mut stop: watch::Receiver<Stop>,
+) -> Result<(), KubernetesError> {
+    let label = KindLabel { kind: kind.label() };
+    let mut backoff = Backoff::default();
+    loop {
+        match watch_once(&shared, &kind, &mut stop).await {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_transient() => {
+                shared
+                    .source
+                    .metrics
+                    .watch_restarts
+                    .get_or_create(&label)
+                    .inc();
+                shared.source.metrics.set_error(Some(report(&error)));
+                tracing::warn!(kind = %kind.label(), error = %report(&error), "watch failed; restarting from the last checkpoint");
+                let mut stopped = shutdown_of(&stop);
+                if backoff.wait(&mut stopped).await {
+                    return Ok(());
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// A receiver that turns true when `stop` asks for anything.
+fn shutdown_of(stop: &watch::Receiver<Stop>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*stop.borrow() != Stop::Running);
+    let mut stop = stop.clone();
+    tokio::spawn(async move {
+        while *stop.borrow_and_update() == Stop::Running {
+            if stop.changed().await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
+    shared: &Shared<S, O>,
+    kind: &WatchedKind,
+    stop: &mut watch::Receiver<Stop>,
+) -> Result<(), KubernetesError> {
+    let scope = kind.scope();
+    let (published, synced) = shared.source.objects.load(&scope)?;
+    let mut view = ScopeView {
+        shared,
+        kind,
+        label: KindLabel { kind: kind.label() },
+        published,
+        batch: Batch::default(),
+        listing: None,
+        first_sync: !synced,
+    };
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(&kind.group, &kind.version, &kind.kind),
+        &kind.plural,
+    );
+    let api: Api<DynamicObject> = match &kind.namespace {
+        Some(namespace) => Api::namespaced_with(shared.client.clone(), namespace, &resource),
+        None => Api::all_with(shared.client.clone(), &resource),
+    };
+    let mut config = watcher::Config::default()
+        .page_size(shared.source.config.page_size)
+        .timeout(shared.source.config.watch_idle_timeout_secs);
+    if let Some(labels) = &kind.label_selector {
+        config = config.labels(labels);
+    }
+    if let Some(fields) = &kind.field_selector {
+        config = config.fields(fields);
+    }
+    let mut events = watcher::watcher(api, config)
+        .default_backoff()
+        .ready_chunks(512)
+        .boxed();
+    loop {
+        let items = tokio::select! {
+            items = events.next() => items.unwrap_or_default(),
+            _ = stop.changed() => {
+                if *stop.borrow() == Stop::KindRemoved {
+                    // The CRD's objects were deleted before it: take those deletes
+                    // from the watch first, then synthesize the rest.
+                    while let Ok(Some(items)) = tokio::time::timeout(Duration::from_millis(500), events.next()).await {
+                        if view.take(items).is_some() {
+                            break;
+                        }
+                    }
+                    view.removed_kind();
+                    let batch = std::mem::take(&mut view.batch);
+                    shared.publish(kind, batch).await?;
+                    shared.source.objects.clear(&scope)?;
+                }
+                return Ok(());
+            }
+        };
+        let expired = view.take(items);
+        let batch = std::mem::take(&mut view.batch);
+        shared.publish(kind, batch).await?;
+        shared
+            .source
+            .metrics
+            .watched_objects
+            .get_or_create(&view.label)
+            .set(view.published.len() as i64);
+        if let Some(error) = expired {
+            return Err(KubernetesError::Expired(error));
+        }
+    }
+}
+
+fn is_http_gone(error: &watcher::Error) -> bool {
+    matches!(error, watcher::Error::WatchStartFailed(kube::Error::Api(status)) if status.code == 410)
+}
+
+/// Watches CRDs and asks the supervisor to watch the kinds of Established ones in the
+/// followed groups, and to drop the kinds of deleted ones.
+async fn follow_crds<S: EventSink + 'static, O: ObjectStore>(
+    shared: Arc<Shared<S, O>>,
+    control: mpsc::Sender<Control>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), KubernetesError> {
+    let api: Api<CustomResourceDefinition> = Api::all(shared.client.clone());
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut served: HashMap<String, String> = HashMap::new();
+    let mut listed: Option<HashSet<String>> = None;
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let requests = match event {
+            Some(Ok(Event::Init)) => {
+                listed = Some(HashSet::new());
+                Vec::new()
+            }
+            Some(Ok(Event::InitApply(crd))) => {
+                let name = crd.metadata.name.clone().unwrap_or_default();
+                listed.get_or_insert_with(HashSet::new).insert(name);
+                shared.crd_started(&crd, &mut served)?
+            }
+            Some(Ok(Event::Apply(crd))) => shared.crd_started(&crd, &mut served)?,
+            Some(Ok(Event::Delete(crd))) => served
+                .remove(&crd.metadata.name.unwrap_or_default())
+                .map(Control::Remove)
+                .into_iter()
+                .collect(),
+            Some(Ok(Event::InitDone)) => {
+                let listed = listed.take().unwrap_or_default();
+                let gone: Vec<String> = served
+                    .keys()
+                    .filter(|name| !listed.contains(*name))
+                    .cloned()
+                    .collect();
+                gone.into_iter()
+                    .filter_map(|name| served.remove(&name))
+                    .map(Control::Remove)
+                    .collect()
+            }
+            Some(Err(error)) => {
+                tracing::warn!(error = %report(&error), "CRD watch interrupted; the watcher resumes");
+                Vec::new()
+            }
+            None => return Ok(()),
+        };
+        for request in requests {
+            if control.send(request).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
+    /// The watch to start for an Established CRD of a followed group, if not started.
+    fn crd_started(
+        &self,
+        crd: &CustomResourceDefinition,
+        served: &mut HashMap<String, String>,
+    ) -> Result<Vec<Control>, KubernetesError> {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let spec = &crd.spec;
+        let established = crd
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|conditions| {
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+        if served.contains_key(&name)
+            || !established
+            || !self.source.config.follows_crd_group(&spec.group)
+        {
+            return Ok(Vec::new());
+        }
+        let Some(version) = spec
+            .versions
+            .iter()
+            .find(|v| v.storage)
+            .or_else(|| spec.versions.iter().find(|v| v.served))
+        else {
+            return Ok(Vec::new());
+        };
+        let kind = WatchedKind {
+            group: spec.group.clone(),
+            version: version.name.clone(),
+            kind: spec.names.kind.clone(),
+            plural: spec.names.plural.clone(),
+            namespace: None,
+            label_selector: None,
+            field_selector: None,
+            drop_status_only: self.source.config.drop_status_only,
+            redact: Vec::new(),
+            topic: self.source.names.kubernetes_kind(
+                &self.source.config.name,
+                &spec.group,
+                &spec.names.kind,
+            )?,
+        };
+        served.insert(name, kind.scope());
+        Ok(vec![Control::Start(kind)])
+    }
+}
+
+/// Exponential backoff with jitter, 0.5 s to 30 s.
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Sleeps for the next delay; true if `shutdown` fired meanwhile.
+    async fn wait(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let base = 500u64.saturating_mul(1 << self.attempt.min(6)).min(30_000);
+        self.attempt += 1;
+        let jitter = u64::from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos(),
+        ) % (base / 2 + 1);
+        if *shutdown.borrow() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(base / 2 + jitter)) => false,
+            _ = shutdown.changed() => true,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
