@@ -169,6 +169,11 @@ fn shipped_config_files_are_valid() -> anyhow::Result<()> {
     let cases = [
         ("changewire-producer", "producer.toml", vec![]),
         (
+            "changewire-producer",
+            "kubernetes.toml",
+            vec![("CHANGEWIRE_KUBERNETES__REDACTION_KEY", "0123456789abcdef")],
+        ),
+        (
             "changewire-consumer",
             "dedup.toml",
             vec![("CHANGEWIRE_SERVICE__STATE_DIR", state_dir.as_str())],

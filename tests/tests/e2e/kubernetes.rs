@@ -583,7 +583,12 @@ async fn the_fake_api_server_pages_consistently_filters_and_expires_old_versions
 }
 
 /// The `changewire-producer` binary watching ConfigMaps on `fake`.
-fn write_binary_config(dir: &std::path::Path, stack: &Stack, fake: &FakeApiServer, prefix: &str) -> anyhow::Result<std::path::PathBuf> {
+fn write_binary_config(
+    dir: &std::path::Path,
+    stack: &Stack,
+    fake: &FakeApiServer,
+    prefix: &str,
+) -> anyhow::Result<std::path::PathBuf> {
     let path = dir.join("producer.toml");
     std::fs::write(
         &path,
@@ -609,24 +614,42 @@ async fn sigkill_loop_loses_no_object_change() -> anyhow::Result<()> {
     let config = write_binary_config(dir.path(), &stack, &fake, &prefix)?;
     let program = changewire_tests::workspace_binary("changewire-producer")?;
     let log = dir.path().join("producer.log");
-    maps.create(&post("writer"), &config_map("seed", "1")?).await?;
+    maps.create(&post("writer"), &config_map("seed", "1")?)
+        .await?;
     let mut producer = crate::consumer::start_service(&program, &config, &log)?;
     let topic = format!("{prefix}.k8s.core.ConfigMap");
     let mut deleted = Vec::new();
     for round in 0..4 {
         // Each round starts once the (restarted) producer published the last round's
         // final object, so every kill lands while it streams.
-        let previous = if round == 0 { "seed".to_owned() } else { format!("m{}-149", round - 1) };
-        events_until(&stack, &topic, |events| events.iter().any(|e| name(e) == previous)).await?;
+        let previous = if round == 0 {
+            "seed".to_owned()
+        } else {
+            format!("m{}-149", round - 1)
+        };
+        events_until(&stack, &topic, |events| {
+            events.iter().any(|e| name(e) == previous)
+        })
+        .await?;
         for i in 0..150 {
             let name = format!("m{round}-{i}");
-            maps.create(&post("writer"), &config_map(&name, "1")?).await?;
+            maps.create(&post("writer"), &config_map(&name, "1")?)
+                .await?;
             if i % 3 == 0 {
-                maps.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "2"}}))).await?;
+                maps.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"data": {"k": "2"}})),
+                )
+                .await?;
             }
             if i % 5 == 0 {
                 let gone = maps.delete(&name, &DeleteParams::default()).await?;
-                deleted.push(gone.left().and_then(|m| m.metadata.uid).expect("deleted at once"));
+                deleted.push(
+                    gone.left()
+                        .and_then(|m| m.metadata.uid)
+                        .expect("deleted at once"),
+                );
             }
             if i == 75 && round < 3 {
                 // Mid-round, while the producer works through the changes.
@@ -640,20 +663,40 @@ async fn sigkill_loop_loses_no_object_change() -> anyhow::Result<()> {
         .await?
         .items
         .into_iter()
-        .map(|m| (m.metadata.uid.unwrap_or_default(), m.metadata.resource_version.unwrap_or_default()))
+        .map(|m| {
+            (
+                m.metadata.uid.unwrap_or_default(),
+                m.metadata.resource_version.unwrap_or_default(),
+            )
+        })
         .collect();
     // Every live object's final version is on the topic, and every deleted object
     // that was published is deleted there (one never seen needs no delete).
     let covered = |events: &[ChangeEvent]| {
-        let seen: HashMap<&str, &str> = events.iter().filter(|e| e.op != Op::Delete).map(|e| (origin(e).uid.as_str(), origin(e).resource_version.as_str())).collect();
-        let gone: std::collections::HashSet<&str> = events.iter().filter(|e| e.op == Op::Delete).map(|e| origin(e).uid.as_str()).collect();
-        live.iter().all(|(uid, rv)| seen.get(uid.as_str()) == Some(&rv.as_str()))
-            && deleted.iter().filter(|uid| seen.contains_key(uid.as_str())).all(|uid| gone.contains(uid.as_str()))
+        let seen: HashMap<&str, &str> = events
+            .iter()
+            .filter(|e| e.op != Op::Delete)
+            .map(|e| (origin(e).uid.as_str(), origin(e).resource_version.as_str()))
+            .collect();
+        let gone: std::collections::HashSet<&str> = events
+            .iter()
+            .filter(|e| e.op == Op::Delete)
+            .map(|e| origin(e).uid.as_str())
+            .collect();
+        live.iter()
+            .all(|(uid, rv)| seen.get(uid.as_str()) == Some(&rv.as_str()))
+            && deleted
+                .iter()
+                .filter(|uid| seen.contains_key(uid.as_str()))
+                .all(|uid| gone.contains(uid.as_str()))
     };
     let result = events_until(&stack, &topic, covered).await;
     crate::consumer::terminate(producer)?;
     if let Err(error) = result {
-        anyhow::bail!("{error:#}\nproducer log:\n{}", std::fs::read_to_string(&log)?);
+        anyhow::bail!(
+            "{error:#}\nproducer log:\n{}",
+            std::fs::read_to_string(&log)?
+        );
     }
     let runs = std::fs::read_to_string(&log)?.matches("watching").count();
     println!("producer runs that started watching: {runs} of 4");
