@@ -269,6 +269,22 @@ impl TestConsumer {
         })
     }
 
+    /// Waits up to `timeout` for `topic` to be created, then reads it from the beginning.
+    pub async fn once_created(
+        stack: &Stack,
+        topic: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match Self::from_beginning(stack, topic) {
+                Ok(consumer) => return Ok(consumer),
+                Err(error) if Instant::now() > deadline => return Err(error),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
     /// Reads until `count` records arrived or `timeout` passed; returns what arrived.
     pub async fn read(&self, count: usize, timeout: Duration) -> anyhow::Result<Vec<ReadRecord>> {
         let deadline = Instant::now() + timeout;

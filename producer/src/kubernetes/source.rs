@@ -22,6 +22,7 @@ use super::object::{compare, event, prepare, Difference, EventContext, WatchedKi
 use super::state::{ObjectStore, Objects, StateError};
 use crate::metrics::{KindLabel, ProducerMetrics, SourceState, TableOp};
 use crate::postgres::redact::Redactor;
+use crate::postgres::source::now_ms;
 use crate::sink::{EventSink, OutboundRecord, SinkError};
 
 /// A Kubernetes source failure.
@@ -821,10 +822,4 @@ impl Backoff {
             _ = shutdown.changed() => true,
         }
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -595,7 +595,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Milliseconds since the Unix epoch.
-pub(super) fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -82,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let task = tokio::spawn(source.run(shutdown));
     let topic = format!("{prefix}.bench.core.ConfigMap");
-    let consumer = wait_for_topic(&stack, &topic).await?;
+    let consumer = TestConsumer::once_created(&stack, &topic, Duration::from_secs(60)).await?;
     let synced = read_events(&consumer, objects as usize, Duration::from_secs(600)).await?;
     let sync_secs = started.elapsed().as_secs_f64();
     ensure!(
@@ -182,17 +182,6 @@ async fn steady_changes(
     }
     latencies.sort_by(f64::total_cmp);
     Ok(latencies)
-}
-
-async fn wait_for_topic(stack: &Stack, topic: &str) -> anyhow::Result<TestConsumer> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match TestConsumer::from_beginning(stack, topic) {
-            Ok(consumer) => return Ok(consumer),
-            Err(error) if Instant::now() > deadline => return Err(error),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 /// Reads up to `count` events for at most `wait`.

@@ -120,13 +120,7 @@ async fn events_until(
     done: impl Fn(&[ChangeEvent]) -> bool,
 ) -> anyhow::Result<Vec<ChangeEvent>> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let consumer = loop {
-        match TestConsumer::from_beginning(stack, topic) {
-            Ok(consumer) => break consumer,
-            Err(error) if Instant::now() > deadline => return Err(error),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    };
+    let consumer = TestConsumer::once_created(stack, topic, Duration::from_secs(30)).await?;
     let mut events = Vec::new();
     while !done(&events) {
         let left = deadline.saturating_duration_since(Instant::now());
