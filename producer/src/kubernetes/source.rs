@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::topic::TopicNameError;
 use changewire_schemas::{ChangeEvent, Codec, CodecError, Op, SnapshotMarker, TopicNames};
+use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
@@ -64,6 +65,10 @@ impl KubernetesError {
         }
     }
 }
+
+/// Records and markers a watch may have queued before it stops reading (bounds
+/// memory while the broker is slow or down).
+const MAX_IN_FLIGHT: usize = 50_000;
 
 /// Why a watch is asked to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,51 +333,98 @@ impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
         }
     }
 
-    /// Publishes a batch, waits for every acknowledgement, then checkpoints its state.
-    async fn publish(&self, kind: &WatchedKind, batch: Batch) -> Result<(), KubernetesError> {
-        let mut acks = FuturesOrdered::new();
+    /// The record of one event of `kind`.
+    fn record(
+        &self,
+        kind: &WatchedKind,
+        change: &ChangeEvent,
+    ) -> Result<OutboundRecord, KubernetesError> {
+        let object = change.after.as_ref().or(change.before.as_ref());
+        Ok(OutboundRecord {
+            topic: kind.topic.clone(),
+            key: Some(kind.key(object.unwrap_or(&Value::Null)).into_bytes()),
+            value: Some(self.source.codec.encode(change)?),
+            headers: Vec::new(),
+        })
+    }
+
+    /// Writes the state a batch justifies, now that all of its events are acknowledged.
+    fn confirm(&self, kind: &WatchedKind, confirmed: Confirmed) -> Result<(), KubernetesError> {
+        for op in confirmed.ops {
+            self.source
+                .metrics
+                .events
+                .get_or_create(&TableOp {
+                    table: kind.label(),
+                    op: op.code().to_owned(),
+                })
+                .inc();
+        }
+        if !confirmed.writes.is_empty() {
+            self.source.objects.apply(&kind.scope(), confirmed.writes)?;
+        }
+        Ok(())
+    }
+}
+
+/// A batch whose events are all acknowledged: the state writes it justifies.
+struct Confirmed {
+    ops: Vec<Op>,
+    writes: Vec<(String, Option<Value>)>,
+}
+
+type Pending = BoxFuture<'static, Result<Option<Confirmed>, SinkError>>;
+
+/// Events queued to the sink, each batch followed by a marker that resolves (in
+/// order) once everything queued before it is acknowledged. Reading the watch goes on
+/// meanwhile, so a slow acknowledgement makes the next batch bigger, not later.
+struct InFlight<'a, S, O> {
+    shared: &'a Shared<S, O>,
+    kind: &'a WatchedKind,
+    queue: FuturesOrdered<Pending>,
+}
+
+impl<S: EventSink + 'static, O: ObjectStore> InFlight<'_, S, O> {
+    /// Queues a batch's events, then its marker.
+    async fn publish(&mut self, batch: Batch) -> Result<(), KubernetesError> {
         for change in &batch.events {
-            let record = OutboundRecord {
-                topic: kind.topic.clone(),
-                key: Some(
-                    kind.key(
-                        change
-                            .after
-                            .as_ref()
-                            .or(change.before.as_ref())
-                            .unwrap_or(&Value::Null),
-                    )
-                    .into_bytes(),
-                ),
-                value: Some(self.source.codec.encode(change)?),
-                headers: Vec::new(),
-            };
+            let record = self.shared.record(self.kind, change)?;
             loop {
-                match self.source.sink.enqueue(&record) {
-                    Ok(ack) => break acks.push_back(ack),
-                    Err(SinkError::QueueFull) => match acks.next().await {
-                        Some(result) => drop(result?),
+                match self.shared.source.sink.enqueue(&record) {
+                    Ok(ack) => {
+                        break self
+                            .queue
+                            .push_back(Box::pin(async move { ack.await.map(|_| None) }))
+                    }
+                    Err(SinkError::QueueFull) => match self.queue.next().await {
+                        Some(done) => self.confirmed(done)?,
                         None => tokio::time::sleep(Duration::from_millis(10)).await,
                     },
                     Err(error) => return Err(error.into()),
                 }
             }
         }
-        while let Some(result) = acks.next().await {
-            result?;
+        let confirmed = Confirmed {
+            ops: batch.events.iter().map(|e| e.op).collect(),
+            writes: batch.writes,
+        };
+        self.queue
+            .push_back(Box::pin(async move { Ok(Some(confirmed)) }));
+        Ok(())
+    }
+
+    /// Handles the next acknowledgement or marker.
+    fn confirmed(&self, done: Result<Option<Confirmed>, SinkError>) -> Result<(), KubernetesError> {
+        match done? {
+            Some(confirmed) => self.shared.confirm(self.kind, confirmed),
+            None => Ok(()),
         }
-        for change in &batch.events {
-            self.source
-                .metrics
-                .events
-                .get_or_create(&TableOp {
-                    table: kind.label(),
-                    op: change.op.code().to_owned(),
-                })
-                .inc();
-        }
-        if !batch.writes.is_empty() {
-            self.source.objects.apply(&kind.scope(), batch.writes)?;
+    }
+
+    /// Waits until everything queued is acknowledged and its state written.
+    async fn drain(&mut self) -> Result<(), KubernetesError> {
+        while let Some(done) = self.queue.next().await {
+            self.confirmed(done)?;
         }
         Ok(())
     }
@@ -645,10 +697,16 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
         .default_backoff()
         .ready_chunks(512)
         .boxed();
+    let mut in_flight = InFlight {
+        shared,
+        kind,
+        queue: FuturesOrdered::new(),
+    };
     loop {
-        let items = tokio::select! {
-            items = events.next() => items.unwrap_or_default(),
+        tokio::select! {
+            biased;
             _ = stop.changed() => {
+                in_flight.drain().await?;
                 if *stop.borrow() == Stop::KindRemoved {
                     // The CRD's objects were deleted before it: take those deletes
                     // from the watch first, then synthesize the rest.
@@ -658,24 +716,29 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
                         }
                     }
                     view.removed_kind();
-                    let batch = std::mem::take(&mut view.batch);
-                    shared.publish(kind, batch).await?;
+                    in_flight.publish(std::mem::take(&mut view.batch)).await?;
+                    in_flight.drain().await?;
                     shared.source.objects.clear(&scope)?;
                 }
                 return Ok(());
             }
-        };
-        let expired = view.take(items);
-        let batch = std::mem::take(&mut view.batch);
-        shared.publish(kind, batch).await?;
-        shared
-            .source
-            .metrics
-            .watched_objects
-            .get_or_create(&view.label)
-            .set(view.published.len() as i64);
-        if let Some(error) = expired {
-            return Err(KubernetesError::Expired(error));
+            Some(done) = in_flight.queue.next(), if !in_flight.queue.is_empty() => {
+                in_flight.confirmed(done)?;
+            }
+            items = events.next(), if in_flight.queue.len() < MAX_IN_FLIGHT => {
+                let expired = view.take(items.unwrap_or_default());
+                in_flight.publish(std::mem::take(&mut view.batch)).await?;
+                shared
+                    .source
+                    .metrics
+                    .watched_objects
+                    .get_or_create(&view.label)
+                    .set(view.published.len() as i64);
+                if let Some(error) = expired {
+                    in_flight.drain().await?;
+                    return Err(KubernetesError::Expired(error));
+                }
+            }
         }
     }
 }
