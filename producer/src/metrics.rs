@@ -79,6 +79,12 @@ pub struct ProducerMetrics {
     pub relists: Family<KindLabel, Counter>,
     /// Kubernetes watch failures the watcher recovered from, by kind.
     pub watch_restarts: Family<KindLabel, Counter>,
+    /// Audit events received by the Kubernetes audit webhook.
+    pub audit_received: Counter,
+    /// Kubernetes changes whose actor came from the audit log.
+    pub audit_attributed: Counter,
+    /// Kubernetes changes whose audit event did not arrive in time (managedFields used).
+    pub audit_unattributed: Counter,
     status: Status<SourceState>,
 }
 
@@ -97,6 +103,9 @@ impl Default for ProducerMetrics {
             watched_objects: Family::default(),
             relists: Family::default(),
             watch_restarts: Family::default(),
+            audit_received: Counter::default(),
+            audit_attributed: Counter::default(),
+            audit_unattributed: Counter::default(),
             status: Status::new(SourceState::Starting),
             registry: Registry::default(),
         };
@@ -134,6 +143,21 @@ impl Default for ProducerMetrics {
             "reconnects",
             "Sessions restarted after a transient failure",
             metrics.reconnects.clone(),
+        );
+        registry.register(
+            "kubernetes_audit_events",
+            "Audit events received by the Kubernetes audit webhook",
+            metrics.audit_received.clone(),
+        );
+        registry.register(
+            "kubernetes_audit_attributed",
+            "Kubernetes changes whose actor came from the audit log",
+            metrics.audit_attributed.clone(),
+        );
+        registry.register(
+            "kubernetes_audit_unattributed",
+            "Kubernetes changes whose audit event did not arrive within the wait",
+            metrics.audit_unattributed.clone(),
         );
         registry.register(
             "snapshot_rows",

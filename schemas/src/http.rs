@@ -1,9 +1,12 @@
 //! The HTTP endpoints every changewire process serves: `/metrics` (Prometheus text,
 //! bearer token when one is configured) and `/health` (JSON, 200 when healthy else
-//! 503, no secrets, open for probes).
+//! 503, no secrets, open for probes); and the parts other endpoints share: the
+//! bearer-token check and a TLS listener for HTTPS.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -11,6 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_native_tls::{TlsAcceptor, TlsStream};
 
 /// What a process exposes over HTTP.
 pub trait Observable: Send + Sync + 'static {
@@ -139,17 +145,8 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router) -> std::io
 
 async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(token) = &state.token {
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "missing or wrong bearer token\n",
-            )
-                .into_response();
+        if let Err(refused) = require_bearer(&headers, token) {
+            return refused;
         }
     }
     (
@@ -170,6 +167,117 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthReport
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(report))
+}
+
+/// Checks the request's `Authorization: Bearer` token; the error is the 401 to answer.
+#[allow(clippy::result_large_err)] // the error is the response itself, built once
+pub fn require_bearer(headers: &HeaderMap, token: &str) -> Result<(), Response> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+        return Ok(());
+    }
+    Err((
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "missing or wrong bearer token\n",
+    )
+        .into_response())
+}
+
+/// The server side of TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// A certificate or key file cannot be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate chain and key do not make an identity.
+    #[error(
+        "the certificate and key are unusable (the key must be PEM PKCS#8, \"BEGIN PRIVATE KEY\")"
+    )]
+    Identity(#[source] native_tls::Error),
+}
+
+/// A TLS acceptor from a PEM certificate chain and a PEM PKCS#8 private key.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsSetupError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| TlsSetupError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let identity = native_tls::Identity::from_pkcs8(&read(cert)?, &read(key)?)
+        .map_err(TlsSetupError::Identity)?;
+    let acceptor = native_tls::TlsAcceptor::new(identity).map_err(TlsSetupError::Identity)?;
+    Ok(TlsAcceptor::from(acceptor))
+}
+
+/// A listener for [`axum::serve`] that yields TLS connections. Handshakes run in
+/// their own tasks (a slow or broken client holds up nobody) and are bounded in time.
+pub struct TlsListener {
+    local: SocketAddr,
+    handshaken: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+}
+
+impl TlsListener {
+    /// Accepts on `listener`, handshaking with `acceptor`.
+    pub fn new(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (ready, handshaken) = mpsc::channel(64);
+        let acceptor = Arc::new(acceptor);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = ready.closed() => return,
+                };
+                let (stream, peer) = match accepted {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, ready) = (acceptor.clone(), ready.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => drop(ready.send((tls, peer)).await),
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self { local, handshaken })
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.handshaken.recv().await {
+            Some(connection) => connection,
+            // The accept task only ends once this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
 }
 
 /// Compares secrets without leaking where they differ through timing.

@@ -167,8 +167,9 @@ impl PrivatePostgres {
 }
 
 /// Creates a test CA in `dir` and a server certificate for 127.0.0.1 it signs,
-/// installed in `data` as server.crt/server.key. Returns the CA's path.
-fn issue_server_certificate(dir: &Path, data: &Path) -> anyhow::Result<PathBuf> {
+/// written to `data` as server.crt and server.key (PEM, the key PKCS#8).
+/// Returns the CA's path.
+pub fn issue_server_certificate(dir: &Path, data: &Path) -> anyhow::Result<PathBuf> {
     let ca_key = dir.join("ca.key");
     let ca = dir.join("ca.crt");
     let csr = dir.join("server.csr");

@@ -5,6 +5,7 @@ use std::fmt;
 use changewire_schemas::settings::ConfigError;
 use serde::{Deserialize, Serialize};
 
+use super::audit::AuditConfig;
 use crate::postgres::config::matches_pattern;
 
 /// The Kubernetes source.
@@ -47,6 +48,9 @@ pub struct KubernetesConfig {
     /// Seconds a watch may stay silent (bookmarks count) before it is restarted.
     #[serde(default = "default_idle_timeout")]
     pub watch_idle_timeout_secs: u32,
+    /// The audit webhook endpoint; without it actors come from managedFields only.
+    #[serde(default)]
+    pub audit: Option<AuditConfig>,
 }
 
 /// One watched kind.
@@ -92,6 +96,7 @@ impl fmt::Debug for KubernetesConfig {
                 "redaction_key",
                 &self.redaction_key.as_ref().map(|_| "<redacted>"),
             )
+            .field("audit", &self.audit)
             .finish_non_exhaustive()
     }
 }
@@ -181,6 +186,6 @@ impl KubernetesConfig {
         if needs_key && self.redaction_key.as_deref().is_none_or(|k| k.len() < 16) {
             return Err(ConfigError::invalid("kubernetes.redaction_key", "Secrets or redact paths are watched: set a key of at least 16 bytes (CHANGEWIRE_KUBERNETES__REDACTION_KEY)"));
         }
-        Ok(())
+        self.audit.as_ref().map_or(Ok(()), AuditConfig::validate)
     }
 }

@@ -8,11 +8,13 @@
 //! tells creates from updates and, after every relist or restart, which objects were
 //! deleted while the producer was away.
 
+pub mod audit;
 pub mod config;
 pub mod object;
 pub mod source;
 pub mod state;
 
+pub use audit::{Attributions, AuditConfig};
 pub use config::{KindConfig, KubernetesConfig};
 pub use source::{KubernetesError, KubernetesSource};
 pub use state::{ObjectStore, SledObjects};

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::topic::TopicNameError;
@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use super::audit::{self, Attributions, AuditServerError};
 use super::config::{KindConfig, KubernetesConfig};
 use super::object::{compare, event, prepare, Difference, EventContext, WatchedKind};
 use super::state::{ObjectStore, Objects, StateError};
@@ -53,6 +54,9 @@ pub enum KubernetesError {
     /// A kind's name makes no valid topic.
     #[error(transparent)]
     Topic(#[from] TopicNameError),
+    /// The audit webhook endpoint cannot start.
+    #[error(transparent)]
+    Audit(#[from] AuditServerError),
 }
 
 impl KubernetesError {
@@ -91,6 +95,8 @@ struct Shared<S, O> {
     source: KubernetesSource<S, O>,
     redactor: Option<Redactor>,
     client: kube::Client,
+    /// Audit events by change, when the audit webhook is on.
+    attributions: Option<Arc<Attributions>>,
 }
 
 /// Streams changes of the configured kinds to the sink.
@@ -144,7 +150,16 @@ impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
     }
 
     async fn supervise(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), KubernetesError> {
+        let attributions = match &self.config.audit {
+            Some(audit) => {
+                let attributions = Arc::new(Attributions::new(audit, &self.metrics));
+                audit::serve(audit, attributions.clone()).await?;
+                Some(attributions)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            attributions,
             client: self.client().await?,
             redactor: self
                 .config
@@ -385,8 +400,11 @@ struct InFlight<'a, S, O> {
 }
 
 impl<S: EventSink + 'static, O: ObjectStore> InFlight<'_, S, O> {
-    /// Queues a batch's events, then its marker.
-    async fn publish(&mut self, batch: Batch) -> Result<(), KubernetesError> {
+    /// Queues a batch's events (read from the watch at `seen`), then its marker.
+    async fn publish(&mut self, mut batch: Batch, seen: Instant) -> Result<(), KubernetesError> {
+        if let Some(attributions) = &self.shared.attributions {
+            attributions.attribute(&mut batch.events, seen).await;
+        }
         for change in &batch.events {
             let record = self.shared.record(self.kind, change)?;
             loop {
@@ -716,7 +734,7 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
                         }
                     }
                     view.removed_kind();
-                    in_flight.publish(std::mem::take(&mut view.batch)).await?;
+                    in_flight.publish(std::mem::take(&mut view.batch), Instant::now()).await?;
                     in_flight.drain().await?;
                     shared.source.objects.clear(&scope)?;
                 }
@@ -726,8 +744,9 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
                 in_flight.confirmed(done)?;
             }
             items = events.next(), if in_flight.queue.len() < MAX_IN_FLIGHT => {
+                let seen = Instant::now();
                 let expired = view.take(items.unwrap_or_default());
-                in_flight.publish(std::mem::take(&mut view.batch)).await?;
+                in_flight.publish(std::mem::take(&mut view.batch), seen).await?;
                 shared
                     .source
                     .metrics

@@ -1,12 +1,13 @@
 //! The fake API server's HTTP surface: discovery, CRUD, paginated lists and watches.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -14,8 +15,9 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
+use super::audit::{AuditedWrite, Auditor, Requester};
 use super::selector::Selector;
-use super::store::{ApiError, Change, ChangeType, ResourceType, Store};
+use super::store::{now_micros, ApiError, Change, ChangeType, ResourceType, Store};
 use super::Shared;
 
 type Params = Query<HashMap<String, String>>;
@@ -32,17 +34,97 @@ struct Target {
 /// (`namespaces/{ns}/{plural}` vs `{plural}/{name}`) depend on the resource type.
 pub(super) async fn handle(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     Query(params): Params,
     body: Bytes,
 ) -> Response {
-    match route(&shared, &method, &uri, &headers, &params, &body) {
+    let received = now_micros();
+    let reply = route(&shared, &method, &uri, &headers, &params, &body);
+    if let Some(auditor) = shared.auditor() {
+        let (username, groups) = shared.authenticate(&headers);
+        let requester = Requester {
+            username,
+            groups,
+            source_ip: peer.ip().to_string(),
+            user_agent: header(&headers, "user-agent").to_owned(),
+        };
+        audit_write(
+            &shared, &auditor, &requester, &method, &uri, &body, &reply, received,
+        );
+    }
+    match reply {
         Ok(Reply::Json(code, value)) => (code, axum::Json(value)).into_response(),
         Ok(Reply::Watch(request)) => watch(shared, *request),
         Err(error) => failure(&error),
     }
+}
+
+/// Queues the audit event of a write (reads are not audited here).
+#[allow(clippy::too_many_arguments)]
+fn audit_write(
+    shared: &Shared,
+    auditor: &Auditor,
+    requester: &Requester,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+    reply: &Result<Reply, ApiError>,
+    received: String,
+) {
+    let verb = match method.as_str() {
+        "POST" => "create",
+        "PUT" => "update",
+        "PATCH" => "patch",
+        "DELETE" => "delete",
+        _ => return,
+    };
+    let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    let (group, version, rest) = match segments.as_slice() {
+        ["api", version, rest @ ..] if !rest.is_empty() => ("", *version, rest),
+        ["apis", group, version, rest @ ..] if !rest.is_empty() => (*group, *version, rest),
+        _ => return,
+    };
+    let Ok(target) = target(
+        &shared.store.lock().expect("store lock"),
+        group,
+        version,
+        rest,
+    ) else {
+        return;
+    };
+    let (code, response) = match reply {
+        Ok(Reply::Json(code, value)) => (code.as_u16(), value.clone()),
+        Ok(Reply::Watch(_)) => return,
+        Err(error) => (error.code, error.status()),
+    };
+    let name = target
+        .name
+        .clone()
+        .or_else(|| response["metadata"]["name"].as_str().map(str::to_owned));
+    let mut object_ref = json!({"resource": target.kind.plural, "namespace": target.namespace, "name": name, "apiGroup": target.kind.group, "apiVersion": target.kind.version});
+    if target.status {
+        object_ref["subresource"] = "status".into();
+    }
+    auditor.record(AuditedWrite {
+        requester,
+        verb,
+        request_uri: uri.to_string(),
+        object_ref,
+        code,
+        request: serde_json::from_slice(body).ok(),
+        response,
+        received,
+    });
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
 }
 
 enum Reply {
@@ -127,10 +209,7 @@ fn route(
             target.status,
         )?),
         ("PATCH", Some(name)) => {
-            let content_type = headers
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
+            let content_type = header(headers, "content-type");
             if !content_type.starts_with("application/merge-patch+json")
                 && !content_type.starts_with("application/strategic-merge-patch+json")
             {
@@ -188,11 +267,14 @@ fn target(store: &Store, group: &str, version: &str, rest: &[&str]) -> Result<Ta
 /// The field manager: `fieldManager`, else the user agent's product name.
 fn manager(params: &HashMap<String, String>, headers: &HeaderMap) -> String {
     params.get("fieldManager").cloned().unwrap_or_else(|| {
-        let agent = headers
-            .get("user-agent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("unknown");
-        agent.split('/').next().unwrap_or(agent).to_owned()
+        let agent = header(headers, "user-agent");
+        let product = agent.split('/').next().unwrap_or(agent);
+        if product.is_empty() {
+            "unknown"
+        } else {
+            product
+        }
+        .to_owned()
     })
 }
 

@@ -9,17 +9,21 @@
 //! answers 410 Gone (as an in-stream ERROR, or as HTTP 410 when asked), CRD
 //! registration through apiextensions.k8s.io/v1 (the kind becomes servable and the
 //! CRD Established), Secret `stringData` folded into `data`, managedFields per manager,
-//! and hooks to cut watch connections and to stop and resume serving.
+//! bearer-token users, an audit webhook backend in batch mode, and hooks to cut watch
+//! connections and to stop and resume serving.
 
+mod audit;
 mod http;
 mod selector;
 mod store;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+pub use audit::{AuditLevel, AuditWebhook, Requester};
 pub use store::{merge, ApiError, ResourceType, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -51,11 +55,38 @@ pub(crate) struct Shared {
     drops: watch::Sender<u64>,
     active_watches: AtomicUsize,
     options: Mutex<Options>,
+    /// Bearer tokens and the user (name, groups) each authenticates.
+    users: Mutex<HashMap<String, (String, Vec<String>)>>,
+    auditor: Mutex<Option<Arc<audit::Auditor>>>,
 }
 
 impl Shared {
     fn options(&self) -> Options {
         self.options.lock().expect("options lock").clone()
+    }
+
+    /// The user a request authenticates as: its bearer token's, else anonymous.
+    fn authenticate(&self, headers: &axum::http::HeaderMap) -> (String, Vec<String>) {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let users = self.users.lock().expect("users lock");
+        match token.and_then(|t| users.get(t)) {
+            Some((name, groups)) => {
+                let mut groups = groups.clone();
+                groups.push("system:authenticated".into());
+                (name.clone(), groups)
+            }
+            None => (
+                "system:anonymous".into(),
+                vec!["system:unauthenticated".into()],
+            ),
+        }
+    }
+
+    fn auditor(&self) -> Option<Arc<audit::Auditor>> {
+        self.auditor.lock().expect("auditor lock").clone()
     }
 }
 
@@ -79,6 +110,8 @@ impl FakeApiServer {
             drops: watch::Sender::new(0),
             active_watches: AtomicUsize::new(0),
             options: Mutex::new(options),
+            users: Mutex::default(),
+            auditor: Mutex::default(),
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let server = Self {
@@ -94,6 +127,7 @@ impl FakeApiServer {
         let app = axum::Router::new()
             .fallback(http::handle)
             .with_state(self.shared.clone());
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let task = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
                 eprintln!("fake API server stopped: {error}");
@@ -111,6 +145,37 @@ impl FakeApiServer {
     pub fn client(&self) -> anyhow::Result<kube::Client> {
         let config = kube::Config::new(self.url().parse()?);
         Ok(kube::Client::try_from(config)?)
+    }
+
+    /// A kube client that authenticates with `token` (see [`FakeApiServer::add_user`]).
+    pub fn client_as(&self, token: &str) -> anyhow::Result<kube::Client> {
+        let mut config = kube::Config::new(self.url().parse()?);
+        config.auth_info.token = Some(token.to_owned().into());
+        // kube-rs sends no User-Agent of its own; kubectl's looks like this.
+        config.headers.push((
+            axum::http::header::USER_AGENT,
+            axum::http::HeaderValue::from_static("kubectl/v1.33.0 (linux/amd64) kubernetes/fake"),
+        ));
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Lets requests bearing `token` authenticate as `name` in `groups` (like a line
+    /// of kube-apiserver's `--token-auth-file`).
+    pub fn add_user(&self, token: &str, name: &str, groups: &[&str]) {
+        let groups = groups.iter().map(|g| g.to_string()).collect();
+        self.shared
+            .users
+            .lock()
+            .expect("users lock")
+            .insert(token.to_owned(), (name.to_owned(), groups));
+    }
+
+    /// Sends an audit event for every write received from now on to `webhook`.
+    /// Writes made through [`FakeApiServer::store`] bypass the API and are not audited.
+    pub fn send_audit_to(&self, webhook: AuditWebhook) -> anyhow::Result<()> {
+        let auditor = audit::Auditor::start(webhook)?;
+        *self.shared.auditor.lock().expect("auditor lock") = Some(Arc::new(auditor));
+        Ok(())
     }
 
     /// The store, for direct reads and writes (benchmarks, assertions).

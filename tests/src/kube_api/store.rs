@@ -550,6 +550,13 @@ fn now() -> String {
         .to_string()
 }
 
+/// RFC 3339 in microseconds, as `metav1.MicroTime` serializes.
+pub(super) fn now_micros() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
 fn metadata_mut(object: &mut Value) -> Result<&mut Map<String, Value>, ApiError> {
     object
         .get_mut("metadata")

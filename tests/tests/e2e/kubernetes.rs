@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use changewire_producer::kubernetes::{
-    KindConfig, KubernetesConfig, KubernetesError, KubernetesSource, SledObjects,
+    AuditConfig, KindConfig, KubernetesConfig, KubernetesError, KubernetesSource, SledObjects,
 };
 use changewire_producer::metrics::ProducerMetrics;
 use changewire_producer::sink::KafkaSink;
-use changewire_schemas::{ChangeEvent, Codec, Op, Origin, TopicNames};
-use changewire_tests::kube_api::FakeApiServer;
+use changewire_schemas::{ActorVia, ChangeEvent, Codec, Op, Origin, TopicNames};
+use changewire_tests::kube_api::{AuditLevel, AuditWebhook, FakeApiServer};
+use changewire_tests::servers::{free_port, issue_server_certificate};
 use changewire_tests::{unique_name, Stack, TestConsumer};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -695,4 +696,131 @@ async fn sigkill_loop_loses_no_object_change() -> anyhow::Result<()> {
     let runs = std::fs::read_to_string(&log)?.matches("watching").count();
     println!("producer runs that started watching: {runs} of 4");
     Ok(())
+}
+
+/// The source with its audit webhook on a fresh port and certificate; the fake API
+/// server sends its audit events there (batch mode, RequestResponse level).
+struct Audited {
+    url: String,
+    ca_pem: Vec<u8>,
+    _certs: tempfile::TempDir,
+}
+
+const AUDIT_TOKEN: &str = "audit-webhook-token-for-tests";
+
+fn with_audit(config: &mut KubernetesConfig, wait_ms: u64) -> anyhow::Result<Audited> {
+    let certs = tempfile::tempdir()?;
+    let ca = issue_server_certificate(certs.path(), certs.path())?;
+    let port = free_port()?;
+    config.audit = Some(AuditConfig {
+        listen: format!("127.0.0.1:{port}").parse()?,
+        tls_cert: certs.path().join("server.crt"),
+        tls_key: certs.path().join("server.key"),
+        token: AUDIT_TOKEN.into(),
+        wait_ms,
+        retention_secs: 600,
+    });
+    Ok(Audited {
+        url: format!("https://127.0.0.1:{port}/audit"),
+        ca_pem: std::fs::read(ca)?,
+        _certs: certs,
+    })
+}
+
+#[tokio::test]
+async fn audit_webhook_names_the_authenticated_user_and_unaudited_changes_fall_back(
+) -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let fake = FakeApiServer::start().await?;
+    fake.add_user("alice-token", "alice@example.com", &["platform-admins"]);
+    let mut config = source_config(&fake, vec![core_kind("ConfigMap")]);
+    let audit = with_audit(&mut config, 3_000)?;
+    fake.send_audit_to(AuditWebhook {
+        url: audit.url.clone(),
+        token: AUDIT_TOKEN.into(),
+        ca_pem: audit.ca_pem.clone(),
+        batch_max_wait: Duration::from_millis(300),
+        level: AuditLevel::RequestResponse,
+    })?;
+    let (prefix, state) = (unique_name("k8s_audit"), tempfile::tempdir()?);
+    let source = Running::start(&stack, config, &prefix, state.path())?;
+    source.wait_for_relists("core/ConfigMap", 1).await?;
+
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&audit.ca_pem)?)
+        .build()?;
+    let refused = https
+        .post(&audit.url)
+        .bearer_auth("wrong-token")
+        .json(&json!({"items": []}))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 401, "a wrong token is refused");
+    let malformed = https
+        .post(&audit.url)
+        .bearer_auth(AUDIT_TOKEN)
+        .body("{not json")
+        .send()
+        .await?;
+    assert_eq!(malformed.status(), 400, "{}", malformed.text().await?);
+
+    let maps: Api<ConfigMap> = Api::namespaced(fake.client_as("alice-token")?, "default");
+    maps.create(&post("alice-tool"), &config_map("audited", "v1")?)
+        .await?;
+    let patch = json!({"data": {"k": "v2"}});
+    maps.patch("audited", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    maps.delete("audited", &DeleteParams::default()).await?;
+    // Written past the API: no audit event, so the managedFields actor stays.
+    let kind = fake
+        .store()
+        .resource_type("", "v1", "configmaps")
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    fake.store()
+        .create(
+            &kind,
+            "default",
+            json!({"metadata": {"name": "unaudited"}, "data": {"k": "x"}}),
+            "direct-writer",
+        )
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+
+    let topic = format!("{prefix}.k8s.core.ConfigMap");
+    let events = events_until(&stack, &topic, |e| e.len() >= 4).await?;
+    let (audited, unaudited): (Vec<_>, Vec<_>) = events.iter().partition(|e| name(e) == "audited");
+    let ops: Vec<Op> = audited.iter().map(|e| e.op).collect();
+    assert_eq!(ops, [Op::Create, Op::Update, Op::Delete]);
+    for event in &audited {
+        let actor = event.actor.as_ref().expect("an actor");
+        assert_eq!(
+            (actor.name.as_str(), actor.via),
+            ("alice@example.com", ActorVia::Audit),
+            "{}",
+            event.id
+        );
+        assert!(
+            actor.groups.contains(&"platform-admins".to_owned()),
+            "{actor:?}"
+        );
+        assert_eq!(actor.source_ips, ["127.0.0.1"]);
+        assert_eq!(
+            actor.user_agent.as_deref(),
+            Some("kubectl/v1.33.0 (linux/amd64) kubernetes/fake")
+        );
+    }
+    let fallback = unaudited[0].actor.as_ref().expect("an actor");
+    assert_eq!(
+        (fallback.name.as_str(), fallback.via),
+        ("direct-writer", ActorVia::ManagedFields)
+    );
+
+    use changewire_schemas::http::Observable;
+    let metrics = source.metrics.encode_metrics();
+    for line in [
+        "changewire_producer_kubernetes_audit_attributed_total 3",
+        "changewire_producer_kubernetes_audit_unattributed_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    source.stop().await
 }
