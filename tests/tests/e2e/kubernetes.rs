@@ -824,3 +824,86 @@ async fn audit_webhook_names_the_authenticated_user_and_unaudited_changes_fall_b
     }
     source.stop().await
 }
+
+/// Against a real cluster (`KUBECONFIG`; run with `--run-ignored ignored-only`): in a
+/// namespace of its own, a ConfigMap's create, update and delete arrive in order,
+/// and a Secret's value never reaches its topic. The namespace is deleted afterwards.
+#[tokio::test]
+#[ignore = "needs a real cluster: set KUBECONFIG"]
+async fn real_cluster_config_map_and_secret_changes() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let stack = Stack::from_env();
+    let client = kube::Client::try_default().await?;
+    let namespace = unique_name("changewire-test").replace('_', "-");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &post("changewire-test"),
+            &serde_json::from_value(json!({"metadata": {"name": namespace}}))?,
+        )
+        .await?;
+    let result = real_cluster_changes(&stack, client, &namespace).await;
+    namespaces
+        .delete(&namespace, &DeleteParams::default())
+        .await?;
+    result
+}
+
+async fn real_cluster_changes(
+    stack: &Stack,
+    client: kube::Client,
+    namespace: &str,
+) -> anyhow::Result<()> {
+    let mut kinds = vec![core_kind("ConfigMap"), core_kind("Secret")];
+    for kind in &mut kinds {
+        kind.namespaces = vec![namespace.to_owned()];
+    }
+    let mut config: KubernetesConfig =
+        toml::from_str(&format!("name = \"k8s\"\nredaction_key = \"{KEY}\"\n"))?;
+    config.kinds = kinds;
+    let (prefix, state) = (unique_name("k8s_real"), tempfile::tempdir()?);
+    let source = Running::start(stack, config, &prefix, state.path())?;
+    source.wait_for_relists("core/ConfigMap", 1).await?;
+    source.wait_for_relists("core/Secret", 1).await?;
+
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    maps.create(&post("changewire-test"), &config_map("real", "v1")?)
+        .await?;
+    maps.patch(
+        "real",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"k": "v2"}})),
+    )
+    .await?;
+    maps.delete("real", &DeleteParams::default()).await?;
+    let secret_value = format!("real-secret-{}", unique_name("v"));
+    let secrets: Api<Secret> = Api::namespaced(client, namespace);
+    secrets
+        .create(
+            &post("changewire-test"),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "s"}, "stringData": {"password": secret_value}}),
+            )?,
+        )
+        .await?;
+
+    let maps_topic = format!("{prefix}.k8s.core.ConfigMap");
+    let events = events_until(stack, &maps_topic, |e| e.iter().any(|e| e.op == Op::Delete)).await?;
+    let ops: Vec<Op> = events
+        .iter()
+        .filter(|e| name(e) == "real")
+        .map(|e| e.op)
+        .collect();
+    assert_eq!(ops, [Op::Create, Op::Update, Op::Delete]);
+    let secrets_topic = format!("{prefix}.k8s.core.Secret");
+    let secret_events =
+        events_until(stack, &secrets_topic, |e| e.iter().any(|e| name(e) == "s")).await?;
+    let text = serde_json::to_string(&secret_events)?;
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&secret_value);
+    assert!(
+        !text.contains(&secret_value) && !text.contains(&encoded),
+        "a Secret value reached the topic"
+    );
+    source.stop().await
+}
