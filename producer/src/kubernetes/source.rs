@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use super::audit::{self, Attributions, AuditServerError};
 use super::config::{KindConfig, KubernetesConfig};
 use super::object::{compare, event, prepare, Difference, EventContext, WatchedKind};
-use super::state::{ObjectStore, Objects, StateError};
+use super::state::{Loaded, ObjectStore, Objects, StateError};
 use crate::metrics::{KindLabel, ProducerMetrics, SourceState, TableOp};
 use crate::postgres::redact::Redactor;
 use crate::postgres::source::now_ms;
@@ -88,6 +88,9 @@ enum Stop {
 enum Control {
     Start(WatchedKind),
     Remove(String),
+    /// The first CRD list is in: stored kinds of followed groups that no CRD serves
+    /// any more were deleted while the producer was down.
+    Sweep,
 }
 
 /// What every watch shares: the source's parts and the client.
@@ -196,6 +199,7 @@ impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
                 Some(request) = requests.recv() => match request {
                     Control::Start(kind) => supervisor.start(&shared, kind).await?,
                     Control::Remove(scope) => supervisor.remove(&scope),
+                    Control::Sweep => supervisor.sweep(&shared)?,
                 },
                 Some(done) = supervisor.tasks.join_next() => {
                     let (scope, result) = done.expect("watch tasks do not panic");
@@ -263,6 +267,29 @@ impl Supervisor {
         let shared = shared.clone();
         self.tasks
             .spawn(async move { (scope, watch_scope(shared, kind, stopped).await) });
+        Ok(())
+    }
+
+    /// Publishes the deletes of stored CRD kinds no watch serves, then forgets them.
+    fn sweep<S: EventSink + 'static, O: ObjectStore>(
+        &mut self,
+        shared: &Arc<Shared<S, O>>,
+    ) -> Result<(), KubernetesError> {
+        for scope in shared.source.objects.scopes()? {
+            if self.watches.contains_key(&scope) {
+                continue;
+            }
+            let Some(kind) = shared.unserved_crd_kind(&scope)? else {
+                continue;
+            };
+            tracing::info!(
+                scope,
+                "kind deleted while the producer was down: its objects are deleted"
+            );
+            let shared = shared.clone();
+            self.tasks
+                .spawn(async move { (scope, sweep_kind(&shared, &kind).await) });
+        }
         Ok(())
     }
 
@@ -340,6 +367,44 @@ impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
             .collect())
     }
 
+    /// The kind of a stored CRD scope (`<group>/<Kind>/*`) of a followed group, its
+    /// version taken from a stored object; `None` for other scopes.
+    fn unserved_crd_kind(&self, scope: &str) -> Result<Option<WatchedKind>, KubernetesError> {
+        let [group, kind, "*"] = scope.splitn(3, '/').collect::<Vec<_>>()[..] else {
+            return Ok(None);
+        };
+        if group.is_empty() || !self.source.config.follows_crd_group(group) {
+            return Ok(None);
+        }
+        let loaded = self.source.objects.load(scope)?;
+        let version = loaded
+            .objects
+            .values()
+            .chain(loaded.unconfirmed.values())
+            .find_map(|o| {
+                o["apiVersion"]
+                    .as_str()?
+                    .rsplit_once('/')
+                    .map(|(_, v)| v.to_owned())
+            })
+            .unwrap_or_default();
+        Ok(Some(WatchedKind {
+            group: group.to_owned(),
+            version,
+            kind: kind.to_owned(),
+            plural: String::new(),
+            namespace: None,
+            label_selector: None,
+            field_selector: None,
+            drop_status_only: false,
+            redact: Vec::new(),
+            topic: self
+                .source
+                .names
+                .kubernetes_kind(&self.source.config.name, group, kind)?,
+        }))
+    }
+
     fn context(&self) -> EventContext<'_> {
         EventContext {
             source: &self.source.config.name,
@@ -399,11 +464,23 @@ struct InFlight<'a, S, O> {
     queue: FuturesOrdered<Pending>,
 }
 
-impl<S: EventSink + 'static, O: ObjectStore> InFlight<'_, S, O> {
+impl<'a, S: EventSink + 'static, O: ObjectStore> InFlight<'a, S, O> {
+    fn new(shared: &'a Shared<S, O>, kind: &'a WatchedKind) -> Self {
+        Self {
+            shared,
+            kind,
+            queue: FuturesOrdered::new(),
+        }
+    }
+
     /// Queues a batch's events (read from the watch at `seen`), then its marker.
     async fn publish(&mut self, mut batch: Batch, seen: Instant) -> Result<(), KubernetesError> {
         if let Some(attributions) = &self.shared.attributions {
             attributions.attribute(&mut batch.events, seen).await;
+        }
+        if !batch.creates.is_empty() {
+            let scope = self.kind.scope();
+            self.shared.source.objects.reserve(&scope, &batch.creates)?;
         }
         for change in &batch.events {
             let record = self.shared.record(self.kind, change)?;
@@ -453,6 +530,8 @@ impl<S: EventSink + 'static, O: ObjectStore> InFlight<'_, S, O> {
 struct Batch {
     events: Vec<ChangeEvent>,
     writes: Vec<(String, Option<Value>)>,
+    /// Objects new to the state, reserved before their events are published.
+    creates: Vec<(String, Value)>,
 }
 
 /// One watch's view: what was published of each object, and the pending batch.
@@ -461,6 +540,8 @@ struct ScopeView<'a, S, O> {
     kind: &'a WatchedKind,
     label: KindLabel,
     published: Objects,
+    /// Creates a crash left unconfirmed: if gone at the relist, they get a delete.
+    unconfirmed: Objects,
     batch: Batch,
     /// Objects of a list in progress.
     listing: Option<Vec<DynamicObject>>,
@@ -468,7 +549,20 @@ struct ScopeView<'a, S, O> {
     first_sync: bool,
 }
 
-impl<S: EventSink + 'static, O: ObjectStore> ScopeView<'_, S, O> {
+impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
+    fn new(shared: &'a Shared<S, O>, kind: &'a WatchedKind, loaded: Loaded) -> Self {
+        Self {
+            shared,
+            kind,
+            label: KindLabel { kind: kind.label() },
+            published: loaded.objects,
+            unconfirmed: loaded.unconfirmed,
+            batch: Batch::default(),
+            listing: None,
+            first_sync: !loaded.synced,
+        }
+    }
+
     /// Turns watcher output into events of the pending batch. Returns the error that
     /// requires starting the watch over, if any.
     fn take(
@@ -531,6 +625,8 @@ impl<S: EventSink + 'static, O: ObjectStore> ScopeView<'_, S, O> {
         };
         let raw = serde_json::to_value(&object).expect("objects serialize");
         let prepared = prepare(self.kind, raw, self.shared.redactor.as_ref());
+        // Present again: published below as a create (its old one may be lost).
+        self.unconfirmed.remove(&uid);
         let (op, before, status_only) = match self.published.get(&uid) {
             None if snapshot => (Op::Read, None, false),
             None => (Op::Create, None, false),
@@ -549,6 +645,7 @@ impl<S: EventSink + 'static, O: ObjectStore> ScopeView<'_, S, O> {
         } else {
             SnapshotMarker::False
         };
+        let before_is_none = before.is_none();
         let change = event(
             &self.shared.context(),
             self.kind,
@@ -559,13 +656,19 @@ impl<S: EventSink + 'static, O: ObjectStore> ScopeView<'_, S, O> {
             status_only,
         );
         self.published.insert(uid.clone(), prepared.object.clone());
+        if before_is_none {
+            self.batch
+                .creates
+                .push((uid.clone(), prepared.object.clone()));
+        }
         self.batch.writes.push((uid, Some(prepared.object)));
         self.batch.events.push(change);
     }
 
     /// A delete: watched, or synthesized for an object missing from a relist.
     fn delete(&mut self, uid: &str, last_seen: Option<Value>) {
-        let before = match (self.published.remove(uid), last_seen) {
+        let (known, reserved) = (self.published.remove(uid), self.unconfirmed.remove(uid));
+        let before = match (known.or(reserved), last_seen) {
             (Some(published), _) => published,
             (None, Some(object)) => {
                 prepare(self.kind, object, self.shared.redactor.as_ref()).object
@@ -595,10 +698,12 @@ impl<S: EventSink + 'static, O: ObjectStore> ScopeView<'_, S, O> {
         let mut vanished: Vec<(String, String)> = self
             .published
             .iter()
+            .chain(self.unconfirmed.iter())
             .filter(|(uid, _)| !present.contains(uid.as_str()))
             .map(|(uid, object)| (self.kind.key(object), uid.clone()))
             .collect();
         vanished.sort();
+        vanished.dedup();
         for (_, uid) in vanished {
             self.delete(&uid, None);
         }
@@ -623,13 +728,40 @@ impl<S: EventSink + 'static, O: ObjectStore> ScopeView<'_, S, O> {
         }
     }
 
-    fn removed_kind(&mut self) {
-        let mut uids: Vec<String> = self.published.keys().cloned().collect();
+    /// The kind is gone: publishes a delete for every object still known, then
+    /// forgets the scope.
+    async fn delete_everything(
+        &mut self,
+        in_flight: &mut InFlight<'_, S, O>,
+    ) -> Result<(), KubernetesError> {
+        let mut uids: Vec<String> = self
+            .published
+            .keys()
+            .chain(self.unconfirmed.keys())
+            .cloned()
+            .collect();
         uids.sort();
+        uids.dedup();
         for uid in uids {
             self.delete(&uid, None);
         }
+        in_flight
+            .publish(std::mem::take(&mut self.batch), Instant::now())
+            .await?;
+        in_flight.drain().await?;
+        Ok(self.shared.source.objects.clear(&self.kind.scope())?)
     }
+}
+
+/// Deletes every stored object of a kind no CRD serves any more.
+async fn sweep_kind<S: EventSink + 'static, O: ObjectStore>(
+    shared: &Shared<S, O>,
+    kind: &WatchedKind,
+) -> Result<(), KubernetesError> {
+    let loaded = shared.source.objects.load(&kind.scope())?;
+    let mut view = ScopeView::new(shared, kind, loaded);
+    view.delete_everything(&mut InFlight::new(shared, kind))
+        .await
 }
 
 /// Runs one watch until stopped; transient failures restart it (after a backoff)
@@ -684,16 +816,8 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
     stop: &mut watch::Receiver<Stop>,
 ) -> Result<(), KubernetesError> {
     let scope = kind.scope();
-    let (published, synced) = shared.source.objects.load(&scope)?;
-    let mut view = ScopeView {
-        shared,
-        kind,
-        label: KindLabel { kind: kind.label() },
-        published,
-        batch: Batch::default(),
-        listing: None,
-        first_sync: !synced,
-    };
+    let loaded = shared.source.objects.load(&scope)?;
+    let mut view = ScopeView::new(shared, kind, loaded);
     let resource = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(&kind.group, &kind.version, &kind.kind),
         &kind.plural,
@@ -715,11 +839,7 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
         .default_backoff()
         .ready_chunks(512)
         .boxed();
-    let mut in_flight = InFlight {
-        shared,
-        kind,
-        queue: FuturesOrdered::new(),
-    };
+    let mut in_flight = InFlight::new(shared, kind);
     loop {
         tokio::select! {
             biased;
@@ -733,10 +853,7 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
                             break;
                         }
                     }
-                    view.removed_kind();
-                    in_flight.publish(std::mem::take(&mut view.batch), Instant::now()).await?;
-                    in_flight.drain().await?;
-                    shared.source.objects.clear(&scope)?;
+                    view.delete_everything(&mut in_flight).await?;
                 }
                 return Ok(());
             }
@@ -779,6 +896,7 @@ async fn follow_crds<S: EventSink + 'static, O: ObjectStore>(
         .boxed();
     let mut served: HashMap<String, String> = HashMap::new();
     let mut listed: Option<HashSet<String>> = None;
+    let mut swept = false;
     loop {
         let event = tokio::select! {
             event = events.next() => event,
@@ -807,10 +925,16 @@ async fn follow_crds<S: EventSink + 'static, O: ObjectStore>(
                     .filter(|name| !listed.contains(*name))
                     .cloned()
                     .collect();
-                gone.into_iter()
+                let mut requests: Vec<Control> = gone
+                    .into_iter()
                     .filter_map(|name| served.remove(&name))
                     .map(Control::Remove)
-                    .collect()
+                    .collect();
+                if !swept {
+                    swept = true;
+                    requests.push(Control::Sweep);
+                }
+                requests
             }
             Some(Err(error)) => {
                 tracing::warn!(error = %report(&error), "CRD watch interrupted; the watcher resumes");

@@ -1,6 +1,11 @@
 //! The object-state seam: the last published form of every watched object, by scope
 //! and uid. Written only after Kafka acknowledged the events it reflects; read at
 //! startup to tell creates from updates and to synthesize deletes missed while away.
+//!
+//! A create is also *reserved* before it is published: a crash between Kafka's
+//! acknowledgement and the state write would otherwise leave an object on the topic
+//! that the state does not know, and its delete (while the producer is down) would
+//! never be synthesized.
 
 use std::collections::HashMap;
 
@@ -20,19 +25,34 @@ pub enum StateError {
 /// A scope's stored objects: uid to last published form.
 pub type Objects = HashMap<String, Value>;
 
+/// What is stored of a scope.
+#[derive(Debug, Default, PartialEq)]
+pub struct Loaded {
+    /// Objects whose last published form is confirmed.
+    pub objects: Objects,
+    /// Creates reserved but not confirmed: maybe published, maybe not.
+    pub unconfirmed: Objects,
+    /// Whether the scope ever completed a sync.
+    pub synced: bool,
+}
+
 /// Durable per-scope object state.
 pub trait ObjectStore: Send + Sync + 'static {
-    /// The objects of `scope`, and whether the scope ever completed a sync.
-    fn load(&self, scope: &str) -> Result<(Objects, bool), StateError>;
-    /// Writes (`Some`) or removes (`None`) objects and marks the scope synced, in one
-    /// durable batch.
+    /// What is stored of `scope`.
+    fn load(&self, scope: &str) -> Result<Loaded, StateError>;
+    /// Durably notes creates about to be published (cleared by [`ObjectStore::apply`]).
+    fn reserve(&self, scope: &str, creates: &[(String, Value)]) -> Result<(), StateError>;
+    /// Writes (`Some`) or removes (`None`) objects, clears their reservations and
+    /// marks the scope synced, in one durable batch.
     fn apply(&self, scope: &str, writes: Vec<(String, Option<Value>)>) -> Result<(), StateError>;
     /// Forgets a scope (its kind is no longer served).
     fn clear(&self, scope: &str) -> Result<(), StateError>;
+    /// Every scope that completed a sync and was not cleared.
+    fn scopes(&self) -> Result<Vec<String>, StateError>;
 }
 
-/// Object state in a sled tree; keys are `<scope>\0<uid>`, and `<scope>\0` marks a
-/// scope that completed a sync.
+/// Object state in a sled tree; keys are `<scope>\0<uid>`, `<scope>\0` marks a
+/// scope that completed a sync, and `<scope>\x01<uid>` holds a reserved create.
 pub struct SledObjects {
     tree: sled::Tree,
 }
@@ -52,33 +72,56 @@ fn prefix(scope: &str) -> Vec<u8> {
     key
 }
 
+fn reserved_prefix(scope: &str) -> Vec<u8> {
+    let mut key = scope.as_bytes().to_vec();
+    key.push(1);
+    key
+}
+
+fn key(prefix: &[u8], uid: &str) -> Vec<u8> {
+    [prefix, uid.as_bytes()].concat()
+}
+
 impl ObjectStore for SledObjects {
-    fn load(&self, scope: &str) -> Result<(Objects, bool), StateError> {
-        let prefix = prefix(scope);
-        let mut objects = Objects::new();
-        let mut synced = false;
-        for entry in self.tree.scan_prefix(&prefix) {
-            let (key, value) = entry?;
-            let uid = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            if uid.is_empty() {
-                synced = true;
-            } else {
-                objects.insert(uid, serde_json::from_slice(&value)?);
+    fn load(&self, scope: &str) -> Result<Loaded, StateError> {
+        let mut loaded = Loaded::default();
+        for (prefix, objects) in [
+            (prefix(scope), &mut loaded.objects),
+            (reserved_prefix(scope), &mut loaded.unconfirmed),
+        ] {
+            for entry in self.tree.scan_prefix(&prefix) {
+                let (key, value) = entry?;
+                let uid = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                if uid.is_empty() {
+                    loaded.synced = true;
+                } else {
+                    objects.insert(uid, serde_json::from_slice(&value)?);
+                }
             }
         }
-        Ok((objects, synced))
+        Ok(loaded)
+    }
+
+    fn reserve(&self, scope: &str, creates: &[(String, Value)]) -> Result<(), StateError> {
+        let prefix = reserved_prefix(scope);
+        let mut batch = sled::Batch::default();
+        for (uid, object) in creates {
+            batch.insert(key(&prefix, uid), serde_json::to_vec(object)?);
+        }
+        self.tree.apply_batch(batch)?;
+        self.tree.flush()?;
+        Ok(())
     }
 
     fn apply(&self, scope: &str, writes: Vec<(String, Option<Value>)>) -> Result<(), StateError> {
-        let prefix = prefix(scope);
+        let (prefix, reserved) = (prefix(scope), reserved_prefix(scope));
         let mut batch = sled::Batch::default();
         batch.insert(prefix.clone(), &[][..]);
         for (uid, object) in writes {
-            let mut key = prefix.clone();
-            key.extend_from_slice(uid.as_bytes());
+            batch.remove(key(&reserved, &uid));
             match object {
-                Some(object) => batch.insert(key, serde_json::to_vec(&object)?),
-                None => batch.remove(key),
+                Some(object) => batch.insert(key(&prefix, &uid), serde_json::to_vec(&object)?),
+                None => batch.remove(key(&prefix, &uid)),
             }
         }
         self.tree.apply_batch(batch)?;
@@ -88,12 +131,25 @@ impl ObjectStore for SledObjects {
 
     fn clear(&self, scope: &str) -> Result<(), StateError> {
         let mut batch = sled::Batch::default();
-        for key in self.tree.scan_prefix(prefix(scope)).keys() {
-            batch.remove(key?);
+        for prefix in [prefix(scope), reserved_prefix(scope)] {
+            for key in self.tree.scan_prefix(prefix).keys() {
+                batch.remove(key?);
+            }
         }
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;
         Ok(())
+    }
+
+    fn scopes(&self) -> Result<Vec<String>, StateError> {
+        let mut scopes = Vec::new();
+        for key in self.tree.iter().keys() {
+            // Only a scope's synced marker ends in the separator.
+            if let Some(scope) = key?.strip_suffix(&[0]) {
+                scopes.push(String::from_utf8_lossy(scope).into_owned());
+            }
+        }
+        Ok(scopes)
     }
 }
 
@@ -108,7 +164,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = SledObjects::open(&sled::open(dir.path()).unwrap()).unwrap();
-            assert_eq!(store.load("g/K/a").unwrap(), (Objects::new(), false));
+            assert_eq!(store.load("g/K/a").unwrap(), Loaded::default());
+            store
+                .reserve("g/K/a", &[("u1".into(), json!(0)), ("u4".into(), json!(4))])
+                .unwrap();
             store
                 .apply(
                     "g/K/a",
@@ -124,11 +183,21 @@ mod tests {
                 .unwrap();
         }
         let store = SledObjects::open(&sled::open(dir.path()).unwrap()).unwrap();
-        let (objects, synced) = store.load("g/K/a").unwrap();
-        assert!(synced);
-        assert_eq!(objects, Objects::from([("u1".into(), json!({"x": 1}))]));
+        let loaded = store.load("g/K/a").unwrap();
+        assert!(loaded.synced);
+        assert_eq!(
+            loaded.objects,
+            Objects::from([("u1".into(), json!({"x": 1}))])
+        );
+        assert_eq!(
+            loaded.unconfirmed,
+            Objects::from([("u4".into(), json!(4))]),
+            "applying u1 confirmed its reservation; u4's is left"
+        );
+        assert_eq!(store.scopes().unwrap(), ["g/K/a", "g/K/ab"]);
         store.clear("g/K/a").unwrap();
-        assert_eq!(store.load("g/K/a").unwrap(), (Objects::new(), false));
-        assert_eq!(store.load("g/K/ab").unwrap().0.len(), 1);
+        assert_eq!(store.load("g/K/a").unwrap(), Loaded::default());
+        assert_eq!(store.scopes().unwrap(), ["g/K/ab"]);
+        assert_eq!(store.load("g/K/ab").unwrap().objects.len(), 1);
     }
 }

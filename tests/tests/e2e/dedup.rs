@@ -178,10 +178,17 @@ async fn dedup_recovers_a_batch_in_doubt_after_a_stalled_broker_and_sigkill() ->
     // the service may be waiting on a fetch), so try again later in the stream.
     let mut in_doubt = false;
     for quarter in 1..=3 {
-        wait_for_progress(&stack, &group, &raw, 2, EVENTS * quarter / 4).await?;
+        if let Err(error) = wait_for_progress(&stack, &group, &raw, 2, EVENTS * quarter / 4).await {
+            anyhow::bail!(
+                "{error:#}\nservice log:\n{}",
+                std::fs::read_to_string(&log)?
+            );
+        }
         broker.freeze()?;
         let at_freeze = batches_committed(&metrics).await?;
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // Shorter than the session timeout (6 s): a longer freeze makes the service
+        // leave the group, and tansu 0.6 may then never let it back in.
+        let deadline = Instant::now() + Duration::from_secs(4);
         while !in_doubt && Instant::now() < deadline {
             in_doubt = batches_committed(&metrics).await? > at_freeze;
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -688,8 +688,29 @@ async fn sigkill_loop_loses_no_object_change() -> anyhow::Result<()> {
     let result = events_until(&stack, &topic, covered).await;
     crate::consumer::terminate(producer)?;
     if let Err(error) = result {
+        let events = changewire_tests::read_to_end(&stack, &topic, Duration::from_secs(30)).await?;
+        let events: Vec<ChangeEvent> = events
+            .iter()
+            .map(|r| serde_json::from_slice(r.value.as_deref().unwrap_or_default()))
+            .collect::<Result<_, _>>()?;
+        let published = |uid: &str, rv: Option<&str>| {
+            events.iter().any(|e| {
+                origin(e).uid == uid
+                    && rv.is_none_or(|rv| origin(e).resource_version == rv)
+                    && (rv.is_some() || e.op == Op::Delete)
+            })
+        };
+        let stale: Vec<_> = live
+            .iter()
+            .filter(|(uid, rv)| !published(uid, Some(rv)))
+            .collect();
+        let undeleted: Vec<_> = deleted
+            .iter()
+            .filter(|uid| events.iter().any(|e| origin(e).uid == **uid) && !published(uid, None))
+            .collect();
         anyhow::bail!(
-            "{error:#}\nproducer log:\n{}",
+            "{error:#}: {} events; live objects without their final version: {stale:?}; published objects without their delete: {undeleted:?}\nproducer log:\n{}",
+            events.len(),
             std::fs::read_to_string(&log)?
         );
     }
@@ -906,4 +927,88 @@ async fn real_cluster_changes(
         "a Secret value reached the topic"
     );
     source.stop().await
+}
+
+fn crd_api(client: &kube::Client) -> Api<kube::api::DynamicObject> {
+    Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource::erase::<
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+        >(&()),
+    )
+}
+
+/// Creates the Route CRD of `group`, waits until `source` watches it, then creates
+/// routes named `names`.
+async fn routes_of_new_crd(
+    fake: &FakeApiServer,
+    source: &Running,
+    group: &str,
+    names: &[&str],
+) -> anyhow::Result<()> {
+    let client = fake.client()?;
+    crd_api(&client)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(route_crd(group))?,
+        )
+        .await?;
+    source
+        .wait_for_relists(&format!("{group}/Route"), 1)
+        .await?;
+    let resource = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk(group, "v1", "Route"),
+        "routes",
+    );
+    let routes: Api<kube::api::DynamicObject> = Api::namespaced_with(client, "default", &resource);
+    for name in names {
+        let route = json!({"apiVersion": format!("{group}/v1"), "kind": "Route", "metadata": {"name": name}, "spec": {"host": "shop.example.com"}});
+        routes
+            .create(&post("gateway-operator"), &serde_json::from_value(route)?)
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_crd_deleted_while_the_producer_is_down_has_its_objects_deleted_once(
+) -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let fake = FakeApiServer::start().await?;
+    let (prefix, state) = (unique_name("k8s"), tempfile::tempdir()?);
+    let mut config = source_config(&fake, vec![]);
+    config.crd_groups = vec!["*.example.com".into()];
+    let group = format!("{}.example.com", unique_name("gone").replace('_', "-"));
+    let topic = format!("{prefix}.k8s.{group}.Route");
+
+    let source = Running::start(&stack, config.clone(), &prefix, state.path())?;
+    routes_of_new_crd(&fake, &source, &group, &["a", "b"]).await?;
+    events_until(&stack, &topic, |e| e.len() >= 2).await?;
+    source.stop().await?;
+
+    crd_api(&fake.client()?)
+        .delete(&format!("routes.{group}"), &DeleteParams::default())
+        .await?;
+    let source = Running::start(&stack, config.clone(), &prefix, state.path())?;
+    let events = events_until(&stack, &topic, |e| e.len() >= 4).await?;
+    let mut deleted: Vec<(Op, String)> = events[2..].iter().map(|e| (e.op, name(e))).collect();
+    deleted.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        deleted,
+        [(Op::Delete, "a".into()), (Op::Delete, "b".into())]
+    );
+    source.stop().await?;
+
+    // Once swept, the kind is forgotten: another restart publishes nothing more for it.
+    let source = Running::start(&stack, config, &prefix, state.path())?;
+    let later = format!("{}.example.com", unique_name("later").replace('_', "-"));
+    routes_of_new_crd(&fake, &source, &later, &["c"]).await?;
+    events_until(&stack, &format!("{prefix}.k8s.{later}.Route"), |e| {
+        !e.is_empty()
+    })
+    .await?;
+    source.stop().await?;
+    let all = changewire_tests::read_to_end(&stack, &topic, Duration::from_secs(30)).await?;
+    assert_eq!(all.len(), 4, "no delete is published twice");
+    Ok(())
 }
