@@ -15,15 +15,33 @@ use super::store::Store;
 /// A topic and partition.
 pub(super) type PartitionKey = (String, i32);
 
-/// The partitions this instance owns, each with the next offset it expects.
+/// The partitions this instance owns, each with the next offset it expects; and
+/// per partition the offset up to which every batch settled (its outward effects
+/// confirmed): what may be handed to Kafka.
 #[derive(Default)]
 pub(super) struct Assignment {
     owned: Mutex<HashMap<PartitionKey, Option<i64>>>,
+    settled: Mutex<HashMap<PartitionKey, i64>>,
 }
 
 impl Assignment {
     pub(super) fn lock(&self) -> MutexGuard<'_, HashMap<PartitionKey, Option<i64>>> {
         self.owned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records settled offsets (they only move forward).
+    pub(super) fn settle(&self, offsets: &HashMap<PartitionKey, i64>) {
+        let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, &next) in offsets {
+            let entry = settled.entry(key.clone()).or_insert(next);
+            *entry = (*entry).max(next);
+        }
+    }
+
+    /// The offset up to which `key`'s batches settled.
+    pub(super) fn settled(&self, key: &PartitionKey) -> Option<i64> {
+        let settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        settled.get(key).copied()
     }
 }
 
@@ -97,6 +115,9 @@ impl ServiceContext {
             };
             match next {
                 Some(next) => {
+                    // Effects of earlier runs were recovered before consuming began.
+                    self.assignment
+                        .settle(&HashMap::from([((topic.clone(), partition), next)]));
                     let start = (next - self.rewind).max(0);
                     tracing::info!(%topic, partition, next, start, "starting from the sled offset");
                     let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(start));
@@ -117,7 +138,8 @@ impl ServiceContext {
     /// Batches are committed to sled before the next poll, and revocation happens
     /// inside a poll, so nothing is half-applied here: records already fetched for
     /// these partitions are dropped unapplied (the next owner reads them), and the
-    /// sled offsets are committed to Kafka so the next owner starts where we stopped.
+    /// settled offsets are committed to Kafka so the next owner starts after the
+    /// last batch whose effects are confirmed (the rest settle here meanwhile).
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let mut owned = self.assignment.lock();
         let mut offsets = TopicPartitionList::new();
@@ -128,7 +150,7 @@ impl ServiceContext {
                 topic: topic.to_owned(),
                 partition,
             });
-            if let Ok(Some(next)) = self.store.offset(topic, partition) {
+            if let Some(next) = self.assignment.settled(&(topic.to_owned(), partition)) {
                 let _ = offsets.add_partition_offset(topic, partition, Offset::Offset(next));
             }
         }

@@ -1,6 +1,7 @@
 //! The handler seam: what a consumer service does with each new event.
 
 use std::future::Future;
+use std::pin::Pin;
 
 use changewire_schemas::ChangeEvent;
 
@@ -117,11 +118,25 @@ pub trait Handler: Send + Sync + 'static {
         async { Ok(()) }
     }
 
-    /// Runs after each batch is durable in sled, before the next batch is read and
-    /// before its offsets are mirrored to Kafka: perform the outward effects the
-    /// batch recorded. Failures are retried with backoff.
-    fn committed(&self, store: &Store) -> impl Future<Output = Result<(), HandlerError>> + Send {
+    /// Runs after each batch is durable in sled: start the outward effects the batch
+    /// recorded, and return a [`Settlement`] that resolves once they are confirmed.
+    /// The runtime reads and applies the next batches meanwhile (a few at most),
+    /// and mirrors a batch's offsets to Kafka only once it and every batch before it
+    /// settled. A failed settlement makes the runtime wait for the others and run
+    /// [`Handler::recover`]. Failures to start are retried with backoff.
+    fn committed(
+        &self,
+        store: &Store,
+    ) -> impl Future<Output = Result<Settlement, HandlerError>> + Send {
         let _ = store;
-        async { Ok(()) }
+        async { Ok(settled()) }
     }
+}
+
+/// Resolves once a batch's outward effects are confirmed (see [`Handler::committed`]).
+pub type Settlement = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+
+/// A settlement with nothing left to confirm.
+pub fn settled() -> Settlement {
+    Box::pin(std::future::ready(Ok(())))
 }

@@ -3,9 +3,10 @@
 //! Records are read in batches (whatever the client has fetched, up to
 //! `service.max_batch`). For each batch the handler's state changes, the event ids
 //! it applied and the partition offsets are written to sled in one atomic, flushed
-//! write before [`Handler::committed`] performs outward effects and before the next
-//! batch is read; only then are offsets mirrored to Kafka (for lag tools and the
-//! next owner of a partition).
+//! write; then [`Handler::committed`] starts the batch's outward effects and the
+//! next batch is read while they settle (a few batches at most). A batch's offsets
+//! are mirrored to Kafka (for lag tools and the next owner of a partition) only
+//! once it and every batch before it settled.
 //!
 //! On assignment a partition starts from its sled offset, set in the assignment
 //! itself; without one, from the group's Kafka offset, else `auto.offset.reset`
@@ -38,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::{ChangeEvent, Codec};
+use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -49,7 +51,7 @@ use tokio::sync::watch;
 
 use assign::{Assignment, PartitionKey, ServiceContext};
 use dlq::DeadLetters;
-pub use handler::{Context, Handler, HandlerError, Record};
+pub use handler::{settled, Context, Handler, HandlerError, Record, Settlement};
 pub use metrics::{ConsumerMetrics, Outcome, ServiceState};
 pub use store::{StateChanges, Store, StoreError};
 
@@ -72,6 +74,15 @@ pub mod dlq_headers {
 /// How often committed offsets are mirrored to Kafka (for lag tools and hand-over).
 const MIRROR_INTERVAL: Duration = Duration::from_millis(500);
 const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Batches whose effects may be unconfirmed at once; reading pauses beyond.
+const MAX_UNSETTLED: usize = 4;
+/// How long a stopping service waits for batches in flight to settle.
+const SETTLE_ON_EXIT: Duration = Duration::from_secs(10);
+
+/// Settlements of batches in flight, oldest first, each with its offsets.
+type Settling = FuturesOrdered<
+    futures::future::BoxFuture<'static, (Result<(), HandlerError>, HashMap<PartitionKey, i64>)>,
+>;
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Why the runtime stopped.
@@ -166,7 +177,8 @@ pub async fn run_observed<H: Handler>(
         &metrics,
         &mut shutdown,
     )
-    .await;
+    .await
+    .is_some();
     let mut worker = Worker {
         config,
         handler,
@@ -257,51 +269,126 @@ impl<H: Handler> Worker<'_, H> {
         self.metrics.set_state(ServiceState::Consuming);
         let mut mirrored: HashMap<PartitionKey, i64> = HashMap::new();
         let mut mirror = tokio::time::interval(MIRROR_INTERVAL);
+        let mut settling = Settling::new();
         loop {
             let first = tokio::select! {
                 biased;
                 () = stopped(shutdown) => break,
+                Some((result, offsets)) = settling.next(), if !settling.is_empty() => {
+                    if !self.settle(result, offsets, &mut settling, shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
                 _ = mirror.tick() => {
                     self.mirror_offsets(&consumer, &mut mirrored);
                     continue;
                 }
-                message = consumer.recv() => message,
+                message = consumer.recv(), if settling.len() < MAX_UNSETTLED => message,
             };
-            let mut records = Vec::new();
-            collect(first, &mut records);
-            // Larger batches amortize the flush and the outward round trip; wait a
-            // little for more records, never past max_batch or the linger.
-            let linger = tokio::time::Instant::now() + self.config.batch_linger();
-            while records.len() < self.config.service.max_batch {
-                match consumer.recv().now_or_never() {
-                    Some(message) => collect(message, &mut records),
-                    None => match tokio::time::timeout_at(linger, consumer.recv()).await {
-                        Ok(message) => collect(message, &mut records),
-                        Err(_) => break,
-                    },
-                }
-            }
+            let records = self.collect_batch(first, &consumer).await;
             let (batch, step) = self.apply(records, shutdown).await?;
+            let offsets = batch.offsets.clone();
             self.commit(batch)?;
             if step == Step::Interrupted {
                 break;
             }
-            let store = &self.store;
-            let handler = &self.handler;
-            let committed = until_done(
-                "performing the batch's effects",
+            let (store, handler) = (&self.store, &self.handler);
+            let started = until_done(
+                "starting the batch's effects",
                 || handler.committed(store),
                 &self.metrics,
                 shutdown,
             )
             .await;
-            if !committed {
+            let Some(settlement) = started else {
                 break;
-            }
+            };
+            settling.push_back(Box::pin(async move { (settlement.await, offsets) }));
             self.metrics.set_state(ServiceState::Consuming);
         }
+        self.finish_settling(&mut settling).await;
         self.mirror_offsets(&consumer, &mut mirrored);
         Ok(())
+    }
+
+    /// The batch `first` starts: what else arrives within the linger, up to
+    /// `max_batch`. Larger batches amortize the flush and the outward round trip.
+    async fn collect_batch(
+        &self,
+        first: Result<BorrowedMessage<'_>, rdkafka::error::KafkaError>,
+        consumer: &StreamConsumer<ServiceContext>,
+    ) -> Vec<Record> {
+        let mut records = Vec::new();
+        collect(first, &mut records);
+        let linger = tokio::time::Instant::now() + self.config.batch_linger();
+        while records.len() < self.config.service.max_batch {
+            match consumer.recv().now_or_never() {
+                Some(message) => collect(message, &mut records),
+                None => match tokio::time::timeout_at(linger, consumer.recv()).await {
+                    Ok(message) => collect(message, &mut records),
+                    Err(_) => break,
+                },
+            }
+        }
+        records
+    }
+
+    /// Takes the oldest batch's settlement: its offsets may go to Kafka. After a
+    /// failure, waits for the other batches and recovers. False if shutdown came
+    /// before the recovery succeeded.
+    async fn settle(
+        &mut self,
+        result: Result<(), HandlerError>,
+        offsets: HashMap<PartitionKey, i64>,
+        settling: &mut Settling,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut done = vec![offsets];
+        if let Err(error) = result {
+            tracing::warn!(error = %report(&error), "a batch's effects failed; recovering once the batches in flight settle");
+            while let Some((_, offsets)) = settling.next().await {
+                done.push(offsets);
+            }
+            let (store, handler) = (&self.store, &self.handler);
+            let recovered = until_done(
+                "recovering the batches' effects",
+                || handler.recover(store),
+                &self.metrics,
+                shutdown,
+            )
+            .await;
+            if recovered.is_none() {
+                return false;
+            }
+        }
+        for offsets in &done {
+            self.assignment.settle(offsets);
+        }
+        true
+    }
+
+    /// On the way out: waits a while for the batches in flight; what does not
+    /// settle stays in sled for [`Handler::recover`] at the next start.
+    async fn finish_settling(&self, settling: &mut Settling) {
+        let deadline = tokio::time::Instant::now() + SETTLE_ON_EXIT;
+        while let Ok(Some((result, offsets))) =
+            tokio::time::timeout_at(deadline, settling.next()).await
+        {
+            match result {
+                Ok(()) => self.assignment.settle(&offsets),
+                Err(error) => {
+                    tracing::warn!(error = %report(&error), "a batch's effects failed at shutdown; recovered at the next start");
+                    return;
+                }
+            }
+        }
+        if !settling.is_empty() {
+            tracing::warn!(
+                batches = settling.len(),
+                "batches' effects unconfirmed at shutdown; recovered at the next start"
+            );
+        }
     }
 
     fn subscribe(&self) -> Result<StreamConsumer<ServiceContext>, RuntimeError> {
@@ -336,8 +423,9 @@ impl<H: Handler> Worker<'_, H> {
         Ok(consumer)
     }
 
-    /// Copies the sled offsets of owned partitions to Kafka's committed offsets,
-    /// for lag tools and for a partition's next owner. Best effort: sled is the truth.
+    /// Copies the settled offsets of owned partitions (batches durable in sled with
+    /// their effects confirmed) to Kafka's committed offsets, for lag tools and for
+    /// a partition's next owner. Best effort: sled is the truth.
     fn mirror_offsets(
         &self,
         consumer: &StreamConsumer<ServiceContext>,
@@ -346,7 +434,7 @@ impl<H: Handler> Worker<'_, H> {
         let owned: Vec<PartitionKey> = self.assignment.lock().keys().cloned().collect();
         let mut tpl = TopicPartitionList::new();
         for (topic, partition) in owned {
-            let Ok(Some(next)) = self.store.offset(&topic, partition) else {
+            let Some(next) = self.assignment.settled(&(topic.clone(), partition)) else {
                 continue;
             };
             if mirrored.insert((topic.clone(), partition), next) != Some(next) {
@@ -555,23 +643,23 @@ fn collect(
     }
 }
 
-/// Runs `attempt` until it succeeds, with backoff; `false` if shutdown came first.
-async fn until_done<F, Fut>(
+/// Runs `attempt` until it succeeds, with backoff; `None` if shutdown came first.
+async fn until_done<F, Fut, T>(
     what: &str,
     mut attempt: F,
     metrics: &ConsumerMetrics,
     shutdown: &mut watch::Receiver<bool>,
-) -> bool
+) -> Option<T>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), HandlerError>>,
+    Fut: Future<Output = Result<T, HandlerError>>,
 {
     let mut delay = RETRY_MIN;
     loop {
         match attempt().await {
-            Ok(()) => {
+            Ok(value) => {
                 metrics.set_error(None);
-                return true;
+                return Some(value);
             }
             Err(error) => {
                 let error = report(&error);
@@ -583,7 +671,7 @@ where
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = stopped(shutdown) => return false,
+            () = stopped(shutdown) => return None,
         }
         delay = (delay * 2).min(RETRY_MAX);
     }

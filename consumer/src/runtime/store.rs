@@ -103,6 +103,13 @@ impl Store {
         Ok(())
     }
 
+    /// Applies state `changes` atomically, durable with the next flush (for changes
+    /// a crash may lose without harm, like clearing confirmed work).
+    pub fn apply_lazily(&self, changes: StateChanges) -> Result<(), StoreError> {
+        self.db.apply_batch(changes.into_batch())?;
+        Ok(())
+    }
+
     /// State entries whose key starts with `prefix`, in key order.
     pub fn scan(&self, prefix: &[u8]) -> Result<Vec<StateEntry>, StoreError> {
         self.db

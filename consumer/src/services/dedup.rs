@@ -8,9 +8,11 @@
 //! 1. `handle` stores the output record in an outbox entry, and the runtime commits
 //!    it with the event id and input offset in one flushed sled write. A crash
 //!    before that loses nothing: the input offset has not moved.
-//! 2. `committed` publishes the batch's outbox (idempotent producer, acks=all), and
-//!    only after every acknowledgement removes the entries and records, per output
-//!    partition, the offset after the last acknowledged record (the *written mark*).
+//! 2. `committed` publishes the batch's outbox (idempotent producer, acks=all, from
+//!    memory: the entries `handle` staged), and its settlement, after every
+//!    acknowledgement, removes the entries and records, per output partition, the
+//!    offset after the last acknowledged record (the *written mark*). The runtime
+//!    applies the next batches meanwhile; one producer keeps the batches in order.
 //! 3. A crash between 1 and the end of 2 leaves outbox entries some of which may be
 //!    in the topic already. `recover` reads each affected output partition from its
 //!    written mark to the end, collects the event ids found, and publishes only the
@@ -23,8 +25,8 @@
 //! is kept; the output topic is created with the input's partition count.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use changewire_schemas::topic::TopicNames;
@@ -39,7 +41,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ConsumerConfig;
 use crate::runtime::{
-    client_config, ensure_topic, Context, Handler, HandlerError, Record, StateChanges, Store,
+    client_config, ensure_topic, settled, Context, Handler, HandlerError, Record, Settlement,
+    StateChanges, Store,
 };
 
 const OUTBOX: &[u8] = b"outbox/";
@@ -67,8 +70,15 @@ pub struct Dedup {
     codec: Arc<Codec>,
     /// Output topic → its partition count.
     partitions: tokio::sync::Mutex<HashMap<String, i32>>,
+    /// Outbox entries of the batch being applied, in order (also in sled), so the
+    /// batch is published without reading the outbox back.
+    staged: Mutex<Vec<(Vec<u8>, Pending)>>,
+    /// Written marks per output partition, moved forward by settlements in turn.
+    marks: Arc<Mutex<HashMap<(String, i32), i64>>>,
     /// Set when publishing failed part-way: the next attempt must check the topic.
-    in_doubt: AtomicBool,
+    in_doubt: Arc<AtomicBool>,
+    /// Settlements not finished yet (a check of the topic waits for them).
+    unsettled: Arc<AtomicUsize>,
     /// Records found missing from the output by recoveries, and republished.
     republished: AtomicU64,
 }
@@ -86,8 +96,7 @@ impl Dedup {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", "0")
-            // Each batch waits for its acknowledgements: do not hold records back.
-            .set("linger.ms", "1")
+            .set("linger.ms", "5")
             .set("compression.type", "lz4")
             .create()?;
         Ok(Self {
@@ -97,7 +106,10 @@ impl Dedup {
             producer,
             codec: Arc::new(Codec::json()?),
             partitions: tokio::sync::Mutex::new(HashMap::new()),
-            in_doubt: AtomicBool::new(false),
+            staged: Mutex::default(),
+            marks: Arc::default(),
+            in_doubt: Arc::default(),
+            unsettled: Arc::default(),
             republished: AtomicU64::new(0),
         })
     }
@@ -134,8 +146,8 @@ impl Dedup {
         Ok(count)
     }
 
-    /// Publishes the outbox; with `check`, skips entries already in the output.
-    async fn deliver(&self, store: &Store, check: bool) -> Result<(), HandlerError> {
+    /// Publishes the entries of the outbox (in sled) that the output lacks.
+    async fn recover_outbox(&self, store: &Store) -> Result<(), HandlerError> {
         let entries = store.scan(OUTBOX)?;
         if entries.is_empty() {
             return Ok(());
@@ -150,50 +162,47 @@ impl Dedup {
             })?;
             outbox.push((key, pending));
         }
-        let present = if check {
-            self.ids_in_output(store, &outbox).await?
-        } else {
-            HashSet::new()
-        };
+        let present = self.ids_in_output(store, &outbox).await?;
         let missing: Vec<&Pending> = outbox
             .iter()
             .map(|(_, p)| p)
             .filter(|p| !present.contains(&p.id))
             .collect();
-        if check {
-            tracing::info!(
-                in_doubt = outbox.len(),
-                found = present.len(),
-                republishing = missing.len(),
-                "recovered the outbox"
-            );
-            self.republished
-                .fetch_add(missing.len() as u64, Ordering::Relaxed);
-        }
+        tracing::info!(
+            in_doubt = outbox.len(),
+            found = present.len(),
+            republishing = missing.len(),
+            "recovered the outbox"
+        );
+        self.republished
+            .fetch_add(missing.len() as u64, Ordering::Relaxed);
         let mut acks = Vec::with_capacity(missing.len());
-        for pending in &missing {
-            acks.push((pending, self.enqueue(pending).await?));
+        for pending in missing {
+            acks.push((pending.topic.clone(), self.enqueue(pending).await?));
         }
-        let mut marks: HashMap<(String, i32), i64> = HashMap::new();
-        for (pending, ack) in acks {
-            let delivered = ack
-                .await
-                .map_err(HandlerError::transient)?
-                .map_err(|(e, _)| HandlerError::transient(e))?;
-            let mark = marks
-                .entry((pending.topic.clone(), delivered.partition))
-                .or_insert(0);
-            *mark = (*mark).max(delivered.offset + 1);
+        let cleared = outbox.into_iter().map(|(key, _)| key).collect();
+        confirm(acks, cleared, store, &self.marks).await
+    }
+
+    /// Publishes the staged batch and returns the settlement that confirms it.
+    async fn publish_staged(&self, store: &Store) -> Result<Settlement, HandlerError> {
+        let staged = std::mem::take(&mut *lock(&self.staged));
+        let (mut acks, mut cleared) = (Vec::with_capacity(staged.len()), Vec::new());
+        for (key, pending) in staged {
+            acks.push((pending.topic.clone(), self.enqueue(&pending).await?));
+            cleared.push(key);
         }
-        let mut changes = StateChanges::default();
-        for (key, _) in &outbox {
-            changes.remove(key.clone());
-        }
-        for ((topic, partition), next) in marks {
-            changes.put(written_key(&topic, partition), next.to_be_bytes().to_vec());
-        }
-        store.apply(changes)?;
-        Ok(())
+        let (store, marks) = (store.clone(), self.marks.clone());
+        let (in_doubt, unsettled) = (self.in_doubt.clone(), self.unsettled.clone());
+        unsettled.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::pin(async move {
+            let result = confirm(acks, cleared, &store, &marks).await;
+            if result.is_err() {
+                in_doubt.store(true, Ordering::SeqCst);
+            }
+            unsettled.fetch_sub(1, Ordering::SeqCst);
+            result
+        }))
     }
 
     /// Hands `pending` to the producer, waiting while its queue is full.
@@ -259,20 +268,76 @@ impl Handler for Dedup {
             headers: record.headers.clone(),
             payload: record.payload.clone(),
         };
-        context.put(outbox_key(record), pending.encode());
+        let key = outbox_key(record);
+        context.put(key.clone(), pending.encode());
+        lock(&self.staged).push((key, pending));
         Ok(())
     }
 
     async fn recover(&self, store: &Store) -> Result<(), HandlerError> {
-        self.deliver(store, true).await
+        lock(&self.staged).clear();
+        self.recover_outbox(store).await?;
+        self.in_doubt.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
-    async fn committed(&self, store: &Store) -> Result<(), HandlerError> {
-        let check = self.in_doubt.swap(false, Ordering::SeqCst);
-        self.deliver(store, check)
+    /// Publishes the batch without waiting for Kafka; the settlement waits. After
+    /// a publish failed part-way, the whole outbox is checked against the topic
+    /// instead, once nothing else is in flight (what is in flight would look missing).
+    async fn committed(&self, store: &Store) -> Result<Settlement, HandlerError> {
+        if self.in_doubt.load(Ordering::SeqCst) {
+            while self.unsettled.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            lock(&self.staged).clear();
+            self.recover_outbox(store).await?;
+            self.in_doubt.store(false, Ordering::SeqCst);
+            return Ok(settled());
+        }
+        self.publish_staged(store)
             .await
             .inspect_err(|_| self.in_doubt.store(true, Ordering::SeqCst))
     }
+}
+
+/// Waits for every acknowledgement, then clears `cleared` from the outbox and moves
+/// the written marks, in one state write. Marks move under their lock, so
+/// settlements finishing out of turn never move one back.
+async fn confirm(
+    acks: Vec<(String, DeliveryFuture)>,
+    cleared: Vec<Vec<u8>>,
+    store: &Store,
+    marks: &Mutex<HashMap<(String, i32), i64>>,
+) -> Result<(), HandlerError> {
+    let mut written: HashMap<(String, i32), i64> = HashMap::new();
+    for (topic, ack) in acks {
+        let delivered = ack
+            .await
+            .map_err(HandlerError::transient)?
+            .map_err(|(e, _)| HandlerError::transient(e))?;
+        let mark = written.entry((topic, delivered.partition)).or_insert(0);
+        *mark = (*mark).max(delivered.offset + 1);
+    }
+    let mut changes = StateChanges::default();
+    for key in cleared {
+        changes.remove(key);
+    }
+    let mut marks = lock(marks);
+    for (target, next) in written {
+        let mark = marks.entry(target.clone()).or_insert(next);
+        *mark = (*mark).max(next);
+        changes.put(
+            written_key(&target.0, target.1),
+            mark.to_be_bytes().to_vec(),
+        );
+    }
+    // A crash may lose this write: the entries are then checked against the topic.
+    store.apply_lazily(changes)?;
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, HandlerError> {
