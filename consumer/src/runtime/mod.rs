@@ -270,10 +270,15 @@ impl<H: Handler> Worker<'_, H> {
         let mut mirrored: HashMap<PartitionKey, i64> = HashMap::new();
         let mut mirror = tokio::time::interval(MIRROR_INTERVAL);
         let mut settling = Settling::new();
+        let mut orphans = OrphanWatch::new(self.config)?;
         loop {
             let first = tokio::select! {
                 biased;
                 () = stopped(shutdown) => break,
+                _ = orphans.tick() => {
+                    orphans.check(&self.assignment, &consumer, self.config).await?;
+                    continue;
+                }
                 Some((result, offsets)) = settling.next(), if !settling.is_empty() => {
                     if !self.settle(result, offsets, &mut settling, shutdown).await {
                         break;
@@ -413,13 +418,7 @@ impl<H: Handler> Worker<'_, H> {
                 metrics: self.metrics.clone(),
                 rewind: config.service.resume_rewind,
             })?;
-        let topics: Vec<&str> = config
-            .service
-            .subscribe
-            .iter()
-            .map(String::as_str)
-            .collect();
-        consumer.subscribe(&topics)?;
+        consumer.subscribe(&subscribed(config))?;
         Ok(consumer)
     }
 
@@ -612,6 +611,81 @@ impl<H: Handler> Worker<'_, H> {
         self.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
+/// The topics (or `^` patterns) the service subscribes.
+fn subscribed(config: &ConsumerConfig) -> Vec<&str> {
+    config
+        .service
+        .subscribe
+        .iter()
+        .map(String::as_str)
+        .collect()
+}
+
+/// Notices an instance the group left without partitions although it is the
+/// group's only member (seen on tansu 0.6 after a member died: the survivor's
+/// assignment stays empty and no rebalance follows), and rejoins the group.
+struct OrphanWatch {
+    interval: tokio::time::Interval,
+    since: Option<tokio::time::Instant>,
+    prober: Arc<rdkafka::consumer::BaseConsumer>,
+}
+
+/// How long an instance may own no partition before the group is looked at.
+const ORPHAN_AFTER: Duration = Duration::from_secs(15);
+
+impl OrphanWatch {
+    fn new(config: &ConsumerConfig) -> Result<Self, RuntimeError> {
+        Ok(Self {
+            interval: tokio::time::interval(ORPHAN_AFTER / 3),
+            since: None,
+            prober: Arc::new(client_config(config).create()?),
+        })
+    }
+
+    async fn tick(&mut self) {
+        self.interval.tick().await;
+    }
+
+    async fn check(
+        &mut self,
+        assignment: &Assignment,
+        consumer: &StreamConsumer<ServiceContext>,
+        config: &ConsumerConfig,
+    ) -> Result<(), RuntimeError> {
+        if !assignment.lock().is_empty() {
+            self.since = None;
+            return Ok(());
+        }
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() < ORPHAN_AFTER {
+            return Ok(());
+        }
+        let (prober, group) = (self.prober.clone(), config.group_id());
+        let members = tokio::task::spawn_blocking(move || {
+            let list = prober.fetch_group_list(Some(&group), Duration::from_secs(5))?;
+            Ok::<_, rdkafka::error::KafkaError>(
+                list.groups().first().map_or(0, |g| g.members().len()),
+            )
+        })
+        .await;
+        match members {
+            Ok(Ok(members)) if members <= 1 => {
+                tracing::warn!(
+                    members,
+                    "no partitions although no other member shares the group: rejoining"
+                );
+                consumer.unsubscribe();
+                consumer.subscribe(&subscribed(config))?;
+                self.since = None;
+            }
+            Ok(Ok(members)) => tracing::debug!(members, "no partitions: other members own them"),
+            Ok(Err(error)) => tracing::debug!(%error, "cannot describe the group"),
+            Err(error) => tracing::debug!(%error, "cannot describe the group"),
+        }
         Ok(())
     }
 }
