@@ -11,7 +11,7 @@ use changewire_schemas::{ChangeEvent, Codec, CodecError, Op, SnapshotMarker, Top
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, StreamExt};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, WatchEvent, WatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use serde_json::Value;
@@ -440,8 +440,11 @@ impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
                 })
                 .inc();
         }
-        if !confirmed.writes.is_empty() {
-            self.source.objects.apply(&kind.scope(), confirmed.writes)?;
+        if !confirmed.writes.is_empty() || confirmed.resume.is_some() {
+            let resume = confirmed.resume.as_deref();
+            self.source
+                .objects
+                .apply(&kind.scope(), confirmed.writes, resume)?;
         }
         Ok(())
     }
@@ -451,6 +454,7 @@ impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
 struct Confirmed {
     ops: Vec<Op>,
     writes: Vec<(String, Option<Value>)>,
+    resume: Option<String>,
 }
 
 type Pending = BoxFuture<'static, Result<Option<Confirmed>, SinkError>>;
@@ -502,6 +506,7 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> InFlight<'a, S, O> {
         let confirmed = Confirmed {
             ops: batch.events.iter().map(|e| e.op).collect(),
             writes: batch.writes,
+            resume: batch.resume,
         };
         self.queue
             .push_back(Box::pin(async move { Ok(Some(confirmed)) }));
@@ -532,6 +537,8 @@ struct Batch {
     writes: Vec<(String, Option<Value>)>,
     /// Objects new to the state, reserved before their events are published.
     creates: Vec<(String, Value)>,
+    /// The resume point once the batch is in: the last watch event's version.
+    resume: Option<String>,
 }
 
 /// One watch's view: what was published of each object, and the pending batch.
@@ -542,6 +549,8 @@ struct ScopeView<'a, S, O> {
     published: Objects,
     /// Creates a crash left unconfirmed: if gone at the relist, they get a delete.
     unconfirmed: Objects,
+    /// The version of the last watch event taken since the last list, if any.
+    resume: Option<String>,
     batch: Batch,
     /// Objects of a list in progress.
     listing: Option<Vec<DynamicObject>>,
@@ -557,6 +566,7 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
             label: KindLabel { kind: kind.label() },
             published: loaded.objects,
             unconfirmed: loaded.unconfirmed,
+            resume: loaded.resume,
             batch: Batch::default(),
             listing: None,
             first_sync: !loaded.synced,
@@ -573,6 +583,9 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
         for item in items {
             match item {
                 Ok(Event::Init) => {
+                    // Until a watch event follows the list, there is no point to
+                    // resume from that the state reflects exactly.
+                    self.resume = None;
                     self.shared
                         .source
                         .metrics
@@ -590,8 +603,12 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
                     self.first_sync = false;
                     self.shared.source.metrics.set_error(None);
                 }
-                Ok(Event::Apply(object)) => self.apply(object, false),
+                Ok(Event::Apply(object)) => {
+                    self.resume.clone_from(&object.metadata.resource_version);
+                    self.apply(object, false)
+                }
                 Ok(Event::Delete(object)) => {
+                    self.resume.clone_from(&object.metadata.resource_version);
                     let uid = object.metadata.uid.clone().unwrap_or_default();
                     self.delete(
                         &uid,
@@ -728,6 +745,13 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
         }
     }
 
+    /// The pending batch, with the resume point it brings the state to.
+    fn take_batch(&mut self) -> Batch {
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.resume.clone_from(&self.resume);
+        batch
+    }
+
     /// The kind is gone: publishes a delete for every object still known, then
     /// forgets the scope.
     async fn delete_everything(
@@ -745,9 +769,7 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
         for uid in uids {
             self.delete(&uid, None);
         }
-        in_flight
-            .publish(std::mem::take(&mut self.batch), Instant::now())
-            .await?;
+        in_flight.publish(self.take_batch(), Instant::now()).await?;
         in_flight.drain().await?;
         Ok(self.shared.source.objects.clear(&self.kind.scope())?)
     }
@@ -835,8 +857,12 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
     if let Some(fields) = &kind.field_selector {
         config = config.fields(fields);
     }
-    let mut events = watcher::watcher(api, config)
-        .default_backoff()
+    let resumed = match view.resume.clone() {
+        Some(version) => resumed_watch(api.clone(), kind, shared, version).boxed(),
+        None => futures::stream::empty().boxed(),
+    };
+    let mut events = resumed
+        .chain(watcher::watcher(api, config).default_backoff())
         .ready_chunks(512)
         .boxed();
     let mut in_flight = InFlight::new(shared, kind);
@@ -863,7 +889,7 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
             items = events.next(), if in_flight.queue.len() < MAX_IN_FLIGHT => {
                 let seen = Instant::now();
                 let expired = view.take(items.unwrap_or_default());
-                in_flight.publish(std::mem::take(&mut view.batch), seen).await?;
+                in_flight.publish(view.take_batch(), seen).await?;
                 shared
                     .source
                     .metrics
@@ -877,6 +903,61 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
             }
         }
     }
+}
+
+/// After a restart: the watch from the stored resume point, so the changes made
+/// meanwhile arrive as events without listing everything. It ends at its first
+/// error or at the server's timeout; kube's watcher (list, then watch) takes over.
+fn resumed_watch<S: EventSink + 'static, O: ObjectStore>(
+    api: Api<DynamicObject>,
+    kind: &WatchedKind,
+    shared: &Shared<S, O>,
+    version: String,
+) -> impl futures::Stream<Item = Result<Event<DynamicObject>, watcher::Error>> + Send + 'static {
+    let mut params = WatchParams::default().timeout(shared.source.config.watch_idle_timeout_secs);
+    if let Some(labels) = &kind.label_selector {
+        params = params.labels(labels);
+    }
+    if let Some(fields) = &kind.field_selector {
+        params = params.fields(fields);
+    }
+    let label = kind.label();
+    tracing::info!(kind = %label, resource_version = %version, "resuming the watch");
+    futures::stream::once(async move { api.watch(&params, &version).await })
+        .filter_map(move |started| {
+            let label = label.clone();
+            async move {
+                started
+                    .inspect_err(|error| tracing::info!(kind = %label, error = %report(error), "cannot resume the watch; listing"))
+                    .ok()
+            }
+        })
+        .flatten()
+        .take_while(|event| {
+            let go_on = matches!(
+                event,
+                Ok(WatchEvent::Added(_) | WatchEvent::Modified(_) | WatchEvent::Deleted(_) | WatchEvent::Bookmark(_))
+            );
+            match event {
+                Ok(WatchEvent::Error(status)) => {
+                    tracing::info!(code = status.code, reason = %status.reason, "resumed watch ended; listing")
+                }
+                Err(error) => {
+                    tracing::info!(error = %report(error), "resumed watch ended; listing")
+                }
+                _ => {}
+            }
+            std::future::ready(go_on)
+        })
+        .filter_map(|event| {
+            std::future::ready(match event {
+                Ok(WatchEvent::Added(object) | WatchEvent::Modified(object)) => {
+                    Some(Ok(Event::Apply(object)))
+                }
+                Ok(WatchEvent::Deleted(object)) => Some(Ok(Event::Delete(object))),
+                _ => None,
+            })
+        })
 }
 
 fn is_http_gone(error: &watcher::Error) -> bool {

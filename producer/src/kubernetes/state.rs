@@ -34,6 +34,9 @@ pub struct Loaded {
     pub unconfirmed: Objects,
     /// Whether the scope ever completed a sync.
     pub synced: bool,
+    /// The resourceVersion of the last watch event the state reflects, if known:
+    /// a restart watches from it instead of listing everything again.
+    pub resume: Option<String>,
 }
 
 /// Durable per-scope object state.
@@ -42,9 +45,15 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn load(&self, scope: &str) -> Result<Loaded, StateError>;
     /// Durably notes creates about to be published (cleared by [`ObjectStore::apply`]).
     fn reserve(&self, scope: &str, creates: &[(String, Value)]) -> Result<(), StateError>;
-    /// Writes (`Some`) or removes (`None`) objects, clears their reservations and
-    /// marks the scope synced, in one durable batch.
-    fn apply(&self, scope: &str, writes: Vec<(String, Option<Value>)>) -> Result<(), StateError>;
+    /// Writes (`Some`) or removes (`None`) objects, clears their reservations,
+    /// marks the scope synced and records its resume point (`None`: unknown), in
+    /// one durable batch.
+    fn apply(
+        &self,
+        scope: &str,
+        writes: Vec<(String, Option<Value>)>,
+        resume: Option<&str>,
+    ) -> Result<(), StateError>;
     /// Forgets a scope (its kind is no longer served).
     fn clear(&self, scope: &str) -> Result<(), StateError>;
     /// Every scope that completed a sync and was not cleared.
@@ -52,7 +61,8 @@ pub trait ObjectStore: Send + Sync + 'static {
 }
 
 /// Object state in a sled tree; keys are `<scope>\0<uid>`, `<scope>\0` marks a
-/// scope that completed a sync, and `<scope>\x01<uid>` holds a reserved create.
+/// scope that completed a sync (its value is the resume point, empty when unknown),
+/// and `<scope>\x01<uid>` holds a reserved create.
 pub struct SledObjects {
     tree: sled::Tree,
 }
@@ -94,6 +104,8 @@ impl ObjectStore for SledObjects {
                 let uid = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
                 if uid.is_empty() {
                     loaded.synced = true;
+                    loaded.resume = Some(String::from_utf8_lossy(&value).into_owned())
+                        .filter(|rv| !rv.is_empty());
                 } else {
                     objects.insert(uid, serde_json::from_slice(&value)?);
                 }
@@ -113,10 +125,15 @@ impl ObjectStore for SledObjects {
         Ok(())
     }
 
-    fn apply(&self, scope: &str, writes: Vec<(String, Option<Value>)>) -> Result<(), StateError> {
+    fn apply(
+        &self,
+        scope: &str,
+        writes: Vec<(String, Option<Value>)>,
+        resume: Option<&str>,
+    ) -> Result<(), StateError> {
         let (prefix, reserved) = (prefix(scope), reserved_prefix(scope));
         let mut batch = sled::Batch::default();
-        batch.insert(prefix.clone(), &[][..]);
+        batch.insert(prefix.clone(), resume.unwrap_or_default().as_bytes());
         for (uid, object) in writes {
             batch.remove(key(&reserved, &uid));
             match object {
@@ -175,16 +192,21 @@ mod tests {
                         ("u1".into(), Some(json!({"x": 1}))),
                         ("u2".into(), Some(json!(2))),
                     ],
+                    None,
                 )
                 .unwrap();
-            store.apply("g/K/a", vec![("u2".into(), None)]).unwrap();
             store
-                .apply("g/K/ab", vec![("u3".into(), Some(json!(3)))])
+                .apply("g/K/a", vec![("u2".into(), None)], Some("42"))
+                .unwrap();
+            store
+                .apply("g/K/ab", vec![("u3".into(), Some(json!(3)))], None)
                 .unwrap();
         }
         let store = SledObjects::open(&sled::open(dir.path()).unwrap()).unwrap();
         let loaded = store.load("g/K/a").unwrap();
         assert!(loaded.synced);
+        assert_eq!(loaded.resume.as_deref(), Some("42"));
+        assert_eq!(store.load("g/K/ab").unwrap().resume, None);
         assert_eq!(
             loaded.objects,
             Objects::from([("u1".into(), json!({"x": 1}))])

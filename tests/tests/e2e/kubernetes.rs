@@ -89,28 +89,15 @@ impl Running {
         Ok(())
     }
 
-    /// Waits until the metric line `changewire_producer_kubernetes_relists_total{kind="<kind>"} <n>` shows at least `n`.
+    /// Waits until `changewire_producer_kubernetes_relists_total{kind="<kind>"}` shows at least `n`.
     async fn wait_for_relists(&self, kind: &str, n: u64) -> anyhow::Result<()> {
-        use changewire_schemas::http::Observable;
-        let needle = format!("changewire_producer_kubernetes_relists_total{{kind=\"{kind}\"}} ");
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = self.metrics.encode_metrics();
-            let count = text
-                .lines()
-                .find_map(|l| l.strip_prefix(&needle))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-            if count >= n {
-                return Ok(());
-            }
+        while relists(self, kind) < n {
             anyhow::ensure!(!self.task.is_finished(), "the source stopped");
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "no relist #{n} of {kind}:\n{text}"
-            );
+            anyhow::ensure!(Instant::now() < deadline, "no relist #{n} of {kind}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(())
     }
 }
 
@@ -1010,5 +997,73 @@ async fn a_crd_deleted_while_the_producer_is_down_has_its_objects_deleted_once(
     source.stop().await?;
     let all = changewire_tests::read_to_end(&stack, &topic, Duration::from_secs(30)).await?;
     assert_eq!(all.len(), 4, "no delete is published twice");
+    Ok(())
+}
+
+/// Reads the `changewire_producer_kubernetes_relists_total` of `kind`.
+fn relists(source: &Running, kind: &str) -> u64 {
+    use changewire_schemas::http::Observable;
+    let needle = format!("changewire_producer_kubernetes_relists_total{{kind=\"{kind}\"}} ");
+    source
+        .metrics
+        .encode_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_restart_resumes_the_watch_without_listing_until_the_version_expired(
+) -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let fake = FakeApiServer::start().await?;
+    let maps: Api<ConfigMap> = Api::namespaced(fake.client()?, "default");
+    let (prefix, state) = (unique_name("k8s"), tempfile::tempdir()?);
+    let config = source_config(&fake, vec![core_kind("ConfigMap")]);
+    let topic = format!("{prefix}.k8s.core.ConfigMap");
+
+    let source = Running::start(&stack, config.clone(), &prefix, state.path())?;
+    source.wait_for_relists("core/ConfigMap", 1).await?;
+    maps.create(&post("w"), &config_map("a", "1")?).await?;
+    maps.create(&post("w"), &config_map("b", "1")?).await?;
+    events_until(&stack, &topic, |e| e.len() >= 2).await?;
+    source.stop().await?;
+
+    // While down: an update, a delete, a create.
+    let patch = json!({"data": {"k": "2"}});
+    maps.patch("a", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    maps.delete("b", &DeleteParams::default()).await?;
+    maps.create(&post("w"), &config_map("c", "1")?).await?;
+    let source = Running::start(&stack, config.clone(), &prefix, state.path())?;
+    let events = events_until(&stack, &topic, |e| e.len() >= 5).await?;
+    let mut missed: Vec<(Op, String)> = events[2..].iter().map(|e| (e.op, name(e))).collect();
+    missed.sort_by(|x, y| x.1.cmp(&y.1));
+    assert_eq!(
+        missed,
+        [
+            (Op::Update, "a".into()),
+            (Op::Delete, "b".into()),
+            (Op::Create, "c".into())
+        ]
+    );
+    assert_eq!(
+        relists(&source, "core/ConfigMap"),
+        0,
+        "resumed from the stored version, no list"
+    );
+    source.stop().await?;
+
+    // The stored version compacted away: the restart lists, and still misses nothing.
+    maps.patch("c", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    fake.compact();
+    let source = Running::start(&stack, config, &prefix, state.path())?;
+    source.wait_for_relists("core/ConfigMap", 1).await?;
+    let events = events_until(&stack, &topic, |e| e.len() >= 6).await?;
+    assert_eq!((events[5].op, name(&events[5])), (Op::Update, "c".into()));
+    source.stop().await?;
+    let all = changewire_tests::read_to_end(&stack, &topic, Duration::from_secs(30)).await?;
+    assert_eq!(all.len(), 6, "nothing published twice");
     Ok(())
 }
