@@ -22,8 +22,8 @@
 //!
 //! Undecodable records and permanent handler failures go to `<prefix>.dlq.<service>`
 //! with headers saying why; transient failures are retried with exponential backoff
-//! (holding up this instance's other partitions meanwhile, which keeps per-key
-//! order simple), then dead-lettered, so a poison message never stops the service.
+//! (only the record's partition waits, paused, its later records held in order),
+//! then dead-lettered, so a poison message never stops the service.
 //! Tombstones (records without a value) are skipped.
 
 mod assign;
@@ -188,6 +188,7 @@ pub async fn run_observed<H: Handler>(
         metrics,
         assignment: Arc::new(Assignment::default()),
         stats: RunStats::default(),
+        parked: HashMap::new(),
     };
     if recovered {
         worker.consume(&mut shutdown).await?;
@@ -237,6 +238,23 @@ struct Worker<'a, H> {
     metrics: Arc<ConsumerMetrics>,
     assignment: Arc<Assignment>,
     stats: RunStats,
+    /// Partitions waiting to retry their head record after a transient failure.
+    parked: HashMap<PartitionKey, Parked>,
+}
+
+/// A partition whose record failed transiently: it is paused and its later
+/// records are held here, in order, while the instance's other partitions go on;
+/// when the retry is due, the failed record and the held ones run again.
+struct Parked {
+    /// The failed record.
+    record: Record,
+    /// Records of the partition that came after it.
+    held: Vec<Record>,
+    attempts: u32,
+    delay: Duration,
+    until: tokio::time::Instant,
+    /// Paused in the client (done after the batch that parked it commits).
+    paused: bool,
 }
 
 /// What one batch changes, committed to sled in one write.
@@ -261,6 +279,8 @@ impl Batch {
 enum Step {
     Done,
     Interrupted,
+    /// The record failed transiently: its partition waits, the batch goes on.
+    Parked,
 }
 
 impl<H: Handler> Worker<'_, H> {
@@ -279,6 +299,7 @@ impl<H: Handler> Worker<'_, H> {
                     orphans.check(&self.assignment, &consumer, self.config).await?;
                     continue;
                 }
+                () = next_retry(&self.parked), if !self.parked.is_empty() => Retry::Due,
                 Some((result, offsets)) = settling.next(), if !settling.is_empty() => {
                     if !self.settle(result, offsets, &mut settling, shutdown).await {
                         break;
@@ -289,15 +310,19 @@ impl<H: Handler> Worker<'_, H> {
                     self.mirror_offsets(&consumer, &mut mirrored);
                     continue;
                 }
-                message = consumer.recv(), if settling.len() < MAX_UNSETTLED => message,
+                message = consumer.recv(), if settling.len() < MAX_UNSETTLED => Retry::No(message),
             };
-            let records = self.collect_batch(first, &consumer).await;
+            let records = match first {
+                Retry::Due => self.unpark_due(&consumer),
+                Retry::No(first) => self.collect_batch(first, &consumer).await,
+            };
             let (batch, step) = self.apply(records, shutdown).await?;
             let offsets = batch.offsets.clone();
             self.commit(batch)?;
             if step == Step::Interrupted {
                 break;
             }
+            self.pause_parked(&consumer);
             let (store, handler) = (&self.store, &self.handler);
             let started = until_done(
                 "starting the batch's effects",
@@ -310,7 +335,9 @@ impl<H: Handler> Worker<'_, H> {
                 break;
             };
             settling.push_back(Box::pin(async move { (settlement.await, offsets) }));
-            self.metrics.set_state(ServiceState::Consuming);
+            if self.parked.is_empty() {
+                self.metrics.set_state(ServiceState::Consuming);
+            }
         }
         self.finish_settling(&mut settling).await;
         self.mirror_offsets(&consumer, &mut mirrored);
@@ -457,6 +484,9 @@ impl<H: Handler> Worker<'_, H> {
     ) -> Result<(Batch, Step), RuntimeError> {
         let mut batch = Batch::default();
         for record in records {
+            let Some(record) = self.hold(record) else {
+                continue;
+            };
             if !self.owns(&record) {
                 continue;
             }
@@ -465,6 +495,74 @@ impl<H: Handler> Worker<'_, H> {
             }
         }
         Ok((batch, Step::Done))
+    }
+
+    /// Holds `record` back if its partition waits to retry an earlier record;
+    /// otherwise gives it back.
+    fn hold(&mut self, record: Record) -> Option<Record> {
+        match self
+            .parked
+            .get_mut(&(record.topic.clone(), record.partition))
+        {
+            Some(parked) if record.offset > parked.record.offset => {
+                parked.held.push(record);
+                None
+            }
+            Some(parked) if record.offset == parked.record.offset && parked.paused => None,
+            _ => Some(record),
+        }
+    }
+
+    /// Pauses each newly parked partition (records it already fetched are held as
+    /// they come) and expects its failed record again.
+    fn pause_parked(&mut self, consumer: &StreamConsumer<ServiceContext>) {
+        for ((topic, partition), parked) in &mut self.parked {
+            if parked.paused {
+                continue;
+            }
+            parked.paused = true;
+            if let Some(expected) = self.assignment.lock().get_mut(&(topic.clone(), *partition)) {
+                *expected = Some(parked.record.offset);
+            }
+            let mut tpl = TopicPartitionList::new();
+            let _ = tpl.add_partition(topic, *partition);
+            if let Err(error) = consumer.pause(&tpl) {
+                tracing::warn!(%topic, partition, %error, "cannot pause the partition for its retry");
+            }
+        }
+    }
+
+    /// The records of the partitions whose retry is due, in order (the failed
+    /// record first), their partitions resumed; forgets partitions no longer owned.
+    fn unpark_due(&mut self, consumer: &StreamConsumer<ServiceContext>) -> Vec<Record> {
+        let now = tokio::time::Instant::now();
+        let owned = self
+            .assignment
+            .lock()
+            .keys()
+            .cloned()
+            .collect::<HashSet<_>>();
+        self.parked.retain(|key, _| owned.contains(key));
+        let mut records = Vec::new();
+        for ((topic, partition), parked) in &mut self.parked {
+            if !parked.paused || parked.until > now {
+                continue;
+            }
+            // The failed record runs again (with its attempt count, see `handle`).
+            parked.paused = false;
+            records.push(parked.record.clone());
+            records.append(&mut parked.held);
+            let mut tpl = TopicPartitionList::new();
+            let _ = tpl.add_partition(topic, *partition);
+            if let Err(error) = consumer.resume(&tpl) {
+                tracing::warn!(%topic, partition, %error, "cannot resume the partition for its retry");
+            }
+        }
+        if self.parked.is_empty() {
+            self.metrics.set_state(ServiceState::Consuming);
+            self.metrics.set_error(None);
+        }
+        records
     }
 
     /// Whether `record` is from a partition this instance owns and at or past the
@@ -525,64 +623,75 @@ impl<H: Handler> Worker<'_, H> {
             batch.done(record);
             return Ok(Step::Done);
         }
-        Ok(match self.handle(&event, record, batch, shutdown).await {
+        Ok(match self.handle(&event, record, batch).await {
             Ok(step) => step,
             Err(reason) => self.dead_letter(record, &reason, batch, shutdown).await,
         })
     }
 
-    /// Runs the handler with retries. `Err` carries why the event goes to the DLQ.
+    /// Runs the handler once. A transient failure parks the record's partition
+    /// (retried later with backoff, the other partitions going on) until the
+    /// attempts run out. `Err` carries why the event goes to the DLQ.
     async fn handle(
         &mut self,
         event: &ChangeEvent,
         record: &Record,
         batch: &mut Batch,
-        shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Step, String> {
-        let mut delay = RETRY_MIN;
-        for attempt in 1.. {
-            let started = Instant::now();
-            let mut context = Context::new(&self.store, &batch.changes);
-            let result = self.handler.handle(event, record, &mut context).await;
-            let changes = context.into_changes();
-            self.metrics
-                .handler_seconds
-                .observe(started.elapsed().as_secs_f64());
-            match result {
-                Ok(()) => {
-                    batch.changes.extend(changes);
-                    let id = event.id.to_string();
-                    batch.seen.insert(id.clone());
-                    batch.ids.push(id);
-                    batch.done(record);
-                    self.stats.applied += 1;
-                    self.metrics.count(&record.topic, Outcome::Applied);
-                    return Ok(Step::Done);
-                }
-                Err(HandlerError::Transient(error))
-                    if attempt < self.config.service.max_attempts =>
-                {
-                    tracing::warn!(event = %event.id, attempt, error = %report(error.as_ref()), "transient failure; retrying");
-                    self.metrics.retries.inc();
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        // The offset stays before the event: it is retried after a restart.
-                        () = stopped(shutdown) => return Ok(Step::Interrupted),
-                    }
-                    delay = (delay * 2).min(RETRY_MAX);
-                }
-                Err(HandlerError::Transient(error)) => {
-                    return Err(format!(
-                        "gave up after {attempt} attempts: {}",
-                        report(error.as_ref())
-                    ))
-                }
-                Err(HandlerError::Permanent(error)) => {
-                    return Err(format!("rejected: {}", report(error.as_ref())))
-                }
+        let key = (record.topic.clone(), record.partition);
+        let earlier = self
+            .parked
+            .remove(&key)
+            .filter(|p| p.record.offset == record.offset);
+        let attempt = earlier.as_ref().map_or(1, |p| p.attempts + 1);
+        let started = Instant::now();
+        let mut context = Context::new(&self.store, &batch.changes);
+        let result = self.handler.handle(event, record, &mut context).await;
+        let changes = context.into_changes();
+        self.metrics
+            .handler_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                batch.changes.extend(changes);
+                let id = event.id.to_string();
+                batch.seen.insert(id.clone());
+                batch.ids.push(id);
+                batch.done(record);
+                self.stats.applied += 1;
+                self.metrics.count(&record.topic, Outcome::Applied);
+                Ok(Step::Done)
+            }
+            Err(HandlerError::Transient(error)) if attempt < self.config.service.max_attempts => {
+                let error = report(error.as_ref());
+                let delay = earlier.map_or(RETRY_MIN, |p| (p.delay * 2).min(RETRY_MAX));
+                tracing::warn!(event = %event.id, attempt, %error, retry_in = ?delay, "transient failure; its partition waits, the others go on");
+                self.metrics.retries.inc();
+                self.metrics
+                    .set_error(Some(format!("retrying {}: {error}", event.id)));
+                self.metrics.set_state(ServiceState::Retrying);
+                // The offset stays before the event: it is retried after a restart too.
+                self.parked.insert(
+                    key,
+                    Parked {
+                        record: record.clone(),
+                        held: Vec::new(),
+                        attempts: attempt,
+                        delay,
+                        until: tokio::time::Instant::now() + delay,
+                        paused: false,
+                    },
+                );
+                Ok(Step::Parked)
+            }
+            Err(HandlerError::Transient(error)) => Err(format!(
+                "gave up after {attempt} attempts: {}",
+                report(error.as_ref())
+            )),
+            Err(HandlerError::Permanent(error)) => {
+                Err(format!("rejected: {}", report(error.as_ref())))
             }
         }
-        unreachable!("the retry loop returns")
     }
 
     async fn dead_letter(
@@ -766,6 +875,22 @@ pub fn stop_on_signals() -> std::io::Result<watch::Receiver<bool>> {
         let _ = stop.send(true);
     });
     Ok(shutdown)
+}
+
+/// Whether a batch starts with a polled record or with the records of partitions
+/// whose retry is due.
+enum Retry<M> {
+    Due,
+    No(M),
+}
+
+/// Resolves when the earliest parked partition's retry is due.
+async fn next_retry(parked: &HashMap<PartitionKey, Parked>) {
+    let paused = parked.values().filter(|p| p.paused);
+    match paused.map(|p| p.until).min() {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves once shutdown was requested; holds no watch guard across awaits.

@@ -425,3 +425,102 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Fails one event id transiently a number of times, then applies it; records the
+/// order of applied events (partition, number).
+struct FlakyOnce {
+    flaky_id: String,
+    failures_left: std::sync::Mutex<u32>,
+    applied: std::sync::Arc<std::sync::Mutex<Vec<(i32, String)>>>,
+}
+
+impl Handler for FlakyOnce {
+    async fn handle(
+        &self,
+        event: &ChangeEvent,
+        record: &Record,
+        _: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        let id = event.id.to_string();
+        if id == self.flaky_id {
+            let mut left = self.failures_left.lock().expect("lock");
+            if *left > 0 {
+                *left -= 1;
+                return Err(HandlerError::transient("downstream busy"));
+            }
+        }
+        self.applied
+            .lock()
+            .expect("lock")
+            .push((record.partition, id));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_transient_failure_holds_back_only_its_partition() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let (prefix, topic) = (unique_name("cons"), unique_name("input"));
+    create_topics(&stack, &[&topic], 2).await?;
+    let codec = Codec::json()?;
+    let values = (0..40)
+        .map(|n| codec.encode(&event(n, Op::Create)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let landed = publish(&stack, &topic, values).await?;
+    // The flaky event: the first one of partition 0.
+    let first_of_p0 = (0..landed.len())
+        .filter(|&i| landed[i].0 == 0)
+        .min_by_key(|&i| landed[i].1)
+        .expect("records on partition 0");
+    anyhow::ensure!(
+        landed.iter().any(|(p, _)| *p == 1),
+        "records on partition 1"
+    );
+    let flaky_id = event(first_of_p0 as u64, Op::Create).id.to_string();
+    let applied = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler = FlakyOnce {
+        flaky_id: flaky_id.clone(),
+        failures_left: std::sync::Mutex::new(3),
+        applied: applied.clone(),
+    };
+    let state = tempfile::tempdir()?;
+    let mut config = service_config(&stack, &prefix, &topic, state.path());
+    config.service.max_attempts = 5;
+    let group = config.group_id();
+    let (stop, shutdown) = watch::channel(false);
+    let runner = tokio::spawn(async move { runtime::run(&config, handler, shutdown).await });
+    wait_for_committed(&stack, &group, &topic, &last_offsets(&landed)).await?;
+    stop.send(true)?;
+    let stats = runner.await??;
+    assert_eq!(stats.applied, 40, "{stats:?}");
+
+    let applied = applied.lock().expect("lock").clone();
+    let flaky_at = applied
+        .iter()
+        .position(|(_, id)| *id == flaky_id)
+        .expect("the flaky event was applied in the end");
+    let partition_1_before = applied[..flaky_at].iter().filter(|(p, _)| *p == 1).count();
+    let partition_0_before = applied[..flaky_at].iter().filter(|(p, _)| *p == 0).count();
+    assert!(
+        partition_1_before > 0,
+        "partition 1 went on while partition 0 waited: {applied:?}"
+    );
+    assert_eq!(
+        partition_0_before, 0,
+        "nothing of partition 0 overtook its failed record: {applied:?}"
+    );
+    // Partition 0 kept its order: publication order is offset order.
+    let order: Vec<&String> = applied
+        .iter()
+        .filter(|(p, _)| *p == 0)
+        .map(|(_, id)| id)
+        .collect();
+    let mut by_offset: Vec<(i64, String)> = (0..landed.len())
+        .filter(|&i| landed[i].0 == 0)
+        .map(|i| (landed[i].1, event(i as u64, Op::Create).id.to_string()))
+        .collect();
+    by_offset.sort();
+    let expected: Vec<&String> = by_offset.iter().map(|(_, id)| id).collect();
+    assert_eq!(order, expected);
+    Ok(())
+}

@@ -150,7 +150,10 @@ async fn forward_posts_signed_events_in_key_order_with_retries_and_dlq() -> anyh
         &file,
         &dir.path().join("forward.log"),
     )?;
-    wait_for_committed(&stack, &group, &topic, &last).await?;
+    if let Err(error) = wait_for_committed(&stack, &group, &topic, &last).await {
+        let log = std::fs::read_to_string(dir.path().join("forward.log"))?;
+        anyhow::bail!("{error:#}\nservice log:\n{log}");
+    }
     assert!(terminate(service)?.success(), "clean exit on SIGTERM");
 
     let seen = std::mem::take(&mut *receiver.lock().expect("receiver lock"));
