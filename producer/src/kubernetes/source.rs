@@ -483,8 +483,16 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> InFlight<'a, S, O> {
             attributions.attribute(&mut batch.events, seen).await;
         }
         if !batch.creates.is_empty() {
+            let creates: Vec<(&str, &Value)> = batch
+                .creates
+                .iter()
+                .filter_map(|&i| match &batch.writes[i] {
+                    (uid, Some(object)) => Some((uid.as_str(), object)),
+                    (_, None) => None,
+                })
+                .collect();
             let scope = self.kind.scope();
-            self.shared.source.objects.reserve(&scope, &batch.creates)?;
+            self.shared.source.objects.reserve(&scope, &creates)?;
         }
         for change in &batch.events {
             let record = self.shared.record(self.kind, change)?;
@@ -536,7 +544,8 @@ struct Batch {
     events: Vec<ChangeEvent>,
     writes: Vec<(String, Option<Value>)>,
     /// Objects new to the state, reserved before their events are published.
-    creates: Vec<(String, Value)>,
+    /// (Indexes of their writes.)
+    creates: Vec<usize>,
     /// The resume point once the batch is in: the last watch event's version.
     resume: Option<String>,
 }
@@ -674,9 +683,7 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
         );
         self.published.insert(uid.clone(), prepared.object.clone());
         if before_is_none {
-            self.batch
-                .creates
-                .push((uid.clone(), prepared.object.clone()));
+            self.batch.creates.push(self.batch.writes.len());
         }
         self.batch.writes.push((uid, Some(prepared.object)));
         self.batch.events.push(change);

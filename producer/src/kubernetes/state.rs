@@ -44,7 +44,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// What is stored of `scope`.
     fn load(&self, scope: &str) -> Result<Loaded, StateError>;
     /// Durably notes creates about to be published (cleared by [`ObjectStore::apply`]).
-    fn reserve(&self, scope: &str, creates: &[(String, Value)]) -> Result<(), StateError>;
+    fn reserve(&self, scope: &str, creates: &[(&str, &Value)]) -> Result<(), StateError>;
     /// Writes (`Some`) or removes (`None`) objects, clears their reservations,
     /// marks the scope synced and records its resume point (`None`: unknown), in
     /// one durable batch.
@@ -114,7 +114,7 @@ impl ObjectStore for SledObjects {
         Ok(loaded)
     }
 
-    fn reserve(&self, scope: &str, creates: &[(String, Value)]) -> Result<(), StateError> {
+    fn reserve(&self, scope: &str, creates: &[(&str, &Value)]) -> Result<(), StateError> {
         let prefix = reserved_prefix(scope);
         let mut batch = sled::Batch::default();
         for (uid, object) in creates {
@@ -135,7 +135,11 @@ impl ObjectStore for SledObjects {
         let mut batch = sled::Batch::default();
         batch.insert(prefix.clone(), resume.unwrap_or_default().as_bytes());
         for (uid, object) in writes {
-            batch.remove(key(&reserved, &uid));
+            // Only creates were reserved; removing absent keys would still cost writes.
+            let reservation = key(&reserved, &uid);
+            if self.tree.contains_key(&reservation)? {
+                batch.remove(reservation);
+            }
             match object {
                 Some(object) => batch.insert(key(&prefix, &uid), serde_json::to_vec(&object)?),
                 None => batch.remove(key(&prefix, &uid)),
@@ -183,7 +187,7 @@ mod tests {
             let store = SledObjects::open(&sled::open(dir.path()).unwrap()).unwrap();
             assert_eq!(store.load("g/K/a").unwrap(), Loaded::default());
             store
-                .reserve("g/K/a", &[("u1".into(), json!(0)), ("u4".into(), json!(4))])
+                .reserve("g/K/a", &[("u1", &json!(0)), ("u4", &json!(4))])
                 .unwrap();
             store
                 .apply(
