@@ -118,6 +118,13 @@ pub trait Handler: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// Runs once per batch, after its last [`Handler::handle`] and before its one
+    /// atomic write: state changes that belong to the batch as a whole (one
+    /// outbox entry for all of its output, say) are committed with it.
+    fn seal(&self, changes: &mut StateChanges) {
+        let _ = changes;
+    }
+
     /// Runs after each batch is durable in sled: start the outward effects the batch
     /// recorded, and return a [`Settlement`] that resolves once they are confirmed.
     /// The runtime reads and applies the next batches meanwhile (a few at most),

@@ -715,8 +715,9 @@ impl<H: Handler> Worker<'_, H> {
             return Ok(());
         }
         let started = Instant::now();
-        self.store
-            .commit(batch.changes, &batch.ids, &batch.offsets)?;
+        let mut changes = batch.changes;
+        self.handler.seal(&mut changes);
+        self.store.commit(changes, &batch.ids, &batch.offsets)?;
         self.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -5,12 +5,13 @@
 //!
 //! Exactly-once output without Kafka transactions (tansu has none, and they would
 //! tie the output to one broker feature): the order is *outbox first*.
-//! 1. `handle` stores the output record in an outbox entry, and the runtime commits
-//!    it with the event id and input offset in one flushed sled write. A crash
-//!    before that loses nothing: the input offset has not moved.
-//! 2. `committed` publishes the batch's outbox (idempotent producer, acks=all, from
-//!    memory: the entries `handle` staged), and its settlement, after every
-//!    acknowledgement, removes the entries and records, per output partition, the
+//! 1. `handle` stages the output record; `seal` puts the batch's output records in
+//!    one outbox entry, and the runtime commits it with the event ids and input
+//!    offsets in one flushed sled write. A crash before that loses nothing: the
+//!    input offsets have not moved.
+//! 2. `committed` publishes the batch's output (idempotent producer, acks=all, from
+//!    memory), and its settlement, after every acknowledgement, removes the
+//!    batch's outbox entry and records, per output partition, the
 //!    offset after the last acknowledged record (the *written mark*). The runtime
 //!    applies the next batches meanwhile; one producer keeps the batches in order.
 //! 3. A crash between 1 and the end of 2 leaves outbox entries some of which may be
@@ -47,6 +48,9 @@ use crate::runtime::{
 
 const OUTBOX: &[u8] = b"outbox/";
 const WRITTEN: &[u8] = b"written/";
+/// Starts an outbox entry holding a batch's records (a single record's encoding
+/// starts with its id's length, whose first byte is 0).
+const LIST_MARKER: &[u8] = b"\xB1list";
 /// Longest a recovery scan of one output partition may take before it is retried.
 const SCAN_DEADLINE: Duration = Duration::from_secs(120);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,9 +74,13 @@ pub struct Dedup {
     codec: Arc<Codec>,
     /// Output topic → its partition count.
     partitions: tokio::sync::Mutex<HashMap<String, i32>>,
-    /// Outbox entries of the batch being applied, in order (also in sled), so the
-    /// batch is published without reading the outbox back.
-    staged: Mutex<Vec<(Vec<u8>, Pending)>>,
+    /// Output records of the batch being applied, in order.
+    staged: Mutex<Vec<Pending>>,
+    /// The last sealed batch: its outbox key (one entry for the whole batch) and
+    /// records, published from memory once the batch is durable.
+    sealed: Mutex<Option<(Vec<u8>, Vec<Pending>)>>,
+    /// Sequence of outbox entries (starts at the clock, so it grows across runs).
+    sequence: AtomicU64,
     /// Written marks per output partition, moved forward by settlements in turn.
     marks: Arc<Mutex<HashMap<(String, i32), i64>>>,
     /// Set when publishing failed part-way: the next attempt must check the topic.
@@ -107,6 +115,12 @@ impl Dedup {
             codec: Arc::new(Codec::json()?),
             partitions: tokio::sync::Mutex::new(HashMap::new()),
             staged: Mutex::default(),
+            sealed: Mutex::default(),
+            sequence: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
+            ),
             marks: Arc::default(),
             in_doubt: Arc::default(),
             unsettled: Arc::default(),
@@ -152,15 +166,17 @@ impl Dedup {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut outbox = Vec::with_capacity(entries.len());
+        let mut outbox = Vec::new();
+        let mut cleared = Vec::with_capacity(entries.len());
         for (key, value) in entries {
-            let pending = Pending::decode(&value).ok_or_else(|| {
+            let pendings = Pending::decode_list(&value).ok_or_else(|| {
                 HandlerError::permanent(format!(
                     "corrupt outbox entry {}",
                     String::from_utf8_lossy(&key)
                 ))
             })?;
-            outbox.push((key, pending));
+            outbox.extend(pendings.into_iter().map(|p| (key.clone(), p)));
+            cleared.push(key);
         }
         let present = self.ids_in_output(store, &outbox).await?;
         let missing: Vec<&Pending> = outbox
@@ -180,18 +196,19 @@ impl Dedup {
         for pending in missing {
             acks.push((pending.topic.clone(), self.enqueue(pending).await?));
         }
-        let cleared = outbox.into_iter().map(|(key, _)| key).collect();
         confirm(acks, cleared, store, &self.marks).await
     }
 
-    /// Publishes the staged batch and returns the settlement that confirms it.
-    async fn publish_staged(&self, store: &Store) -> Result<Settlement, HandlerError> {
-        let staged = std::mem::take(&mut *lock(&self.staged));
-        let (mut acks, mut cleared) = (Vec::with_capacity(staged.len()), Vec::new());
-        for (key, pending) in staged {
-            acks.push((pending.topic.clone(), self.enqueue(&pending).await?));
-            cleared.push(key);
+    /// Publishes the sealed batch and returns the settlement that confirms it.
+    async fn publish_sealed(&self, store: &Store) -> Result<Settlement, HandlerError> {
+        let Some((key, pendings)) = lock(&self.sealed).take() else {
+            return Ok(settled());
+        };
+        let mut acks = Vec::with_capacity(pendings.len());
+        for pending in &pendings {
+            acks.push((pending.topic.clone(), self.enqueue(pending).await?));
         }
+        let cleared = vec![key];
         let (store, marks) = (store.clone(), self.marks.clone());
         let (in_doubt, unsettled) = (self.in_doubt.clone(), self.unsettled.clone());
         unsettled.fetch_add(1, Ordering::SeqCst);
@@ -256,7 +273,7 @@ impl Handler for Dedup {
         &self,
         event: &ChangeEvent,
         record: &Record,
-        context: &mut Context<'_>,
+        _context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
         let topic = self.output_topic(&record.topic)?;
         let partitions = self.output_partitions(&topic, &record.topic).await?;
@@ -268,14 +285,28 @@ impl Handler for Dedup {
             headers: record.headers.clone(),
             payload: record.payload.clone(),
         };
-        let key = outbox_key(record);
-        context.put(key.clone(), pending.encode());
-        lock(&self.staged).push((key, pending));
+        // Written to the outbox by `seal`, one entry for the batch.
+        lock(&self.staged).push(pending);
         Ok(())
+    }
+
+    /// The batch's output goes into one outbox entry (one sled key for the batch,
+    /// not one per event).
+    fn seal(&self, changes: &mut StateChanges) {
+        let pendings = std::mem::take(&mut *lock(&self.staged));
+        if pendings.is_empty() {
+            return;
+        }
+        let mut key = OUTBOX.to_vec();
+        let sequence = self.sequence.fetch_add(1, Ordering::SeqCst);
+        key.extend_from_slice(&sequence.to_be_bytes());
+        changes.put(key.clone(), Pending::encode_list(&pendings));
+        *lock(&self.sealed) = Some((key, pendings));
     }
 
     async fn recover(&self, store: &Store) -> Result<(), HandlerError> {
         lock(&self.staged).clear();
+        lock(&self.sealed).take();
         self.recover_outbox(store).await?;
         self.in_doubt.store(false, Ordering::SeqCst);
         Ok(())
@@ -289,12 +320,12 @@ impl Handler for Dedup {
             while self.unsettled.load(Ordering::SeqCst) > 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            lock(&self.staged).clear();
+            lock(&self.sealed).take();
             self.recover_outbox(store).await?;
             self.in_doubt.store(false, Ordering::SeqCst);
             return Ok(settled());
         }
-        self.publish_staged(store)
+        self.publish_sealed(store)
             .await
             .inspect_err(|_| self.in_doubt.store(true, Ordering::SeqCst))
     }
@@ -415,15 +446,6 @@ fn scan_ids(
     )))
 }
 
-fn outbox_key(record: &Record) -> Vec<u8> {
-    let mut key = OUTBOX.to_vec();
-    key.extend_from_slice(record.topic.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&record.partition.to_be_bytes());
-    key.extend_from_slice(&record.offset.to_be_bytes());
-    key
-}
-
 fn written_key(topic: &str, partition: i32) -> Vec<u8> {
     let mut key = WRITTEN.to_vec();
     key.extend_from_slice(topic.as_bytes());
@@ -490,6 +512,38 @@ impl Pending {
         out
     }
 
+    /// A batch's records: a marker, the count, then each record length-prefixed.
+    fn encode_list(pendings: &[Pending]) -> Vec<u8> {
+        let mut out = LIST_MARKER.to_vec();
+        out.extend_from_slice(&(pendings.len() as u32).to_be_bytes());
+        for pending in pendings {
+            let encoded = pending.encode();
+            out.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+            out.extend_from_slice(&encoded);
+        }
+        out
+    }
+
+    /// A batch's records, or the one record of an entry written per event (by
+    /// earlier versions).
+    fn decode_list(bytes: &[u8]) -> Option<Vec<Self>> {
+        let Some(mut rest) = bytes.strip_prefix(LIST_MARKER) else {
+            return Self::decode(bytes).map(|p| vec![p]);
+        };
+        let mut take = |len: usize| -> Option<&[u8]> {
+            let (head, tail) = (rest.get(..len)?, rest.get(len..)?);
+            rest = tail;
+            Some(head)
+        };
+        let count = u32::from_be_bytes(take(4)?.try_into().ok()?);
+        let mut pendings = Vec::with_capacity(count.min(100_000) as usize);
+        for _ in 0..count {
+            let len = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
+            pendings.push(Self::decode(take(len)?)?);
+        }
+        Some(pendings)
+    }
+
     fn decode(bytes: &[u8]) -> Option<Self> {
         let mut rest = bytes;
         let mut field = || -> Option<&[u8]> {
@@ -541,12 +595,27 @@ mod tests {
         let keyless = Pending {
             key: None,
             headers: vec![],
-            ..pending
+            ..pending.clone()
         };
         assert_eq!(Pending::decode(&keyless.encode()), Some(keyless.clone()));
         let encoded = keyless.encode();
         assert_eq!(
             Pending::decode(&encoded[..encoded.len() - 1]),
+            None,
+            "truncated"
+        );
+        let list = Pending::encode_list(&[pending.clone(), keyless.clone()]);
+        assert_eq!(
+            Pending::decode_list(&list),
+            Some(vec![pending, keyless.clone()])
+        );
+        assert_eq!(
+            Pending::decode_list(&encoded),
+            Some(vec![keyless]),
+            "one record per entry"
+        );
+        assert_eq!(
+            Pending::decode_list(&list[..list.len() - 1]),
             None,
             "truncated"
         );
