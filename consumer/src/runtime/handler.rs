@@ -59,24 +59,33 @@ impl From<StoreError> for HandlerError {
 pub struct Context<'a> {
     store: &'a Store,
     batch: &'a StateChanges,
+    /// The previous batch's changes while its write is still under way.
+    previous: Option<&'a StateChanges>,
     changes: StateChanges,
 }
 
 impl<'a> Context<'a> {
-    pub(super) fn new(store: &'a Store, batch: &'a StateChanges) -> Self {
+    pub(super) fn new(
+        store: &'a Store,
+        batch: &'a StateChanges,
+        previous: Option<&'a StateChanges>,
+    ) -> Self {
         Self {
             store,
             batch,
+            previous,
             changes: StateChanges::default(),
         }
     }
 
-    /// A state value, including changes made earlier in this batch.
+    /// A state value, including changes made earlier in this batch (and in the
+    /// previous one, whose write may still be under way).
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self
             .changes
             .pending(key)
             .or_else(|| self.batch.pending(key))
+            .or_else(|| self.previous.and_then(|p| p.pending(key)))
         {
             Some(value) => Ok(value.map(<[u8]>::to_vec)),
             None => self.store.get(key),

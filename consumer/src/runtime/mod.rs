@@ -3,8 +3,10 @@
 //! Records are read in batches (whatever the client has fetched, up to
 //! `service.max_batch`). For each batch the handler's state changes, the event ids
 //! it applied and the partition offsets are written to sled in one atomic, flushed
-//! write; then [`Handler::committed`] starts the batch's outward effects and the
-//! next batch is read while they settle (a few batches at most). A batch's offsets
+//! write, on a blocking thread while the next batch is applied (reading the
+//! previous batch's ids and state in memory); once it is durable,
+//! [`Handler::committed`] starts the batch's outward effects, which settle while
+//! later batches are read (a few batches at most). A batch's offsets
 //! are mirrored to Kafka (for lag tools and the next owner of a partition) only
 //! once it and every batch before it settled.
 //!
@@ -189,6 +191,7 @@ pub async fn run_observed<H: Handler>(
         assignment: Arc::new(Assignment::default()),
         stats: RunStats::default(),
         parked: HashMap::new(),
+        writing: None,
     };
     if recovered {
         worker.consume(&mut shutdown).await?;
@@ -240,6 +243,17 @@ struct Worker<'a, H> {
     stats: RunStats,
     /// Partitions waiting to retry their head record after a transient failure.
     parked: HashMap<PartitionKey, Parked>,
+    /// The previous batch, while its sled write runs next to the current batch.
+    writing: Option<Writing>,
+}
+
+/// A batch whose atomic sled write runs on a blocking thread while the next batch
+/// is applied (which reads the batch's ids and changes in memory meanwhile); its
+/// effects start once the write is durable.
+struct Writing {
+    batch: Arc<Batch>,
+    /// The write; taken once it was awaited.
+    write: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
 }
 
 /// A partition whose record failed transiently: it is paused and its later
@@ -299,9 +313,16 @@ impl<H: Handler> Worker<'_, H> {
                     orphans.check(&self.assignment, &consumer, self.config).await?;
                     continue;
                 }
+                written = written(&mut self.writing), if self.writing.as_ref().is_some_and(|w| w.write.is_some()) => {
+                    written?;
+                    if !self.start_effects(&mut settling, shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
                 () = next_retry(&self.parked), if !self.parked.is_empty() => Retry::Due,
                 Some((result, offsets)) = settling.next(), if !settling.is_empty() => {
-                    if !self.settle(result, offsets, &mut settling, shutdown).await {
+                    if !self.settle(result, offsets, &mut settling, shutdown).await? {
                         break;
                     }
                     continue;
@@ -316,32 +337,81 @@ impl<H: Handler> Worker<'_, H> {
                 Retry::Due => self.unpark_due(&consumer),
                 Retry::No(first) => self.collect_batch(first, &consumer).await,
             };
-            let (batch, step) = self.apply(records, shutdown).await?;
-            let offsets = batch.offsets.clone();
-            self.commit(batch)?;
+            let (mut batch, step) = self.apply(records, shutdown).await?;
+            // The previous batch's write ran meanwhile; its effects start before
+            // this batch is sealed (a handler seals one batch at a time).
+            if self.writing.is_some() {
+                written(&mut self.writing).await?;
+                if !self.start_effects(&mut settling, shutdown).await {
+                    break;
+                }
+            }
+            self.handler.seal(&mut batch.changes);
             if step == Step::Interrupted {
+                self.write(batch);
+                written(&mut self.writing).await?;
                 break;
             }
             self.pause_parked(&consumer);
-            let (store, handler) = (&self.store, &self.handler);
-            let started = until_done(
-                "starting the batch's effects",
-                || handler.committed(store),
-                &self.metrics,
-                shutdown,
-            )
-            .await;
-            let Some(settlement) = started else {
-                break;
-            };
-            settling.push_back(Box::pin(async move { (settlement.await, offsets) }));
+            self.write(batch);
             if self.parked.is_empty() {
                 self.metrics.set_state(ServiceState::Consuming);
             }
         }
+        if self.writing.is_some() {
+            written(&mut self.writing).await?;
+            self.start_effects(&mut settling, shutdown).await;
+        }
         self.finish_settling(&mut settling).await;
         self.mirror_offsets(&consumer, &mut mirrored);
         Ok(())
+    }
+
+    /// Starts the effects of the batch whose write just finished; false if shutdown
+    /// came first (they are then recovered at the next start).
+    async fn start_effects(
+        &mut self,
+        settling: &mut Settling,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let Some(done) = self.writing.take() else {
+            return true;
+        };
+        let (store, handler) = (&self.store, &self.handler);
+        let started = until_done(
+            "starting the batch's effects",
+            || handler.committed(store),
+            &self.metrics,
+            shutdown,
+        )
+        .await;
+        let Some(settlement) = started else {
+            return false;
+        };
+        let offsets = done.batch.offsets.clone();
+        settling.push_back(Box::pin(async move { (settlement.await, offsets) }));
+        true
+    }
+
+    /// Starts the batch's atomic sled write on a blocking thread.
+    fn write(&mut self, batch: Batch) {
+        let batch = Arc::new(batch);
+        let (store, metrics, writing) = (self.store.clone(), self.metrics.clone(), batch.clone());
+        let write = tokio::task::spawn_blocking(move || {
+            if writing.offsets.is_empty() {
+                return Ok(());
+            }
+            let started = Instant::now();
+            store.commit(&writing.changes, &writing.ids, &writing.offsets)?;
+            metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            Ok(())
+        });
+        self.writing = Some(Writing {
+            batch,
+            write: Some(write),
+        });
     }
 
     /// The batch `first` starts: what else arrives within the linger, up to
@@ -375,13 +445,15 @@ impl<H: Handler> Worker<'_, H> {
         offsets: HashMap<PartitionKey, i64>,
         settling: &mut Settling,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
+    ) -> Result<bool, RuntimeError> {
         let mut done = vec![offsets];
         if let Err(error) = result {
             tracing::warn!(error = %report(&error), "a batch's effects failed; recovering once the batches in flight settle");
             while let Some((_, offsets)) = settling.next().await {
                 done.push(offsets);
             }
+            // The recovery reads the outbox: the batch being written belongs in it.
+            written(&mut self.writing).await?;
             let (store, handler) = (&self.store, &self.handler);
             let recovered = until_done(
                 "recovering the batches' effects",
@@ -391,13 +463,13 @@ impl<H: Handler> Worker<'_, H> {
             )
             .await;
             if recovered.is_none() {
-                return false;
+                return Ok(false);
             }
         }
         for offsets in &done {
             self.assignment.settle(offsets);
         }
-        true
+        Ok(true)
     }
 
     /// On the way out: waits a while for the batches in flight; what does not
@@ -617,7 +689,11 @@ impl<H: Handler> Worker<'_, H> {
             }
         };
         let id = event.id.to_string();
-        if batch.seen.contains(&id) || self.store.is_processed(&id)? {
+        let previous = self.writing.as_ref().map(|w| &w.batch.seen);
+        if batch.seen.contains(&id)
+            || previous.is_some_and(|seen| seen.contains(&id))
+            || self.store.is_processed(&id)?
+        {
             self.stats.duplicates += 1;
             self.metrics.count(&record.topic, Outcome::Duplicate);
             batch.done(record);
@@ -645,7 +721,8 @@ impl<H: Handler> Worker<'_, H> {
             .filter(|p| p.record.offset == record.offset);
         let attempt = earlier.as_ref().map_or(1, |p| p.attempts + 1);
         let started = Instant::now();
-        let mut context = Context::new(&self.store, &batch.changes);
+        let previous = self.writing.as_ref().map(|w| &w.batch.changes);
+        let mut context = Context::new(&self.store, &batch.changes, previous);
         let result = self.handler.handle(event, record, &mut context).await;
         let changes = context.into_changes();
         self.metrics
@@ -708,20 +785,6 @@ impl<H: Handler> Worker<'_, H> {
         self.metrics.count(&record.topic, Outcome::DeadLettered);
         batch.done(record);
         Step::Done
-    }
-
-    fn commit(&self, batch: Batch) -> Result<(), RuntimeError> {
-        if batch.offsets.is_empty() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let mut changes = batch.changes;
-        self.handler.seal(&mut changes);
-        self.store.commit(changes, &batch.ids, &batch.offsets)?;
-        self.metrics
-            .commit_seconds
-            .observe(started.elapsed().as_secs_f64());
-        Ok(())
     }
 }
 
@@ -876,6 +939,26 @@ pub fn stop_on_signals() -> std::io::Result<watch::Receiver<bool>> {
         let _ = stop.send(true);
     });
     Ok(shutdown)
+}
+
+/// Waits for the write under way, if any, to finish (the batch stays in place for
+/// `Worker::start_effects`).
+async fn written(writing: &mut Option<Writing>) -> Result<(), RuntimeError> {
+    let Some(writing) = writing.as_mut() else {
+        return Ok(());
+    };
+    let Some(write) = writing.write.as_mut() else {
+        return Ok(());
+    };
+    // Awaited by reference: a `select!` may drop this future and call again.
+    let result = write.await;
+    writing.write = None;
+    match result {
+        Ok(result) => Ok(result?),
+        Err(panicked) => {
+            Err(StoreError::from(sled::Error::Io(std::io::Error::other(panicked))).into())
+        }
+    }
 }
 
 /// Whether a batch starts with a polled record or with the records of partitions

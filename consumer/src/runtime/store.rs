@@ -79,11 +79,11 @@ impl Store {
     /// atomically, and flushes to disk.
     pub fn commit(
         &self,
-        changes: StateChanges,
+        changes: &StateChanges,
         event_ids: &[String],
         offsets: &HashMap<(String, i32), i64>,
     ) -> Result<(), StoreError> {
-        let mut batch = changes.into_batch();
+        let mut batch = changes.to_batch();
         let now = now_ms().to_be_bytes();
         for id in event_ids {
             batch.insert(key(PROCESSED, &[id.as_bytes()]), &now);
@@ -98,7 +98,7 @@ impl Store {
 
     /// Applies state `changes` alone, atomically and durably.
     pub fn apply(&self, changes: StateChanges) -> Result<(), StoreError> {
-        self.db.apply_batch(changes.into_batch())?;
+        self.db.apply_batch(changes.to_batch())?;
         self.db.flush()?;
         Ok(())
     }
@@ -106,7 +106,7 @@ impl Store {
     /// Applies state `changes` atomically, durable with the next flush (for changes
     /// a crash may lose without harm, like clearing confirmed work).
     pub fn apply_lazily(&self, changes: StateChanges) -> Result<(), StoreError> {
-        self.db.apply_batch(changes.into_batch())?;
+        self.db.apply_batch(changes.to_batch())?;
         Ok(())
     }
 
@@ -172,12 +172,12 @@ impl StateChanges {
         self.writes.extend(later.writes);
     }
 
-    fn into_batch(self) -> sled::Batch {
+    fn to_batch(&self) -> sled::Batch {
         let mut batch = sled::Batch::default();
-        for (state_key, value) in self.writes {
+        for (state_key, value) in &self.writes {
             match value {
-                Some(value) => batch.insert(key(STATE, &[&state_key]), value),
-                None => batch.remove(key(STATE, &[&state_key])),
+                Some(value) => batch.insert(key(STATE, &[state_key]), value.as_slice()),
+                None => batch.remove(key(STATE, &[state_key])),
             }
         }
         batch
@@ -197,7 +197,7 @@ mod tests {
         changes.put(b"count".to_vec(), b"1".to_vec());
         let offsets = HashMap::from([(("t".to_owned(), 0), 42)]);
         store
-            .commit(changes, &["pg:a:0/1:1".to_owned()], &offsets)
+            .commit(&changes, &["pg:a:0/1:1".to_owned()], &offsets)
             .expect("commit");
         assert_eq!(store.offset("t", 0).expect("read"), Some(42));
         assert!(store.is_processed("pg:a:0/1:1").expect("read"));
