@@ -163,7 +163,10 @@ async fn dedup_recovers_a_batch_in_doubt_after_a_stalled_broker_and_sigkill() ->
     let group = unique_name("dedup");
     let port = free_port()?;
     let file = dir.path().join("dedup.toml");
-    let config = dedup_config(&stack, &prefix, &raw, &group, &dir.path().join("state"));
+    // Small batches: many of them, so fetched records are still in hand when the
+    // broker freezes however fast the service is.
+    let config = dedup_config(&stack, &prefix, &raw, &group, &dir.path().join("state"))
+        .replace("[dedup]\n", "max_batch = 200\n[dedup]\n");
     std::fs::write(
         &file,
         format!("{config}[http]\nlisten = \"127.0.0.1:{port}\"\n"),
