@@ -304,13 +304,13 @@ impl<H: Handler> Worker<'_, H> {
         let mut mirrored: HashMap<PartitionKey, i64> = HashMap::new();
         let mut mirror = tokio::time::interval(MIRROR_INTERVAL);
         let mut settling = Settling::new();
-        let mut orphans = OrphanWatch::new(self.config)?;
+        let mut orphans = OrphanWatch::new();
         loop {
             let first = tokio::select! {
                 biased;
                 () = stopped(shutdown) => break,
                 _ = orphans.tick() => {
-                    orphans.check(&self.assignment, &consumer, self.config).await?;
+                    orphans.check(&self.assignment, &consumer, self.config)?;
                     continue;
                 }
                 written = written(&mut self.writing), if self.writing.as_ref().is_some_and(|w| w.write.is_some()) => {
@@ -572,6 +572,10 @@ impl<H: Handler> Worker<'_, H> {
     /// Holds `record` back if its partition waits to retry an earlier record;
     /// otherwise gives it back.
     fn hold(&mut self, record: Record) -> Option<Record> {
+        // Most of the time nothing is parked: no key is built (a String per record).
+        if self.parked.is_empty() {
+            return Some(record);
+        }
         match self
             .parked
             .get_mut(&(record.topic.clone(), record.partition))
@@ -714,11 +718,13 @@ impl<H: Handler> Worker<'_, H> {
         record: &Record,
         batch: &mut Batch,
     ) -> Result<Step, String> {
-        let key = (record.topic.clone(), record.partition);
-        let earlier = self
-            .parked
-            .remove(&key)
-            .filter(|p| p.record.offset == record.offset);
+        let earlier = if self.parked.is_empty() {
+            None
+        } else {
+            self.parked
+                .remove(&(record.topic.clone(), record.partition))
+                .filter(|p| p.record.offset == record.offset)
+        };
         let attempt = earlier.as_ref().map_or(1, |p| p.attempts + 1);
         let started = Instant::now();
         let previous = self.writing.as_ref().map(|w| &w.batch.changes);
@@ -749,7 +755,7 @@ impl<H: Handler> Worker<'_, H> {
                 self.metrics.set_state(ServiceState::Retrying);
                 // The offset stays before the event: it is retried after a restart too.
                 self.parked.insert(
-                    key,
+                    (record.topic.clone(), record.partition),
                     Parked {
                         record: record.clone(),
                         held: Vec::new(),
@@ -804,26 +810,26 @@ fn subscribed(config: &ConsumerConfig) -> Vec<&str> {
 struct OrphanWatch {
     interval: tokio::time::Interval,
     since: Option<tokio::time::Instant>,
-    prober: Arc<rdkafka::consumer::BaseConsumer>,
 }
 
 /// How long an instance may own no partition before the group is looked at.
 const ORPHAN_AFTER: Duration = Duration::from_secs(15);
 
 impl OrphanWatch {
-    fn new(config: &ConsumerConfig) -> Result<Self, RuntimeError> {
-        Ok(Self {
+    fn new() -> Self {
+        Self {
             interval: tokio::time::interval(ORPHAN_AFTER / 3),
             since: None,
-            prober: Arc::new(client_config(config).create()?),
-        })
+        }
     }
 
     async fn tick(&mut self) {
         self.interval.tick().await;
     }
 
-    async fn check(
+    /// Describes the group with the consumer's own client. It blocks for one round
+    /// trip, which costs nothing here: without partitions the instance is idle.
+    fn check(
         &mut self,
         assignment: &Assignment,
         consumer: &StreamConsumer<ServiceContext>,
@@ -837,16 +843,13 @@ impl OrphanWatch {
         if since.elapsed() < ORPHAN_AFTER {
             return Ok(());
         }
-        let (prober, group) = (self.prober.clone(), config.group_id());
-        let members = tokio::task::spawn_blocking(move || {
-            let list = prober.fetch_group_list(Some(&group), Duration::from_secs(5))?;
-            Ok::<_, rdkafka::error::KafkaError>(
-                list.groups().first().map_or(0, |g| g.members().len()),
-            )
-        })
-        .await;
+        let group = config.group_id();
+        let members = consumer
+            .client()
+            .fetch_group_list(Some(&group), Duration::from_secs(5))
+            .map(|list| list.groups().first().map_or(0, |g| g.members().len()));
         match members {
-            Ok(Ok(members)) if members <= 1 => {
+            Ok(members) if members <= 1 => {
                 tracing::warn!(
                     members,
                     "no partitions although no other member shares the group: rejoining"
@@ -855,8 +858,7 @@ impl OrphanWatch {
                 consumer.subscribe(&subscribed(config))?;
                 self.since = None;
             }
-            Ok(Ok(members)) => tracing::debug!(members, "no partitions: other members own them"),
-            Ok(Err(error)) => tracing::debug!(%error, "cannot describe the group"),
+            Ok(members) => tracing::debug!(members, "no partitions: other members own them"),
             Err(error) => tracing::debug!(%error, "cannot describe the group"),
         }
         Ok(())
