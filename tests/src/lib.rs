@@ -455,6 +455,27 @@ pub fn peak_rss_kib(process: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user plus system) a process used so far (`/proc/<process>/stat`).
+pub fn cpu_time(process: &str) -> std::time::Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{process}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which may hold spaces: utime is the 12th.
+            let fields: Vec<u64> = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .map(|f| f.parse().unwrap_or(0))
+                .collect();
+            Some(fields.iter().sum::<u64>())
+        })
+        .unwrap_or(0);
+    // The kernel reports USER_HZ ticks, 100 per second on Linux.
+    std::time::Duration::from_millis(ticks * 10)
+}
+
 /// Writes `dir/producer.toml` for running `changewire-producer` against the stack:
 /// state in `dir/state`, HTTP on a free port, source `name` on `db_url` with `slot`,
 /// plus `extra_postgres` lines in the `[postgres]` section. Returns its path.

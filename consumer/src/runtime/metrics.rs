@@ -95,6 +95,8 @@ pub struct ConsumerMetrics {
     pub offset_gaps: Counter,
     /// Handler retries after transient failures.
     pub retries: Counter,
+    /// Event ids held for deduplication (those of the retention window).
+    pub processed_ids: Gauge,
     status: Status<ServiceState>,
     read: AtomicU64,
 }
@@ -111,6 +113,7 @@ impl Default for ConsumerMetrics {
             partitions_assigned: Gauge::default(),
             offset_gaps: Counter::default(),
             retries: Counter::default(),
+            processed_ids: Gauge::default(),
             status: Status::new(ServiceState::Starting),
             read: AtomicU64::new(0),
         };
@@ -148,6 +151,11 @@ impl Default for ConsumerMetrics {
             "retries",
             "Retries after transient failures",
             metrics.retries.clone(),
+        );
+        registry.register(
+            "processed_ids",
+            "Event ids held for deduplication (the retention window)",
+            metrics.processed_ids.clone(),
         );
         Self {
             registry,

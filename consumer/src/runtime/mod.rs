@@ -31,6 +31,7 @@
 mod assign;
 mod dlq;
 mod handler;
+mod ids;
 mod metrics;
 mod store;
 
@@ -54,6 +55,7 @@ use tokio::sync::watch;
 use assign::{Assignment, PartitionKey, ServiceContext};
 use dlq::DeadLetters;
 pub use handler::{settled, Context, Handler, HandlerError, Record, Settlement};
+use ids::{IdDigest, ProcessedIds};
 pub use metrics::{ConsumerMetrics, Outcome, ServiceState};
 pub use store::{StateChanges, Store, StoreError};
 
@@ -165,11 +167,8 @@ pub async fn run_observed<H: Handler>(
     std::fs::create_dir_all(&config.service.state_dir)
         .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
     let store = Store::open(&config.service.state_dir)?;
-    let pruned = store.prune_processed(config.retention())?;
-    tracing::info!(
-        pruned,
-        "forgot processed ids older than the retention window"
-    );
+    let processed = ProcessedIds::load(&store, config.retention())?;
+    metrics.processed_ids.set(processed.len() as i64);
     let dlq = DeadLetters::new(config)?;
     dlq.ensure_topic(config).await?;
     metrics.set_state(ServiceState::Recovering);
@@ -190,6 +189,7 @@ pub async fn run_observed<H: Handler>(
         metrics,
         assignment: Arc::new(Assignment::default()),
         stats: RunStats::default(),
+        processed,
         parked: HashMap::new(),
         writing: None,
     };
@@ -241,6 +241,8 @@ struct Worker<'a, H> {
     metrics: Arc<ConsumerMetrics>,
     assignment: Arc<Assignment>,
     stats: RunStats,
+    /// Event ids processed within the retention window.
+    processed: ProcessedIds,
     /// Partitions waiting to retry their head record after a transient failure.
     parked: HashMap<PartitionKey, Parked>,
     /// The previous batch, while its sled write runs next to the current batch.
@@ -275,8 +277,8 @@ struct Parked {
 #[derive(Default)]
 struct Batch {
     changes: StateChanges,
-    ids: Vec<String>,
-    seen: HashSet<String>,
+    /// Digests of the event ids applied.
+    processed: Vec<IdDigest>,
     offsets: HashMap<PartitionKey, i64>,
 }
 
@@ -348,12 +350,12 @@ impl<H: Handler> Worker<'_, H> {
             }
             self.handler.seal(&mut batch.changes);
             if step == Step::Interrupted {
-                self.write(batch);
+                self.write(batch)?;
                 written(&mut self.writing).await?;
                 break;
             }
             self.pause_parked(&consumer);
-            self.write(batch);
+            self.write(batch)?;
             if self.parked.is_empty() {
                 self.metrics.set_state(ServiceState::Consuming);
             }
@@ -394,7 +396,13 @@ impl<H: Handler> Worker<'_, H> {
     }
 
     /// Starts the batch's atomic sled write on a blocking thread.
-    fn write(&mut self, batch: Batch) {
+    fn write(&mut self, mut batch: Batch) -> Result<(), StoreError> {
+        let forgotten = self.processed.expire(&self.store)?;
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "forgot ids older than the retention window");
+        }
+        let segment = self.processed.segment(std::mem::take(&mut batch.processed));
+        self.metrics.processed_ids.set(self.processed.len() as i64);
         let batch = Arc::new(batch);
         let (store, metrics, writing) = (self.store.clone(), self.metrics.clone(), batch.clone());
         let write = tokio::task::spawn_blocking(move || {
@@ -402,7 +410,7 @@ impl<H: Handler> Worker<'_, H> {
                 return Ok(());
             }
             let started = Instant::now();
-            store.commit(&writing.changes, &writing.ids, &writing.offsets)?;
+            store.commit(&writing.changes, &segment, &writing.offsets)?;
             metrics
                 .commit_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -412,6 +420,7 @@ impl<H: Handler> Worker<'_, H> {
             batch,
             write: Some(write),
         });
+        Ok(())
     }
 
     /// The batch `first` starts: what else arrives within the linger, up to
@@ -692,18 +701,14 @@ impl<H: Handler> Worker<'_, H> {
                 return Ok(self.dead_letter(record, &reason, batch, shutdown).await);
             }
         };
-        let id = event.id.to_string();
-        let previous = self.writing.as_ref().map(|w| &w.batch.seen);
-        if batch.seen.contains(&id)
-            || previous.is_some_and(|seen| seen.contains(&id))
-            || self.store.is_processed(&id)?
-        {
+        let digest = ids::digest(event.id.as_str());
+        if self.processed.contains(digest) {
             self.stats.duplicates += 1;
             self.metrics.count(&record.topic, Outcome::Duplicate);
             batch.done(record);
             return Ok(Step::Done);
         }
-        Ok(match self.handle(&event, record, batch).await {
+        Ok(match self.handle(&event, digest, record, batch).await {
             Ok(step) => step,
             Err(reason) => self.dead_letter(record, &reason, batch, shutdown).await,
         })
@@ -715,6 +720,7 @@ impl<H: Handler> Worker<'_, H> {
     async fn handle(
         &mut self,
         event: &ChangeEvent,
+        digest: IdDigest,
         record: &Record,
         batch: &mut Batch,
     ) -> Result<Step, String> {
@@ -737,9 +743,10 @@ impl<H: Handler> Worker<'_, H> {
         match result {
             Ok(()) => {
                 batch.changes.extend(changes);
-                let id = event.id.to_string();
-                batch.seen.insert(id.clone());
-                batch.ids.push(id);
+                // In memory at once: later records of this batch and the next
+                // ones see it while the batch's write is under way.
+                self.processed.insert(digest);
+                batch.processed.push(digest);
                 batch.done(record);
                 self.stats.applied += 1;
                 self.metrics.count(&record.topic, Outcome::Applied);

@@ -1,13 +1,19 @@
-//! The service's sled database: its own state, the event ids it processed, and its
-//! partition offsets, all written in one atomic, flushed batch.
+//! The service's sled database: its own state, the event ids it processed (one
+//! segment per batch, see [`super::ids`]), and its partition offsets, all written
+//! in one atomic, flushed batch.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Key prefixes: one tree, so one batch covers all three.
+use super::ids::{digest, IdDigest, Segment};
+
+/// Key prefixes: one tree, so one batch covers them all.
 const STATE: u8 = b's';
-const PROCESSED: u8 = b'i';
+/// A processed id per key, as written by earlier versions (migrated at load).
+const SINGLE_ID: u8 = b'i';
+/// A batch's processed ids: the key ends with the segment's sequence.
+const SEGMENT: u8 = b'p';
 const OFFSET: u8 = b'o';
 
 /// A failed read or write of the state store.
@@ -39,7 +45,12 @@ fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
     key(OFFSET, &[topic.as_bytes(), &partition.to_be_bytes()])
 }
 
-fn now_ms() -> u64 {
+fn segment_key(sequence: u64) -> Vec<u8> {
+    key(SEGMENT, &[&sequence.to_be_bytes()])
+}
+
+/// Milliseconds since the epoch.
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -62,31 +73,26 @@ impl Store {
             .and_then(|v| v.as_ref().try_into().ok().map(i64::from_be_bytes)))
     }
 
-    /// Whether the event with this id was processed (within the retention window).
-    pub fn is_processed(&self, event_id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .db
-            .contains_key(key(PROCESSED, &[event_id.as_bytes()]))?)
-    }
-
     /// A state value of the service.
     pub fn get(&self, state_key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get(key(STATE, &[state_key]))?.map(|v| v.to_vec()))
     }
 
-    /// Applies `changes`, marks `event_ids` processed and moves each partition's
-    /// offset to the next one to read (`offsets` maps topic/partition to it),
-    /// atomically, and flushes to disk.
-    pub fn commit(
+    /// Applies `changes`, stores the batch's `processed` ids and moves each
+    /// partition's offset to the next one to read (`offsets` maps topic/partition to
+    /// it), atomically, and flushes to disk.
+    pub(super) fn commit(
         &self,
         changes: &StateChanges,
-        event_ids: &[String],
+        processed: &Segment,
         offsets: &HashMap<(String, i32), i64>,
     ) -> Result<(), StoreError> {
         let mut batch = changes.to_batch();
-        let now = now_ms().to_be_bytes();
-        for id in event_ids {
-            batch.insert(key(PROCESSED, &[id.as_bytes()]), &now);
+        if !processed.digests.is_empty() {
+            batch.insert(
+                segment_key(processed.sequence),
+                encode_segment(processed.at_ms, &processed.digests),
+            );
         }
         for ((topic, partition), next) in offsets {
             batch.insert(offset_key(topic, *partition), &next.to_be_bytes());
@@ -126,23 +132,105 @@ impl Store {
         Ok(self.db.size_on_disk()?)
     }
 
-    /// Forgets processed ids older than `retention`; returns how many.
-    pub fn prune_processed(&self, retention: Duration) -> Result<usize, StoreError> {
-        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
-        let mut batch = sled::Batch::default();
-        let mut pruned = 0;
-        for entry in self.db.scan_prefix([PROCESSED, 0]) {
+    /// The stored segments of processed ids, oldest first.
+    pub(super) fn segments(&self) -> impl Iterator<Item = Result<Segment, StoreError>> + '_ {
+        self.db.scan_prefix([SEGMENT, 0]).map(|entry| {
             let (k, v) = entry?;
-            let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            if at <= cutoff {
-                batch.remove(k);
-                pruned += 1;
-            }
+            let sequence = k[2..].try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let (at_ms, digests) = decode_segment(&v);
+            Ok(Segment {
+                sequence,
+                at_ms,
+                digests,
+            })
+        })
+    }
+
+    /// The digests of one stored segment (none if it is gone).
+    pub(super) fn segment(&self, sequence: u64) -> Result<Vec<IdDigest>, StoreError> {
+        Ok(self
+            .db
+            .get(segment_key(sequence))?
+            .map(|v| decode_segment(&v).1)
+            .unwrap_or_default())
+    }
+
+    /// Removes segments, durable with the next flush (a crash brings them back
+    /// until the next start expires them again).
+    pub(super) fn remove_segments(&self, sequences: &[u64]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for sequence in sequences {
+            batch.remove(segment_key(*sequence));
         }
         self.db.apply_batch(batch)?;
-        self.db.flush()?;
-        Ok(pruned)
+        Ok(())
     }
+
+    /// Replaces the ids earlier versions stored one key each by one segment of
+    /// those written after `cutoff` (dated by the newest), atomically.
+    pub(super) fn migrate_single_ids(&self, cutoff: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let (mut digests, mut newest, mut found) = (Vec::new(), 0, 0);
+        for entry in self.db.scan_prefix([SINGLE_ID, 0]) {
+            let (k, v) = entry?;
+            let at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if at > cutoff {
+                digests.push(digest(&String::from_utf8_lossy(&k[2..])));
+                newest = newest.max(at);
+            }
+            batch.remove(k);
+            found += 1;
+        }
+        if found == 0 {
+            return Ok(());
+        }
+        if !digests.is_empty() {
+            let sequence = match self.db.scan_prefix([SEGMENT, 0]).next_back() {
+                Some(last) => u64::from_be_bytes(last?.0[2..].try_into().unwrap_or([0; 8])) + 1,
+                None => 0,
+            };
+            batch.insert(segment_key(sequence), encode_segment(newest, &digests));
+        }
+        tracing::info!(
+            found,
+            kept = digests.len(),
+            "moved processed ids stored one key each into a segment"
+        );
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(super) fn put_single_id_for_test(&self, id: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.db
+            .insert(key(SINGLE_ID, &[id.as_bytes()]), &at_ms.to_be_bytes())?;
+        Ok(())
+    }
+}
+
+/// A segment's value: its time, then each digest, big-endian.
+fn encode_segment(at_ms: u64, digests: &[IdDigest]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + 16 * digests.len());
+    value.extend_from_slice(&at_ms.to_be_bytes());
+    for digest in digests {
+        value.extend_from_slice(&digest.to_be_bytes());
+    }
+    value
+}
+
+fn decode_segment(value: &[u8]) -> (u64, Vec<IdDigest>) {
+    let at_ms = value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes);
+    let digests = value
+        .get(8..)
+        .unwrap_or_default()
+        .chunks_exact(16)
+        .map(|c| u128::from_be_bytes(c.try_into().unwrap_or([0; 16])))
+        .collect();
+    (at_ms, digests)
 }
 
 /// State writes, applied together with offsets and ids or not at all.
@@ -196,20 +284,21 @@ mod tests {
         let mut changes = StateChanges::default();
         changes.put(b"count".to_vec(), b"1".to_vec());
         let offsets = HashMap::from([(("t".to_owned(), 0), 42)]);
+        let processed = Segment {
+            sequence: 7,
+            at_ms: 1_763_769_600_000,
+            digests: vec![digest("pg:a:0/1:1"), 1],
+        };
         store
-            .commit(&changes, &["pg:a:0/1:1".to_owned()], &offsets)
+            .commit(&changes, &processed, &offsets)
             .expect("commit");
         assert_eq!(store.offset("t", 0).expect("read"), Some(42));
-        assert!(store.is_processed("pg:a:0/1:1").expect("read"));
         assert_eq!(store.get(b"count").expect("read"), Some(b"1".to_vec()));
-        assert_eq!(
-            store
-                .prune_processed(Duration::from_secs(3600))
-                .expect("prune"),
-            0
-        );
-        assert_eq!(store.prune_processed(Duration::ZERO).expect("prune"), 1);
-        assert!(!store.is_processed("pg:a:0/1:1").expect("read"));
+        let stored: Vec<Segment> = store.segments().collect::<Result<_, _>>().expect("scan");
+        assert_eq!(stored, vec![processed.clone()]);
+        assert_eq!(store.segment(7).expect("read"), processed.digests);
+        store.remove_segments(&[7]).expect("remove");
+        assert_eq!(store.segments().count(), 0);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //!    the last batch published and acknowledged;
 //! 3. times a plain rdkafka loop over the same topic: consume, produce, wait for
 //!    every acknowledgement (the ceiling: no state, no dedup, no fsync);
-//! 4. prints throughput, the ratio, sled's disk writes per input byte (write
-//!    amplification), its size on disk, and the process's peak memory.
+//! 4. prints throughput, CPU time (this process, both cores), the ratio, sled's
+//!    disk writes per input byte (write amplification), its size on disk, and the
+//!    process's peak memory.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::{
     ChangeEvent, Codec, EventId, Op, Origin, PostgresOrigin, SnapshotMarker, Source,
 };
-use changewire_tests::{create_topics, peak_rss_kib, unique_name, Stack};
+use changewire_tests::{cpu_time, create_topics, peak_rss_kib, unique_name, Stack};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -55,22 +56,28 @@ async fn main() -> anyhow::Result<()> {
 
     let state = tempfile::tempdir()?;
     let written_before = process_disk_writes();
+    let cpu_before = cpu_time("self");
     let dedup_time = time_dedup(&stack, &prefix, &raw, state.path(), events).await?;
+    let dedup_cpu = cpu_time("self") - cpu_before;
     let disk_writes = process_disk_writes().saturating_sub(written_before);
     let store_size = Store::open(state.path())?.size_on_disk()?;
     let dedup_rss = peak_rss_kib("self");
+    let cpu_before = cpu_time("self");
     let plain_time = time_plain_loop(&stack, &raw, &format!("{prefix}.plain"), events).await?;
+    let plain_cpu = cpu_time("self") - cpu_before;
 
     let rate = |d: Duration| events as f64 / d.as_secs_f64();
     println!(
-        "dedup service:     {:>8.1} s  {:>9.0} events/s",
+        "dedup service:     {:>8.1} s  {:>9.0} events/s  {:>5.1} CPU s",
         dedup_time.as_secs_f64(),
-        rate(dedup_time)
+        rate(dedup_time),
+        dedup_cpu.as_secs_f64()
     );
     println!(
-        "plain rdkafka loop:{:>8.1} s  {:>9.0} events/s",
+        "plain rdkafka loop:{:>8.1} s  {:>9.0} events/s  {:>5.1} CPU s",
         plain_time.as_secs_f64(),
-        rate(plain_time)
+        rate(plain_time),
+        plain_cpu.as_secs_f64()
     );
     println!(
         "ratio dedup / plain: {:.2}",
