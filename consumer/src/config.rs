@@ -49,6 +49,10 @@ pub struct ServiceConfig {
     /// How long processed event ids are remembered for deduplication, in days.
     #[serde(default = "default_retention_days")]
     pub retention_days: u32,
+    /// Most processed ids held (in memory, 19 to 39 bytes each); beyond it the
+    /// oldest batches' ids are forgotten before their retention ends.
+    #[serde(default = "default_max_processed_ids")]
+    pub max_processed_ids: usize,
     /// Attempts at a transiently failing event before it goes to the DLQ.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -69,6 +73,10 @@ pub struct ServiceConfig {
 
 fn default_retention_days() -> u32 {
     7
+}
+
+fn default_max_processed_ids() -> usize {
+    20_000_000
 }
 
 fn default_max_attempts() -> u32 {
@@ -108,6 +116,12 @@ impl ConsumerConfig {
             return Err(ConfigError::invalid(
                 "service.max_attempts",
                 "must be at least 1",
+            ));
+        }
+        if self.service.max_processed_ids < self.service.max_batch {
+            return Err(ConfigError::invalid(
+                "service.max_processed_ids",
+                "must be at least service.max_batch",
             ));
         }
         if self.service.max_batch == 0 {

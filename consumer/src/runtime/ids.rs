@@ -12,7 +12,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
@@ -47,12 +47,19 @@ pub struct ProcessedIds {
     segments: VecDeque<(u64, u64)>,
     next_sequence: u64,
     retention: Duration,
+    /// Most ids held; beyond it the oldest segments go before their time.
+    max_ids: usize,
+    /// When a segment last went early (warned about at most every few minutes).
+    warned: Option<Instant>,
 }
+
+/// How often forgetting ids before their retention ends is logged.
+const WARN_EVERY: Duration = Duration::from_secs(600);
 
 impl ProcessedIds {
     /// Loads the segments written within `retention`, removing older ones (and
     /// turning ids stored one key each, by earlier versions, into a segment).
-    pub fn load(store: &Store, retention: Duration) -> Result<Self, StoreError> {
+    pub fn load(store: &Store, retention: Duration, max_ids: usize) -> Result<Self, StoreError> {
         let cutoff = cutoff(retention);
         store.migrate_single_ids(cutoff)?;
         let mut ids = Self {
@@ -60,6 +67,8 @@ impl ProcessedIds {
             segments: VecDeque::new(),
             next_sequence: 0,
             retention,
+            max_ids,
+            warned: None,
         };
         let mut expired = Vec::new();
         for segment in store.segments() {
@@ -110,15 +119,21 @@ impl ProcessedIds {
         segment
     }
 
-    /// Forgets segments older than the retention window, in memory and in the
-    /// store (lazily: one a crash brings back is removed at the next start).
-    /// Returns how many ids were forgotten.
+    /// Forgets segments older than the retention window, and the oldest ones while
+    /// more than the most ids allowed are held, in memory and in the store
+    /// (lazily: one a crash brings back is removed at the next start). The newest
+    /// segment stays: its write may be under way. Returns how many ids were
+    /// forgotten.
     pub fn expire(&mut self, store: &Store) -> Result<usize, StoreError> {
         let cutoff = cutoff(self.retention);
         let mut forgotten = 0;
         while let Some(&(sequence, at_ms)) = self.segments.front() {
-            if at_ms > cutoff {
+            let over = self.digests.len() > self.max_ids;
+            if self.segments.len() < 2 || (at_ms > cutoff && !over) {
                 break;
+            }
+            if at_ms > cutoff {
+                self.warn_early(at_ms);
             }
             for digest in store.segment(sequence)? {
                 forgotten += usize::from(self.digests.remove(&digest));
@@ -127,6 +142,21 @@ impl ProcessedIds {
             self.segments.pop_front();
         }
         Ok(forgotten)
+    }
+
+    fn warn_early(&mut self, at_ms: u64) {
+        if self.warned.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            return;
+        }
+        self.warned = Some(Instant::now());
+        let window = Duration::from_millis(now_ms().saturating_sub(at_ms));
+        tracing::warn!(
+            max_processed_ids = self.max_ids,
+            window_secs = window.as_secs(),
+            "forgetting processed ids before their retention ends: duplicates older than \
+             the window are not recognised; raise service.max_processed_ids (memory) or \
+             lower service.retention_days"
+        );
     }
 }
 
@@ -175,42 +205,70 @@ mod tests {
         (dir, store)
     }
 
+    /// Inserts and commits one segment per id; returns their digests.
+    fn commit_each(store: &Store, ids: &mut ProcessedIds, names: &[&str]) -> Vec<IdDigest> {
+        names
+            .iter()
+            .map(|name| {
+                let id = digest(name);
+                ids.insert(id);
+                let segment = ids.segment(vec![id]);
+                store
+                    .commit(&Default::default(), &segment, &Default::default())
+                    .expect("commit");
+                id
+            })
+            .collect()
+    }
+
     #[test]
     fn ids_survive_a_reload_until_they_expire() {
         let (_dir, store) = store();
         let week = Duration::from_secs(7 * 86_400);
-        let mut ids = ProcessedIds::load(&store, week).expect("load");
-        let (a, b) = (digest("pg:a:0/1:1"), digest("pg:a:0/2:1"));
-        assert_ne!(a, b);
-        ids.insert(a);
-        let segment = ids.segment(vec![a]);
-        store
-            .commit(&Default::default(), &segment, &Default::default())
-            .expect("commit");
-        assert!(ids.contains(a) && !ids.contains(b));
+        let mut ids = ProcessedIds::load(&store, week, 1000).expect("load");
+        let stored = commit_each(&store, &mut ids, &["pg:a:0/1:1", "pg:a:0/2:1"]);
+        let other = digest("pg:a:0/3:1");
+        assert!(ids.contains(stored[0]) && ids.contains(stored[1]) && !ids.contains(other));
 
-        let mut reloaded = ProcessedIds::load(&store, week).expect("reload");
-        assert!(reloaded.contains(a) && !reloaded.contains(b));
-        assert_eq!(reloaded.segment(vec![]).sequence, segment.sequence + 1);
+        let mut reloaded = ProcessedIds::load(&store, week, 1000).expect("reload");
+        assert!(reloaded.contains(stored[0]) && reloaded.contains(stored[1]));
+        assert!(!reloaded.contains(other));
+        assert_eq!(reloaded.segment(vec![]).sequence, 2, "sequences go on");
 
-        let mut expiring = ProcessedIds::load(&store, week).expect("reload");
+        let mut expiring = ProcessedIds::load(&store, week, 1000).expect("reload");
         expiring.retention = Duration::ZERO;
         assert_eq!(expiring.expire(&store).expect("expire"), 1);
-        assert!(!expiring.contains(a));
-        let after = ProcessedIds::load(&store, week).expect("reload");
-        assert_eq!(after.len(), 0, "the expired segment left the store");
+        assert!(!expiring.contains(stored[0]));
+        assert!(
+            expiring.contains(stored[1]),
+            "the newest segment may be in writing"
+        );
+        let after = ProcessedIds::load(&store, week, 1000).expect("reload");
+        assert_eq!(after.len(), 1, "the expired segment left the store");
+    }
+
+    #[test]
+    fn beyond_the_most_ids_the_oldest_segments_go_early() {
+        let (_dir, store) = store();
+        let week = Duration::from_secs(7 * 86_400);
+        let mut ids = ProcessedIds::load(&store, week, 2).expect("load");
+        let stored = commit_each(&store, &mut ids, &["a", "b", "c", "d"]);
+        assert_eq!(ids.expire(&store).expect("expire"), 2);
+        assert_eq!(ids.len(), 2);
+        assert!(!ids.contains(stored[1]) && ids.contains(stored[2]) && ids.contains(stored[3]));
+        assert_eq!(store.segments().count(), 2);
     }
 
     #[test]
     fn expired_segments_are_dropped_at_load() {
         let (_dir, store) = store();
-        let mut ids = ProcessedIds::load(&store, Duration::ZERO).expect("load");
+        let mut ids = ProcessedIds::load(&store, Duration::ZERO, 1000).expect("load");
         let segment = ids.segment(vec![digest("x")]);
         store
             .commit(&Default::default(), &segment, &Default::default())
             .expect("commit");
         assert_eq!(
-            ProcessedIds::load(&store, Duration::ZERO)
+            ProcessedIds::load(&store, Duration::ZERO, 1000)
                 .expect("load")
                 .len(),
             0
@@ -227,12 +285,12 @@ mod tests {
         store
             .put_single_id_for_test("pg:old:0/2:1", 1)
             .expect("put");
-        let ids = ProcessedIds::load(&store, Duration::from_secs(3600)).expect("load");
+        let ids = ProcessedIds::load(&store, Duration::from_secs(3600), 1000).expect("load");
         assert!(ids.contains(digest("pg:old:0/1:1")));
         assert!(!ids.contains(digest("pg:old:0/2:1")), "expired");
         assert_eq!(store.segments().count(), 1);
         assert!(
-            ProcessedIds::load(&store, Duration::from_secs(3600))
+            ProcessedIds::load(&store, Duration::from_secs(3600), 1000)
                 .expect("reload")
                 .contains(digest("pg:old:0/1:1")),
             "migrated once, kept"

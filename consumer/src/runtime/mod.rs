@@ -167,7 +167,8 @@ pub async fn run_observed<H: Handler>(
     std::fs::create_dir_all(&config.service.state_dir)
         .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
     let store = Store::open(&config.service.state_dir)?;
-    let processed = ProcessedIds::load(&store, config.retention())?;
+    let processed =
+        ProcessedIds::load(&store, config.retention(), config.service.max_processed_ids)?;
     metrics.processed_ids.set(processed.len() as i64);
     let dlq = DeadLetters::new(config)?;
     dlq.ensure_topic(config).await?;

@@ -178,6 +178,7 @@ async fn time_dedup(
             subscribe: vec![raw.to_owned()],
             state_dir: state.to_owned(),
             retention_days: 7,
+            max_processed_ids: 20_000_000,
             max_attempts: 5,
             max_batch: 5_000,
             batch_linger_ms: 20,

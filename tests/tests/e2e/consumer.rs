@@ -45,6 +45,7 @@ pub fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) ->
             subscribe: vec![topic.to_owned()],
             state_dir: state.to_owned(),
             retention_days: 7,
+            max_processed_ids: 20_000_000,
             max_attempts: 2,
             max_batch: 500,
             batch_linger_ms: 20,
