@@ -156,6 +156,35 @@ fn json_that_is_not_an_event_is_rejected() {
 }
 
 #[test]
+fn a_source_block_must_have_its_connector_fields() {
+    let codec = Codec::json().expect("codec");
+    let mut event: serde_json::Value =
+        serde_json::from_slice(&codec.encode(&postgres_update()).expect("encode")).expect("json");
+    event["source"]["surplus"] = json!("ignored");
+    let bytes = serde_json::to_vec(&event).expect("json");
+    assert_eq!(codec.decode(&bytes).expect("decode"), postgres_update());
+
+    event["source"]
+        .as_object_mut()
+        .expect("object")
+        .remove("table");
+    let error = codec
+        .decode(&serde_json::to_vec(&event).expect("json"))
+        .expect_err("no table");
+    let reason = crate::diagnostics::report(&error);
+    assert!(
+        reason.contains("missing field `table` in a postgresql source"),
+        "{reason}"
+    );
+    event["source"]["connector"] = json!("mysql");
+    let error = codec
+        .decode(&serde_json::to_vec(&event).expect("json"))
+        .expect_err("unknown connector");
+    let reason = crate::diagnostics::report(&error);
+    assert!(reason.contains("unknown variant `mysql`"), "{reason}");
+}
+
+#[test]
 fn lsn_beyond_avro_long_is_an_error_not_a_silent_clamp() {
     let mut event = postgres_update();
     if let Origin::Postgresql(pg) = &mut event.source.origin {
