@@ -60,6 +60,7 @@ impl ProcessedIds {
     /// Loads the segments written within `retention`, removing older ones (and
     /// turning ids stored one key each, by earlier versions, into a segment).
     pub fn load(store: &Store, retention: Duration, max_ids: usize) -> Result<Self, StoreError> {
+        let started = Instant::now();
         let cutoff = cutoff(retention);
         store.migrate_single_ids(cutoff)?;
         let mut ids = Self {
@@ -86,6 +87,7 @@ impl ProcessedIds {
             ids = ids.digests.len(),
             segments = ids.segments.len(),
             expired = expired.len(),
+            took_ms = started.elapsed().as_millis() as u64,
             "loaded the processed ids of the retention window"
         );
         Ok(ids)

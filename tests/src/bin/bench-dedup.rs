@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use changewire_consumer::config::{ConsumerConfig, ServiceConfig};
-use changewire_consumer::runtime::{self, ConsumerMetrics, Store};
+use changewire_consumer::runtime::{self, ConsumerMetrics, ServiceState, Store};
 use changewire_consumer::services::dedup::{Dedup, DedupConfig};
 use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::{
@@ -62,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
     let disk_writes = process_disk_writes().saturating_sub(written_before);
     let store_size = Store::open(state.path())?.size_on_disk()?;
     let dedup_rss = peak_rss_kib("self");
+    let (restart, ids) = time_restart(&stack, &prefix, &raw, state.path()).await?;
     let cpu_before = cpu_time("self");
     let plain_time = time_plain_loop(&stack, &raw, &format!("{prefix}.plain"), events).await?;
     let plain_cpu = cpu_time("self") - cpu_before;
@@ -91,6 +92,10 @@ async fn main() -> anyhow::Result<()> {
         store_size as f64 / 1e6
     );
     println!("peak RSS after the dedup run: {} MiB", dedup_rss / 1024);
+    println!(
+        "restart until consuming, {ids} processed ids loaded: {} ms",
+        restart.as_millis()
+    );
     Ok(())
 }
 
@@ -166,37 +171,9 @@ async fn time_dedup(
     state: &std::path::Path,
     events: u64,
 ) -> anyhow::Result<Duration> {
-    let config = ConsumerConfig {
-        kafka: stack.kafka_config(),
-        topics: TopicsConfig {
-            prefix: prefix.to_owned(),
-        },
-        http: None,
-        service: ServiceConfig {
-            name: "dedup".into(),
-            group_id: Some(unique_name("benchdd")),
-            subscribe: vec![raw.to_owned()],
-            state_dir: state.to_owned(),
-            retention_days: 7,
-            max_processed_ids: 20_000_000,
-            max_attempts: 5,
-            max_batch: 5_000,
-            batch_linger_ms: 20,
-            resume_rewind: 10_000,
-        },
-        dedup: Some(DedupConfig::default()),
-        forward: None,
-    };
-    let metrics = Arc::new(ConsumerMetrics::default());
-    let (stop, shutdown) = watch::channel(false);
+    let config = dedup_config(stack, prefix, raw, state);
     let started = Instant::now();
-    let handler = Dedup::new(&config, &DedupConfig::default())?;
-    let service = {
-        let metrics = metrics.clone();
-        tokio::spawn(
-            async move { runtime::run_observed(&config, handler, shutdown, metrics).await },
-        )
-    };
+    let (service, metrics, stop) = start_dedup(config)?;
     while metrics.records_read() < events {
         ensure!(!service.is_finished(), "the dedup service stopped early");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -222,6 +199,70 @@ async fn time_dedup(
         stats.applied + stats.duplicates
     );
     Ok(elapsed)
+}
+
+/// Starts the dedup service again on the state it left and times it until it
+/// consumes (opening sled, loading the processed ids, joining the group).
+async fn time_restart(
+    stack: &Stack,
+    prefix: &str,
+    raw: &str,
+    state: &std::path::Path,
+) -> anyhow::Result<(Duration, i64)> {
+    let config = dedup_config(stack, prefix, raw, state);
+    let started = Instant::now();
+    let (service, metrics, stop) = start_dedup(config)?;
+    while metrics.state() != ServiceState::Consuming {
+        ensure!(!service.is_finished(), "the dedup service stopped early");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.send(true)?;
+    service.await??;
+    Ok((elapsed, metrics.processed_ids.get()))
+}
+
+/// The dedup service running in this process, its metrics and its stop switch.
+type RunningDedup = (
+    tokio::task::JoinHandle<Result<runtime::RunStats, runtime::RuntimeError>>,
+    Arc<ConsumerMetrics>,
+    watch::Sender<bool>,
+);
+
+fn start_dedup(config: ConsumerConfig) -> anyhow::Result<RunningDedup> {
+    let metrics = Arc::new(ConsumerMetrics::default());
+    let (stop, shutdown) = watch::channel(false);
+    let handler = Dedup::new(&config, &DedupConfig::default())?;
+    let observed = metrics.clone();
+    let service =
+        tokio::spawn(
+            async move { runtime::run_observed(&config, handler, shutdown, observed).await },
+        );
+    Ok((service, metrics, stop))
+}
+
+fn dedup_config(stack: &Stack, prefix: &str, raw: &str, state: &std::path::Path) -> ConsumerConfig {
+    ConsumerConfig {
+        kafka: stack.kafka_config(),
+        topics: TopicsConfig {
+            prefix: prefix.to_owned(),
+        },
+        http: None,
+        service: ServiceConfig {
+            name: "dedup".into(),
+            group_id: Some(unique_name("benchdd")),
+            subscribe: vec![raw.to_owned()],
+            state_dir: state.to_owned(),
+            retention_days: 7,
+            max_processed_ids: 20_000_000,
+            max_attempts: 5,
+            max_batch: 5_000,
+            batch_linger_ms: 20,
+            resume_rewind: 10_000,
+        },
+        dedup: Some(DedupConfig::default()),
+        forward: None,
+    }
 }
 
 /// Consumes `events` records of `raw` and produces each to `output`, then waits
