@@ -145,6 +145,23 @@ async fn batches_committed(metrics_url: &str) -> anyhow::Result<u64> {
         .sum())
 }
 
+/// Polls the service's metrics until it committed `batches` batches to sled.
+async fn wait_for_batches(metrics_url: &str, batches: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // The endpoint answers once the service started; until then, poll on.
+        let committed = batches_committed(metrics_url).await.unwrap_or(0);
+        if committed >= batches {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{committed} batches committed, waited for {batches}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// The broker stops answering while dedup publishes a batch, so the batch is
 /// committed to sled but not confirmed; the service is then SIGKILLed. After the
 /// restart, the recovery reads the output back and publishes only what is missing.
@@ -180,10 +197,11 @@ async fn dedup_recovers_a_batch_in_doubt_after_a_stalled_broker_and_sigkill() ->
     // in doubt. Whether one is in hand at the freeze depends on timing (under load
     // the service may be waiting on a fetch), so try again later in the stream.
     let mut in_doubt = false;
-    // The service is fast and reads ahead: freeze as soon as it made progress, while
-    // it still has fetched records in hand (then at later points if it had none).
-    for progress in [1, EVENTS / 4, EVENTS / 2] {
-        if let Err(error) = wait_for_progress(&stack, &group, &raw, 2, progress).await {
+    // The service is fast and reads ahead: freeze as soon as it committed a batch,
+    // while it still has most of the 100 batches' records in hand (then at later
+    // points if it had none).
+    for batches in [1, 10, 30] {
+        if let Err(error) = wait_for_batches(&metrics, batches).await {
             anyhow::bail!(
                 "{error:#}\nservice log:\n{}",
                 std::fs::read_to_string(&log)?
