@@ -6,6 +6,7 @@
 //! - [`postgres`]: the PostgreSQL change source;
 //! - [`checkpoint`]: the checkpoint seam (sled);
 //! - [`metrics`]: Prometheus metrics and health state;
+//! - [`redact`]: keyed hashes that stand in for secret values;
 //! - [`sink`]: the sink seam and its Kafka implementation.
 
 pub mod checkpoint;
@@ -13,4 +14,5 @@ pub mod config;
 pub mod kubernetes;
 pub mod metrics;
 pub mod postgres;
+pub mod redact;
 pub mod sink;

@@ -1,8 +1,10 @@
 //! Producer metrics (Prometheus) and the state the health endpoint reports.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 
-use changewire_schemas::http::{encode_registry, HealthReport, Observable, Status};
+use changewire_schemas::http::{encode_registry, HealthReport, Observable};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,19 +28,39 @@ pub struct KindLabel {
     pub kind: String,
 }
 
-/// What the source is doing, for the health endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which of the producer's sources a state belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SourceKind {
+    /// The PostgreSQL logical replication source.
+    Postgres,
+    /// The Kubernetes watch source.
+    Kubernetes,
+}
+
+impl SourceKind {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Postgres => "postgres",
+            SourceKind::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// What a source is doing, for the health endpoint; later variants are worse
+/// (the producer reports its worst source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SourceState {
-    /// Connecting and checking the server.
-    Starting = 0,
-    /// Taking the initial snapshot.
-    Snapshotting = 1,
     /// Streaming changes.
-    Streaming = 2,
+    Streaming,
+    /// Taking the initial snapshot.
+    Snapshotting,
+    /// Connecting and checking the server.
+    Starting,
     /// Waiting to reconnect after a failure.
-    Reconnecting = 3,
+    Reconnecting,
     /// Stopped (shut down or failed permanently).
-    Stopped = 4,
+    Stopped,
 }
 
 impl SourceState {
@@ -85,7 +107,8 @@ pub struct ProducerMetrics {
     pub audit_attributed: Counter,
     /// Kubernetes changes whose audit event did not arrive in time (managedFields used).
     pub audit_unattributed: Counter,
-    status: Status<SourceState>,
+    /// Each running source's state and latest unrecovered failure.
+    sources: Mutex<BTreeMap<SourceKind, (SourceState, Option<String>)>>,
 }
 
 impl Default for ProducerMetrics {
@@ -106,7 +129,7 @@ impl Default for ProducerMetrics {
             audit_received: Counter::default(),
             audit_attributed: Counter::default(),
             audit_unattributed: Counter::default(),
-            status: Status::new(SourceState::Starting),
+            sources: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -191,7 +214,7 @@ impl Observable for ProducerMetrics {
         encode_registry(&self.registry)
     }
 
-    /// Healthy while snapshotting or streaming.
+    /// Healthy while every source snapshots or streams.
     fn health(&self) -> HealthReport {
         let state = self.state();
         HealthReport {
@@ -203,23 +226,74 @@ impl Observable for ProducerMetrics {
 }
 
 impl ProducerMetrics {
-    /// Records what the source is doing.
-    pub fn set_state(&self, state: SourceState) {
-        self.status.set(state);
+    /// Records what `source` is doing.
+    pub fn set_state(&self, source: SourceKind, state: SourceState) {
+        self.lock_sources().entry(source).or_insert((state, None)).0 = state;
     }
 
-    /// What the source is doing.
+    /// The state of the least healthy source (`Starting` before any reported).
     pub fn state(&self) -> SourceState {
-        self.status.get()
+        let sources = self.lock_sources();
+        let worst = sources.values().map(|(state, _)| *state).max();
+        worst.unwrap_or(SourceState::Starting)
     }
 
-    /// Records the latest failure (shown by the health endpoint).
-    pub fn set_error(&self, error: Option<String>) {
-        self.status.set_error(error);
+    /// Records the latest failure of `source` (shown by the health endpoint), or
+    /// `None` once it recovered.
+    pub fn set_error(&self, source: SourceKind, error: Option<String>) {
+        self.lock_sources()
+            .entry(source)
+            .or_insert((SourceState::Starting, None))
+            .1 = error;
     }
 
-    /// The latest failure, if the source has not recovered since.
+    /// The sources' failures they have not recovered from, each named.
     pub fn last_error(&self) -> Option<String> {
-        self.status.last_error()
+        let errors: Vec<String> = self
+            .lock_sources()
+            .iter()
+            .filter_map(|(source, (_, error))| {
+                error.as_ref().map(|e| format!("{}: {e}", source.as_str()))
+            })
+            .collect();
+        (!errors.is_empty()).then(|| errors.join("; "))
+    }
+
+    fn lock_sources(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<SourceKind, (SourceState, Option<String>)>> {
+        // A poisoned lock only means a thread panicked mid-assignment of a pair.
+        self.sources.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_the_least_healthy_source() {
+        let metrics = ProducerMetrics::default();
+        assert!(!metrics.health().healthy, "no source is running yet");
+        metrics.set_state(SourceKind::Postgres, SourceState::Streaming);
+        assert!(metrics.health().healthy);
+        metrics.set_state(SourceKind::Kubernetes, SourceState::Reconnecting);
+        metrics.set_error(SourceKind::Kubernetes, Some("watch failed".into()));
+        let report = metrics.health();
+        assert!(!report.healthy);
+        assert_eq!(report.state, "reconnecting");
+        assert_eq!(
+            report.last_error.as_deref(),
+            Some("kubernetes: watch failed")
+        );
+        metrics.set_state(SourceKind::Postgres, SourceState::Streaming);
+        assert!(
+            !metrics.health().healthy,
+            "postgres streaming again does not hide it"
+        );
+        metrics.set_state(SourceKind::Kubernetes, SourceState::Streaming);
+        metrics.set_error(SourceKind::Kubernetes, None);
+        assert!(metrics.health().healthy);
+        assert_eq!(metrics.last_error(), None);
     }
 }

@@ -1,5 +1,6 @@
-//! Column redaction: configured columns are replaced by a keyed hash before an event
-//! is encoded, so a change to a secret is visible while its value never leaves.
+//! Redaction: secret values (configured Postgres columns, Kubernetes Secret data) are
+//! replaced by a keyed hash before an event is encoded, so a change to a secret is
+//! visible while its value never leaves.
 
 use std::fmt;
 
@@ -7,39 +8,27 @@ use hmac::{Hmac, Mac};
 use serde_json::Value as Json;
 use sha2::Sha256;
 
-use super::config::matches_pattern;
+use crate::postgres::config::matches_pattern;
 
 /// Prefix of every redacted value.
 pub const REDACTED_PREFIX: &str = "hmac-sha256:";
 
-/// Replaces the values of matching columns by `hmac-sha256:<hex>` of their JSON text.
+/// Replaces values by `hmac-sha256:<hex>` of their JSON text, keyed.
 #[derive(Clone)]
-pub struct Redactor {
+pub struct SecretHasher {
     key: Vec<u8>,
-    patterns: Vec<String>,
 }
 
-impl fmt::Debug for Redactor {
+impl fmt::Debug for SecretHasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Redactor")
-            .field("patterns", &self.patterns)
-            .finish_non_exhaustive()
+        f.debug_struct("SecretHasher").finish_non_exhaustive()
     }
 }
 
-impl Redactor {
-    /// A redactor for `schema.table.column` patterns (`*` wildcard), keyed by `key`.
-    pub fn new(key: &[u8], patterns: Vec<String>) -> Self {
-        Self {
-            key: key.to_vec(),
-            patterns,
-        }
-    }
-
-    /// Whether `schema.table.column` is redacted.
-    pub fn covers(&self, schema: &str, table: &str, column: &str) -> bool {
-        let name = format!("{schema}.{table}.{column}");
-        self.patterns.iter().any(|p| matches_pattern(p, &name))
+impl SecretHasher {
+    /// A hasher keyed by `key` (keep it secret: it is what stops guessing).
+    pub fn new(key: &[u8]) -> Self {
+        Self { key: key.to_vec() }
     }
 
     /// The keyed hash that stands in for `value`. Equal values give equal hashes, so
@@ -52,6 +41,34 @@ impl Redactor {
         let digest = mac.finalize().into_bytes();
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         Json::String(format!("{REDACTED_PREFIX}{hex}"))
+    }
+}
+
+/// Hashes the values of Postgres columns matching `schema.table.column` patterns.
+#[derive(Clone, Debug)]
+pub struct Redactor {
+    hasher: SecretHasher,
+    patterns: Vec<String>,
+}
+
+impl Redactor {
+    /// A redactor for `schema.table.column` patterns (`*` wildcard), keyed by `key`.
+    pub fn new(key: &[u8], patterns: Vec<String>) -> Self {
+        Self {
+            hasher: SecretHasher::new(key),
+            patterns,
+        }
+    }
+
+    /// Whether `schema.table.column` is redacted.
+    pub fn covers(&self, schema: &str, table: &str, column: &str) -> bool {
+        let name = format!("{schema}.{table}.{column}");
+        self.patterns.iter().any(|p| matches_pattern(p, &name))
+    }
+
+    /// The keyed hash that stands in for a redacted column's `value`.
+    pub fn hash(&self, value: &Json) -> Json {
+        self.hasher.hash(value)
     }
 }
 
@@ -70,7 +87,8 @@ mod tests {
         let a = redactor.hash(&json!("hunter2"));
         assert_eq!(a, redactor.hash(&json!("hunter2")));
         assert_ne!(a, redactor.hash(&json!("hunter3")));
-        assert_ne!(a, Redactor::new(b"k2", vec![]).hash(&json!("hunter2")));
+        assert_ne!(a, SecretHasher::new(b"k2").hash(&json!("hunter2")));
+        assert_eq!(a, SecretHasher::new(b"k1").hash(&json!("hunter2")));
         let text = a.as_str().unwrap_or_default();
         assert!(text.starts_with(REDACTED_PREFIX) && !text.contains("hunter2"));
         assert!(redactor.covers("public", "users", "password"));

@@ -8,7 +8,7 @@ use changewire_schemas::{
 };
 use serde_json::Value;
 
-use crate::postgres::redact::Redactor;
+use crate::redact::SecretHasher;
 
 /// The annotation `kubectl apply` keeps a full copy of the object in, secrets included.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io~1last-applied-configuration";
@@ -102,7 +102,7 @@ pub struct Prepared {
 }
 
 /// Strips managedFields (keeping the newest writer as the actor) and hashes secrets.
-pub fn prepare(kind: &WatchedKind, mut object: Value, redactor: Option<&Redactor>) -> Prepared {
+pub fn prepare(kind: &WatchedKind, mut object: Value, hasher: Option<&SecretHasher>) -> Prepared {
     let managed = object["metadata"]
         .as_object_mut()
         .and_then(|m| m.remove("managedFields"));
@@ -126,7 +126,7 @@ pub fn prepare(kind: &WatchedKind, mut object: Value, redactor: Option<&Redactor
     let changed_ms = newest.and_then(|entry| parse_time(&entry["time"]));
     for path in kind.redacted_paths() {
         let segments: Vec<String> = path.split('/').skip(1).map(unescape).collect();
-        hash_at(&mut object, &segments, redactor);
+        hash_at(&mut object, &segments, hasher);
     }
     Prepared {
         object,
@@ -147,29 +147,29 @@ fn unescape(segment: &str) -> String {
 
 /// Replaces the values under `segments` (`*` = every key or index) by their hash. With
 /// no key configured, values are blanked: a secret never passes unhashed.
-fn hash_at(value: &mut Value, segments: &[String], redactor: Option<&Redactor>) {
+fn hash_at(value: &mut Value, segments: &[String], hasher: Option<&SecretHasher>) {
     let Some((first, rest)) = segments.split_first() else {
-        *value = match redactor {
-            Some(redactor) => redactor.hash(value),
+        *value = match hasher {
+            Some(hasher) => hasher.hash(value),
             None => Value::String("<redacted>".into()),
         };
         return;
     };
     match value {
         Value::Object(map) if first == "*" => {
-            map.values_mut().for_each(|v| hash_at(v, rest, redactor));
+            map.values_mut().for_each(|v| hash_at(v, rest, hasher));
         }
         Value::Object(map) => {
             if let Some(v) = map.get_mut(first) {
-                hash_at(v, rest, redactor);
+                hash_at(v, rest, hasher);
             }
         }
         Value::Array(items) if first == "*" => {
-            items.iter_mut().for_each(|v| hash_at(v, rest, redactor));
+            items.iter_mut().for_each(|v| hash_at(v, rest, hasher));
         }
         Value::Array(items) => {
             if let Some(v) = first.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
-                hash_at(v, rest, redactor);
+                hash_at(v, rest, hasher);
             }
         }
         _ => {}
@@ -316,7 +316,7 @@ mod tests {
 
     #[test]
     fn secrets_are_hashed_everywhere_they_appear_and_managed_fields_name_the_actor() {
-        let redactor = Redactor::new(b"0123456789abcdef", vec![]);
+        let hasher = SecretHasher::new(b"0123456789abcdef");
         let object = json!({
             "metadata": {"name": "db", "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"data\":{\"password\":\"aHVudGVyMg==\"}}"},
                 "managedFields": [
@@ -324,7 +324,7 @@ mod tests {
                     {"manager": "helm", "time": "2026-01-02T00:00:00Z"}]},
             "data": {"password": "aHVudGVyMg=="},
         });
-        let prepared = prepare(&secret_kind(), object, Some(&redactor));
+        let prepared = prepare(&secret_kind(), object, Some(&hasher));
         let text = prepared.object.to_string();
         assert!(!text.contains("aHVudGVyMg"), "{text}");
         assert!(prepared.object["data"]["password"]

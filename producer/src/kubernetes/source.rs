@@ -22,9 +22,9 @@ use super::audit::{self, Attributions, AuditServerError};
 use super::config::{KindConfig, KubernetesConfig};
 use super::object::{compare, event, prepare, Difference, EventContext, WatchedKind};
 use super::state::{Loaded, ObjectStore, Objects, StateError};
-use crate::metrics::{KindLabel, ProducerMetrics, SourceState, TableOp};
-use crate::postgres::redact::Redactor;
+use crate::metrics::{KindLabel, ProducerMetrics, SourceKind, SourceState, TableOp};
 use crate::postgres::source::now_ms;
+use crate::redact::SecretHasher;
 use crate::sink::{EventSink, OutboundRecord, SinkError};
 
 /// A Kubernetes source failure.
@@ -96,7 +96,7 @@ enum Control {
 /// What every watch shares: the source's parts and the client.
 struct Shared<S, O> {
     source: KubernetesSource<S, O>,
-    redactor: Option<Redactor>,
+    secret_hasher: Option<SecretHasher>,
     client: kube::Client,
     /// Audit events by change, when the audit webhook is on.
     attributions: Option<Arc<Attributions>>,
@@ -144,15 +144,19 @@ impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
 
     /// Runs until `shutdown` turns true or a permanent error.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), KubernetesError> {
+        let metrics = self.metrics.clone();
         let result = self.supervise(&mut shutdown).await;
-        self.metrics.set_state(SourceState::Stopped);
+        metrics.set_state(SourceKind::Kubernetes, SourceState::Stopped);
         if let Err(error) = &result {
-            self.metrics.set_error(Some(report(error)));
+            metrics.set_error(SourceKind::Kubernetes, Some(report(error)));
         }
         result
     }
 
-    async fn supervise(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), KubernetesError> {
+    /// Starts a watch per kind (and the CRD follower), then restarts, adds and
+    /// removes watches as they end and as CRDs come and go. The source moves into
+    /// what every watch shares.
+    async fn supervise(self, shutdown: &mut watch::Receiver<bool>) -> Result<(), KubernetesError> {
         let attributions = match &self.config.audit {
             Some(audit) => {
                 let attributions = Arc::new(Attributions::new(audit, &self.metrics));
@@ -164,15 +168,16 @@ impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
         let shared = Arc::new(Shared {
             attributions,
             client: self.client().await?,
-            redactor: self
+            secret_hasher: self
                 .config
                 .redaction_key
                 .as_deref()
-                .map(|key| Redactor::new(key.as_bytes(), Vec::new())),
-            source: self.clone(),
+                .map(|key| SecretHasher::new(key.as_bytes())),
+            source: self,
         });
+        let source = &shared.source;
         let mut kinds = Vec::new();
-        for kind in &self.config.kinds {
+        for kind in &source.config.kinds {
             kinds.extend(shared.resolve(kind, shutdown).await?);
         }
         let mut supervisor = Supervisor {
@@ -183,7 +188,7 @@ impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
             supervisor.start(&shared, kind).await?;
         }
         let (control, mut requests) = mpsc::channel(64);
-        if !self.config.crd_groups().is_empty() {
+        if !source.config.crd_groups().is_empty() {
             let (follower, stopped) = (shared.clone(), shutdown.clone());
             supervisor.tasks.spawn(async move {
                 (
@@ -192,7 +197,9 @@ impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
                 )
             });
         }
-        self.metrics.set_state(SourceState::Streaming);
+        source
+            .metrics
+            .set_state(SourceKind::Kubernetes, SourceState::Streaming);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return supervisor.stop_all().await,
@@ -221,19 +228,6 @@ impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
                 .map_err(|e| KubernetesError::Config(Box::new(e)))?,
         };
         kube::Client::try_from(config).map_err(|e| KubernetesError::Config(Box::new(e)))
-    }
-}
-
-impl<S, O> Clone for KubernetesSource<S, O> {
-    fn clone(&self) -> Self {
-        Self {
-            config: self.config.clone(),
-            names: self.names.clone(),
-            codec: self.codec.clone(),
-            sink: self.sink.clone(),
-            objects: self.objects.clone(),
-            metrics: self.metrics.clone(),
-        }
     }
 }
 
@@ -610,7 +604,10 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
                     let listed = self.listing.take().unwrap_or_default();
                     self.reconcile(listed, self.first_sync);
                     self.first_sync = false;
-                    self.shared.source.metrics.set_error(None);
+                    self.shared
+                        .source
+                        .metrics
+                        .set_error(SourceKind::Kubernetes, None);
                 }
                 Ok(Event::Apply(object)) => {
                     self.resume.clone_from(&object.metadata.resource_version);
@@ -650,7 +647,7 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
             return;
         };
         let raw = serde_json::to_value(&object).expect("objects serialize");
-        let prepared = prepare(self.kind, raw, self.shared.redactor.as_ref());
+        let prepared = prepare(self.kind, raw, self.shared.secret_hasher.as_ref());
         // Present again: published below as a create (its old one may be lost).
         self.unconfirmed.remove(&uid);
         let (op, before, status_only) = match self.published.get(&uid) {
@@ -695,7 +692,7 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
         let before = match (known.or(reserved), last_seen) {
             (Some(published), _) => published,
             (None, Some(object)) => {
-                prepare(self.kind, object, self.shared.redactor.as_ref()).object
+                prepare(self.kind, object, self.shared.secret_hasher.as_ref()).object
             }
             (None, None) => return,
         };
@@ -812,7 +809,10 @@ async fn watch_scope<S: EventSink + 'static, O: ObjectStore>(
                     .watch_restarts
                     .get_or_create(&label)
                     .inc();
-                shared.source.metrics.set_error(Some(report(&error)));
+                shared
+                    .source
+                    .metrics
+                    .set_error(SourceKind::Kubernetes, Some(report(&error)));
                 tracing::warn!(kind = %kind.label(), error = %report(&error), "watch failed; restarting from the last checkpoint");
                 let mut stopped = shutdown_of(&stop);
                 if backoff.wait(&mut stopped).await {

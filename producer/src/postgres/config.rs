@@ -148,10 +148,10 @@ impl PostgresConfig {
     }
 
     /// The column redactor, when columns are configured for redaction.
-    pub fn redactor(&self) -> Option<super::redact::Redactor> {
+    pub fn redactor(&self) -> Option<crate::redact::Redactor> {
         let key = self.redaction_key.as_deref()?;
         (!self.redact.is_empty())
-            .then(|| super::redact::Redactor::new(key.as_bytes(), self.redact.clone()))
+            .then(|| crate::redact::Redactor::new(key.as_bytes(), self.redact.clone()))
     }
 
     /// Whether `schema.table` is published under the include/exclude patterns.

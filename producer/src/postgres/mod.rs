@@ -14,7 +14,6 @@ pub mod config;
 pub mod error;
 pub mod normalize;
 pub mod pgoutput;
-pub mod redact;
 pub mod setup;
 mod snapshot;
 pub mod source;

@@ -14,7 +14,7 @@ use changewire_schemas::{
 use serde_json::{Map, Number, Value as Json};
 
 use super::pgoutput::{Lsn, Relation, Tuple, Value};
-use super::redact::Redactor;
+use crate::redact::Redactor;
 
 /// Session settings for every connection whose values reach events.
 pub const SESSION_OPTIONS: &str =

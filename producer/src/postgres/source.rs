@@ -21,7 +21,7 @@ use super::pgoutput::{pg_micros_to_unix_ms, Decoder, Lsn, Message, OldTuple, Rel
 use super::setup::{self, quote_ident};
 use super::snapshot::Snapshot;
 use crate::checkpoint::CheckpointStore;
-use crate::metrics::{ProducerMetrics, SourceState, TableOp};
+use crate::metrics::{ProducerMetrics, SourceKind, SourceState, TableOp};
 use crate::sink::{EventSink, OutboundRecord, SinkError};
 
 /// How often the replication client reports the confirmed position.
@@ -91,16 +91,20 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         let mut delay = BACKOFF_MIN;
         loop {
             let started = Instant::now();
-            self.metrics.set_state(SourceState::Starting);
+            self.metrics
+                .set_state(SourceKind::Postgres, SourceState::Starting);
             let error = match self.run_session(&mut shutdown).await {
                 Ok(()) => {
-                    self.metrics.set_state(SourceState::Stopped);
+                    self.metrics
+                        .set_state(SourceKind::Postgres, SourceState::Stopped);
                     return Ok(());
                 }
                 Err(error) if error.is_transient() => error,
                 Err(error) => {
-                    self.metrics.set_state(SourceState::Stopped);
-                    self.metrics.set_error(Some(report(&error)));
+                    self.metrics
+                        .set_state(SourceKind::Postgres, SourceState::Stopped);
+                    self.metrics
+                        .set_error(SourceKind::Postgres, Some(report(&error)));
                     return Err(error);
                 }
             };
@@ -109,13 +113,15 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
             }
             let jittered = delay.mul_f64(1.0 + jitter_fraction());
             tracing::warn!(error = %report(&error), retry_in = ?jittered, "PostgreSQL source failed; reconnecting");
-            self.metrics.set_state(SourceState::Reconnecting);
-            self.metrics.set_error(Some(report(&error)));
+            self.metrics
+                .set_state(SourceKind::Postgres, SourceState::Reconnecting);
+            self.metrics
+                .set_error(SourceKind::Postgres, Some(report(&error)));
             self.metrics.reconnects.inc();
             tokio::select! {
                 () = tokio::time::sleep(jittered) => {}
                 () = stopped(&mut shutdown) => {
-                    self.metrics.set_state(SourceState::Stopped);
+                    self.metrics.set_state(SourceKind::Postgres, SourceState::Stopped);
                     return Ok(());
                 }
             }
@@ -136,8 +142,9 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
                 .await?
                 .get(0),
         };
-        self.metrics.set_state(SourceState::Streaming);
-        self.metrics.set_error(None);
+        self.metrics
+            .set_state(SourceKind::Postgres, SourceState::Streaming);
+        self.metrics.set_error(SourceKind::Postgres, None);
         Stream {
             source: self,
             client,
@@ -217,7 +224,8 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         tracing::info!(%slot, %consistent_point, "created replication slot");
         if let (true, Some(snapshot_name)) = (must_snapshot, field(2)) {
             // The exported snapshot lives while the replication session stays idle.
-            self.metrics.set_state(SourceState::Snapshotting);
+            self.metrics
+                .set_state(SourceKind::Postgres, SourceState::Snapshotting);
             Snapshot::new(self, consistent_point)
                 .run(&snapshot_name)
                 .await?;

@@ -91,20 +91,12 @@ impl RunningSource {
     /// Waits until the source created `topic`, then reads it from the beginning.
     /// Fails at once with the source's own error if the source stopped.
     pub async fn consumer(&mut self, stack: &Stack, topic: &str) -> anyhow::Result<TestConsumer> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.task.is_finished() {
-                let result = (&mut self.task).await?;
-                anyhow::bail!(
-                    "the source stopped before creating {topic}: {:?}",
-                    result.err()
-                );
-            }
-            match TestConsumer::from_beginning(stack, topic) {
-                Ok(consumer) => return Ok(consumer),
-                Err(error) if Instant::now() > deadline => return Err(error),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
+        tokio::select! {
+            consumer = TestConsumer::once_created(stack, topic, Duration::from_secs(30)) => consumer,
+            result = &mut self.task => anyhow::bail!(
+                "the source stopped before creating {topic}: {:?}",
+                result?.err()
+            ),
         }
     }
 
