@@ -38,12 +38,47 @@ pub struct WatchedKind {
     pub topic: String,
 }
 
+/// Separates the parts of a stored resume point (never in a resourceVersion or a
+/// selector).
+const RESUME_SEPARATOR: char = '\0';
+
 impl WatchedKind {
     /// Where this watch keeps its objects: one scope per kind and namespace, so watches
     /// never synthesize deletes for objects another watch owns.
     pub fn scope(&self) -> String {
         let namespace = self.namespace.as_deref().unwrap_or("*");
         format!("{}/{}/{}", self.group, self.kind, namespace)
+    }
+
+    /// The resume point as stored: the resourceVersion, followed by the selectors
+    /// the watch ran with when there are any.
+    pub fn resume_token(&self, version: &str) -> String {
+        match self.selectors() {
+            Some(selectors) => format!("{version}{RESUME_SEPARATOR}{selectors}"),
+            None => version.to_owned(),
+        }
+    }
+
+    /// The version to resume from, if `token` was stored under this kind's current
+    /// selectors: a watch resumed under other selectors would never hear of objects
+    /// that left them (a list finds those gone and publishes their deletes).
+    pub fn resumable_version(&self, token: &str) -> Option<String> {
+        let (version, selectors) = match token.split_once(RESUME_SEPARATOR) {
+            Some((version, selectors)) => (version, Some(selectors)),
+            None => (token, None),
+        };
+        (selectors == self.selectors().as_deref()).then(|| version.to_owned())
+    }
+
+    fn selectors(&self) -> Option<String> {
+        if self.label_selector.is_none() && self.field_selector.is_none() {
+            return None;
+        }
+        let (labels, fields) = (
+            self.label_selector.as_deref().unwrap_or_default(),
+            self.field_selector.as_deref().unwrap_or_default(),
+        );
+        Some(format!("{labels}{RESUME_SEPARATOR}{fields}"))
     }
 
     /// `group/Kind`, the label of per-kind metrics.
@@ -312,6 +347,30 @@ mod tests {
             redact: vec![],
             topic: "t".into(),
         }
+    }
+
+    #[test]
+    fn a_resume_point_holds_only_under_the_selectors_it_was_stored_with() {
+        let plain = secret_kind();
+        let labelled = WatchedKind {
+            label_selector: Some("team=a".into()),
+            ..secret_kind()
+        };
+        let fielded = WatchedKind {
+            field_selector: Some("team=a".into()),
+            ..secret_kind()
+        };
+        assert_eq!(
+            plain.resume_token("42"),
+            "42",
+            "as earlier versions stored it"
+        );
+        assert_eq!(plain.resumable_version("42").as_deref(), Some("42"));
+        let token = labelled.resume_token("42");
+        assert_eq!(labelled.resumable_version(&token).as_deref(), Some("42"));
+        assert_eq!(plain.resumable_version(&token), None);
+        assert_eq!(fielded.resumable_version(&token), None);
+        assert_eq!(labelled.resumable_version("42"), None);
     }
 
     #[test]

@@ -435,10 +435,10 @@ impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
                 .inc();
         }
         if !confirmed.writes.is_empty() || confirmed.resume.is_some() {
-            let resume = confirmed.resume.as_deref();
+            let resume = confirmed.resume.map(|version| kind.resume_token(&version));
             self.source
                 .objects
-                .apply(&kind.scope(), confirmed.writes, resume)?;
+                .apply(&kind.scope(), confirmed.writes, resume.as_deref())?;
         }
         Ok(())
     }
@@ -563,13 +563,20 @@ struct ScopeView<'a, S, O> {
 
 impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
     fn new(shared: &'a Shared<S, O>, kind: &'a WatchedKind, loaded: Loaded) -> Self {
+        let resume = loaded.resume.and_then(|token| {
+            let version = kind.resumable_version(&token);
+            if version.is_none() {
+                tracing::info!(kind = %kind.label(), "the selectors changed since the last run; listing");
+            }
+            version
+        });
         Self {
             shared,
             kind,
             label: KindLabel { kind: kind.label() },
             published: loaded.objects,
             unconfirmed: loaded.unconfirmed,
-            resume: loaded.resume,
+            resume,
             batch: Batch::default(),
             listing: None,
             first_sync: !loaded.synced,

@@ -152,6 +152,12 @@ fn config_map(name: &str, value: &str) -> anyhow::Result<ConfigMap> {
     )?)
 }
 
+fn labelled_config_map(name: &str, team: &str) -> anyhow::Result<ConfigMap> {
+    Ok(serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {"team": team}}, "data": {"k": "1"}}),
+    )?)
+}
+
 fn post(manager: &str) -> PostParams {
     PostParams {
         field_manager: Some(manager.into()),
@@ -1012,6 +1018,52 @@ fn relists(source: &Running, kind: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(&needle)?.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A restart under another label selector lists instead of resuming: an object that
+/// left the selector gets its delete, one that entered it its create.
+#[tokio::test]
+async fn a_restart_under_other_selectors_lists_instead_of_resuming() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let fake = FakeApiServer::start().await?;
+    let maps: Api<ConfigMap> = Api::namespaced(fake.client()?, "default");
+    maps.create(&post("w"), &labelled_config_map("x", "a")?)
+        .await?;
+    maps.create(&post("w"), &labelled_config_map("y", "b")?)
+        .await?;
+    let (prefix, state) = (unique_name("k8s"), tempfile::tempdir()?);
+    let topic = format!("{prefix}.k8s.core.ConfigMap");
+    let selecting = |team: &str| {
+        let mut kind = core_kind("ConfigMap");
+        kind.label_selector = Some(format!("team={team}"));
+        source_config(&fake, vec![kind])
+    };
+
+    let source = Running::start(&stack, selecting("a"), &prefix, state.path())?;
+    events_until(&stack, &topic, |e| !e.is_empty()).await?;
+    // A watch event after the list, so a resume point is stored.
+    let patch = json!({"data": {"k": "2"}});
+    maps.patch("x", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    events_until(&stack, &topic, |e| e.len() >= 2).await?;
+    source.stop().await?;
+
+    let source = Running::start(&stack, selecting("b"), &prefix, state.path())?;
+    source.wait_for_relists("core/ConfigMap", 1).await?;
+    let events = events_until(&stack, &topic, |e| e.len() >= 4).await?;
+    let mut all: Vec<(String, Op)> = events.iter().map(|e| (name(e), e.op)).collect();
+    all.sort_by_key(|(name, op)| (name.clone(), op.code()));
+    assert_eq!(
+        all,
+        [
+            ("x".into(), Op::Delete),
+            ("x".into(), Op::Read),
+            ("x".into(), Op::Update),
+            ("y".into(), Op::Create)
+        ]
+    );
+    source.stop().await?;
+    Ok(())
 }
 
 #[tokio::test]
