@@ -152,6 +152,14 @@ fn config_map(name: &str, value: &str) -> anyhow::Result<ConfigMap> {
     )?)
 }
 
+/// Each event's object name and op, sorted (events read per partition come in no
+/// overall order).
+fn names_and_ops(events: &[ChangeEvent]) -> Vec<(String, Op)> {
+    let mut all: Vec<(String, Op)> = events.iter().map(|e| (name(e), e.op)).collect();
+    all.sort_by_key(|(name, op)| (name.clone(), op.code()));
+    all
+}
+
 fn labelled_config_map(name: &str, team: &str) -> anyhow::Result<ConfigMap> {
     Ok(serde_json::from_value(
         json!({"metadata": {"name": name, "labels": {"team": team}}, "data": {"k": "1"}}),
@@ -1051,10 +1059,8 @@ async fn a_restart_under_other_selectors_lists_instead_of_resuming() -> anyhow::
     let source = Running::start(&stack, selecting("b"), &prefix, state.path())?;
     source.wait_for_relists("core/ConfigMap", 1).await?;
     let events = events_until(&stack, &topic, |e| e.len() >= 4).await?;
-    let mut all: Vec<(String, Op)> = events.iter().map(|e| (name(e), e.op)).collect();
-    all.sort_by_key(|(name, op)| (name.clone(), op.code()));
     assert_eq!(
-        all,
+        names_and_ops(&events),
         [
             ("x".into(), Op::Delete),
             ("x".into(), Op::Read),
@@ -1090,12 +1096,9 @@ async fn a_restart_resumes_the_watch_without_listing_until_the_version_expired(
     maps.delete("b", &DeleteParams::default()).await?;
     maps.create(&post("w"), &config_map("c", "1")?).await?;
     let source = Running::start(&stack, config.clone(), &prefix, state.path())?;
-    // Read per partition, so compared as a set.
     let events = events_until(&stack, &topic, |e| e.len() >= 5).await?;
-    let mut all: Vec<(String, Op)> = events.iter().map(|e| (name(e), e.op)).collect();
-    all.sort_by_key(|(name, op)| (name.clone(), op.code()));
     assert_eq!(
-        all,
+        names_and_ops(&events),
         [
             ("a".into(), Op::Create),
             ("a".into(), Op::Update),
