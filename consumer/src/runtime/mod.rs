@@ -4,7 +4,7 @@
 //! `service.max_batch`). For each batch the handler's state changes, the event ids
 //! it applied and the partition offsets are written to sled in one atomic, flushed
 //! write, on a blocking thread while the next batch is applied (reading the
-//! previous batch's ids and state in memory); once it is durable,
+//! previous batch's state in memory); once it is durable,
 //! [`Handler::committed`] starts the batch's outward effects, which settle while
 //! later batches are read (a few batches at most). A batch's offsets
 //! are mirrored to Kafka (for lag tools and the next owner of a partition) only
@@ -13,7 +13,8 @@
 //! On assignment a partition starts from its sled offset, set in the assignment
 //! itself; without one, from the group's Kafka offset, else `auto.offset.reset`
 //! (default `earliest`). Events whose id was processed within the retention window
-//! are skipped.
+//! are skipped: the ids are looked up in memory and stored as one segment per batch
+//! (see `runtime/ids.rs`).
 //!
 //! The guarantee: within one instance every event takes effect once
 //! (effectively-once), because its effects, id and offset become durable together.
@@ -251,7 +252,7 @@ struct Worker<'a, H> {
 }
 
 /// A batch whose atomic sled write runs on a blocking thread while the next batch
-/// is applied (which reads the batch's ids and changes in memory meanwhile); its
+/// is applied (which reads the batch's changes in memory meanwhile); its
 /// effects start once the write is durable.
 struct Writing {
     batch: Arc<Batch>,
