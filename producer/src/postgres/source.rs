@@ -147,7 +147,7 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         self.metrics.set_error(SourceKind::Postgres, None);
         Stream {
             source: self,
-            client,
+            client: Arc::new(client),
             replication,
             info,
             decoder: Decoder::new(),
@@ -378,10 +378,60 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
     }
 }
 
+/// Reads, every few seconds until dropped, how far the slot's confirmed position
+/// trails the server's WAL, for the lag gauge. The replication stream cannot tell:
+/// the walsender reports only what it has sent, and sends nothing while it decodes
+/// changes of no interest.
+struct LagProbe(tokio::task::JoinHandle<()>);
+
+impl LagProbe {
+    fn spawn(client: Arc<Client>, slot: String, metrics: Arc<ProducerMetrics>) -> Self {
+        Self(tokio::spawn(async move {
+            let mut interval = tokio::time::interval(LAG_PROBE_INTERVAL);
+            loop {
+                interval.tick().await;
+                match tokio::time::timeout(LAG_PROBE_TIMEOUT, slot_lag(&client, &slot)).await {
+                    Ok(Ok(Some(lag))) => {
+                        metrics.lag_bytes.set(lag.max(0));
+                    }
+                    Ok(Ok(None)) => {
+                        tracing::debug!(%slot, "the slot has no confirmed position yet")
+                    }
+                    Ok(Err(error)) => tracing::debug!(%error, "cannot read the replication lag"),
+                    Err(_) => tracing::debug!("reading the replication lag timed out"),
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for LagProbe {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// WAL bytes between the server's position and `slot`'s confirmed one.
+async fn slot_lag(client: &Client, slot: &str) -> Result<Option<i64>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT ((CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+             ELSE pg_current_wal_lsn() END) - confirmed_flush_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    row.try_get(0)
+}
+
+/// How often the slot's lag behind the server's WAL is read.
+const LAG_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+const LAG_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One replication session's state.
 struct Stream<'a, S, C> {
     source: &'a PostgresSource<S, C>,
-    client: Client,
+    client: Arc<Client>,
     replication: ReplicationClient,
     info: SourceInfo,
     decoder: Decoder,
@@ -394,6 +444,13 @@ struct Stream<'a, S, C> {
 impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
     async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), PostgresError> {
         let max_in_flight = self.source.config.max_in_flight;
+        // Its own task: the lag matters most when this loop waits (on a broker that
+        // is down, say).
+        let _lag_probe = LagProbe::spawn(
+            self.client.clone(),
+            self.source.config.slot_name(),
+            self.source.metrics.clone(),
+        );
         loop {
             tokio::select! {
                 biased;
@@ -433,14 +490,6 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
         }
     }
 
-    fn observe_server_position(&self, wal_end: u64) {
-        let lag = wal_end.saturating_sub(self.confirmed.0);
-        self.source
-            .metrics
-            .lag_bytes
-            .set(i64::try_from(lag).unwrap_or(i64::MAX));
-    }
-
     async fn handle(&mut self, event: ReplicationEvent) -> Result<(), PostgresError> {
         match event {
             ReplicationEvent::Begin {
@@ -452,12 +501,8 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
                 self.tx = Some(TxContext::new(xid, Lsn(final_lsn.0), commit_ms));
             }
             ReplicationEvent::XLogData {
-                wal_start,
-                wal_end,
-                data,
-                ..
+                wal_start, data, ..
             } => {
-                self.observe_server_position(wal_end.0);
                 let message = self.decoder.decode(&data)?;
                 self.handle_message(message, Lsn(wal_start.0)).await?;
             }
@@ -485,9 +530,8 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
                     lsn: Lsn(wal_end.0),
                     commit_ms: now_ms(),
                 });
-                self.observe_server_position(wal_end.0);
             }
-            ReplicationEvent::KeepAlive { wal_end, .. } => self.observe_server_position(wal_end.0),
+            ReplicationEvent::KeepAlive { .. } => {}
             ReplicationEvent::Message { .. } => {}
             ReplicationEvent::StoppedAt { .. } => {}
         }

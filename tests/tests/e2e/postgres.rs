@@ -5,6 +5,7 @@ use std::time::Duration;
 use changewire_producer::postgres::setup::inspect_slot;
 use changewire_producer::postgres::PostgresError;
 use changewire_schemas::{ChangeEvent, Op, Origin, SnapshotMarker};
+use changewire_tests::servers::PrivateBroker;
 use changewire_tests::{unique_name, Stack};
 use serde_json::json;
 use tokio::time::Instant;
@@ -162,6 +163,73 @@ async fn slot_advances_when_only_unpublished_tables_change() -> anyhow::Result<(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    source.stop().await?;
+    Ok(())
+}
+
+/// The WAL position of the server, in bytes.
+async fn wal_position(client: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(client
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await?
+        .get(0))
+}
+
+/// The lag gauge counts the server's WAL the slot has not confirmed, not what the
+/// walsender sent: with the broker frozen no transaction is acknowledged, and the
+/// gauge grows by what is written meanwhile.
+#[tokio::test]
+async fn replication_lag_counts_the_wal_the_slot_has_not_confirmed() -> anyhow::Result<()> {
+    let broker = PrivateBroker::start_in_memory()?;
+    let stack = Stack::with_brokers(broker.brokers());
+    let (db, client) =
+        database_with(&stack, "CREATE TABLE t (id int PRIMARY KEY, note text)").await?;
+    let prefix = unique_name("pg");
+    let mut source = RunningSource::streaming(
+        &stack.kafka_brokers,
+        config(&db.url, "lag"),
+        &prefix,
+        &client,
+    )
+    .await?;
+    // A first change creates the topic (which a frozen broker could not).
+    client
+        .batch_execute("INSERT INTO t VALUES (0, 'x')")
+        .await?;
+    let consumer = source
+        .consumer(&stack, &format!("{prefix}.lag.public.t"))
+        .await?;
+    anyhow::ensure!(
+        consumer.read(1, Duration::from_secs(30)).await?.len() == 1,
+        "the first change never arrived"
+    );
+
+    broker.freeze()?;
+    let before = wal_position(&client).await?;
+    // Many transactions: the slot may confirm past one the walsender is still
+    // decoding (its commit comes later), never past one sent and unacknowledged.
+    for tx in 0..200 {
+        client
+            .execute(
+                "INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series($1, $1 + 99) g",
+                &[&(1 + tx * 100)],
+            )
+            .await?;
+    }
+    let written = wal_position(&client).await? - before;
+    // Other tests' WAL between `before` and the first insert may be confirmed.
+    let expected = written * 9 / 10;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut lag = 0;
+    while lag < expected {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "lag gauge {lag} never reached 90% of the {written} bytes written while frozen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        lag = source.metrics.lag_bytes.get();
+    }
+    broker.thaw()?;
     source.stop().await?;
     Ok(())
 }
