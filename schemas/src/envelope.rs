@@ -117,10 +117,10 @@ impl From<String> for EventId {
 
 /// Where a change came from (Debezium's `source` block).
 ///
-/// Read through [`WireSource`]: a flattened, internally tagged enum would make serde
+/// Read through a flat struct (its fields and every connector's): a flattened, internally tagged enum would make serde
 /// buffer the block twice, which was half the cost of decoding an event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "WireSource")]
+#[serde(try_from = "FlatSource")]
 pub struct Source {
     /// The configured source name (one Postgres database or one cluster).
     pub name: String,
@@ -134,15 +134,16 @@ pub struct Source {
     pub origin: Origin,
 }
 
-/// The `source` block as it is on the wire: common fields and those of every
-/// connector, checked against `connector` once read. Unknown fields are ignored.
-#[derive(Deserialize)]
-struct WireSource {
+/// The `source` block as both codecs carry it: common fields and those of every
+/// connector, checked against `connector` when read into a [`Source`]. Unknown
+/// fields are ignored; the field order is that of the Avro record.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct FlatSource {
+    connector: Connector,
     name: String,
     ts_ms: i64,
     #[serde(default)]
     snapshot: SnapshotMarker,
-    connector: Connector,
     db: Option<String>,
     schema: Option<String>,
     table: Option<String>,
@@ -160,11 +161,12 @@ struct WireSource {
     uid: Option<String>,
     #[serde(rename = "resourceVersion")]
     resource_version: Option<String>,
+    #[serde(default)]
     status_only: Option<bool>,
 }
 
 /// The `connector` tag of a `source` block.
-#[derive(Deserialize)]
+#[derive(Clone, Copy, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Connector {
     Postgresql,
@@ -174,40 +176,94 @@ enum Connector {
 /// A field a connector requires that a `source` block lacks.
 #[derive(Debug, thiserror::Error)]
 #[error("missing field `{field}` in a {connector} source")]
-struct MissingSourceField {
+pub(crate) struct MissingSourceField {
     connector: &'static str,
-    field: &'static str,
+    /// The field's path in the event (`source.db`).
+    pub(crate) field: &'static str,
 }
 
-impl TryFrom<WireSource> for Source {
+impl From<&Source> for FlatSource {
+    fn from(source: &Source) -> Self {
+        let mut flat = FlatSource {
+            connector: Connector::Postgresql,
+            name: source.name.clone(),
+            ts_ms: source.ts_ms,
+            snapshot: source.snapshot,
+            db: None,
+            schema: None,
+            table: None,
+            lsn: None,
+            tx_id: None,
+            sequence: None,
+            cluster: None,
+            group: None,
+            version: None,
+            kind: None,
+            namespace: None,
+            object_name: None,
+            uid: None,
+            resource_version: None,
+            status_only: None,
+        };
+        match &source.origin {
+            Origin::Postgresql(pg) => {
+                flat.db = Some(pg.db.clone());
+                flat.schema = Some(pg.schema.clone());
+                flat.table = Some(pg.table.clone());
+                flat.lsn = Some(pg.lsn);
+                flat.tx_id = pg.tx_id;
+                flat.sequence.clone_from(&pg.sequence);
+            }
+            Origin::Kubernetes(k8s) => {
+                flat.connector = Connector::Kubernetes;
+                flat.cluster = Some(k8s.cluster.clone());
+                flat.group = Some(k8s.group.clone());
+                flat.version = Some(k8s.version.clone());
+                flat.kind = Some(k8s.kind.clone());
+                flat.namespace.clone_from(&k8s.namespace);
+                flat.object_name = Some(k8s.name.clone());
+                flat.uid = Some(k8s.uid.clone());
+                flat.resource_version = Some(k8s.resource_version.clone());
+                flat.status_only = k8s.status_only.then_some(true);
+            }
+        }
+        flat
+    }
+}
+
+impl TryFrom<FlatSource> for Source {
     type Error = MissingSourceField;
 
-    fn try_from(wire: WireSource) -> Result<Self, Self::Error> {
-        let origin = match wire.connector {
+    fn try_from(flat: FlatSource) -> Result<Self, Self::Error> {
+        let origin = match flat.connector {
             Connector::Postgresql => Origin::Postgresql(PostgresOrigin {
-                db: required(wire.db, "postgresql", "db")?,
-                schema: required(wire.schema, "postgresql", "schema")?,
-                table: required(wire.table, "postgresql", "table")?,
-                lsn: required(wire.lsn, "postgresql", "lsn")?,
-                tx_id: wire.tx_id,
-                sequence: wire.sequence,
+                db: required(flat.db, "postgresql", "source.db")?,
+                schema: required(flat.schema, "postgresql", "source.schema")?,
+                table: required(flat.table, "postgresql", "source.table")?,
+                lsn: required(flat.lsn, "postgresql", "source.lsn")?,
+                tx_id: flat.tx_id,
+                sequence: flat.sequence,
             }),
             Connector::Kubernetes => Origin::Kubernetes(KubernetesOrigin {
-                cluster: required(wire.cluster, "kubernetes", "cluster")?,
-                group: required(wire.group, "kubernetes", "group")?,
-                version: required(wire.version, "kubernetes", "version")?,
-                kind: required(wire.kind, "kubernetes", "kind")?,
-                namespace: wire.namespace,
-                name: required(wire.object_name, "kubernetes", "objectName")?,
-                uid: required(wire.uid, "kubernetes", "uid")?,
-                resource_version: required(wire.resource_version, "kubernetes", "resourceVersion")?,
-                status_only: wire.status_only.unwrap_or_default(),
+                cluster: required(flat.cluster, "kubernetes", "source.cluster")?,
+                group: required(flat.group, "kubernetes", "source.group")?,
+                version: required(flat.version, "kubernetes", "source.version")?,
+                kind: required(flat.kind, "kubernetes", "source.kind")?,
+                namespace: flat.namespace,
+                name: required(flat.object_name, "kubernetes", "source.objectName")?,
+                uid: required(flat.uid, "kubernetes", "source.uid")?,
+                resource_version: required(
+                    flat.resource_version,
+                    "kubernetes",
+                    "source.resourceVersion",
+                )?,
+                status_only: flat.status_only.unwrap_or_default(),
             }),
         };
         Ok(Source {
-            name: wire.name,
-            ts_ms: wire.ts_ms,
-            snapshot: wire.snapshot,
+            name: flat.name,
+            ts_ms: flat.ts_ms,
+            snapshot: flat.snapshot,
             origin,
         })
     }

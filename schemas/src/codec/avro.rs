@@ -14,8 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::CodecError;
 use crate::envelope::{
-    Actor, ActorVia, ChangeEvent, EventId, KubernetesOrigin, Op, Origin, PostgresOrigin,
-    SnapshotMarker, Source, Transaction,
+    Actor, ActorVia, ChangeEvent, EventId, FlatSource, Op, Origin, Source, Transaction,
 };
 use crate::registry::SchemaRegistry;
 
@@ -205,39 +204,12 @@ pub(super) struct AvroEvent {
     id: String,
     op: String,
     ts_ms: i64,
-    source: AvroSource,
+    source: FlatSource,
     before: Option<String>,
     after: Option<String>,
     diff: Option<String>,
     actor: Option<AvroActor>,
     transaction: Option<AvroTransaction>,
-}
-
-#[derive(Serialize, Deserialize, Default)]
-struct AvroSource {
-    connector: String,
-    name: String,
-    ts_ms: i64,
-    snapshot: String,
-    db: Option<String>,
-    schema: Option<String>,
-    table: Option<String>,
-    lsn: Option<i64>,
-    #[serde(rename = "txId")]
-    tx_id: Option<i64>,
-    sequence: Option<String>,
-    cluster: Option<String>,
-    group: Option<String>,
-    version: Option<String>,
-    kind: Option<String>,
-    namespace: Option<String>,
-    #[serde(rename = "objectName")]
-    object_name: Option<String>,
-    uid: Option<String>,
-    #[serde(rename = "resourceVersion")]
-    resource_version: Option<String>,
-    #[serde(default)]
-    status_only: Option<bool>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -288,10 +260,6 @@ fn from_long(field: &'static str, n: i64) -> Result<u64, CodecError> {
     u64::try_from(n).map_err(|_| invalid(field, format!("negative value {n}")))
 }
 
-fn required(field: &'static str, value: Option<String>) -> Result<String, CodecError> {
-    value.ok_or_else(|| invalid(field, "missing"))
-}
-
 impl TryFrom<&ChangeEvent> for AvroEvent {
     type Error = CodecError;
 
@@ -300,7 +268,7 @@ impl TryFrom<&ChangeEvent> for AvroEvent {
             id: event.id.to_string(),
             op: event.op.code().to_owned(),
             ts_ms: event.ts_ms,
-            source: AvroSource::try_from(&event.source)?,
+            source: avro_source(&event.source)?,
             before: json_text(&event.before),
             after: json_text(&event.after),
             diff: json_text(&event.diff),
@@ -329,42 +297,12 @@ impl TryFrom<&ChangeEvent> for AvroEvent {
     }
 }
 
-impl TryFrom<&Source> for AvroSource {
-    type Error = CodecError;
-
-    fn try_from(source: &Source) -> Result<Self, CodecError> {
-        let common = AvroSource {
-            name: source.name.clone(),
-            ts_ms: source.ts_ms,
-            snapshot: source.snapshot.as_str().to_owned(),
-            ..AvroSource::default()
-        };
-        Ok(match &source.origin {
-            Origin::Postgresql(pg) => AvroSource {
-                connector: "postgresql".into(),
-                db: Some(pg.db.clone()),
-                schema: Some(pg.schema.clone()),
-                table: Some(pg.table.clone()),
-                lsn: Some(to_long("source.lsn", pg.lsn)?),
-                tx_id: pg.tx_id,
-                sequence: pg.sequence.clone(),
-                ..common
-            },
-            Origin::Kubernetes(k8s) => AvroSource {
-                connector: "kubernetes".into(),
-                cluster: Some(k8s.cluster.clone()),
-                group: Some(k8s.group.clone()),
-                version: Some(k8s.version.clone()),
-                kind: Some(k8s.kind.clone()),
-                namespace: k8s.namespace.clone(),
-                object_name: Some(k8s.name.clone()),
-                uid: Some(k8s.uid.clone()),
-                resource_version: Some(k8s.resource_version.clone()),
-                status_only: k8s.status_only.then_some(true),
-                ..common
-            },
-        })
+/// The flat `source` record; its LSN must fit an Avro long.
+fn avro_source(source: &Source) -> Result<FlatSource, CodecError> {
+    if let Origin::Postgresql(pg) = &source.origin {
+        to_long("source.lsn", pg.lsn)?;
     }
+    Ok(FlatSource::from(source))
 }
 
 impl TryFrom<AvroEvent> for ChangeEvent {
@@ -376,7 +314,8 @@ impl TryFrom<AvroEvent> for ChangeEvent {
             id: EventId::from(event.id),
             op,
             ts_ms: event.ts_ms,
-            source: event.source.try_into()?,
+            source: Source::try_from(event.source)
+                .map_err(|missing| invalid(missing.field, "missing"))?,
             before: parse_json_text("before", event.before)?,
             after: parse_json_text("after", event.after)?,
             diff: parse_json_text("diff", event.diff)?,
@@ -409,46 +348,6 @@ impl TryFrom<AvroActor> for Actor {
             groups: actor.groups,
             source_ips: actor.source_ips,
             user_agent: actor.user_agent,
-        })
-    }
-}
-
-impl TryFrom<AvroSource> for Source {
-    type Error = CodecError;
-
-    fn try_from(s: AvroSource) -> Result<Self, CodecError> {
-        let snapshot = SnapshotMarker::parse(&s.snapshot)
-            .ok_or_else(|| invalid("source.snapshot", s.snapshot.clone()))?;
-        let origin = match s.connector.as_str() {
-            "postgresql" => Origin::Postgresql(PostgresOrigin {
-                db: required("source.db", s.db)?,
-                schema: required("source.schema", s.schema)?,
-                table: required("source.table", s.table)?,
-                lsn: from_long(
-                    "source.lsn",
-                    s.lsn.ok_or_else(|| invalid("source.lsn", "missing"))?,
-                )?,
-                tx_id: s.tx_id,
-                sequence: s.sequence,
-            }),
-            "kubernetes" => Origin::Kubernetes(KubernetesOrigin {
-                cluster: required("source.cluster", s.cluster)?,
-                group: required("source.group", s.group)?,
-                version: required("source.version", s.version)?,
-                kind: required("source.kind", s.kind)?,
-                namespace: s.namespace,
-                name: required("source.objectName", s.object_name)?,
-                uid: required("source.uid", s.uid)?,
-                resource_version: required("source.resourceVersion", s.resource_version)?,
-                status_only: s.status_only.unwrap_or(false),
-            }),
-            other => return Err(invalid("source.connector", other)),
-        };
-        Ok(Source {
-            name: s.name,
-            ts_ms: s.ts_ms,
-            snapshot,
-            origin,
         })
     }
 }

@@ -173,7 +173,7 @@ fn a_source_block_must_have_its_connector_fields() {
         .expect_err("no table");
     let reason = crate::diagnostics::report(&error);
     assert!(
-        reason.contains("missing field `table` in a postgresql source"),
+        reason.contains("missing field `source.table` in a postgresql source"),
         "{reason}"
     );
     event["source"]["connector"] = json!("mysql");
