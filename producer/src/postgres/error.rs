@@ -65,6 +65,9 @@ pub enum PostgresError {
     /// The replication stream carried a message that does not decode.
     #[error("cannot decode the replication stream")]
     Decode(#[from] DecodeError),
+    /// The snapshot read a row position that is not `(block,offset)`.
+    #[error("the snapshot read a row position {0:?} that is not (block,offset)")]
+    UnexpectedCtid(String),
     /// A change refers to a table the stream never described.
     #[error("change for relation {0} arrived before its Relation message")]
     UnknownRelation(u32),

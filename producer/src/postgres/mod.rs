@@ -4,13 +4,15 @@
 //! - [`config`]: the `[postgres]` section;
 //! - [`setup`]: server checks, publication and slot;
 //! - [`pgoutput`]: the message decoder;
-//! - [`normalize`]: relation cache, type mapping, event building;
+//! - [`encoding`]: each column type's JSON form, exact, resolved from the catalog;
+//! - [`normalize`]: relation cache, event building;
 //! - [`redact`]: keyed hashes for secret columns;
 //! - [`source`]: the replication loop with confirm-after-ack;
 //! - [`tls`]: TLS settings for both kinds of session;
 //! - `snapshot`: the initial snapshot from the slot's exported snapshot.
 
 pub mod config;
+pub mod encoding;
 pub mod error;
 pub mod normalize;
 pub mod pgoutput;

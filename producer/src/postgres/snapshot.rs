@@ -3,7 +3,7 @@
 
 use changewire_schemas::{ChangeEvent, EventId, Op, SnapshotMarker};
 use futures::stream::{FuturesOrdered, StreamExt};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use super::error::PostgresError;
 use super::normalize::{SourceInfo, Table};
@@ -83,30 +83,26 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
         table: &Table,
         in_flight: &mut FuturesOrdered<super::source::Pending>,
     ) -> Result<(), PostgresError> {
-        let query = PageQuery::new(table);
-        let chunk = i64::from(self.source.config().snapshot_chunk_rows);
+        let query = PageQuery::new(table, self.source.config().snapshot_chunk_rows);
         let mut after: Option<String> = None;
         let mut rows_read = 0u64;
         loop {
-            let rows = match &after {
-                None => client.query(&query.first, &[&chunk]).await?,
-                Some(ctid) => client.query(&query.next, &[ctid, &chunk]).await?,
-            };
+            let rows = page_rows(client, &query.sql(after.as_deref())?).await?;
             let Some(last) = rows.last() else { break };
             let width = table.relation.columns.len();
-            after = Some(last.get::<_, String>(width));
+            after = last.get(width).map(str::to_owned);
             for row in &rows {
                 let tuple: Vec<Value> = (0..width)
                     .map(|i| {
-                        row.get::<_, Option<String>>(i)
-                            .map_or(Value::Null, Value::Text)
+                        row.get(i)
+                            .map_or(Value::Null, |v| Value::Text(v.to_owned()))
                     })
                     .collect();
                 self.emit(info, table, tuple, in_flight).await?;
             }
             rows_read += rows.len() as u64;
             tracing::info!(table = %format!("{}.{}", table.relation.namespace, table.relation.name), rows = rows_read, "snapshot progress");
-            if (rows.len() as i64) < chunk {
+            if rows.len() < query.limit as usize {
                 break;
             }
         }
@@ -155,23 +151,39 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
     }
 }
 
+/// The rows of one page in the text format: the simple query protocol renders every
+/// value with its type's output function, as pgoutput does (a cast to text would not:
+/// `true` for `t`, `::1/128` for `::1`, `char(n)` without its padding).
+async fn page_rows(client: &Client, sql: &str) -> Result<Vec<SimpleQueryRow>, PostgresError> {
+    Ok(client
+        .simple_query(sql)
+        .await?
+        .into_iter()
+        .filter_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Keyset-paged queries over one table, ordered by primary key (or ctid without
 /// one). Each page starts after the previous page's last row, found by its ctid,
 /// which is stable inside the snapshot, so key values never need casting back.
 struct PageQuery {
     first: String,
     next: String,
+    limit: u32,
 }
 
 impl PageQuery {
-    fn new(table: &Table) -> Self {
+    fn new(table: &Table, limit: u32) -> Self {
         let columns = &table.relation.columns;
         // Output columns get names of their own and input columns are qualified:
-        // ORDER BY would otherwise bind `id` to the `id::text` output and sort as text.
+        // ORDER BY would otherwise bind `id` to the `c0` output.
         let values: Vec<String> = columns
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("t.{}::text AS c{i}", quote_ident(&c.name)))
+            .map(|(i, c)| format!("t.{} AS c{i}", quote_ident(&c.name)))
             .collect();
         let from = format!(
             "{}.{}",
@@ -179,11 +191,11 @@ impl PageQuery {
             quote_ident(&table.relation.name)
         );
         let select = format!(
-            "SELECT {}, t.ctid::text AS row_ctid FROM {from} AS t",
+            "SELECT {}, t.ctid AS row_ctid FROM {from} AS t",
             values.join(", ")
         );
         let (order, after) = if table.key_columns.is_empty() {
-            ("t.ctid".to_owned(), "t.ctid > $1::text::tid".to_owned())
+            ("t.ctid".to_owned(), "t.ctid > $1::tid".to_owned())
         } else {
             let key = |alias: &str| {
                 table
@@ -194,16 +206,38 @@ impl PageQuery {
                     .join(", ")
             };
             let after = format!(
-                "({}) > (SELECT {} FROM {from} AS p WHERE p.ctid = $1::text::tid)",
+                "({}) > (SELECT {} FROM {from} AS p WHERE p.ctid = $1::tid)",
                 key("t"),
                 key("p")
             );
             (key("t"), after)
         };
         Self {
-            first: format!("{select} ORDER BY {order} LIMIT $1"),
-            next: format!("{select} WHERE {after} ORDER BY {order} LIMIT $2"),
+            first: format!("{select} ORDER BY {order} LIMIT {limit}"),
+            next: format!("{select} WHERE {after} ORDER BY {order} LIMIT {limit}"),
+            limit,
         }
+    }
+
+    /// The query of the page after the row at `ctid` (the first page without one).
+    /// The ctid comes from the server; it is checked before it becomes a literal.
+    fn sql(&self, after: Option<&str>) -> Result<String, PostgresError> {
+        let Some(ctid) = after else {
+            return Ok(self.first.clone());
+        };
+        let is_tid = ctid
+            .strip_prefix('(')
+            .and_then(|rest| rest.strip_suffix(')'))
+            .and_then(|pair| pair.split_once(','))
+            .is_some_and(|(block, offset)| {
+                [block, offset]
+                    .iter()
+                    .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            });
+        if !is_tid {
+            return Err(PostgresError::UnexpectedCtid(ctid.to_owned()));
+        }
+        Ok(self.next.replace("$1", &format!("'{ctid}'")))
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
 use super::config::{PostgresConfig, SnapshotMode};
+use super::encoding;
 use super::error::PostgresError;
 use super::normalize::{Change, Relations, SourceInfo, Table, TxContext, SESSION_OPTIONS};
 use super::pgoutput::{pg_micros_to_unix_ms, Decoder, Lsn, Message, OldTuple, Relation};
@@ -306,12 +307,19 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
                     .is_some_and(|r| r.covers(&relation.namespace, &relation.name, &c.name))
             })
             .collect();
+        let type_oids: Vec<u32> = relation.columns.iter().map(|c| c.type_oid).collect();
+        let catalog = encoding::load_catalog(client, &type_oids).await?;
+        let encodings = type_oids
+            .iter()
+            .map(|&oid| encoding::resolve(oid, &catalog))
+            .collect();
         Ok(Table {
             relation,
             key_columns,
             topic,
             redactor,
             redacted,
+            encodings,
         })
     }
 

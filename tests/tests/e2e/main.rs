@@ -19,3 +19,4 @@ mod restart;
 mod server_checks;
 mod smoke;
 mod tls;
+mod types;
