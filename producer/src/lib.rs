@@ -4,11 +4,14 @@
 //!
 //! - [`config`]: the config file;
 //! - [`postgres`]: the PostgreSQL change source;
+//! - [`kubernetes`]: the Kubernetes change source;
+//! - [`backoff`]: retry delays that reset once healthy;
 //! - [`checkpoint`]: the checkpoint seam (sled);
 //! - [`metrics`]: Prometheus metrics and health state;
 //! - [`redact`]: keyed hashes that stand in for secret values;
 //! - [`sink`]: the sink seam and its Kafka implementation.
 
+pub mod backoff;
 pub mod checkpoint;
 pub mod config;
 pub mod kubernetes;

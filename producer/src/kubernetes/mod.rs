@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod health;
 pub mod object;
 pub mod source;
 pub mod state;

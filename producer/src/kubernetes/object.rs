@@ -136,8 +136,11 @@ pub struct Prepared {
     pub changed_ms: Option<i64>,
 }
 
-/// Strips managedFields (keeping the newest writer as the actor) and hashes secrets.
+/// Fills the type fields from the watched kind (list items of built-in kinds come
+/// without them), strips managedFields (keeping the newest writer as the actor) and
+/// hashes secrets.
 pub fn prepare(kind: &WatchedKind, mut object: Value, hasher: Option<&SecretHasher>) -> Prepared {
+    fill_type_fields(kind, &mut object);
     let managed = object["metadata"]
         .as_object_mut()
         .and_then(|m| m.remove("managedFields"));
@@ -167,6 +170,28 @@ pub fn prepare(kind: &WatchedKind, mut object: Value, hasher: Option<&SecretHash
         object,
         actor,
         changed_ms,
+    }
+}
+
+/// Sets `apiVersion` and `kind` where the server left them out, so an object reads
+/// the same whether it was listed or watched.
+fn fill_type_fields(kind: &WatchedKind, object: &mut Value) {
+    let Some(fields) = object.as_object_mut() else {
+        return;
+    };
+    let api_version = if kind.group.is_empty() {
+        kind.version.clone()
+    } else {
+        format!("{}/{}", kind.group, kind.version)
+    };
+    for (field, value) in [("apiVersion", api_version), ("kind", kind.kind.clone())] {
+        let missing = fields
+            .get(field)
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty);
+        if missing {
+            fields.insert(field.to_owned(), Value::String(value));
+        }
     }
 }
 
@@ -222,12 +247,27 @@ pub enum Difference {
     Content,
 }
 
-/// Compares two published forms.
+/// Compares two published forms. The same resourceVersion is the same object state
+/// (the server bumps it with every write), so it is noise whatever our rendering of
+/// it: an event id (`uid` + `resourceVersion`) never names two contents. Type fields
+/// are left out, as states stored by earlier versions may lack them.
 pub fn compare(before: &Value, after: &Value) -> Difference {
+    let version = |object: &Value| {
+        object["metadata"]["resourceVersion"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    if version(before).is_some() && version(before) == version(after) {
+        return Difference::Noise;
+    }
     let without = |object: &Value, status: bool| {
         let mut object = object.clone();
         if let Some(metadata) = object["metadata"].as_object_mut() {
             metadata.remove("resourceVersion");
+        }
+        if let Some(fields) = object.as_object_mut() {
+            fields.remove("apiVersion");
+            fields.remove("kind");
         }
         if status {
             object.as_object_mut().map(|o| o.remove("status"));
@@ -417,5 +457,32 @@ mod tests {
         assert_eq!(compare(&a, &b), Difference::StatusOnly);
         b["spec"]["x"] = 2.into();
         assert_eq!(compare(&a, &b), Difference::Content);
+    }
+
+    #[test]
+    fn listed_objects_get_the_type_fields_watched_ones_carry() {
+        let listed = json!({"metadata": {"name": "db", "resourceVersion": "7"}, "data": {}});
+        let prepared = prepare(&secret_kind(), listed, None);
+        assert_eq!(prepared.object["apiVersion"], "v1");
+        assert_eq!(prepared.object["kind"], "Secret");
+        let mut route = secret_kind();
+        (route.group, route.kind) = ("gw.example.com".into(), "Route".into());
+        let typed = json!({"apiVersion": "gw.example.com/v2", "kind": "Route", "metadata": {}});
+        let prepared = prepare(&route, typed, None);
+        assert_eq!(prepared.object["apiVersion"], "gw.example.com/v2", "kept");
+        let untyped = prepare(&route, json!({"metadata": {}}), None);
+        assert_eq!(untyped.object["apiVersion"], "gw.example.com/v1");
+    }
+
+    #[test]
+    fn one_resource_version_is_one_state_and_type_fields_are_not_content() {
+        let watched = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"resourceVersion": "5"}, "data": {"a": "1"}});
+        let mut rendered_otherwise = watched.clone();
+        rendered_otherwise["data"]["a"] = "2".into();
+        assert_eq!(compare(&watched, &rendered_otherwise), Difference::Noise);
+        let mut stored_untyped = watched.clone();
+        stored_untyped.as_object_mut().unwrap().remove("kind");
+        stored_untyped["metadata"]["resourceVersion"] = "4".into();
+        assert_eq!(compare(&stored_untyped, &watched), Difference::Noise);
     }
 }

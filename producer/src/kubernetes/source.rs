@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::topic::TopicNameError;
@@ -20,8 +20,10 @@ use tokio::task::JoinSet;
 
 use super::audit::{self, Attributions, AuditServerError};
 use super::config::{KindConfig, KubernetesConfig};
+use super::health::WatchHealth;
 use super::object::{compare, event, prepare, Difference, EventContext, WatchedKind};
 use super::state::{Loaded, ObjectStore, Objects, StateError};
+use crate::backoff::Backoff;
 use crate::metrics::{KindLabel, ProducerMetrics, SourceKind, SourceState, TableOp};
 use crate::postgres::source::now_ms;
 use crate::redact::SecretHasher;
@@ -74,6 +76,12 @@ impl KubernetesError {
 /// memory while the broker is slow or down).
 const MAX_IN_FLIGHT: usize = 50_000;
 
+/// How often watch failures are summarized into the source's health.
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The CRD follower's scope in health reports.
+const CRD_SCOPE: &str = "customresourcedefinitions";
+
 /// Why a watch is asked to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -100,6 +108,8 @@ struct Shared<S, O> {
     client: kube::Client,
     /// Audit events by change, when the audit webhook is on.
     attributions: Option<Arc<Attributions>>,
+    /// Which watches are failing, reported to `/health`.
+    health: Arc<WatchHealth>,
 }
 
 /// Streams changes of the configured kinds to the sink.
@@ -173,6 +183,7 @@ impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
                 .redaction_key
                 .as_deref()
                 .map(|key| SecretHasher::new(key.as_bytes())),
+            health: Arc::default(),
             source: self,
         });
         let source = &shared.source;
@@ -200,12 +211,17 @@ impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
         source
             .metrics
             .set_state(SourceKind::Kubernetes, SourceState::Streaming);
+        let mut health_check = tokio::time::interval(HEALTH_CHECK_INTERVAL);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return supervisor.stop_all().await,
+                _ = health_check.tick() => shared.report_health(),
                 Some(request) = requests.recv() => match request {
                     Control::Start(kind) => supervisor.start(&shared, kind).await?,
-                    Control::Remove(scope) => supervisor.remove(&scope),
+                    Control::Remove(scope) => {
+                        supervisor.remove(&scope);
+                        shared.health.recovered(&scope);
+                    }
                     Control::Sweep => supervisor.sweep(&shared)?,
                 },
                 Some(done) = supervisor.tasks.join_next() => {
@@ -307,6 +323,19 @@ impl Supervisor {
 }
 
 impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
+    /// Reconnecting, naming each failing watch, while any watch fails; else streaming.
+    fn report_health(&self) {
+        let failing = self.health.failing(tokio::time::Instant::now());
+        let metrics = &self.source.metrics;
+        if failing.is_empty() {
+            metrics.set_state(SourceKind::Kubernetes, SourceState::Streaming);
+            metrics.set_error(SourceKind::Kubernetes, None);
+        } else {
+            metrics.set_state(SourceKind::Kubernetes, SourceState::Reconnecting);
+            metrics.set_error(SourceKind::Kubernetes, Some(failing.join("; ")));
+        }
+    }
+
     /// The watches one configured kind needs (one per namespace), its plural found by
     /// discovery when not configured. Retries while the API server is unreachable.
     async fn resolve(
@@ -315,7 +344,7 @@ impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Vec<WatchedKind>, KubernetesError> {
         let gvk = GroupVersionKind::gvk(&config.group, &config.version, &config.kind);
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::for_watches();
         let plural = loop {
             if let Some(plural) = &config.plural {
                 break plural.clone();
@@ -549,6 +578,8 @@ struct ScopeView<'a, S, O> {
     shared: &'a Shared<S, O>,
     kind: &'a WatchedKind,
     label: KindLabel,
+    /// The kind's scope, naming it in health reports.
+    scope: String,
     published: Objects,
     /// Creates a crash left unconfirmed: if gone at the relist, they get a delete.
     unconfirmed: Objects,
@@ -574,6 +605,7 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
             shared,
             kind,
             label: KindLabel { kind: kind.label() },
+            scope: kind.scope(),
             published: loaded.objects,
             unconfirmed: loaded.unconfirmed,
             resume,
@@ -611,16 +643,15 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
                     let listed = self.listing.take().unwrap_or_default();
                     self.reconcile(listed, self.first_sync);
                     self.first_sync = false;
-                    self.shared
-                        .source
-                        .metrics
-                        .set_error(SourceKind::Kubernetes, None);
+                    self.shared.health.recovered(&self.scope);
                 }
                 Ok(Event::Apply(object)) => {
+                    self.shared.health.recovered(&self.scope);
                     self.resume.clone_from(&object.metadata.resource_version);
                     self.apply(object, false)
                 }
                 Ok(Event::Delete(object)) => {
+                    self.shared.health.recovered(&self.scope);
                     self.resume.clone_from(&object.metadata.resource_version);
                     let uid = object.metadata.uid.clone().unwrap_or_default();
                     self.delete(
@@ -636,6 +667,7 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
                         .get_or_create(&self.label)
                         .inc();
                     tracing::warn!(kind = %self.kind.label(), error = %report(&error), "watch interrupted; the watcher resumes");
+                    self.shared.health.failed(&self.scope, report(&error));
                     // kube's watcher relists on an in-stream 410 but retries an HTTP 410
                     // forever with the same version: start over instead.
                     if is_http_gone(&error) {
@@ -805,7 +837,8 @@ async fn watch_scope<S: EventSink + 'static, O: ObjectStore>(
     mut stop: watch::Receiver<Stop>,
 ) -> Result<(), KubernetesError> {
     let label = KindLabel { kind: kind.label() };
-    let mut backoff = Backoff::default();
+    let scope = kind.scope();
+    let mut backoff = Backoff::for_watches().on_retry(shared.health.retry_hook(&scope));
     loop {
         match watch_once(&shared, &kind, &mut stop).await {
             Ok(()) => return Ok(()),
@@ -816,10 +849,7 @@ async fn watch_scope<S: EventSink + 'static, O: ObjectStore>(
                     .watch_restarts
                     .get_or_create(&label)
                     .inc();
-                shared
-                    .source
-                    .metrics
-                    .set_error(SourceKind::Kubernetes, Some(report(&error)));
+                shared.health.failed(&scope, report(&error));
                 tracing::warn!(kind = %kind.label(), error = %report(&error), "watch failed; restarting from the last checkpoint");
                 let mut stopped = shutdown_of(&stop);
                 if backoff.wait(&mut stopped).await {
@@ -876,7 +906,10 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
         None => futures::stream::empty().boxed(),
     };
     let mut events = resumed
-        .chain(watcher::watcher(api, config).default_backoff())
+        .chain(
+            watcher::watcher(api, config)
+                .backoff(Backoff::for_watches().on_retry(shared.health.retry_hook(&scope))),
+        )
         .ready_chunks(512)
         .boxed();
     let mut in_flight = InFlight::new(shared, kind);
@@ -985,10 +1018,14 @@ async fn follow_crds<S: EventSink + 'static, O: ObjectStore>(
     control: mpsc::Sender<Control>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KubernetesError> {
-    let api: Api<CustomResourceDefinition> = Api::all(shared.client.clone());
-    let mut events = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let crd_watch = || {
+        let api: Api<CustomResourceDefinition> = Api::all(shared.client.clone());
+        let backoff = Backoff::for_watches().on_retry(shared.health.retry_hook(CRD_SCOPE));
+        watcher::watcher(api, watcher::Config::default())
+            .backoff(backoff)
+            .boxed()
+    };
+    let mut events = crd_watch();
     let mut served: HashMap<String, String> = HashMap::new();
     let mut listed: Option<HashSet<String>> = None;
     let mut swept = false;
@@ -997,6 +1034,9 @@ async fn follow_crds<S: EventSink + 'static, O: ObjectStore>(
             event = events.next() => event,
             _ = shutdown.changed() => return Ok(()),
         };
+        if matches!(&event, Some(Ok(_))) {
+            shared.health.recovered(CRD_SCOPE);
+        }
         let requests = match event {
             Some(Ok(Event::Init)) => {
                 listed = Some(HashSet::new());
@@ -1032,7 +1072,14 @@ async fn follow_crds<S: EventSink + 'static, O: ObjectStore>(
                 requests
             }
             Some(Err(error)) => {
-                tracing::warn!(error = %report(&error), "CRD watch interrupted; the watcher resumes");
+                shared.health.failed(CRD_SCOPE, report(&error));
+                if is_http_gone(&error) {
+                    // kube's watcher would retry the expired version forever.
+                    tracing::warn!(error = %report(&error), "CRD watch expired; listing again");
+                    events = crd_watch();
+                } else {
+                    tracing::warn!(error = %report(&error), "CRD watch interrupted; the watcher resumes");
+                }
                 Vec::new()
             }
             None => return Ok(()),
@@ -1095,32 +1142,5 @@ impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
         };
         served.insert(name, kind.scope());
         Ok(vec![Control::Start(kind)])
-    }
-}
-
-/// Exponential backoff with jitter, 0.5 s to 30 s.
-#[derive(Default)]
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    /// Sleeps for the next delay; true if `shutdown` fired meanwhile.
-    async fn wait(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
-        let base = 500u64.saturating_mul(1 << self.attempt.min(6)).min(30_000);
-        self.attempt += 1;
-        let jitter = u64::from(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .subsec_nanos(),
-        ) % (base / 2 + 1);
-        if *shutdown.borrow() {
-            return true;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(base / 2 + jitter)) => false,
-            _ = shutdown.changed() => true,
-        }
     }
 }

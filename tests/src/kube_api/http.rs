@@ -355,11 +355,24 @@ fn list(
     let items: Vec<Value> = matching
         .into_iter()
         .take(take)
-        .map(|(_, object)| object)
+        .map(|(_, object)| list_item(&target.kind, object))
         .collect();
     Ok(
         json!({"kind": format!("{}List", target.kind.kind), "apiVersion": target.kind.api_version(), "metadata": metadata, "items": items}),
     )
+}
+
+/// An object as a list carries it: kube-apiserver encodes built-in kinds' items
+/// without `apiVersion` and `kind` (the list names them once); custom resources are
+/// unstructured and keep theirs.
+fn list_item(kind: &ResourceType, mut object: Value) -> Value {
+    if !kind.custom {
+        if let Some(fields) = object.as_object_mut() {
+            fields.remove("apiVersion");
+            fields.remove("kind");
+        }
+    }
+    object
 }
 
 fn encode_continue(at: u64, last: &(String, String)) -> String {

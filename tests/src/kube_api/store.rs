@@ -66,6 +66,8 @@ pub struct ResourceType {
     pub namespaced: bool,
     /// Whether `status` is a subresource (main updates keep the stored status).
     pub status_subresource: bool,
+    /// Served from a CustomResourceDefinition (unstructured objects).
+    pub custom: bool,
 }
 
 impl ResourceType {
@@ -77,6 +79,7 @@ impl ResourceType {
             plural: plural.into(),
             namespaced,
             status_subresource: false,
+            custom: false,
         }
     }
 
@@ -477,6 +480,7 @@ impl Store {
             spec["scope"].as_str() != Some("Cluster"),
         );
         resource.status_subresource = version["subresources"]["status"].is_object();
+        resource.custom = true;
         self.types.retain(|t| t.id() != resource.id());
         self.types.push(resource);
         let mut established = crd.clone();

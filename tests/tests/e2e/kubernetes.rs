@@ -51,14 +51,14 @@ pub fn core_kind(kind: &str) -> KindConfig {
 }
 
 /// A Kubernetes source running in this process on a state directory that outlives it.
-struct Running {
+pub(crate) struct Running {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), KubernetesError>>,
-    metrics: Arc<ProducerMetrics>,
+    pub(crate) metrics: Arc<ProducerMetrics>,
 }
 
 impl Running {
-    fn start(
+    pub(crate) fn start(
         stack: &Stack,
         config: KubernetesConfig,
         prefix: &str,
@@ -83,14 +83,14 @@ impl Running {
         })
     }
 
-    async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         tokio::time::timeout(Duration::from_secs(30), self.task).await???;
         Ok(())
     }
 
     /// Waits until `changewire_producer_kubernetes_relists_total{kind="<kind>"}` shows at least `n`.
-    async fn wait_for_relists(&self, kind: &str, n: u64) -> anyhow::Result<()> {
+    pub(crate) async fn wait_for_relists(&self, kind: &str, n: u64) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while relists(self, kind) < n {
             anyhow::ensure!(!self.task.is_finished(), "the source stopped");
@@ -102,7 +102,7 @@ impl Running {
 }
 
 /// Reads events of `topic` (waiting for it to exist) until `done` holds for all read.
-async fn events_until(
+pub(crate) async fn events_until(
     stack: &Stack,
     topic: &str,
     done: impl Fn(&[ChangeEvent]) -> bool,
@@ -125,14 +125,14 @@ async fn events_until(
     Ok(events)
 }
 
-fn summary(events: &[ChangeEvent]) -> Vec<String> {
+pub(crate) fn summary(events: &[ChangeEvent]) -> Vec<String> {
     events
         .iter()
         .map(|e| format!("{} {} {}", e.op.code(), name(e), e.id))
         .collect()
 }
 
-fn name(event: &ChangeEvent) -> String {
+pub(crate) fn name(event: &ChangeEvent) -> String {
     match &event.source.origin {
         Origin::Kubernetes(k8s) => k8s.name.clone(),
         Origin::Postgresql(_) => String::new(),
@@ -146,7 +146,7 @@ fn origin(event: &ChangeEvent) -> &changewire_schemas::KubernetesOrigin {
     }
 }
 
-fn config_map(name: &str, value: &str) -> anyhow::Result<ConfigMap> {
+pub(crate) fn config_map(name: &str, value: &str) -> anyhow::Result<ConfigMap> {
     Ok(serde_json::from_value(
         json!({"metadata": {"name": name}, "data": {"k": value}}),
     )?)
@@ -166,7 +166,7 @@ fn labelled_config_map(name: &str, team: &str) -> anyhow::Result<ConfigMap> {
     )?)
 }
 
-fn post(manager: &str) -> PostParams {
+pub(crate) fn post(manager: &str) -> PostParams {
     PostParams {
         field_manager: Some(manager.into()),
         ..Default::default()
@@ -440,7 +440,7 @@ async fn secret_values_never_reach_the_topic_but_their_changes_do() -> anyhow::R
     Ok(())
 }
 
-fn route_crd(group: &str) -> Value {
+pub(crate) fn route_crd(group: &str) -> Value {
     json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
         "metadata": {"name": format!("routes.{group}")},

@@ -7,6 +7,7 @@ mod crash;
 mod dedup;
 mod fixtures;
 mod forward;
+mod kube_recovery;
 mod kubernetes;
 mod large;
 mod operability;
