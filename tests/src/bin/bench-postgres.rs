@@ -9,7 +9,14 @@
 //!    slot; it does not decode);
 //! 3. times changewire from the same WAL to Kafka-acknowledged (the slot's
 //!    confirmed_flush_lsn reaching the end of the load);
-//! 4. measures commit-to-consumer latency at a steady 10,000 changes/s.
+//! 4. measures commit-to-consumer latency at a steady 10,000 changes/s;
+//! 5. end to end, live: from the start of a second load of ROWS changes until every
+//!    event is readable by a consumer, against `pg_recvlogical` streaming the same
+//!    load (on a table of its own, before) until its walsender sent the last of it;
+//!    with the CPU time the bench process, PostgreSQL and the broker spent meanwhile.
+//!
+//! Every insert and update carries a jsonb document of numbers, so the exact JSON
+//! numbers are part of what is measured.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -47,13 +54,18 @@ async fn main() -> anyhow::Result<()> {
     let db = TestDatabase::create(&stack).await?;
     let client = db.connect().await?;
     client
-        .batch_execute("CREATE TABLE bench (id bigint PRIMARY KEY, n int, note text); CREATE PUBLICATION changewire_bench FOR ALL TABLES")
+        .batch_execute(
+            "CREATE TABLE bench (id bigint PRIMARY KEY, n int, note text, doc jsonb);
+             CREATE TABLE live_theirs (LIKE bench INCLUDING ALL);
+             CREATE TABLE live_ours (LIKE bench INCLUDING ALL);
+             CREATE PUBLICATION changewire_bench FOR ALL TABLES",
+        )
         .await?;
     let ours = create_pgoutput_slot(&client).await?;
     let theirs = create_pgoutput_slot(&client).await?;
 
     let started = Instant::now();
-    let changes = load(&client, rows, per_tx).await?;
+    let changes = load(&client, "bench", rows, per_tx).await?;
     let end_lsn: String = changewire_tests::current_wal_lsn(&client).await?;
     println!(
         "loaded {changes} changes in {:.1} s (end LSN {end_lsn})",
@@ -67,6 +79,13 @@ async fn main() -> anyhow::Result<()> {
     let (p50, p99, samples) = latency(&stack, &db, &prefix).await?;
     running.stop.send(true)?;
     running.task.await??;
+    for slot in [&ours, &theirs] {
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+            .await?;
+    }
+    let live_theirs = live_pg_recvlogical(&db, rows, per_tx).await?;
+    let live_ours = live_changewire(&stack, &db, rows, per_tx).await?;
 
     let rate = |d: Duration| changes as f64 / d.as_secs_f64();
     println!();
@@ -92,27 +111,56 @@ async fn main() -> anyhow::Result<()> {
         "| peak RSS of the bench process (producer + loader) | {} MiB |",
         peak_rss / 1024
     );
+    println!(
+        "| live, load start -> pg_recvlogical sent the last change | {:.2} s ({:.0} changes/s) |",
+        live_theirs.as_secs_f64(),
+        rate(live_theirs)
+    );
+    println!(
+        "| live, load start -> every event readable by a consumer | {:.2} s ({:.0} changes/s) |",
+        live_ours.elapsed.as_secs_f64(),
+        rate(live_ours.elapsed)
+    );
+    println!(
+        "| live ratio changewire / pg_recvlogical | {:.2} |",
+        live_theirs.as_secs_f64() / live_ours.elapsed.as_secs_f64()
+    );
+    println!(
+        "| live CPU s: bench process (producer, consumer, loader client) / PostgreSQL / broker | {:.1} / {:.1} / {:.1} |",
+        live_ours.cpu.bench.as_secs_f64(),
+        live_ours.cpu.postgres.as_secs_f64(),
+        live_ours.cpu.broker.as_secs_f64()
+    );
+    println!(
+        "| live CPU per change in the bench process | {:.1} us |",
+        live_ours.cpu.bench.as_secs_f64() * 1e6 / changes as f64
+    );
     Ok(())
 }
 
-/// Loads `rows` changes (6 inserts, 3 updates, 1 delete per 10 rows) in statements
-/// of `per_tx` rows, one transaction each; with `per_tx >= rows` all of them form
-/// one transaction.
-async fn load(client: &tokio_postgres::Client, rows: i64, per_tx: i64) -> anyhow::Result<i64> {
+/// Loads `rows` changes into `table` (6 inserts, 3 updates, 1 delete per 10 rows) in
+/// statements of `per_tx` rows, one transaction each; with `per_tx >= rows` all of
+/// them form one transaction. Each row carries a jsonb document of three numbers.
+async fn load(
+    client: &tokio_postgres::Client,
+    table: &str,
+    rows: i64,
+    per_tx: i64,
+) -> anyhow::Result<i64> {
     let inserts = rows * 6 / 10;
     let updates = rows * 3 / 10;
     let deletes = rows - inserts - updates;
     let statements = [
-        ("INSERT INTO bench SELECT g, 0, md5(g::text) FROM generate_series($1::bigint, $2::bigint) g", 1, inserts),
-        ("UPDATE bench SET n = n + 1 WHERE id BETWEEN $1 AND $2", 1, updates),
-        ("DELETE FROM bench WHERE id BETWEEN $1 AND $2", inserts - deletes + 1, inserts),
+        (format!("INSERT INTO {table} SELECT g, 0, md5(g::text), jsonb_build_object('id', g, 'price', g * 1.0000001, 'ratio', g / 7.0) FROM generate_series($1::bigint, $2::bigint) g"), 1, inserts),
+        (format!("UPDATE {table} SET n = n + 1 WHERE id BETWEEN $1 AND $2"), 1, updates),
+        (format!("DELETE FROM {table} WHERE id BETWEEN $1 AND $2"), inserts - deletes + 1, inserts),
     ];
     client.batch_execute("BEGIN").await?;
     for (sql, from, to) in statements {
         let mut first = from;
         while first <= to {
             let last = (first + per_tx - 1).min(to);
-            client.execute(sql, &[&first, &last]).await?;
+            client.execute(&sql, &[&first, &last]).await?;
             if per_tx < rows {
                 client.batch_execute("COMMIT; BEGIN").await?;
             }
@@ -123,14 +171,17 @@ async fn load(client: &tokio_postgres::Client, rows: i64, per_tx: i64) -> anyhow
     Ok(rows)
 }
 
-fn time_pg_recvlogical(db: &TestDatabase, slot: &str, end_lsn: &str) -> anyhow::Result<Duration> {
-    let bin = std::fs::read_dir("/usr/lib/postgresql")?
+fn pg_recvlogical() -> anyhow::Result<std::path::PathBuf> {
+    std::fs::read_dir("/usr/lib/postgresql")?
         .filter_map(|e| e.ok().map(|e| e.path().join("bin/pg_recvlogical")))
         .filter(|p| p.is_file())
         .max()
-        .context("pg_recvlogical not found")?;
+        .context("pg_recvlogical not found")
+}
+
+fn time_pg_recvlogical(db: &TestDatabase, slot: &str, end_lsn: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let status = Command::new(bin)
+    let status = Command::new(pg_recvlogical()?)
         .args([
             "-d",
             &db.url,
@@ -154,13 +205,175 @@ fn time_pg_recvlogical(db: &TestDatabase, slot: &str, end_lsn: &str) -> anyhow::
     Ok(started.elapsed())
 }
 
-async fn time_changewire(
+/// `pg_recvlogical` streams while a load runs: from the load's start until its
+/// walsender has sent everything up to the load's end.
+async fn live_pg_recvlogical(
+    db: &TestDatabase,
+    rows: i64,
+    per_tx: i64,
+) -> anyhow::Result<Duration> {
+    let client = db.connect().await?;
+    let slot = create_pgoutput_slot(&client).await?;
+    let mut receiver = Command::new(pg_recvlogical()?)
+        .args([
+            "-d",
+            &db.url,
+            "--slot",
+            &slot,
+            "--start",
+            "-f",
+            "/dev/null",
+            "--no-loop",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=changewire_bench",
+        ])
+        .spawn()?;
+    wait_until(
+        &client,
+        "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+        &slot,
+    )
+    .await?;
+    let started = Instant::now();
+    load(&client, "live_theirs", rows, per_tx).await?;
+    let end_lsn: String = client
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await?
+        .get(0);
+    let sent = "SELECT coalesce(bool_or(r.sent_lsn >= $1::text::pg_lsn), false) \
+                FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid \
+                WHERE s.slot_name = $2";
+    while !client
+        .query_one(sent, &[&end_lsn, &slot])
+        .await?
+        .get::<_, bool>(0)
+    {
+        ensure!(receiver.try_wait()?.is_none(), "pg_recvlogical stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed();
+    receiver.kill()?;
+    receiver.wait()?;
+    wait_until(
+        &client,
+        "SELECT NOT active FROM pg_replication_slots WHERE slot_name = $1",
+        &slot,
+    )
+    .await?;
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await?;
+    Ok(elapsed)
+}
+
+/// Polls `query` (one bool column, `$1` = `arg`) until it is true.
+async fn wait_until(client: &tokio_postgres::Client, query: &str, arg: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client
+        .query_opt(query, &[&arg])
+        .await?
+        .is_some_and(|row| row.get::<_, bool>(0))
+    {
+        ensure!(Instant::now() < deadline, "timed out on: {query}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// CPU time spent by the parts of a run.
+#[derive(Default)]
+struct CpuTimes {
+    bench: Duration,
+    postgres: Duration,
+    broker: Duration,
+}
+
+impl CpuTimes {
+    fn now() -> Self {
+        let mut times = Self {
+            bench: changewire_tests::cpu_time("self"),
+            ..Self::default()
+        };
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            match comm.trim() {
+                "postgres" => times.postgres += changewire_tests::cpu_time(&pid),
+                "tansu" => times.broker += changewire_tests::cpu_time(&pid),
+                _ => {}
+            }
+        }
+        times
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            bench: self.bench.saturating_sub(earlier.bench),
+            postgres: self.postgres.saturating_sub(earlier.postgres),
+            broker: self.broker.saturating_sub(earlier.broker),
+        }
+    }
+}
+
+/// What the live end-to-end phase measured for changewire.
+struct LiveRun {
+    elapsed: Duration,
+    cpu: CpuTimes,
+}
+
+/// changewire streams while a load runs, and a consumer reads its topic: from the
+/// load's start until the consumer has read every change.
+async fn live_changewire(
+    stack: &Stack,
+    db: &TestDatabase,
+    rows: i64,
+    per_tx: i64,
+) -> anyhow::Result<LiveRun> {
+    let client = db.connect().await?;
+    let slot = create_pgoutput_slot(&client).await?;
+    let prefix = unique_name("live");
+    let topic = format!("{prefix}.bench.public.live_ours");
+    changewire_tests::create_topics(stack, &[&topic], 3).await?;
+    let consumer = TestConsumer::from_beginning(stack, &topic)?;
+    let running = start_source(stack, db, &slot, &prefix)?;
+    wait_until(
+        &client,
+        "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+        &slot,
+    )
+    .await?;
+    let (cpu_before, started) = (CpuTimes::now(), Instant::now());
+    let loader = {
+        let client = db.connect().await?;
+        tokio::spawn(async move { load(&client, "live_ours", rows, per_tx).await })
+    };
+    let mut read = 0;
+    consumer
+        .read_until(Duration::from_secs(600), |_| {
+            read += 1;
+            read == rows
+        })
+        .await?;
+    let elapsed = started.elapsed();
+    let cpu = CpuTimes::now().since(&cpu_before);
+    loader.await??;
+    ensure!(read == rows, "only {read} of {rows} events were readable");
+    running.stop.send(true)?;
+    running.task.await??;
+    Ok(LiveRun { elapsed, cpu })
+}
+
+/// Starts changewire on `slot` (created beforehand, no snapshot).
+fn start_source(
     stack: &Stack,
     db: &TestDatabase,
     slot: &str,
     prefix: &str,
-    end_lsn: &str,
-) -> anyhow::Result<(Duration, u64, RunningBench)> {
+) -> anyhow::Result<RunningBench> {
     let state = tempfile::tempdir()?;
     let config = PostgresConfig {
         name: "bench".into(),
@@ -187,8 +400,23 @@ async fn time_changewire(
         Arc::new(SledCheckpoints::open(state.path())?),
     );
     let (stop, shutdown) = watch::channel(false);
-    let started = Instant::now();
     let task = tokio::spawn(async move { source.run(shutdown).await });
+    Ok(RunningBench {
+        stop,
+        task,
+        _state: state,
+    })
+}
+
+async fn time_changewire(
+    stack: &Stack,
+    db: &TestDatabase,
+    slot: &str,
+    prefix: &str,
+    end_lsn: &str,
+) -> anyhow::Result<(Duration, u64, RunningBench)> {
+    let started = Instant::now();
+    let mut running = start_source(stack, db, slot, prefix)?;
     let admin = connect(&stack.pg_url).await?;
     let mut peak_rss = 0;
     loop {
@@ -197,19 +425,13 @@ async fn time_changewire(
         if done {
             break;
         }
-        ensure!(!task.is_finished(), "the source stopped: {:?}", task.await?);
+        if running.task.is_finished() {
+            anyhow::bail!("the source stopped: {:?}", (&mut running.task).await?);
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The source keeps running (caught up) for the latency phase.
-    Ok((
-        started.elapsed(),
-        peak_rss,
-        RunningBench {
-            stop,
-            task,
-            _state: state,
-        },
-    ))
+    Ok((started.elapsed(), peak_rss, running))
 }
 
 /// The benchmarked source, stopped gracefully at the end.
@@ -245,7 +467,7 @@ async fn latency(
             tick.tick().await;
             writer
                 .execute(
-                    "INSERT INTO bench SELECT g, 0, 'x' FROM generate_series($1::bigint, $2::bigint) g",
+                    "INSERT INTO bench SELECT g, 0, 'x', jsonb_build_object('id', g) FROM generate_series($1::bigint, $2::bigint) g",
                     &[&first, &(first + per_tx - 1)],
                 )
                 .await?;
