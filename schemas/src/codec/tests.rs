@@ -97,6 +97,43 @@ fn json_round_trips() {
     }
 }
 
+/// Numbers an f64 would round keep their digits through both codecs (rows, diffs).
+#[test]
+fn numbers_keep_their_digits_in_json_and_avro() {
+    let digits = [
+        "0.14285714285714285714",
+        "123456789012345678901234567890",
+        "1.000000000000000000001",
+        "-0",
+        // As PostgreSQL writes exponents (serde_json writes `1e400` back as `1e+400`).
+        "1e+400",
+    ];
+    let document = format!(
+        r#"{{"doc": [{}], "n": 9007199254740993}}"#,
+        digits.join(", ")
+    );
+    let mut event = postgres_update();
+    event.after = Some(serde_json::from_str(&document).unwrap());
+    event.diff = Some(
+        serde_json::from_str(&format!(
+            r#"[{{"op": "replace", "path": "/doc/0", "value": {}}}]"#,
+            digits[0]
+        ))
+        .unwrap(),
+    );
+    for codec in [Codec::json().unwrap(), avro_codec()] {
+        let decoded = codec.decode(&codec.encode(&event).unwrap()).unwrap();
+        let text = serde_json::to_string(&decoded.after).unwrap();
+        for number in digits.iter().chain(&["9007199254740993"]) {
+            assert!(text.contains(number), "{number} lost in {text}");
+        }
+        assert!(serde_json::to_string(&decoded.diff)
+            .unwrap()
+            .contains(digits[0]));
+        assert_eq!(decoded, event);
+    }
+}
+
 #[test]
 fn json_uses_debezium_field_names() {
     let value = serde_json::to_value(postgres_update()).expect("serialize");
