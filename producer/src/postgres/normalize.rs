@@ -39,8 +39,8 @@ pub struct Table {
 }
 
 impl Table {
-    /// A row as a JSON object, column name to value.
-    pub fn row(&self, tuple: &Tuple) -> Json {
+    /// A row as a JSON object, column name to value (the tuple's texts move into it).
+    pub fn row(&self, tuple: Tuple) -> Json {
         let mut object = Map::with_capacity(tuple.len());
         for (i, (column, value)) in self.relation.columns.iter().zip(tuple).enumerate() {
             object.insert(column.name.clone(), self.value(i, value));
@@ -50,27 +50,28 @@ impl Table {
 
     /// Column `i`'s value as JSON, redacted when configured. Nulls and unchanged
     /// TOAST markers carry no secret and stay as they are.
-    fn value(&self, i: usize, value: &Value) -> Json {
-        let json = self.encodings[i].to_json(value);
-        match (&self.redactor, self.redacted.get(i), value) {
-            (Some(redactor), Some(true), Value::Text(_) | Value::Binary(_)) => redactor.hash(&json),
+    fn value(&self, i: usize, value: Value) -> Json {
+        let secret = matches!(value, Value::Text(_) | Value::Binary(_));
+        let json = self.encodings[i].into_json(value);
+        match (&self.redactor, self.redacted.get(i)) {
+            (Some(redactor), Some(true)) if secret => redactor.hash(&json),
             _ => json,
         }
     }
 
-    /// The message key: the key columns of `tuple` as a JSON object, or `None` for a
-    /// table without a key and for changes without a row (truncate).
-    pub fn key(&self, tuple: &[Value]) -> Option<Vec<u8>> {
-        if self.key_columns.is_empty() || tuple.is_empty() {
+    /// The message key: the key columns of `row` (as published, so redacted key
+    /// columns are hashed here too) as a JSON object, or `None` for a table without a
+    /// key and for changes without a row (truncate).
+    pub fn key(&self, row: Option<&Json>) -> Option<Vec<u8>> {
+        let row = row?.as_object()?;
+        if self.key_columns.is_empty() {
             return None;
         }
         let mut object = Map::new();
         for &i in &self.key_columns {
-            let column = &self.relation.columns[i];
-            let value = tuple
-                .get(i)
-                .map_or(Json::Null, |v| self.encodings[i].to_json(v));
-            object.insert(column.name.clone(), value);
+            let name = &self.relation.columns[i].name;
+            let value = row.get(name).cloned().unwrap_or(Json::Null);
+            object.insert(name.clone(), value);
         }
         serde_json::to_vec(&Json::Object(object)).ok()
     }

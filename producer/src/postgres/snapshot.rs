@@ -19,7 +19,7 @@ pub(super) struct Snapshot<'a, S, C> {
     consistent_point: Lsn,
     seq: u64,
     /// The latest event, held back so the very last one can be marked `last`.
-    held: Option<(ChangeEvent, Table, Vec<Value>)>,
+    held: Option<(ChangeEvent, Table)>,
 }
 
 impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
@@ -63,9 +63,9 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
             self.read_table(&client, &info, &table, &mut in_flight)
                 .await?;
         }
-        if let Some((mut event, table, tuple)) = self.held.take() {
+        if let Some((mut event, table)) = self.held.take() {
             event.source.snapshot = SnapshotMarker::Last;
-            let record = self.source.record(&table, &tuple, &event)?;
+            let record = self.source.record(&table, &event)?;
             self.source.enqueue(record, &mut in_flight).await?;
         }
         while let Some(ack) = in_flight.next().await {
@@ -130,14 +130,14 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
                 SnapshotMarker::True,
             ),
             before: None,
-            after: Some(table.row(&tuple)),
+            after: Some(table.row(tuple)),
             diff: None,
             actor: None,
             transaction: None,
         };
         self.source.count_event(table, Op::Read);
-        if let Some((event, table, tuple)) = self.held.replace((event, table.clone(), tuple)) {
-            let record: OutboundRecord = self.source.record(&table, &tuple, &event)?;
+        if let Some((event, table)) = self.held.replace((event, table.clone())) {
+            let record: OutboundRecord = self.source.record(&table, &event)?;
             self.source.enqueue(record, in_flight).await?;
         }
         // Bounded memory for tables of any size: wait for acknowledgements, as the

@@ -323,16 +323,16 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         })
     }
 
-    /// The record for one event of `table`.
+    /// The record for one event of `table`, keyed by its row (the new one, else the
+    /// old one).
     pub(super) fn record(
         &self,
         table: &Table,
-        key_tuple: &[super::pgoutput::Value],
         event: &ChangeEvent,
     ) -> Result<OutboundRecord, PostgresError> {
         Ok(OutboundRecord {
             topic: table.topic.clone(),
-            key: table.key(key_tuple),
+            key: table.key(event.after.as_ref().or(event.before.as_ref())),
             value: Some(self.codec.encode(event)?),
             headers: Vec::new(),
         })
@@ -587,13 +587,12 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
             .ok_or(PostgresError::UnknownRelation(oid))?;
         let change = Change {
             op,
-            before: old.as_ref().map(|t| table.row(t)),
-            after: new.as_ref().map(|t| table.row(t)),
+            before: old.map(|t| table.row(t)),
+            after: new.map(|t| table.row(t)),
             lsn,
         };
         let event = self.info.event(table, tx, change, now_ms());
-        let key_tuple = new.as_deref().or(old.as_deref()).unwrap_or_default();
-        let record = self.source.record(table, key_tuple, &event)?;
+        let record = self.source.record(table, &event)?;
         let tombstone =
             (op == Op::Delete && self.source.config.tombstones).then(|| OutboundRecord {
                 topic: record.topic.clone(),

@@ -127,7 +127,13 @@ impl Codec {
     /// Encodes one event.
     pub fn encode(&self, event: &ChangeEvent) -> Result<Vec<u8>, CodecError> {
         match self.format {
-            ValueFormat::Json => Ok(serde_json::to_vec(event)?),
+            ValueFormat::Json => {
+                // Most events are under 1 KiB: one allocation instead of doubling
+                // from serde_json's 128 bytes.
+                let mut bytes = Vec::with_capacity(1024);
+                serde_json::to_writer(&mut bytes, event)?;
+                Ok(bytes)
+            }
             ValueFormat::Avro => self.avro.encode(event),
         }
     }

@@ -268,11 +268,16 @@ async fn redacted_columns_never_reach_kafka_and_changes_stay_visible() -> anyhow
     let stack = Stack::from_env();
     let (db, client) = database_with(
         &stack,
-        "CREATE TABLE users (id int PRIMARY KEY, email text, password text, ssn text)",
+        "CREATE TABLE users (id int PRIMARY KEY, email text, password text, ssn text);
+         CREATE TABLE tokens (token text PRIMARY KEY, owner text);",
     )
     .await?;
     let mut config = config(&db.url, "sec");
-    config.redact = vec!["public.users.password".into(), "*.*.ssn".into()];
+    config.redact = vec![
+        "public.users.password".into(),
+        "*.*.ssn".into(),
+        "public.tokens.token".into(),
+    ];
     config.redaction_key = Some("test-redaction-key-0123".into());
     let prefix = unique_name("pg");
     let mut source =
@@ -317,6 +322,28 @@ async fn redacted_columns_never_reach_kafka_and_changes_stay_visible() -> anyhow
         password(&events[2]),
         "a changed secret is visible"
     );
+
+    // A redacted key column is hashed in the message key too.
+    client
+        .batch_execute("INSERT INTO tokens VALUES ('tok-secret-4711', 'ops')")
+        .await?;
+    let tokens = source
+        .consumer(&stack, &format!("{prefix}.sec.public.tokens"))
+        .await?;
+    let record = &tokens.read_exactly(1, Duration::from_secs(30)).await?[0];
+    let key: serde_json::Value = serde_json::from_slice(record.key.as_deref().unwrap_or_default())?;
+    let event = &decode(std::slice::from_ref(record))?[0];
+    assert!(
+        !String::from_utf8_lossy(record.value.as_deref().unwrap_or_default())
+            .contains("tok-secret")
+    );
+    assert!(
+        key["token"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("hmac-sha256:")),
+        "key {key}"
+    );
+    assert_eq!(key["token"], event.after.as_ref().unwrap()["token"]);
     source.stop().await?;
     Ok(())
 }
