@@ -1,5 +1,5 @@
 //! Producer benchmark:
-//! `cargo run --release -p changewire-tests --bin bench-postgres -- [ROWS] [ROWS_PER_TX]`
+//! `cargo run --release -p changewire-tests --bin bench-postgres -- [ROWS] [ROWS_PER_TX] [LIVE_REPEATS]`
 //!
 //! On the local stack (`scripts/stack up`), in one run:
 //! 1. loads ROWS row changes (default 1,000,000: 60% inserts, 30% updates, 10%
@@ -13,7 +13,9 @@
 //! 5. end to end, live: from the start of a second load of ROWS changes until every
 //!    event is readable by a consumer, against `pg_recvlogical` streaming the same
 //!    load (on a table of its own, before) until its walsender sent the last of it;
-//!    with the CPU time the bench process, PostgreSQL and the broker spent meanwhile.
+//!    with the CPU time the bench process, PostgreSQL and the broker spent meanwhile;
+//!    LIVE_REPEATS pairs (default 3), alternating, and their median (single live runs
+//!    vary by +-15% on 2 cores).
 //!
 //! Every insert and update carries a jsonb document of numbers, so the exact JSON
 //! numbers are part of what is measured.
@@ -46,9 +48,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let rows = arg(1, 1_000_000)?;
     let per_tx = arg(2, 1_000)?;
+    let repeats = arg(3, 3)?;
     ensure!(
-        rows > 0 && per_tx > 0,
-        "ROWS and ROWS_PER_TX must be positive"
+        rows > 0 && per_tx > 0 && repeats > 0,
+        "ROWS, ROWS_PER_TX and LIVE_REPEATS must be positive"
     );
     let stack = Stack::from_env();
     let db = TestDatabase::create(&stack).await?;
@@ -84,8 +87,11 @@ async fn main() -> anyhow::Result<()> {
             .execute("SELECT pg_drop_replication_slot($1)", &[slot])
             .await?;
     }
-    let live_theirs = live_pg_recvlogical(&db, rows, per_tx).await?;
-    let live_ours = live_changewire(&stack, &db, rows, per_tx).await?;
+    let mut live = Vec::new();
+    for _ in 0..repeats {
+        let theirs = live_pg_recvlogical(&db, rows, per_tx).await?;
+        live.push((theirs, live_changewire(&stack, &db, rows, per_tx).await?));
+    }
 
     let rate = |d: Duration| changes as f64 / d.as_secs_f64();
     println!();
@@ -111,31 +117,40 @@ async fn main() -> anyhow::Result<()> {
         "| peak RSS of the bench process (producer + loader) | {} MiB |",
         peak_rss / 1024
     );
-    println!(
-        "| live, load start -> pg_recvlogical sent the last change | {:.2} s ({:.0} changes/s) |",
-        live_theirs.as_secs_f64(),
-        rate(live_theirs)
-    );
-    println!(
-        "| live, load start -> every event readable by a consumer | {:.2} s ({:.0} changes/s) |",
-        live_ours.elapsed.as_secs_f64(),
-        rate(live_ours.elapsed)
-    );
-    println!(
-        "| live ratio changewire / pg_recvlogical | {:.2} |",
-        live_theirs.as_secs_f64() / live_ours.elapsed.as_secs_f64()
-    );
-    println!(
-        "| live CPU s: bench process (producer, consumer, loader client) / PostgreSQL / broker | {:.1} / {:.1} / {:.1} |",
-        live_ours.cpu.bench.as_secs_f64(),
-        live_ours.cpu.postgres.as_secs_f64(),
-        live_ours.cpu.broker.as_secs_f64()
-    );
-    println!(
-        "| live CPU per change in the bench process | {:.1} us |",
-        live_ours.cpu.bench.as_secs_f64() * 1e6 / changes as f64
-    );
+    print_live(&live, changes);
     Ok(())
+}
+
+/// One row per live pair, then the medians.
+fn print_live(live: &[(Duration, LiveRun)], changes: i64) {
+    println!();
+    println!("| live run | load start -> pg_recvlogical sent all | load start -> all readable | ratio | CPU s: bench / PostgreSQL / broker | bench CPU per change |");
+    println!("|---|---|---|---|---|---|");
+    let per_change = |run: &LiveRun| run.cpu.bench.as_secs_f64() * 1e6 / changes as f64;
+    for (i, (theirs, ours)) in live.iter().enumerate() {
+        println!(
+            "| {} | {:.2} s | {:.2} s | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} us |",
+            i + 1,
+            theirs.as_secs_f64(),
+            ours.elapsed.as_secs_f64(),
+            theirs.as_secs_f64() / ours.elapsed.as_secs_f64(),
+            ours.cpu.bench.as_secs_f64(),
+            ours.cpu.postgres.as_secs_f64(),
+            ours.cpu.broker.as_secs_f64(),
+            per_change(ours)
+        );
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let ratio = median(
+        live.iter()
+            .map(|(theirs, ours)| theirs.as_secs_f64() / ours.elapsed.as_secs_f64())
+            .collect(),
+    );
+    let cpu = median(live.iter().map(|(_, ours)| per_change(ours)).collect());
+    println!("| median | | | {ratio:.2} | | {cpu:.1} us |");
 }
 
 /// Loads `rows` changes into `table` (6 inserts, 3 updates, 1 delete per 10 rows) in
@@ -213,6 +228,7 @@ async fn live_pg_recvlogical(
     per_tx: i64,
 ) -> anyhow::Result<Duration> {
     let client = db.connect().await?;
+    client.batch_execute("TRUNCATE live_theirs").await?;
     let slot = create_pgoutput_slot(&client).await?;
     let mut receiver = Command::new(pg_recvlogical()?)
         .args([
@@ -334,6 +350,7 @@ async fn live_changewire(
     per_tx: i64,
 ) -> anyhow::Result<LiveRun> {
     let client = db.connect().await?;
+    client.batch_execute("TRUNCATE live_ours").await?;
     let slot = create_pgoutput_slot(&client).await?;
     let prefix = unique_name("live");
     let topic = format!("{prefix}.bench.public.live_ours");
