@@ -2,9 +2,10 @@
 //! (each column's JSON form is decided in [`super::encoding`]).
 //!
 //! Values arrive in PostgreSQL's text form, rendered by a session pinned to
-//! `DateStyle=ISO`, `IntervalStyle=iso_8601`, `TimeZone=UTC`, `bytea_output=hex`
-//! and `extra_float_digits=3` (see [`SESSION_OPTIONS`]) so that snapshot reads and
-//! the stream render values identically, and floats with their shortest exact digits.
+//! `DateStyle=ISO`, `IntervalStyle=iso_8601`, `TimeZone=UTC`, `bytea_output=hex`,
+//! `extra_float_digits=3` and `search_path=pg_catalog` (see [`SESSION_OPTIONS`]) so
+//! that snapshot reads and the stream render values identically, floats with their
+//! shortest exact digits and OID-alias types (`regclass`, ...) schema-qualified.
 
 use std::collections::HashMap;
 
@@ -19,7 +20,7 @@ use crate::redact::Redactor;
 
 /// Session settings for every connection whose values reach events.
 pub const SESSION_OPTIONS: &str = "-c datestyle=ISO,YMD -c intervalstyle=iso_8601 \
-     -c timezone=UTC -c extra_float_digits=3 -c bytea_output=hex";
+     -c timezone=UTC -c extra_float_digits=3 -c bytea_output=hex -c search_path=pg_catalog";
 
 /// A published table as the stream describes it.
 #[derive(Debug, Clone)]

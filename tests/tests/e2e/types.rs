@@ -19,7 +19,8 @@ use crate::pipeline::{config, database_with, decode, RunningSource};
 
 /// The session settings the README documents for rendered values.
 const DOCUMENTED_SESSION: &str = "SET datestyle = 'ISO, YMD'; SET intervalstyle = iso_8601; \
-     SET timezone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = hex;";
+     SET timezone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = hex; \
+     SET search_path = pg_catalog;";
 
 /// What an unchanged TOASTed value arrives as (README).
 const UNCHANGED_TOAST: &str = "__changewire_unchanged_toast";
@@ -252,7 +253,7 @@ async fn render(
             )
         })
         .collect();
-    let query = format!("SELECT id, {} FROM t", selected.join(", "));
+    let query = format!("SELECT id, {} FROM public.t", selected.join(", "));
     let mut rendered = HashMap::new();
     for row in client.query(&query, &[]).await? {
         let values = (0..columns.len())
@@ -618,6 +619,9 @@ async fn geometric_network_and_other_builtin_types_arrive_as_text() -> anyhow::R
             col("varchar(5)", Expect::Text, &["'ünï'"]),
             col("\"char\"", Expect::Text, &["'x'"]),
             col("name", Expect::Text, &["'a name'"]),
+            // Rendered through search_path: pinned, so always schema-qualified.
+            col("regclass", Expect::Text, &["'t'", "'pg_class'"]),
+            col("regtype", Expect::Text, &["'integer'", "'public.t'"]),
         ],
     )
     .await
