@@ -252,12 +252,8 @@ pub enum Difference {
 /// it: an event id (`uid` + `resourceVersion`) never names two contents. Type fields
 /// are left out, as states stored by earlier versions may lack them.
 pub fn compare(before: &Value, after: &Value) -> Difference {
-    let version = |object: &Value| {
-        object["metadata"]["resourceVersion"]
-            .as_str()
-            .map(str::to_owned)
-    };
-    if version(before).is_some() && version(before) == version(after) {
+    let version = before["metadata"]["resourceVersion"].as_str();
+    if version.is_some() && version == after["metadata"]["resourceVersion"].as_str() {
         return Difference::Noise;
     }
     let without = |object: &Value, status: bool| {

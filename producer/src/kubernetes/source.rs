@@ -622,6 +622,9 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
         items: Vec<Result<Event<DynamicObject>, watcher::Error>>,
     ) -> Option<watcher::Error> {
         let mut expired = None;
+        // Whether the chunk's last outcome was data (the watch is healthy) rather
+        // than an error: one health update per chunk, not per event.
+        let mut delivered = false;
         for item in items {
             match item {
                 Ok(Event::Init) => {
@@ -643,15 +646,15 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
                     let listed = self.listing.take().unwrap_or_default();
                     self.reconcile(listed, self.first_sync);
                     self.first_sync = false;
-                    self.shared.health.recovered(&self.scope);
+                    delivered = true;
                 }
                 Ok(Event::Apply(object)) => {
-                    self.shared.health.recovered(&self.scope);
+                    delivered = true;
                     self.resume.clone_from(&object.metadata.resource_version);
                     self.apply(object, false)
                 }
                 Ok(Event::Delete(object)) => {
-                    self.shared.health.recovered(&self.scope);
+                    delivered = true;
                     self.resume.clone_from(&object.metadata.resource_version);
                     let uid = object.metadata.uid.clone().unwrap_or_default();
                     self.delete(
@@ -668,6 +671,7 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
                         .inc();
                     tracing::warn!(kind = %self.kind.label(), error = %report(&error), "watch interrupted; the watcher resumes");
                     self.shared.health.failed(&self.scope, report(&error));
+                    delivered = false;
                     // kube's watcher relists on an in-stream 410 but retries an HTTP 410
                     // forever with the same version: start over instead.
                     if is_http_gone(&error) {
@@ -675,6 +679,9 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
                     }
                 }
             }
+        }
+        if delivered {
+            self.shared.health.recovered(&self.scope);
         }
         expired
     }

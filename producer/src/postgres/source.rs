@@ -21,6 +21,7 @@ use super::normalize::{Change, Relations, SourceInfo, Table, TxContext, SESSION_
 use super::pgoutput::{pg_micros_to_unix_ms, Decoder, Lsn, Message, OldTuple, Relation};
 use super::setup::{self, quote_ident};
 use super::snapshot::Snapshot;
+use crate::backoff::Backoff;
 use crate::checkpoint::CheckpointStore;
 use crate::metrics::{ProducerMetrics, SourceKind, SourceState, TableOp};
 use crate::sink::{EventSink, OutboundRecord, SinkError};
@@ -29,7 +30,8 @@ use crate::sink::{EventSink, OutboundRecord, SinkError};
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// A session that ran this long before failing resets the reconnect backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// The first reconnect delay's ceiling (delays are half to all of it: 0.2-0.4 s).
+const BACKOFF_FIRST: Duration = Duration::from_millis(400);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// A committed position that may be confirmed once everything before it is acked.
@@ -89,9 +91,8 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
     /// permanent error, or `Ok` after a graceful shutdown that confirmed everything
     /// acknowledged.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), PostgresError> {
-        let mut delay = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER);
         loop {
-            let started = Instant::now();
             self.metrics
                 .set_state(SourceKind::Postgres, SourceState::Starting);
             let error = match self.run_session(&mut shutdown).await {
@@ -109,24 +110,20 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
                     return Err(error);
                 }
             };
-            if started.elapsed() > HEALTHY_AFTER {
-                delay = BACKOFF_MIN;
-            }
-            let jittered = delay.mul_f64(1.0 + jitter_fraction());
-            tracing::warn!(error = %report(&error), retry_in = ?jittered, "PostgreSQL source failed; reconnecting");
+            let delay = backoff.next_delay();
+            tracing::warn!(error = %report(&error), retry_in = ?delay, "PostgreSQL source failed; reconnecting");
             self.metrics
                 .set_state(SourceKind::Postgres, SourceState::Reconnecting);
             self.metrics
                 .set_error(SourceKind::Postgres, Some(report(&error)));
             self.metrics.reconnects.inc();
             tokio::select! {
-                () = tokio::time::sleep(jittered) => {}
+                () = tokio::time::sleep(delay) => {}
                 () = stopped(&mut shutdown) => {
                     self.metrics.set_state(SourceKind::Postgres, SourceState::Stopped);
                     return Ok(());
                 }
             }
-            delay = (delay * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -659,15 +656,6 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or_default()
-}
-
-/// A pseudo-random fraction in [0, 0.5) for backoff jitter.
-fn jitter_fraction() -> f64 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default();
-    f64::from(nanos % 500) / 1000.0
 }
 
 /// Parses PostgreSQL's `X/Y` LSN text.
