@@ -154,7 +154,7 @@ pub(crate) fn config_map(name: &str, value: &str) -> anyhow::Result<ConfigMap> {
 
 /// Each event's object name and op, sorted (events read per partition come in no
 /// overall order).
-fn names_and_ops(events: &[ChangeEvent]) -> Vec<(String, Op)> {
+pub(crate) fn names_and_ops(events: &[ChangeEvent]) -> Vec<(String, Op)> {
     let mut all: Vec<(String, Op)> = events.iter().map(|e| (name(e), e.op)).collect();
     all.sort_by_key(|(name, op)| (name.clone(), op.code()));
     all
@@ -353,7 +353,7 @@ fn maps_direct_delete(fake: &FakeApiServer, name: &str) -> anyhow::Result<()> {
 }
 
 /// `events` plus whatever else the topic holds (read to its end markers).
-async fn read_all_after(
+pub(crate) async fn read_all_after(
     stack: &Stack,
     topic: &str,
     events: Vec<ChangeEvent>,
