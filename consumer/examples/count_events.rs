@@ -6,13 +6,15 @@
 //! ```
 //!
 //! The runtime gives the handler each new event once, with a [`Context`] whose
-//! writes are committed atomically with the partition offset.
+//! writes are committed atomically with the partition offset. This service
+//! keeps state only; one that acts on the outside world emits effects with
+//! `context.emit(sink, effect)` to sinks passed instead of `Sinks::new()`.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use changewire_consumer::config::ConsumerConfig;
-use changewire_consumer::runtime::{self, Context, Handler, HandlerError, Record};
+use changewire_consumer::runtime::{self, Context, Handler, HandlerError, Record, Sinks};
 use changewire_schemas::{ChangeEvent, Origin};
 use clap::Parser;
 
@@ -60,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     let config = ConsumerConfig::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
     let shutdown = runtime::stop_on_signals()?;
-    let stats = runtime::run(&config, CountEvents, shutdown).await?;
+    let stats = runtime::run(&config.runtime(), CountEvents, Sinks::new(), shutdown).await?;
     tracing::info!(?stats, "stopped");
     Ok(())
 }

@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             "changewire-consumer: configuration valid ({} service {:?}, group {})",
             service.kind(),
             config.service.name,
-            config.group_id()
+            config.runtime().group_id()
         );
         return ExitCode::SUCCESS;
     }
@@ -106,12 +106,15 @@ impl Service {
         config: &ConsumerConfig,
     ) -> Result<RunStats, Box<dyn std::error::Error + Send + Sync>> {
         let shutdown = runtime::stop_on_signals()?;
+        let config = config.runtime();
         Ok(match self {
             Self::Dedup(dedup) => {
-                runtime::run(config, Dedup::new(config, &dedup)?, shutdown).await?
+                let (handler, sinks) = Dedup::new(&config, &dedup)?;
+                runtime::run(&config, handler, sinks, shutdown).await?
             }
             Self::Forward(forward) => {
-                runtime::run(config, Forward::new(&forward)?, shutdown).await?
+                let (handler, sinks) = Forward::new(&forward)?;
+                runtime::run(&config, handler, sinks, shutdown).await?
             }
         })
     }

@@ -1,42 +1,55 @@
-//! The dead-letter queue: records a service cannot apply, with the reason in headers.
+//! The dead-letter queue, `<prefix>.dlq.<service>`: records a service cannot
+//! apply and effects a sink rejects, with the reason in headers.
+//!
+//! A dead letter is an effect like any other: it is written to the outbox (with
+//! the batch, or in place of the rejected effect) and delivered by the runtime's
+//! own Kafka sink named [`SINK`], so dead-lettering never blocks the poll loop
+//! and survives a crash. That sink never gives up: a dead letter too large for
+//! the broker is written without its payload (header [`headers::PAYLOAD`]
+//! says so); the topic/partition/offset headers still point at the original.
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::sync::watch;
+use changewire_schemas::diagnostics::report;
 
-use super::{
-    client_config, dlq_headers, ensure_topic, stopped, Record, RuntimeError, RETRY_MAX, RETRY_MIN,
-};
-use crate::config::ConsumerConfig;
+use super::handler::{Emitted, Header, Record};
+use super::outbox::{Effect, Pending};
+use super::sink::SinkShared;
 
-/// Publishes records the service cannot apply, with the reason in headers.
+/// The name of the DLQ's sink (a name services cannot take).
+pub const SINK: &str = "changewire.dlq";
+
+/// Headers on dead letters.
+pub mod headers {
+    /// Why it was dead-lettered.
+    pub const ERROR: &str = "changewire-dlq-error";
+    /// Topic the record was read from.
+    pub const TOPIC: &str = "changewire-dlq-topic";
+    /// Partition the record was read from.
+    pub const PARTITION: &str = "changewire-dlq-partition";
+    /// Offset the record was read from.
+    pub const OFFSET: &str = "changewire-dlq-offset";
+    /// The service that gave up on it.
+    pub const SERVICE: &str = "changewire-dlq-service";
+    /// The sink that rejected the effect (absent for records the handler refused).
+    pub const SINK: &str = "changewire-dlq-sink";
+    /// The rejected effect's idempotency key.
+    pub const IDEMPOTENCY_KEY: &str = "changewire-dlq-idempotency-key";
+    /// The rejected effect's destination (a topic, for Kafka sinks).
+    pub const DESTINATION: &str = "changewire-dlq-destination";
+    /// Present when the payload was left out: why (its size).
+    pub const PAYLOAD: &str = "changewire-dlq-payload-omitted";
+}
+
+/// Builds dead letters for one service.
 pub(super) struct DeadLetters {
-    producer: FutureProducer,
     topic: String,
     service: String,
 }
 
 impl DeadLetters {
-    pub(super) fn new(config: &ConsumerConfig) -> Result<Self, RuntimeError> {
-        let mut client = client_config(config);
-        client
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", "0");
-        let topic = config
-            .topics
-            .names()
-            .and_then(|names| names.dlq(&config.service.name))
-            .map_err(|e| {
-                changewire_schemas::settings::ConfigError::invalid("service.name", e.to_string())
-            })?;
-        Ok(Self {
-            producer: client.create()?,
-            topic,
-            service: config.service.name.clone(),
-        })
+    pub(super) fn new(topic: String, service: String) -> Self {
+        Self { topic, service }
     }
 
     /// The DLQ topic.
@@ -44,67 +57,85 @@ impl DeadLetters {
         &self.topic
     }
 
-    /// Creates the DLQ topic when missing (brokers may not auto-create it).
-    pub(super) async fn ensure_topic(&self, config: &ConsumerConfig) -> Result<(), RuntimeError> {
-        ensure_topic(config, &self.topic, 1).await
+    /// The dead letter of a record the service cannot apply (its own headers
+    /// kept, ours added), keyed by where the record was read from.
+    pub(super) fn record(&self, record: &Record, reason: &str) -> Emitted {
+        tracing::warn!(topic = record.topic, partition = record.partition, offset = record.offset, reason, "dead-lettering");
+        let ours = [
+            (headers::ERROR, reason.to_owned()),
+            (headers::TOPIC, record.topic.clone()),
+            (headers::PARTITION, record.partition.to_string()),
+            (headers::OFFSET, record.offset.to_string()),
+            (headers::SERVICE, self.service.clone()),
+        ];
+        Emitted {
+            sink: SINK.to_owned(),
+            idempotency_key: format!("dlq/{}/{}/{}", record.topic, record.partition, record.offset),
+            effect: self.letter(&record.headers, ours, record.key.clone(), record.payload.clone()),
+        }
     }
 
-    /// Sends `record` to the DLQ (its own headers kept, ours added) and waits for the acknowledgement, retrying until
-    /// it is stored (the offset must not move past a record that went nowhere);
-    /// `false` if shutdown came first.
-    pub(super) async fn send(
+    /// Moves `pending`, which `sink` rejected, to the DLQ: one durable write
+    /// swaps the outbox entries, then the queues follow.
+    pub(super) fn reroute(
         &self,
-        record: &Record,
+        pending: &Arc<Pending>,
+        sink: &str,
         reason: &str,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
-        tracing::warn!(
-            topic = record.topic,
-            partition = record.partition,
-            offset = record.offset,
-            reason,
-            "dead-lettering"
-        );
-        let (partition, offset) = (record.partition.to_string(), record.offset.to_string());
-        let headers = [
-            (dlq_headers::ERROR, reason),
-            (dlq_headers::TOPIC, record.topic.as_str()),
-            (dlq_headers::PARTITION, partition.as_str()),
-            (dlq_headers::OFFSET, offset.as_str()),
-            (dlq_headers::SERVICE, self.service.as_str()),
+        shared: &SinkShared,
+    ) -> Result<(), String> {
+        tracing::warn!(sink, idempotency_key = pending.idempotency_key, reason, "dead-lettering an effect");
+        let effect = &pending.effect;
+        let ours = [
+            (headers::ERROR, reason.to_owned()),
+            (headers::SINK, sink.to_owned()),
+            (headers::IDEMPOTENCY_KEY, pending.idempotency_key.clone()),
+            (headers::DESTINATION, effect.destination.clone().unwrap_or_default()),
+            (headers::SERVICE, self.service.clone()),
         ];
-        let originals = record
-            .headers
-            .iter()
-            .map(|(key, value)| (key.as_str(), value.as_slice()));
-        let ours = headers.map(|(key, value)| (key, value.as_bytes()));
-        let headers = originals
-            .chain(ours)
-            .fold(OwnedHeaders::new(), |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            });
-        let mut delay = RETRY_MIN;
-        loop {
-            let mut dead: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
-                .headers(headers.clone())
-                .payload(&record.payload);
-            if let Some(key) = &record.key {
-                dead = dead.key(key);
-            }
-            match self.producer.send(dead, Duration::from_secs(30)).await {
-                Ok(_) => return true,
-                Err((error, _)) => {
-                    tracing::error!(%error, topic = %self.topic, "cannot write to the DLQ; retrying")
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = stopped(shutdown) => return false,
-            }
-            delay = (delay * 2).min(RETRY_MAX);
+        let letter = Arc::new(Pending {
+            sequence: shared.outbox.sequence(1),
+            sink: SINK.to_owned(),
+            idempotency_key: format!("{}/dlq", pending.idempotency_key),
+            effect: self.letter(&effect.headers, ours, effect.key.clone(), effect.payload.clone()),
+        });
+        shared
+            .store
+            .replace_outbox(pending.sequence, &letter)
+            .map_err(|e| format!("cannot dead-letter an effect of sink {sink}: {}", report(&e)))?;
+        shared.outbox.push(vec![letter], false)?;
+        shared.outbox.remove(sink, &[pending.sequence]);
+        shared.metrics.dead_lettered_effects.inc();
+        Ok(())
+    }
+
+    fn letter<const N: usize>(
+        &self,
+        original: &[Header],
+        ours: [(&str, String); N],
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+    ) -> Effect {
+        let mut headers = original.to_vec();
+        headers.extend(ours.map(|(name, value)| (name.to_owned(), Some(value.into_bytes()))));
+        Effect {
+            destination: Some(self.topic.clone()),
+            partition: None,
+            key,
+            headers,
+            payload,
         }
+    }
+}
+
+/// `letter` without its payload, which the broker refused as too large.
+pub(super) fn without_payload(letter: &Effect) -> Effect {
+    let mut headers = letter.headers.clone();
+    let why = format!("{} bytes, more than the broker or client accepts", letter.payload.len());
+    headers.push((headers::PAYLOAD.to_owned(), Some(why.into_bytes())));
+    Effect {
+        headers,
+        payload: Vec::new(),
+        ..letter.clone()
     }
 }

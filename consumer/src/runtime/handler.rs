@@ -1,14 +1,21 @@
-//! The handler seam: what a consumer service does with each new event.
+//! The handler seam: what a consumer service does with each new event and on
+//! each tick. A handler changes its state and *emits* effects; it never acts on
+//! the outside world itself. The runtime commits both atomically and delivers the
+//! effects through the named sinks.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::time::SystemTime;
 
 use changewire_schemas::ChangeEvent;
 
+use super::outbox::Effect;
 use super::store::{StateChanges, Store, StoreError};
 
+/// A message header: its value may be absent (which is not the same as empty).
+pub type Header = (String, Option<Vec<u8>>);
+
 /// A record as read from Kafka, with the bytes a service may pass on unchanged.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Topic.
     pub topic: String,
@@ -19,49 +26,83 @@ pub struct Record {
     /// Message key.
     pub key: Option<Vec<u8>>,
     /// Message headers, in order.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Vec<Header>,
     /// The encoded value.
     pub payload: Vec<u8>,
 }
 
-/// Why a handler did not apply an event.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a handler did not apply an event, by what the runtime should do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// May succeed later (a downstream outage): retried with backoff.
-    #[error("transient failure: {0}")]
-    Transient(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// Will never succeed (invalid for this service): sent to the DLQ.
-    #[error("permanent failure: {0}")]
-    Permanent(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// May succeed on another attempt: retried with backoff (only the event's
+    /// partition waits), then dead-lettered after `service.max_attempts`.
+    #[error("transient failure")]
+    Transient(#[source] BoxError),
+    /// Will never succeed (invalid for this service): dead-lettered at once.
+    #[error("permanent failure")]
+    Permanent(#[source] BoxError),
+    /// A dependency is down: the event's partition waits and is retried without
+    /// end, `/health` says why, nothing is dead-lettered.
+    #[error("dependency unavailable")]
+    Unavailable(#[source] BoxError),
+    /// The service cannot go on (a corrupted store, say): it stops with exit
+    /// status 1; what was committed stays committed.
+    #[error("fatal failure")]
+    Fatal(#[source] BoxError),
 }
 
 impl HandlerError {
     /// A transient failure from any error.
-    pub fn transient(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub fn transient(error: impl Into<BoxError>) -> Self {
         Self::Transient(error.into())
     }
 
     /// A permanent failure from any error.
-    pub fn permanent(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
         Self::Permanent(error.into())
     }
-}
 
-impl From<StoreError> for HandlerError {
-    fn from(error: StoreError) -> Self {
-        Self::Transient(Box::new(error))
+    /// An unavailable dependency, from any error.
+    pub fn unavailable(error: impl Into<BoxError>) -> Self {
+        Self::Unavailable(error.into())
+    }
+
+    /// A fatal failure from any error.
+    pub fn fatal(error: impl Into<BoxError>) -> Self {
+        Self::Fatal(error.into())
     }
 }
 
-/// The state a handler reads and changes for one event. Its changes are applied
-/// with the event's offset and id, in the batch's one atomic write, or not at all
-/// (a failed event leaves no trace).
+/// A store that fails cannot be trusted to hold the next batch either.
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        Self::Fatal(Box::new(error))
+    }
+}
+
+/// An effect a handler emitted, not yet committed.
+#[derive(Debug)]
+pub(super) struct Emitted {
+    pub(super) sink: String,
+    pub(super) idempotency_key: String,
+    pub(super) effect: Effect,
+}
+
+/// What a handler reads and changes for one event (or one tick). Its state changes
+/// and emitted effects are committed with the event's offset and id, in the
+/// batch's one atomic write, or not at all (a failed event leaves no trace).
 pub struct Context<'a> {
     store: &'a Store,
     batch: &'a StateChanges,
     /// The previous batch's changes while its write is still under way.
     previous: Option<&'a StateChanges>,
+    sinks: &'a [String],
+    /// What the idempotency keys of this event's effects start with.
+    origin: String,
     changes: StateChanges,
+    emitted: Vec<Emitted>,
 }
 
 impl<'a> Context<'a> {
@@ -69,12 +110,17 @@ impl<'a> Context<'a> {
         store: &'a Store,
         batch: &'a StateChanges,
         previous: Option<&'a StateChanges>,
+        sinks: &'a [String],
+        origin: String,
     ) -> Self {
         Self {
             store,
             batch,
             previous,
+            sinks,
+            origin,
             changes: StateChanges::default(),
+            emitted: Vec::new(),
         }
     }
 
@@ -102,14 +148,35 @@ impl<'a> Context<'a> {
         self.changes.remove(key);
     }
 
-    pub(super) fn into_changes(self) -> StateChanges {
-        self.changes
+    /// Asks for `effect` to be delivered through the sink named `sink`, once the
+    /// batch is committed. Its idempotency key is `<event id>/<sink>/<ordinal>`
+    /// (the ordinal counts this event's effects), so handling the same event
+    /// again after a crash yields the same key. Returns that key.
+    pub fn emit(&mut self, sink: &str, effect: Effect) -> Result<String, HandlerError> {
+        if !self.sinks.iter().any(|s| s == sink) {
+            return Err(HandlerError::fatal(format!(
+                "the handler emitted to sink {sink:?}, which the service does not run (it runs {:?})",
+                self.sinks
+            )));
+        }
+        let idempotency_key = format!("{}/{sink}/{}", self.origin, self.emitted.len());
+        self.emitted.push(Emitted {
+            sink: sink.to_owned(),
+            idempotency_key: idempotency_key.clone(),
+            effect,
+        });
+        Ok(idempotency_key)
+    }
+
+    pub(super) fn finish(self) -> (StateChanges, Vec<Emitted>) {
+        (self.changes, self.emitted)
     }
 }
 
 /// A consumer service. The runtime calls [`Handler::handle`] once per new event id
 /// (duplicates within the retention window are skipped) and commits its state
-/// changes atomically with the ids and partition offsets of the whole batch.
+/// changes and emitted effects atomically with the ids and partition offsets of
+/// the whole batch; then its sinks deliver the effects.
 pub trait Handler: Send + Sync + 'static {
     /// Applies one event.
     fn handle(
@@ -119,40 +186,23 @@ pub trait Handler: Send + Sync + 'static {
         context: &mut Context<'_>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
-    /// Runs once before the first batch is read: finish outward effects a crash
-    /// interrupted (state written by [`Handler::handle`] and committed, effect not
-    /// yet confirmed). Failures are retried with backoff.
-    fn recover(&self, store: &Store) -> impl Future<Output = Result<(), HandlerError>> + Send {
-        let _ = store;
+    /// Runs every `service.tick_interval_ms` (never without it): time-driven work
+    /// such as closing windows or debouncing. Its changes and effects are
+    /// committed atomically like a batch's. A failure is logged and the next tick
+    /// comes as usual, except [`HandlerError::Fatal`], which stops the service.
+    fn tick(
+        &self,
+        now: SystemTime,
+        context: &mut Context<'_>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = (now, context);
         async { Ok(()) }
     }
 
-    /// Runs once per batch, after its last [`Handler::handle`] and before its one
-    /// atomic write: state changes that belong to the batch as a whole (one
-    /// outbox entry for all of its output, say) are committed with it.
-    fn seal(&self, changes: &mut StateChanges) {
-        let _ = changes;
+    /// This instance takes over `topic`/`partition` from another one, further
+    /// along than its own state: drop state scoped to that partition. Called
+    /// before the partition's first event; the changes commit with that batch.
+    fn partition_reset(&self, topic: &str, partition: i32, context: &mut Context<'_>) {
+        let _ = (topic, partition, context);
     }
-
-    /// Runs after each batch is durable in sled: start the outward effects the batch
-    /// recorded, and return a [`Settlement`] that resolves once they are confirmed.
-    /// The runtime reads and applies the next batches meanwhile (a few at most),
-    /// and mirrors a batch's offsets to Kafka only once it and every batch before it
-    /// settled. A failed settlement makes the runtime wait for the others and run
-    /// [`Handler::recover`]. Failures to start are retried with backoff.
-    fn committed(
-        &self,
-        store: &Store,
-    ) -> impl Future<Output = Result<Settlement, HandlerError>> + Send {
-        let _ = store;
-        async { Ok(settled()) }
-    }
-}
-
-/// Resolves once a batch's outward effects are confirmed (see [`Handler::committed`]).
-pub type Settlement = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
-
-/// A settlement with nothing left to confirm.
-pub fn settled() -> Settlement {
-    Box::pin(std::future::ready(Ok(())))
 }

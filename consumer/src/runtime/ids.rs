@@ -216,7 +216,7 @@ mod tests {
                 ids.insert(id);
                 let segment = ids.segment(vec![id]);
                 store
-                    .commit(&Default::default(), &segment, &Default::default())
+                    .commit(&Default::default(), &segment, &Default::default(), &[])
                     .expect("commit");
                 id
             })
@@ -267,7 +267,7 @@ mod tests {
         let mut ids = ProcessedIds::load(&store, Duration::ZERO, 1000).expect("load");
         let segment = ids.segment(vec![digest("x")]);
         store
-            .commit(&Default::default(), &segment, &Default::default())
+            .commit(&Default::default(), &segment, &Default::default(), &[])
             .expect("commit");
         assert_eq!(
             ProcessedIds::load(&store, Duration::ZERO, 1000)

@@ -1,6 +1,8 @@
 //! Per-service metrics (Prometheus) and the state `/health` reports.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use changewire_schemas::http::{encode_registry, HealthReport, Observable, Status};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -50,6 +52,22 @@ pub struct TopicPartition {
     pub partition: i32,
 }
 
+/// Labels of per-sink metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    /// The sink's name.
+    pub sink: String,
+}
+
+/// Labels of failed deliveries.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkFailure {
+    /// The sink's name.
+    pub sink: String,
+    /// transient, permanent, unavailable or fatal.
+    pub class: &'static str,
+}
+
 /// What the service is doing, for the health endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServiceState {
@@ -59,10 +77,12 @@ pub enum ServiceState {
     Recovering = 1,
     /// Reading and applying events.
     Consuming = 2,
-    /// Retrying a failed effect.
+    /// Retrying an event whose handler failed transiently.
     Retrying = 3,
     /// Stopped.
     Stopped = 4,
+    /// A dependency of the handler is unavailable: its partitions wait.
+    Unavailable = 5,
 }
 
 impl ServiceState {
@@ -74,6 +94,7 @@ impl ServiceState {
             Self::Consuming => "consuming",
             Self::Retrying => "retrying",
             Self::Stopped => "stopped",
+            Self::Unavailable => "unavailable",
         }
     }
 }
@@ -97,7 +118,25 @@ pub struct ConsumerMetrics {
     pub retries: Counter,
     /// Event ids held for deduplication (those of the retention window).
     pub processed_ids: Gauge,
+    /// Effects waiting in the outbox, per sink.
+    pub effects_waiting: Family<SinkLabel, Gauge>,
+    /// Seconds the oldest waiting effect has waited, per sink.
+    pub oldest_waiting_seconds: Family<SinkLabel, Gauge>,
+    /// Effects delivered, per sink.
+    pub effects_delivered: Family<SinkLabel, Counter>,
+    /// Failed attempts at effects, per sink and error class.
+    pub effects_failed: Family<SinkFailure, Counter>,
+    /// Effects a sink rejected, moved to the DLQ.
+    pub dead_lettered_effects: Counter,
+    /// Whether fetching is paused because the outbox is above its high mark.
+    pub outbox_full: Gauge,
+    /// Subscribed partitions no member of the group owns.
+    pub unowned_partitions: Gauge,
     status: Status<ServiceState>,
+    /// Sinks waiting for their receiver, and why; and unowned partitions.
+    problems: Mutex<BTreeMap<String, String>>,
+    /// When each sink's oldest waiting effect joined its queue.
+    oldest: Mutex<BTreeMap<String, (u64, std::time::Instant)>>,
     read: AtomicU64,
 }
 
@@ -114,7 +153,16 @@ impl Default for ConsumerMetrics {
             offset_gaps: Counter::default(),
             retries: Counter::default(),
             processed_ids: Gauge::default(),
+            effects_waiting: Family::default(),
+            oldest_waiting_seconds: Family::default(),
+            effects_delivered: Family::default(),
+            effects_failed: Family::default(),
+            dead_lettered_effects: Counter::default(),
+            outbox_full: Gauge::default(),
+            unowned_partitions: Gauge::default(),
             status: Status::new(ServiceState::Starting),
+            problems: Mutex::default(),
+            oldest: Mutex::default(),
             read: AtomicU64::new(0),
         };
         registry.register(
@@ -157,6 +205,13 @@ impl Default for ConsumerMetrics {
             "Event ids held for deduplication (the retention window)",
             metrics.processed_ids.clone(),
         );
+        registry.register("effects_waiting", "Effects waiting in the outbox, per sink", metrics.effects_waiting.clone());
+        registry.register("oldest_waiting_seconds", "Seconds the oldest waiting effect has waited, per sink", metrics.oldest_waiting_seconds.clone());
+        registry.register("effects_delivered", "Effects delivered, per sink", metrics.effects_delivered.clone());
+        registry.register("effects_failed", "Failed attempts at effects, per sink and class", metrics.effects_failed.clone());
+        registry.register("dead_lettered_effects", "Effects a sink rejected, moved to the DLQ", metrics.dead_lettered_effects.clone());
+        registry.register("outbox_full", "1 while fetching is paused because the outbox is above its high mark", metrics.outbox_full.clone());
+        registry.register("unowned_partitions", "Subscribed partitions no member of the group owns", metrics.unowned_partitions.clone());
         Self {
             registry,
             ..metrics
@@ -195,6 +250,70 @@ impl ConsumerMetrics {
     pub fn set_error(&self, error: Option<String>) {
         self.status.set_error(error);
     }
+
+    fn set_problem(&self, what: String, problem: Option<String>) {
+        let mut problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(problem) => problems.insert(what, problem),
+            None => problems.remove(&what),
+        };
+    }
+
+    /// Records that `sink` waits for its receiver (`/health` turns 503), or not.
+    pub fn set_sink_error(&self, sink: &str, error: Option<String>) {
+        self.set_problem(format!("sink {sink}"), error);
+    }
+
+    /// Records partitions without an owner (`/health` turns 503), or none.
+    pub fn set_unowned(&self, problem: Option<String>) {
+        self.set_problem("group".into(), problem);
+    }
+
+    /// Counts failed attempts of `sink`.
+    pub fn sink_failed(&self, sink: &str, class: &'static str) {
+        self.effects_failed
+            .get_or_create(&SinkFailure {
+                sink: sink.to_owned(),
+                class,
+            })
+            .inc();
+    }
+
+    /// Counts `count` effects `sink` delivered.
+    pub fn sink_delivered(&self, sink: &str, count: usize) {
+        self.effects_delivered
+            .get_or_create(&SinkLabel {
+                sink: sink.to_owned(),
+            })
+            .inc_by(count as u64);
+    }
+
+    /// Updates `sink`'s queue gauges: effects waiting, and the age of the oldest
+    /// (timed from when this instance first saw it at the head).
+    pub(super) fn observe_sink(&self, sink: &str, outbox: &super::outbox::Outbox) {
+        let (waiting, head) = match outbox.queue(sink) {
+            Some(queue) => (queue.waiting.len(), queue.waiting.keys().next().copied()),
+            None => return,
+        };
+        let label = SinkLabel {
+            sink: sink.to_owned(),
+        };
+        self.effects_waiting.get_or_create(&label).set(waiting as i64);
+        let mut oldest = self.oldest.lock().unwrap_or_else(|e| e.into_inner());
+        let age = match head {
+            Some(head) => {
+                let entry = oldest
+                    .entry(sink.to_owned())
+                    .or_insert((head, std::time::Instant::now()));
+                if entry.0 != head {
+                    *entry = (head, std::time::Instant::now());
+                }
+                entry.1.elapsed().as_secs() as i64
+            }
+            None => 0,
+        };
+        self.oldest_waiting_seconds.get_or_create(&label).set(age);
+    }
 }
 
 impl Observable for ConsumerMetrics {
@@ -202,13 +321,17 @@ impl Observable for ConsumerMetrics {
         encode_registry(&self.registry)
     }
 
-    /// Healthy while consuming.
+    /// Healthy while consuming with every sink delivering and every partition
+    /// owned; otherwise the error says what waits.
     fn health(&self) -> HealthReport {
         let state = self.state();
+        let problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        let mut errors: Vec<String> = problems.iter().map(|(what, why)| format!("{what}: {why}")).collect();
+        errors.extend(self.status.last_error());
         HealthReport {
-            healthy: state == ServiceState::Consuming,
+            healthy: state == ServiceState::Consuming && problems.is_empty(),
             state: state.as_str(),
-            last_error: self.status.last_error(),
+            last_error: (!errors.is_empty()).then(|| errors.join("; ")),
         }
     }
 }

@@ -1,12 +1,13 @@
 //! The service's sled database: its own state, the event ids it processed (one
-//! segment per batch, see [`super::ids`]), and its partition offsets, all written
-//! in one atomic, flushed batch.
+//! segment per batch, see [`super::ids`]), its partition offsets and the outbox
+//! of effects (see [`super::outbox`]), all written in one atomic, flushed batch.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::ids::{digest, IdDigest, Segment};
+use super::outbox::Pending;
 
 /// Key prefixes: one tree, so one batch covers them all.
 const STATE: u8 = b's';
@@ -15,6 +16,10 @@ const SINGLE_ID: u8 = b'i';
 /// A batch's processed ids: the key ends with the segment's sequence.
 const SEGMENT: u8 = b'p';
 const OFFSET: u8 = b'o';
+/// An outbox entry: the key ends with its sequence.
+const OUTBOX: u8 = b'e';
+/// The runtime's own values (the instance id).
+const META: u8 = b'm';
 
 /// A failed read or write of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,10 @@ fn segment_key(sequence: u64) -> Vec<u8> {
     key(SEGMENT, &[&sequence.to_be_bytes()])
 }
 
+fn outbox_key(sequence: u64) -> Vec<u8> {
+    key(OUTBOX, &[&sequence.to_be_bytes()])
+}
+
 /// Milliseconds since the epoch.
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
@@ -78,16 +87,20 @@ impl Store {
         Ok(self.db.get(key(STATE, &[state_key]))?.map(|v| v.to_vec()))
     }
 
-    /// Applies `changes`, stores the batch's `processed` ids and moves each
-    /// partition's offset to the next one to read (`offsets` maps topic/partition to
-    /// it), atomically, and flushes to disk.
+    /// Applies `changes`, stores the batch's `processed` ids and `effects`, and
+    /// moves each partition's offset to the next one to read (`offsets` maps
+    /// topic/partition to it), atomically, and flushes to disk.
     pub(super) fn commit(
         &self,
         changes: &StateChanges,
         processed: &Segment,
         offsets: &HashMap<(String, i32), i64>,
+        effects: &[std::sync::Arc<Pending>],
     ) -> Result<(), StoreError> {
         let mut batch = changes.to_batch();
+        for pending in effects {
+            batch.insert(outbox_key(pending.sequence), pending.encode());
+        }
         if !processed.digests.is_empty() {
             batch.insert(
                 segment_key(processed.sequence),
@@ -114,6 +127,55 @@ impl Store {
     pub fn apply_lazily(&self, changes: StateChanges) -> Result<(), StoreError> {
         self.db.apply_batch(changes.to_batch())?;
         Ok(())
+    }
+
+    /// Every outbox entry, oldest first; `Err` carries the sequences of entries
+    /// that cannot be decoded (a corrupted store).
+    pub(super) fn outbox(&self) -> Result<Result<Vec<Pending>, Vec<u64>>, StoreError> {
+        let (mut entries, mut corrupt) = (Vec::new(), Vec::new());
+        for entry in self.db.scan_prefix([OUTBOX, 0]) {
+            let (k, v) = entry?;
+            let sequence = k[2..].try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX);
+            match Pending::decode(sequence, &v) {
+                Some(pending) => entries.push(pending),
+                None => corrupt.push(sequence),
+            }
+        }
+        Ok(if corrupt.is_empty() { Ok(entries) } else { Err(corrupt) })
+    }
+
+    /// Removes delivered outbox entries, durable with the next flush (a crash
+    /// brings them back, in doubt, and their sink drops what landed).
+    pub(super) fn remove_outbox(&self, sequences: &[u64]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for sequence in sequences {
+            batch.remove(outbox_key(*sequence));
+        }
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Moves an entry to another sink (the DLQ) atomically and durably.
+    pub(super) fn replace_outbox(&self, removed: u64, added: &Pending) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.remove(outbox_key(removed));
+        batch.insert(outbox_key(added.sequence), added.encode());
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// This store's instance id, made up and stored at first use: it tells this
+    /// instance's offset commits in Kafka from other instances'.
+    pub(super) fn instance_id(&self) -> Result<String, StoreError> {
+        let id_key = key(META, &[b"instance"]);
+        if let Some(id) = self.db.get(&id_key)? {
+            return Ok(String::from_utf8_lossy(&id).into_owned());
+        }
+        let id = format!("{:016x}", fastrand::u64(..));
+        self.db.insert(&id_key, id.as_bytes())?;
+        self.db.flush()?;
+        Ok(id)
     }
 
     /// State entries whose key starts with `prefix`, in key order.
@@ -255,6 +317,11 @@ impl StateChanges {
         self.writes.get(key).map(Option::as_deref)
     }
 
+    /// Whether there are no changes.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
     /// Adds `later` on top of these changes.
     pub fn extend(&mut self, later: StateChanges) {
         self.writes.extend(later.writes);
@@ -290,7 +357,7 @@ mod tests {
             digests: vec![digest("pg:a:0/1:1"), 1],
         };
         store
-            .commit(&changes, &processed, &offsets)
+            .commit(&changes, &processed, &offsets, &[])
             .expect("commit");
         assert_eq!(store.offset("t", 0).expect("read"), Some(42));
         assert_eq!(store.get(b"count").expect("read"), Some(b"1".to_vec()));

@@ -1,0 +1,5 @@
+//! Ready-made sinks: [`kafka::KafkaSink`] (topics, reconciled by reading the
+//! output back) and [`webhook::WebhookSink`] (Standard Webhooks).
+
+pub mod kafka;
+pub mod webhook;
