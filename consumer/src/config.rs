@@ -54,6 +54,11 @@ impl ConsumerConfig {
         Ok(())
     }
 
+    /// The consumer group this service joins.
+    pub fn group_id(&self) -> String {
+        self.runtime().group_id()
+    }
+
     /// The sections the runtime reads.
     pub fn runtime(&self) -> RuntimeConfig {
         RuntimeConfig {

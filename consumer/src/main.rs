@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             "changewire-consumer: configuration valid ({} service {:?}, group {})",
             service.kind(),
             config.service.name,
-            config.runtime().group_id()
+            config.group_id()
         );
         return ExitCode::SUCCESS;
     }

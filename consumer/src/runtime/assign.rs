@@ -209,8 +209,15 @@ impl ServiceContext {
                 let from = if matches!(start, Start::Sled(_)) { (next - self.rewind).max(0) } else { next };
                 let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(from));
             }
-            if matches!(start, Start::TakeOver(_)) {
-                lock(&self.assignment.resets).push(key.clone());
+            match start {
+                Start::TakeOver(_) => lock(&self.assignment.resets).push(key.clone()),
+                // Settled (and mirrored) once every effect committed so far was
+                // delivered: some may be this partition's.
+                Start::Sled(next) => self
+                    .assignment
+                    .settlements()
+                    .committed(self.outbox.last_sequence(), HashMap::from([(key.clone(), next)])),
+                Start::Group(_) | Start::Reset => {}
             }
             taken.push((key, start.next()));
         }

@@ -192,6 +192,7 @@ impl Mirror {
         if tpl.count() == 0 {
             return;
         }
+        tracing::debug!(partitions = tpl.count(), "mirroring settled offsets to Kafka");
         if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(%error, "mirroring offsets to Kafka failed");
             self.mirrored.clear();

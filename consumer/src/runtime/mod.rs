@@ -60,7 +60,7 @@ pub use config::{Assignment as AssignmentMode, RuntimeConfig, ServiceConfig};
 pub use handler::{Context, Handler, HandlerError, Header, Record};
 use ids::ProcessedIds;
 pub use kafka::{client_config, ensure_topic};
-pub use metrics::{ConsumerMetrics, Outcome, ServiceState};
+pub use metrics::{ConsumerMetrics, Outcome, ServiceState, SinkLabel};
 pub use outbox::{Effect, Pending};
 use outbox::Outbox;
 pub use shutdown::stop_on_signals;

@@ -202,6 +202,11 @@ impl Outbox {
         self.next_sequence.fetch_add(count as u64, Ordering::SeqCst)
     }
 
+    /// The last sequence handed out, if any.
+    pub(super) fn last_sequence(&self) -> Option<u64> {
+        self.next_sequence.load(Ordering::SeqCst).checked_sub(1)
+    }
+
     /// Adds effects whose write is durable (or that were loaded at start, then
     /// `in_doubt`), and wakes their sinks. `Err` names a sink not run here.
     pub(super) fn push(&self, pendings: Vec<Arc<Pending>>, in_doubt: bool) -> Result<(), String> {

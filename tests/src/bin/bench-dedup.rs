@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use changewire_consumer::config::{ConsumerConfig, ServiceConfig};
-use changewire_consumer::runtime::{self, ConsumerMetrics, ServiceState, Store};
-use changewire_consumer::services::dedup::{Dedup, DedupConfig};
+use changewire_consumer::runtime::{self, ConsumerMetrics, ServiceState, SinkLabel, Store};
+use changewire_consumer::services::dedup::{self, Dedup, DedupConfig};
 use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::{
     ChangeEvent, Codec, EventId, Op, Origin, PostgresOrigin, SnapshotMarker, Source,
@@ -162,8 +162,8 @@ fn producer(stack: &Stack) -> anyhow::Result<FutureProducer> {
         .create()?)
 }
 
-/// Runs the dedup service until it has read `events` records and published the
-/// last batch.
+/// Runs the dedup service until it has read `events` records and its sink has
+/// written every distinct one.
 async fn time_dedup(
     stack: &Stack,
     prefix: &str,
@@ -174,11 +174,16 @@ async fn time_dedup(
     let config = dedup_config(stack, prefix, raw, state);
     let started = Instant::now();
     let (service, metrics, stop) = start_dedup(config)?;
-    while metrics.records_read() < events {
+    let distinct = events - events / 10;
+    let output = SinkLabel {
+        sink: dedup::OUTPUT.into(),
+    };
+    while metrics.records_read() < events
+        || (metrics.effects_delivered.get_or_create(&output).get()) < distinct
+    {
         ensure!(!service.is_finished(), "the dedup service stopped early");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The service finishes the batch at hand, publishing it, before it returns.
     stop.send(true)?;
     let stats = service.await??;
     let elapsed = started.elapsed();
@@ -232,12 +237,12 @@ type RunningDedup = (
 fn start_dedup(config: ConsumerConfig) -> anyhow::Result<RunningDedup> {
     let metrics = Arc::new(ConsumerMetrics::default());
     let (stop, shutdown) = watch::channel(false);
-    let handler = Dedup::new(&config, &DedupConfig::default())?;
+    let config = config.runtime();
+    let (handler, sinks) = Dedup::new(&config, &DedupConfig::default())?;
     let observed = metrics.clone();
-    let service =
-        tokio::spawn(
-            async move { runtime::run_observed(&config, handler, shutdown, observed).await },
-        );
+    let service = tokio::spawn(async move {
+        runtime::run_observed(&config, handler, sinks, shutdown, observed).await
+    });
     Ok((service, metrics, stop))
 }
 
@@ -249,16 +254,10 @@ fn dedup_config(stack: &Stack, prefix: &str, raw: &str, state: &std::path::Path)
         },
         http: None,
         service: ServiceConfig {
-            name: "dedup".into(),
             group_id: Some(unique_name("benchdd")),
-            subscribe: vec![raw.to_owned()],
-            state_dir: state.to_owned(),
-            retention_days: 7,
-            max_processed_ids: 20_000_000,
-            max_attempts: 5,
             max_batch: 5_000,
-            batch_linger_ms: 20,
             resume_rewind: 10_000,
+            ..ServiceConfig::new("dedup", vec![raw.to_owned()], state.to_owned())
         },
         dedup: Some(DedupConfig::default()),
         forward: None,

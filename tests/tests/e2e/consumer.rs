@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use changewire_consumer::config::{ConsumerConfig, ServiceConfig};
 use changewire_consumer::runtime::{
-    self, dlq_headers, Context, Handler, HandlerError, Record, Store,
+    self, dlq::headers as dlq_headers, Context, Handler, HandlerError, Record, Sinks, Store,
 };
 use changewire_producer::sink::{EventSink, KafkaSink, OutboundRecord};
 use changewire_schemas::topic::TopicsConfig;
@@ -40,16 +40,11 @@ pub fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) ->
             prefix: prefix.to_owned(),
         },
         service: ServiceConfig {
-            name: "svc".into(),
             group_id: Some(unique_name("group")),
-            subscribe: vec![topic.to_owned()],
-            state_dir: state.to_owned(),
-            retention_days: 7,
-            max_processed_ids: 20_000_000,
             max_attempts: 2,
             max_batch: 500,
-            batch_linger_ms: 20,
             resume_rewind: RESUME_REWIND,
+            ..ServiceConfig::new("svc", vec![topic.to_owned()], state.to_owned())
         },
         http: None,
         dedup: None,
@@ -143,7 +138,7 @@ async fn bad_records_go_to_the_dlq_with_reasons_and_the_service_keeps_going() ->
     let config = service_config(&stack, &prefix, &topic, state.path());
     let group = config.group_id();
     let (stop, shutdown) = watch::channel(false);
-    let runner = tokio::spawn(async move { runtime::run(&config, RejectDeletes, shutdown).await });
+    let runner = tokio::spawn(async move { runtime::run(&config.runtime(), RejectDeletes, Sinks::new(), shutdown).await });
 
     let dlq = format!("{prefix}.dlq.svc");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -343,7 +338,10 @@ async fn sigkilled_service_applies_every_distinct_event_exactly_once() -> anyhow
         drop(service); // SIGKILL
     }
     let service = start()?;
-    wait_for_committed(&stack, &group, &topic, &last).await?;
+    if let Err(error) = wait_for_committed(&stack, &group, &topic, &last).await {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        anyhow::bail!("{error:#}\nservice log:\n{log}");
+    }
     // SIGTERM: the service finishes the batch at hand and exits.
     terminate(service)?;
 
@@ -397,7 +395,7 @@ pub fn start_service(program: &Path, config: &Path, log: &Path) -> anyhow::Resul
     let child = Command::new(program)
         .arg("--config")
         .arg(config)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,changewire_consumer=debug")
         .stdout(Stdio::null())
         .stderr(
             std::fs::OpenOptions::new()
@@ -489,7 +487,7 @@ async fn a_transient_failure_holds_back_only_its_partition() -> anyhow::Result<(
     config.service.max_attempts = 5;
     let group = config.group_id();
     let (stop, shutdown) = watch::channel(false);
-    let runner = tokio::spawn(async move { runtime::run(&config, handler, shutdown).await });
+    let runner = tokio::spawn(async move { runtime::run(&config.runtime(), handler, Sinks::new(), shutdown).await });
     wait_for_committed(&stack, &group, &topic, &last_offsets(&landed)).await?;
     stop.send(true)?;
     let stats = runner.await??;

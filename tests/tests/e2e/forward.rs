@@ -12,7 +12,7 @@ use axum::routing::post;
 use axum::Router;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use changewire_consumer::runtime::dlq_headers;
+use changewire_consumer::runtime::dlq::headers as dlq_headers;
 use changewire_schemas::{ChangeEvent, Op};
 use changewire_tests::{create_topics, unique_name, workspace_binary, Stack, TestConsumer};
 use hmac::{Hmac, Mac};
