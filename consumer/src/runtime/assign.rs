@@ -206,7 +206,8 @@ impl ServiceContext {
             let start = Start::decide(sled, kafka, &self.instance);
             self.log_start(&key, start, sled, kafka);
             if let Some(next) = start.next() {
-                let from = if matches!(start, Start::Sled(_)) { (next - self.rewind).max(0) } else { next };
+                // Records below `next` are skipped as they arrive.
+                let from = (next - self.rewind).max(0);
                 let _ = tpl.set_partition_offset(&topic, partition, Offset::Offset(from));
             }
             match start {

@@ -29,6 +29,8 @@ const KEYS: u64 = 4;
 const ALWAYS_500: u64 = 17;
 /// Answered 400: dead-lettered at once.
 const REJECTED: u64 = 23;
+/// How long a 500 is retried before the event is dead-lettered.
+const GIVE_UP_AFTER_S: u64 = 3;
 
 /// What the receiver saw.
 #[derive(Default)]
@@ -138,7 +140,7 @@ async fn forward_posts_signed_events_in_key_order_with_retries_and_dlq() -> anyh
         format!(
             "[kafka]\nbrokers = {brokers:?}\n[topics]\nprefix = {prefix:?}\n\
              [service]\nname = \"forward\"\ngroup_id = {group:?}\nsubscribe = [{topic:?}]\n\
-             state_dir = {state:?}\nmax_attempts = 3\n\
+             state_dir = {state:?}\ngive_up_after_s = {GIVE_UP_AFTER_S}\n\
              [forward]\nurl = {url:?}\nsecret = \"whsec_{secret}\"\n",
             brokers = stack.kafka_brokers,
             state = dir.path().join("state"),
@@ -185,7 +187,13 @@ async fn forward_posts_signed_events_in_key_order_with_retries_and_dlq() -> anyh
             .copied()
     };
     assert_eq!(attempts(10), Some(2), "a first-attempt 500 is retried once");
-    assert_eq!(attempts(ALWAYS_500), Some(3), "max_attempts");
+    // Waits of 0.1, 0.2, 0.4, 0.8 and 1.6 s fit in 3 s; the attempt after them
+    // gives up.
+    assert!(
+        attempts(ALWAYS_500).is_some_and(|n| (5..=8).contains(&n)),
+        "retried with backoff for give_up_after_s: {:?}",
+        attempts(ALWAYS_500)
+    );
     assert_eq!(attempts(REJECTED), Some(1), "a 400 is not retried");
 
     let dead = TestConsumer::from_beginning(&stack, &format!("{prefix}.dlq.forward"))?
@@ -201,7 +209,7 @@ async fn forward_posts_signed_events_in_key_order_with_retries_and_dlq() -> anyh
     assert!(
         reasons
             .iter()
-            .any(|r| r.contains("gave up after 3 attempts") && r.contains("500")),
+            .any(|r| r.contains("gave up after 3s") && r.contains("500")),
         "{reasons:?}"
     );
     assert!(
