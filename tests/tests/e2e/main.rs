@@ -9,6 +9,7 @@ mod fixtures;
 mod forward;
 mod kube_recovery;
 mod kubernetes;
+mod ownership;
 mod large;
 mod operability;
 mod pgoutput;

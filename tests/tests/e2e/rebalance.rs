@@ -21,7 +21,7 @@ const PARTITIONS: i32 = 4;
 
 /// The sum of an instance's metric samples whose line starts with `name` and
 /// contains `label`.
-async fn metric(port: u16, name: &str, label: &str) -> anyhow::Result<u64> {
+pub async fn metric(port: u16, name: &str, label: &str) -> anyhow::Result<u64> {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await?
         .text()
@@ -34,7 +34,7 @@ async fn metric(port: u16, name: &str, label: &str) -> anyhow::Result<u64> {
 }
 
 /// Polls an instance's metric until it reaches `at_least`.
-async fn wait_for_metric(port: u16, name: &str, label: &str, at_least: u64) -> anyhow::Result<()> {
+pub async fn wait_for_metric(port: u16, name: &str, label: &str, at_least: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         match metric(port, name, label).await {
@@ -48,8 +48,8 @@ async fn wait_for_metric(port: u16, name: &str, label: &str, at_least: u64) -> a
     }
 }
 
-const APPLIED: &str = "changewire_consumer_records_total";
-const ASSIGNED: &str = "changewire_consumer_partitions_assigned";
+pub const APPLIED: &str = "changewire_consumer_records_total";
+pub const ASSIGNED: &str = "changewire_consumer_partitions_assigned";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_rebalance_without_loss_or_double_effects() -> anyhow::Result<()> {
