@@ -202,17 +202,26 @@ pub struct ReadRecord {
     pub key: Option<Vec<u8>>,
     /// Message value (`None` for a tombstone).
     pub value: Option<Vec<u8>>,
-    /// Headers in order.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Headers in order (a header may have no value, which is not an empty one).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl ReadRecord {
+    /// The value of the first header named `name`, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
     fn from_message(message: &BorrowedMessage<'_>) -> Self {
         let headers = message
             .headers()
             .map(|h| {
                 h.iter()
-                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
                     .collect()
             })
             .unwrap_or_default();

@@ -150,13 +150,7 @@ async fn bad_records_go_to_the_dlq_with_reasons_and_the_service_keeps_going() ->
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let dead = consumer.read_exactly(3, Duration::from_secs(60)).await?;
-    let header = |record: &changewire_tests::ReadRecord, name: &str| {
-        record
-            .headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-    };
+    let header = |record: &changewire_tests::ReadRecord, name: &str| record.header(name);
     let reasons: Vec<String> = dead
         .iter()
         .map(|r| header(r, dlq_headers::ERROR).unwrap_or_default())

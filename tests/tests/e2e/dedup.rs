@@ -125,8 +125,8 @@ async fn assert_published_once(stack: &Stack, output: &str, distinct: usize) -> 
         assert_eq!(
             record.headers,
             vec![
-                ("origin".to_owned(), b"test".to_vec()),
-                (IDEMPOTENCY_HEADER.to_owned(), idempotency_key.into_bytes())
+                ("origin".to_owned(), Some(b"test".to_vec())),
+                (IDEMPOTENCY_HEADER.to_owned(), Some(idempotency_key.into_bytes()))
             ],
             "headers kept, the idempotency key added"
         );

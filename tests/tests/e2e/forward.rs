@@ -22,7 +22,7 @@ use crate::consumer::{
     event, last_offsets, publish_keyed, start_service, terminate, wait_for_committed,
 };
 
-const KEY: &[u8] = b"forward-test-signing-key";
+pub const KEY: &[u8] = b"forward-test-signing-key";
 const EVENTS: u64 = 60;
 const KEYS: u64 = 4;
 /// Always answered 500: dead-lettered after the attempts run out.
@@ -41,7 +41,7 @@ struct Receiver {
     bad_signatures: u32,
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -49,7 +49,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
 }
 
 /// Verifies the signature the way the Standard Webhooks libraries do.
-fn signed(headers: &HeaderMap, body: &[u8]) -> bool {
+pub fn signed(headers: &HeaderMap, body: &[u8]) -> bool {
     let (id, timestamp) = (
         header(headers, "webhook-id"),
         header(headers, "webhook-timestamp"),
@@ -201,9 +201,7 @@ async fn forward_posts_signed_events_in_key_order_with_retries_and_dlq() -> anyh
         .await?;
     let reasons: Vec<String> = dead
         .iter()
-        .flat_map(|r| r.headers.iter())
-        .filter(|(k, _)| k == dlq_headers::ERROR)
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .filter_map(|r| r.header(dlq_headers::ERROR))
         .collect();
     // The two may come from different partitions, so in either order.
     assert!(

@@ -5,6 +5,7 @@ mod config;
 mod consumer;
 mod crash;
 mod dedup;
+mod effects;
 mod fixtures;
 mod forward;
 mod kube_recovery;
