@@ -202,13 +202,17 @@ impl Mirror {
 
 /// Watches the group for subscribed partitions no member owns (seen on tansu
 /// 0.6 after members were killed and restarted: the group settles with a
-/// partition assigned to nobody). Such a partition is counted in a metric, its
-/// lag (from the group's committed offset) is reported, and after
-/// `service.unowned_after_s` this instance rejoins the group, which makes the
-/// group assign again.
+/// partition assigned to nobody). Where the broker lists the group's members
+/// with their assignments, a partition none of them holds is unowned; where it
+/// does not (tansu), a partition this instance does not own whose committed
+/// offset stays behind its end is suspected. Either is counted in a metric,
+/// its lag (from the group's committed offset) is reported, and after
+/// `service.unowned_after_s` `/health` names it and this instance rejoins the
+/// group, which makes the group assign again.
 pub(super) struct GroupWatch {
     config: RuntimeConfig,
-    since: HashMap<PartitionKey, Instant>,
+    /// Suspected partitions: their committed offset, and since when it stayed.
+    since: HashMap<PartitionKey, (i64, Instant)>,
     looking: Option<tokio::task::JoinHandle<Result<GroupView, KafkaError>>>,
 }
 
@@ -233,11 +237,11 @@ impl GroupWatch {
 
     /// Starts a look at the group (in a blocking task), or takes the last one's
     /// result: whether partitions have had no owner for too long, so that this
-    /// instance should rejoin. Call it every few seconds.
-    pub(super) async fn check(&mut self, metrics: &ConsumerMetrics, owns_some: bool) -> bool {
+    /// instance (owning `ours`) should rejoin. Call it every few seconds.
+    pub(super) async fn check(&mut self, metrics: &ConsumerMetrics, ours: &HashSet<PartitionKey>) -> bool {
         match self.looking.take() {
             Some(look) if look.is_finished() => match look.await {
-                Ok(Ok(view)) => self.judge(view, metrics, owns_some),
+                Ok(Ok(view)) => self.judge(&view, metrics, ours),
                 Ok(Err(error)) => {
                     tracing::debug!(%error, "cannot look at the group");
                     false
@@ -256,25 +260,30 @@ impl GroupWatch {
         }
     }
 
-    /// An empty union of assignments while this instance `owns_some` means the
-    /// broker does not report assignments: nothing can be judged.
-    fn judge(&mut self, view: GroupView, metrics: &ConsumerMetrics, owns_some: bool) -> bool {
-        let Some(owned) = view.owned.filter(|owned| !owned.is_empty() || !owns_some) else {
+    /// Whether `key` looks unowned. An empty member list while this instance
+    /// owns partitions means the broker does not report assignments.
+    fn suspect(view: &GroupView, key: &PartitionKey, high: i64, ours: &HashSet<PartitionKey>) -> bool {
+        if ours.contains(key) {
             return false;
-        };
+        }
+        match view.owned.as_ref().filter(|owned| !owned.is_empty() || ours.is_empty()) {
+            Some(owned) => !owned.contains(key),
+            None => view.committed.get(key).copied().unwrap_or(0) < high,
+        }
+    }
+
+    fn judge(&mut self, view: &GroupView, metrics: &ConsumerMetrics, ours: &HashSet<PartitionKey>) -> bool {
         let now = Instant::now();
-        let unowned: Vec<PartitionKey> = view
-            .partitions
-            .keys()
-            .filter(|key| !owned.contains(*key))
-            .cloned()
-            .collect();
-        self.since.retain(|key, _| unowned.contains(key));
-        metrics.unowned_partitions.set(unowned.len() as i64);
-        for key in &unowned {
-            self.since.entry(key.clone()).or_insert(now);
-            let high = view.partitions.get(key).copied().unwrap_or(0);
+        let mut suspects = HashSet::new();
+        for (key, &high) in &view.partitions {
+            if !Self::suspect(view, key, high, ours) {
+                continue;
+            }
             let committed = view.committed.get(key).copied().unwrap_or(0);
+            let entry = self.since.entry(key.clone()).or_insert((committed, now));
+            if entry.0 != committed {
+                *entry = (committed, now);
+            }
             metrics
                 .lag
                 .get_or_create(&TopicPartition {
@@ -282,23 +291,27 @@ impl GroupWatch {
                     partition: key.1,
                 })
                 .set((high - committed).max(0));
+            suspects.insert(key.clone());
         }
+        self.since.retain(|key, _| suspects.contains(key));
         let bound = Duration::from_secs(self.config.service.unowned_after_s);
-        let overdue: Vec<PartitionKey> = self
+        let mut overdue: Vec<String> = self
             .since
             .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= bound)
-            .map(|(key, _)| key.clone())
+            .filter(|(_, (_, since))| now.duration_since(*since) >= bound)
+            .map(|((topic, partition), _)| format!("{topic}/{partition}"))
             .collect();
+        metrics.unowned_partitions.set(overdue.len() as i64);
         if overdue.is_empty() {
             metrics.set_unowned(None);
             return false;
         }
-        let names: Vec<String> = overdue.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+        overdue.sort();
         metrics.set_unowned(Some(format!(
-            "partitions without an owner in the group for over {bound:?}: {}",
-            names.join(", ")
+            "partitions without an owner in the group (or not moving) for over {bound:?}: {}",
+            overdue.join(", ")
         )));
+        // The next rejoin only after another full bound.
         self.since.clear();
         true
     }
@@ -376,6 +389,49 @@ pub(super) fn rejoin(consumer: &StreamConsumer<ServiceContext>, config: &Runtime
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::config::ServiceConfig;
+
+    fn watch() -> GroupWatch {
+        let mut service = ServiceConfig::new("s", vec!["t".into()], "/tmp/s".into());
+        service.unowned_after_s = 30;
+        GroupWatch::new(&RuntimeConfig {
+            kafka: serde_json::from_value(serde_json::json!({"brokers": "localhost:9092"})).expect("kafka"),
+            topics: Default::default(),
+            http: None,
+            service,
+        })
+    }
+
+    fn view(owned: Option<&[i32]>, committed_1: i64) -> GroupView {
+        GroupView {
+            partitions: HashMap::from([(("t".into(), 0), 10), (("t".into(), 1), 10)]),
+            owned: owned.map(|o| o.iter().map(|p| ("t".to_owned(), *p)).collect()),
+            committed: HashMap::from([(("t".into(), 0), 10), (("t".into(), 1), committed_1)]),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_nobody_owns_is_reported_after_the_bound_and_only_then() {
+        let metrics = ConsumerMetrics::default();
+        let ours = HashSet::from([("t".to_owned(), 0)]);
+        let mut watch = watch();
+        assert!(!watch.judge(&view(None, 5), &metrics, &ours), "suspected, not yet overdue");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(!watch.judge(&view(None, 6), &metrics, &ours), "it moved: someone owns it");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(!watch.judge(&view(None, 6), &metrics, &ours));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(watch.judge(&view(None, 6), &metrics, &ours), "stuck behind its end for 30 s");
+        assert_eq!(metrics.unowned_partitions.get(), 1);
+        assert!(!watch.judge(&view(None, 6), &metrics, &ours), "the next rejoin waits another bound");
+        let listed = view(Some(&[0, 1]), 6);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(!watch.judge(&listed, &metrics, &ours), "a listed owner holds it");
+        let orphan = view(Some(&[0]), 6);
+        assert!(!watch.judge(&orphan, &metrics, &ours));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(watch.judge(&orphan, &metrics, &ours), "listed as nobody's for 30 s");
+    }
 
     #[test]
     fn member_assignments_parse_as_the_consumer_protocol_writes_them() {

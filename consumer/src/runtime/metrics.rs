@@ -264,6 +264,12 @@ impl ConsumerMetrics {
         self.set_problem(format!("sink {sink}"), error);
     }
 
+    /// Whether no sink waits for its receiver.
+    pub fn sinks_healthy(&self) -> bool {
+        let problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        !problems.keys().any(|what| what.starts_with("sink "))
+    }
+
     /// Records partitions without an owner (`/health` turns 503), or none.
     pub fn set_unowned(&self, problem: Option<String>) {
         self.set_problem("group".into(), problem);

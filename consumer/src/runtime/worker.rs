@@ -256,8 +256,12 @@ impl<H: Handler> Worker<'_, H> {
         if self.config.service.assignment != Mode::Group {
             return Ok(());
         }
-        let owns_some = !self.assignment.lock().is_empty();
-        if group.check(&self.metrics, owns_some).await {
+        // An instance whose own sinks wait would suspect partitions that only
+        // wait for the same outage.
+        if !self.metrics.sinks_healthy() {
+            return Ok(());
+        }
+        if group.check(&self.metrics, &self.assignment.owned()).await {
             kafka::rejoin(consumer, self.config)?;
         }
         Ok(())

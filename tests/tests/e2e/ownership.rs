@@ -23,7 +23,7 @@ use crate::consumer::{
     event, last_offsets, publish, service_config, start_service, terminate, wait_for_committed,
     write_config,
 };
-use crate::rebalance::{wait_for_metric, APPLIED, ASSIGNED};
+use crate::rebalance::{metric, wait_for_metric, APPLIED, ASSIGNED};
 
 const PARTITIONS: i32 = 2;
 
@@ -205,6 +205,22 @@ async fn a_partition_revoked_while_paused_advances_when_it_comes_back() -> anyho
     Ok(())
 }
 
+/// Waits until `instances` own `partitions` between them.
+async fn wait_for_assigned(instances: &[&Instance], partitions: u64) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut owned = 0;
+        for instance in instances {
+            owned += metric(instance.port, ASSIGNED, "").await.unwrap_or(0);
+        }
+        if owned == partitions {
+            return Ok(());
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{owned} of {partitions} partitions owned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Polls `done` every 20 ms for up to 60 s.
 async fn poll_until(what: &str, done: impl Fn() -> bool) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -212,5 +228,65 @@ async fn poll_until(what: &str, done: impl Fn() -> bool) -> anyhow::Result<()> {
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+/// Two instances in one group, each SIGKILLed and restarted while events are
+/// published: every partition gets an owner again (on tansu the group could
+/// settle with a partition assigned to nobody; an instance notices after
+/// `service.unowned_after_s` and rejoins), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_of_killed_members_get_an_owner_again() -> anyhow::Result<()> {
+    const EVENTS: u64 = 12_000;
+    let broker = PrivateBroker::start_in_memory()?;
+    let stack = Stack::with_brokers(broker.brokers());
+    let (prefix, topic) = (unique_name("kill"), unique_name("input"));
+    create_topics(&stack, &[&topic], 3).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = service_config(&stack, &prefix, &topic, dir.path());
+    config.service.unowned_after_s = 10;
+    let group = config.group_id();
+    let a = instance(dir.path(), "a", config.clone())?;
+    let b = instance(dir.path(), "b", config)?;
+    let program = workspace_example("count_events")?;
+    let mut service_a = start_service(&program, &a.file, &a.log)?;
+    let mut service_b = start_service(&program, &b.file, &b.log)?;
+    wait_for_assigned(&[&a, &b], 3).await?;
+    let publishing = {
+        let (stack, topic) = (stack.clone(), topic.clone());
+        tokio::spawn(async move {
+            let mut landed = Vec::new();
+            for chunk in 0..12 {
+                landed.extend(publish(&stack, &topic, encode(chunk * 1_000..(chunk + 1) * 1_000)?).await?);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            anyhow::Ok(landed)
+        })
+    };
+    wait_for_metric(a.port, APPLIED, "applied", 1).await?;
+    drop(std::mem::replace(&mut service_a, start_service(&program, &a.file, &a.log)?));
+    wait_for_metric(a.port, ASSIGNED, "", 1).await?;
+    drop(std::mem::replace(&mut service_b, start_service(&program, &b.file, &b.log)?));
+    let landed = publishing.await??;
+    if let Err(error) = wait_for_committed(&stack, &group, &topic, &last_offsets(&landed)).await {
+        let logs = [&a.log, &b.log].map(|log| std::fs::read_to_string(log).unwrap_or_default());
+        anyhow::bail!("{error:#}\nA:\n{}\nB:\n{}", logs[0], logs[1]);
+    }
+    let rejoins: usize = [&a.log, &b.log]
+        .iter()
+        .map(|log| std::fs::read_to_string(log).map(|t| t.matches("rejoining the group").count()))
+        .sum::<Result<usize, _>>()?;
+    println!("rejoins after partitions went without an owner: {rejoins}");
+    for (service, log) in [(service_a, &a.log), (service_b, &b.log)] {
+        let status = terminate(service)?;
+        let text = std::fs::read_to_string(log)?;
+        let problems: Vec<&str> = text.lines().filter(|l| l.contains("panicked") || l.contains("ERROR")).collect();
+        assert!(status.success(), "{status}: {problems:?}");
+    }
+    let union: BTreeSet<u64> = applied_by(&a.state, 0..EVENTS)?
+        .union(&applied_by(&b.state, 0..EVENTS)?)
+        .copied()
+        .collect();
+    assert_eq!(union.len() as u64, EVENTS, "nothing lost");
     Ok(())
 }
