@@ -214,21 +214,27 @@ pub async fn run_observed<H: Handler>(
     });
     let sinks = sinks.with(dlq::SINK, KafkaSink::new(dlq::SINK, config, Oversized::OmitPayload)?);
     let (fatal_tx, mut fatal) = mpsc::unbounded_channel();
-    let tasks: Vec<JoinHandle<()>> = sinks
+    let tasks: Vec<JoinHandle<Result<(), String>>> = sinks
         .starters
         .into_iter()
-        .map(|(_, start)| {
-            let (task, fatal_tx) = (start(shared.clone()), fatal_tx.clone());
-            tokio::spawn(async move {
-                let reason = match task.await {
-                    Ok(Ok(())) => return,
-                    Ok(Err(reason)) => reason,
-                    Err(panicked) => format!("a sink task panicked: {panicked}"),
-                };
-                let _ = fatal_tx.send(reason);
-            })
-        })
+        .map(|(_, start)| start(shared.clone()))
         .collect();
+    let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+    // Reports the first sink that stops; resolves once every sink task is gone.
+    let watcher = tokio::spawn(async move {
+        let mut running = tasks;
+        while !running.is_empty() {
+            let (ended, _, rest) = futures::future::select_all(running).await;
+            running = rest;
+            let reason = match ended {
+                Err(error) if error.is_cancelled() => continue,
+                Ok(Ok(())) => "a sink stopped".to_owned(),
+                Ok(Err(reason)) => reason,
+                Err(panicked) => format!("a sink task panicked: {panicked}"),
+            };
+            let _ = fatal_tx.send(reason);
+        }
+    });
     let mut worker = Worker {
         config,
         handler,
@@ -247,9 +253,11 @@ pub async fn run_observed<H: Handler>(
         outbox_full: false,
     };
     let result = worker.consume(&mut shutdown, &mut fatal).await;
-    for task in tasks {
-        task.abort();
+    // The sinks hold the store: they are gone before this returns.
+    for abort in aborts {
+        abort.abort();
     }
+    let _ = watcher.await;
     worker.metrics.set_state(ServiceState::Stopped);
     match &result {
         Ok(()) => tracing::info!(stats = ?worker.stats, "consumer runtime stopped"),

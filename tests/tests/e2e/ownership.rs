@@ -10,14 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use changewire_consumer::config::ConsumerConfig;
+use changewire_consumer::runtime::sinks::kafka::{KafkaSink, Oversized, IDEMPOTENCY_HEADER};
 use changewire_consumer::runtime::{
-    self, ConsumerMetrics, Context, Handler, HandlerError, Record, ServiceState, Sinks, Store,
+    self, AssignmentMode, ConsumerMetrics, Context, Effect, Handler, HandlerError, Record,
+    ServiceState, SinkLabel, Sinks, Store,
 };
 use changewire_schemas::http::HttpConfig;
 use changewire_schemas::{ChangeEvent, Codec, EventId, Op};
 use tokio::sync::watch;
 use changewire_tests::servers::{free_port, PrivateBroker};
-use changewire_tests::{create_topics, unique_name, workspace_example, Stack};
+use changewire_tests::{create_topics, read_to_end, unique_name, workspace_example, Stack};
 
 use crate::consumer::{
     event, last_offsets, publish, service_config, start_service, terminate, wait_for_committed,
@@ -288,5 +290,125 @@ async fn partitions_of_killed_members_get_an_owner_again() -> anyhow::Result<()>
         .copied()
         .collect();
     assert_eq!(union.len() as u64, EVENTS, "nothing lost");
+    Ok(())
+}
+
+/// Applies events (recording their partitions), fails fatally on `fatal_at`;
+/// counts ticks in its state and emits one effect per tick to `topic`.
+struct Ticker {
+    topic: String,
+    fatal_at: Option<String>,
+    partitions: Arc<Mutex<BTreeSet<i32>>>,
+}
+
+impl Handler for Ticker {
+    async fn handle(
+        &self,
+        event: &ChangeEvent,
+        record: &Record,
+        _: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        if self.fatal_at.as_deref() == Some(event.id.as_str()) {
+            return Err(HandlerError::fatal("the store holds a value this version cannot read"));
+        }
+        self.partitions.lock().expect("lock").insert(record.partition);
+        Ok(())
+    }
+
+    async fn tick(&self, _: std::time::SystemTime, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        let ticks = context
+            .get(b"ticks")?
+            .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            + 1;
+        context.put("ticks", ticks.to_string());
+        let effect = Effect {
+            destination: Some(self.topic.clone()),
+            ..Effect::new(ticks.to_string().into_bytes())
+        };
+        context.emit("ticks", effect)?;
+        Ok(())
+    }
+}
+
+/// `assignment = "static"` with `partitions = [1]`: only partition 1 is read,
+/// and no offsets go to a group; `tick` runs on its interval, its state change
+/// and its effect committed together (every tick counted in sled has its
+/// record in the tick topic, under a `tick/` idempotency key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_assignment_reads_its_partitions_and_ticks_commit_state_and_effects() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let (prefix, topic, ticks_topic) = (unique_name("static"), unique_name("input"), unique_name("ticks"));
+    create_topics(&stack, &[&topic], 2).await?;
+    create_topics(&stack, &[&ticks_topic], 1).await?;
+    let landed = publish(&stack, &topic, encode(0..100)?).await?;
+    let on_partition_1 = landed.iter().filter(|(p, _)| *p == 1).count() as u64;
+    let dir = tempfile::tempdir()?;
+    let mut config = service_config(&stack, &prefix, &topic, dir.path()).runtime();
+    config.service.assignment = AssignmentMode::Static;
+    config.service.partitions = Some(vec![1]);
+    config.service.tick_interval_ms = Some(100);
+    let partitions = Arc::new(Mutex::new(BTreeSet::new()));
+    let handler = Ticker {
+        topic: ticks_topic.clone(),
+        fatal_at: None,
+        partitions: partitions.clone(),
+    };
+    let sinks = Sinks::new().with("ticks", KafkaSink::new("ticks", &config, Oversized::Reject)?);
+    let metrics = Arc::new(ConsumerMetrics::default());
+    let (stop, shutdown) = watch::channel(false);
+    let (observed, group) = (metrics.clone(), config.group_id());
+    let service = tokio::spawn(async move { runtime::run_observed(&config, handler, sinks, shutdown, observed).await });
+    poll_until("partition 1 read and 5 ticks", || {
+        metrics.records_read() >= on_partition_1
+            && metrics.effects_delivered.get_or_create(&SinkLabel { sink: "ticks".into() }).get() >= 5
+    })
+    .await?;
+    stop.send(true)?;
+    service.await??;
+
+    assert_eq!(*partitions.lock().expect("lock"), BTreeSet::from([1]), "only the configured partition");
+    assert_eq!(metrics.records_read(), on_partition_1);
+    let ticks: u64 = String::from_utf8(Store::open(dir.path())?.get(b"ticks")?.unwrap_or_default())?.parse()?;
+    let records = read_to_end(&stack, &ticks_topic, Duration::from_secs(30)).await?;
+    let values: Vec<u64> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).parse())
+        .collect::<Result<_, _>>()?;
+    assert_eq!(values, (1..=ticks).collect::<Vec<_>>(), "one record per committed tick, in order");
+    assert!(records.iter().all(|r| r.header(IDEMPOTENCY_HEADER).is_some_and(|k| k.starts_with("tick/"))));
+    let client: rdkafka::consumer::BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &stack.kafka_brokers).set("group.id", &group).create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(&topic, 1);
+    let committed = rdkafka::consumer::Consumer::committed_offsets(&client, tpl, Duration::from_secs(10))?;
+    assert!(committed.elements().iter().all(|e| e.offset() == rdkafka::Offset::Invalid), "no group offsets in static mode");
+    Ok(())
+}
+
+/// A handler's fatal error stops the service with that error: nothing is
+/// dead-lettered, the events before it stay committed.
+#[tokio::test]
+async fn a_fatal_handler_error_stops_the_service_without_dead_lettering() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let (prefix, topic) = (unique_name("fatal"), unique_name("input"));
+    create_topics(&stack, &[&topic], 1).await?;
+    publish(&stack, &topic, encode(0..20)?).await?;
+    let dir = tempfile::tempdir()?;
+    let config = service_config(&stack, &prefix, &topic, dir.path()).runtime();
+    let handler = Ticker {
+        topic: String::new(),
+        fatal_at: Some(event(7, Op::Create).id.to_string()),
+        partitions: Arc::default(),
+    };
+    let (_stop, shutdown) = watch::channel(false);
+    let result = tokio::time::timeout(Duration::from_secs(60), runtime::run(&config, handler, Sinks::new(), shutdown)).await?;
+    let error = result.expect_err("the service stops");
+    assert!(matches!(error, runtime::RuntimeError::Fatal(_)), "{error:?}");
+    assert!(error.to_string().contains("cannot read"), "{error}");
+    let store = Store::open(dir.path())?;
+    assert!(store.offset(&topic, 0)?.is_none_or(|next| next <= 7), "nothing past the failed event committed");
+    let dead = read_to_end(&stack, &format!("{prefix}.dlq.svc"), Duration::from_secs(30)).await?;
+    assert!(dead.is_empty(), "nothing dead-lettered");
     Ok(())
 }
