@@ -91,7 +91,11 @@ pub(super) enum Start {
 impl Start {
     /// Decides from the sled offset and Kafka's committed offset with the
     /// metadata it was committed with.
-    pub(super) fn decide(sled: Option<i64>, committed: Option<(i64, &str)>, instance: &str) -> Self {
+    pub(super) fn decide(
+        sled: Option<i64>,
+        committed: Option<(i64, &str)>,
+        instance: &str,
+    ) -> Self {
         match (sled, committed) {
             (Some(sled), Some((kafka, metadata)))
                 if kafka > sled && !written_by(metadata, instance) =>
@@ -119,7 +123,12 @@ pub(super) fn commit_metadata(instance: &str) -> String {
 }
 
 /// Adds `key` at `next` with `metadata` to a list of offsets to commit.
-pub(super) fn add_offset(tpl: &mut TopicPartitionList, key: &PartitionKey, next: i64, metadata: &str) {
+pub(super) fn add_offset(
+    tpl: &mut TopicPartitionList,
+    key: &PartitionKey,
+    next: i64,
+    metadata: &str,
+) {
     let mut element = tpl.add_partition(&key.0, key.1);
     let _ = element.set_offset(Offset::Offset(next));
     element.set_metadata(metadata);
@@ -214,10 +223,10 @@ impl ServiceContext {
                 Start::TakeOver(_) => lock(&self.assignment.resets).push(key.clone()),
                 // Settled (and mirrored) once every effect committed so far was
                 // delivered: some may be this partition's.
-                Start::Sled(next) => self
-                    .assignment
-                    .settlements()
-                    .committed(self.outbox.last_sequence(), HashMap::from([(key.clone(), next)])),
+                Start::Sled(next) => self.assignment.settlements().committed(
+                    self.outbox.last_sequence(),
+                    HashMap::from([(key.clone(), next)]),
+                ),
                 Start::Group(_) | Start::Reset => {}
             }
             taken.push((key, start.next()));
@@ -235,7 +244,13 @@ impl ServiceContext {
         }
     }
 
-    fn log_start(&self, key: &PartitionKey, start: Start, sled: Option<i64>, kafka: Option<(i64, &str)>) {
+    fn log_start(
+        &self,
+        key: &PartitionKey,
+        start: Start,
+        sled: Option<i64>,
+        kafka: Option<(i64, &str)>,
+    ) {
         let (topic, partition) = key;
         match start {
             Start::TakeOver(next) => tracing::warn!(
@@ -319,11 +334,29 @@ mod tests {
     fn a_partition_starts_from_kafka_only_when_another_instance_went_further() {
         let ours = commit_metadata("a");
         let theirs = commit_metadata("b");
-        assert_eq!(Start::decide(Some(1001), Some((3027, &theirs)), "a"), Start::TakeOver(3027));
-        assert_eq!(Start::decide(Some(1001), Some((3027, "")), "a"), Start::TakeOver(3027), "no metadata: not ours");
-        assert_eq!(Start::decide(Some(1001), Some((3027, &ours)), "a"), Start::Sled(1001), "our own commit");
-        assert_eq!(Start::decide(Some(3027), Some((1001, &theirs)), "a"), Start::Sled(3027), "Kafka behind");
-        assert_eq!(Start::decide(None, Some((10, &theirs)), "a"), Start::Group(10));
+        assert_eq!(
+            Start::decide(Some(1001), Some((3027, &theirs)), "a"),
+            Start::TakeOver(3027)
+        );
+        assert_eq!(
+            Start::decide(Some(1001), Some((3027, "")), "a"),
+            Start::TakeOver(3027),
+            "no metadata: not ours"
+        );
+        assert_eq!(
+            Start::decide(Some(1001), Some((3027, &ours)), "a"),
+            Start::Sled(1001),
+            "our own commit"
+        );
+        assert_eq!(
+            Start::decide(Some(3027), Some((1001, &theirs)), "a"),
+            Start::Sled(3027),
+            "Kafka behind"
+        );
+        assert_eq!(
+            Start::decide(None, Some((10, &theirs)), "a"),
+            Start::Group(10)
+        );
         assert_eq!(Start::decide(None, None, "a"), Start::Reset);
     }
 }

@@ -83,7 +83,8 @@ impl<H: Handler> Worker<'_, H> {
         for (topic, partition) in self.assignment.take_resets() {
             let origin = format!("reset/{topic}/{partition}");
             let mut context = self.context(&batch.changes, origin);
-            self.handler.partition_reset(&topic, partition, &mut context);
+            self.handler
+                .partition_reset(&topic, partition, &mut context);
             let (changes, emitted) = context.finish();
             batch.changes.extend(changes);
             batch.emitted.extend(emitted);
@@ -94,7 +95,9 @@ impl<H: Handler> Worker<'_, H> {
     pub(super) async fn tick(&mut self) -> Result<Batch, RuntimeError> {
         let mut batch = Batch::default();
         let now = SystemTime::now();
-        let millis = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let millis = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
         let mut context = self.context(&batch.changes, format!("tick/{millis}"));
         let result = self.handler.tick(now, &mut context).await;
         match result {
@@ -103,8 +106,12 @@ impl<H: Handler> Worker<'_, H> {
                 batch.changes = changes;
                 batch.emitted = emitted;
             }
-            Err(HandlerError::Fatal(error)) => return Err(RuntimeError::Fatal(report(error.as_ref()))),
-            Err(error) => tracing::warn!(error = %report(&error), "the tick failed; the next one comes as usual"),
+            Err(HandlerError::Fatal(error)) => {
+                return Err(RuntimeError::Fatal(report(error.as_ref())))
+            }
+            Err(error) => {
+                tracing::warn!(error = %report(&error), "the tick failed; the next one comes as usual")
+            }
         }
         Ok(batch)
     }
@@ -173,14 +180,25 @@ impl<H: Handler> Worker<'_, H> {
                 self.park(event, record, earlier, true, &report(error.as_ref()));
             }
             Err(HandlerError::Transient(error)) => {
-                let reason = format!("gave up after {attempt} attempts: {}", report(error.as_ref()));
+                let reason = format!(
+                    "gave up after {attempt} attempts: {}",
+                    report(error.as_ref())
+                );
                 self.dead_letter(record, &reason, batch);
             }
             Err(HandlerError::Permanent(error)) => {
-                self.dead_letter(record, &format!("rejected: {}", report(error.as_ref())), batch);
+                self.dead_letter(
+                    record,
+                    &format!("rejected: {}", report(error.as_ref())),
+                    batch,
+                );
             }
             Err(HandlerError::Fatal(error)) => {
-                return Err(RuntimeError::Fatal(format!("handling {}: {}", event.id, report(error.as_ref()))));
+                return Err(RuntimeError::Fatal(format!(
+                    "handling {}: {}",
+                    event.id,
+                    report(error.as_ref())
+                )));
             }
         }
         Ok(())
@@ -188,17 +206,28 @@ impl<H: Handler> Worker<'_, H> {
 
     /// Parks the record's partition: it waits (paused), the others go on. The
     /// offset stays before the event, so a restart retries it too.
-    fn park(&mut self, event: &ChangeEvent, record: &Record, earlier: Option<Earlier>, unavailable: bool, error: &str) {
-        let delay = self.parking.park(record, earlier, unavailable, tokio::time::Instant::now());
+    fn park(
+        &mut self,
+        event: &ChangeEvent,
+        record: &Record,
+        earlier: Option<Earlier>,
+        unavailable: bool,
+        error: &str,
+    ) {
+        let delay = self
+            .parking
+            .park(record, earlier, unavailable, tokio::time::Instant::now());
         let attempt = earlier.map_or(1, |e| e.attempts + 1);
         if unavailable {
             tracing::warn!(event = %event.id, attempt, %error, retry_in = ?delay, "a dependency is unavailable; the partition waits, nothing is dead-lettered");
             self.metrics.set_state(ServiceState::Unavailable);
-            self.metrics.set_error(Some(format!("unavailable, retrying {}: {error}", event.id)));
+            self.metrics
+                .set_error(Some(format!("unavailable, retrying {}: {error}", event.id)));
         } else {
             tracing::warn!(event = %event.id, attempt, %error, retry_in = ?delay, "transient failure; its partition waits, the others go on");
             self.metrics.set_state(ServiceState::Retrying);
-            self.metrics.set_error(Some(format!("retrying {}: {error}", event.id)));
+            self.metrics
+                .set_error(Some(format!("retrying {}: {error}", event.id)));
         }
         self.metrics.retries.inc();
     }

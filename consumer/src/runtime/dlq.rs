@@ -60,7 +60,13 @@ impl DeadLetters {
     /// The dead letter of a record the service cannot apply (its own headers
     /// kept, ours added), keyed by where the record was read from.
     pub(super) fn record(&self, record: &Record, reason: &str) -> Emitted {
-        tracing::warn!(topic = record.topic, partition = record.partition, offset = record.offset, reason, "dead-lettering");
+        tracing::warn!(
+            topic = record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            reason,
+            "dead-lettering"
+        );
         let ours = [
             (headers::ERROR, reason.to_owned()),
             (headers::TOPIC, record.topic.clone()),
@@ -70,8 +76,16 @@ impl DeadLetters {
         ];
         Emitted {
             sink: SINK.to_owned(),
-            idempotency_key: format!("dlq/{}/{}/{}", record.topic, record.partition, record.offset),
-            effect: self.letter(&record.headers, ours, record.key.clone(), record.payload.clone()),
+            idempotency_key: format!(
+                "dlq/{}/{}/{}",
+                record.topic, record.partition, record.offset
+            ),
+            effect: self.letter(
+                &record.headers,
+                ours,
+                record.key.clone(),
+                record.payload.clone(),
+            ),
         }
     }
 
@@ -84,25 +98,43 @@ impl DeadLetters {
         reason: &str,
         shared: &SinkShared,
     ) -> Result<(), String> {
-        tracing::warn!(sink, idempotency_key = pending.idempotency_key, reason, "dead-lettering an effect");
+        tracing::warn!(
+            sink,
+            idempotency_key = pending.idempotency_key,
+            reason,
+            "dead-lettering an effect"
+        );
         let effect = &pending.effect;
         let ours = [
             (headers::ERROR, reason.to_owned()),
             (headers::SINK, sink.to_owned()),
             (headers::IDEMPOTENCY_KEY, pending.idempotency_key.clone()),
-            (headers::DESTINATION, effect.destination.clone().unwrap_or_default()),
+            (
+                headers::DESTINATION,
+                effect.destination.clone().unwrap_or_default(),
+            ),
             (headers::SERVICE, self.service.clone()),
         ];
         let letter = Arc::new(Pending {
             sequence: shared.outbox.sequence(1),
             sink: SINK.to_owned(),
             idempotency_key: format!("{}/dlq", pending.idempotency_key),
-            effect: self.letter(&effect.headers, ours, effect.key.clone(), effect.payload.clone()),
+            effect: self.letter(
+                &effect.headers,
+                ours,
+                effect.key.clone(),
+                effect.payload.clone(),
+            ),
         });
         shared
             .store
             .replace_outbox(pending.sequence, &letter)
-            .map_err(|e| format!("cannot dead-letter an effect of sink {sink}: {}", report(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "cannot dead-letter an effect of sink {sink}: {}",
+                    report(&e)
+                )
+            })?;
         shared.outbox.push(vec![letter], false)?;
         shared.outbox.remove(sink, &[pending.sequence]);
         shared.metrics.dead_lettered_effects.inc();
@@ -131,7 +163,10 @@ impl DeadLetters {
 /// `letter` without its payload, which the broker refused as too large.
 pub(super) fn without_payload(letter: &Effect) -> Effect {
     let mut headers = letter.headers.clone();
-    let why = format!("{} bytes, more than the broker or client accepts", letter.payload.len());
+    let why = format!(
+        "{} bytes, more than the broker or client accepts",
+        letter.payload.len()
+    );
     headers.push((headers::PAYLOAD.to_owned(), Some(why.into_bytes())));
     Effect {
         headers,

@@ -52,7 +52,12 @@ pub async fn ensure_topic(
 
 /// The topics (or `^` patterns) the service subscribes.
 pub(super) fn subscribed(config: &RuntimeConfig) -> Vec<&str> {
-    config.service.subscribe.iter().map(String::as_str).collect()
+    config
+        .service
+        .subscribe
+        .iter()
+        .map(String::as_str)
+        .collect()
 }
 
 /// The service's consumer: subscribed to its group, or assigned its static
@@ -66,12 +71,19 @@ pub(super) fn consumer(
         .set("group.id", config.group_id())
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
-    for (key, default) in [("auto.offset.reset", "earliest"), ("statistics.interval.ms", "5000")] {
+    for (key, default) in [
+        ("auto.offset.reset", "earliest"),
+        ("statistics.interval.ms", "5000"),
+    ] {
         if client.get(key).is_none() {
             client.set(key, default);
         }
     }
-    let (store, assignment, rewind) = (context.store.clone(), context.assignment.clone(), context.rewind);
+    let (store, assignment, rewind) = (
+        context.store.clone(),
+        context.assignment.clone(),
+        context.rewind,
+    );
     let consumer: StreamConsumer<ServiceContext> = client.create_with_context(context)?;
     match config.service.assignment {
         Mode::Group => consumer.subscribe(&subscribed(config))?,
@@ -111,10 +123,14 @@ fn static_partitions(
             None => (0..count).collect(),
         };
         if let Some(missing) = wanted.iter().find(|&&p| p >= count) {
-            return Err(RuntimeError::Config(changewire_schemas::settings::ConfigError::invalid(
-                "service.partitions",
-                format!("topic {topic} has {count} partitions: there is no partition {missing}"),
-            )));
+            return Err(RuntimeError::Config(
+                changewire_schemas::settings::ConfigError::invalid(
+                    "service.partitions",
+                    format!(
+                        "topic {topic} has {count} partitions: there is no partition {missing}"
+                    ),
+                ),
+            ));
         }
         partitions.extend(wanted.into_iter().map(|p| (topic.clone(), p)));
     }
@@ -146,7 +162,11 @@ pub(super) fn collect(message: Result<BorrowedMessage<'_>, KafkaError>, records:
 }
 
 /// Pauses (or resumes) `partitions` in the client.
-pub(super) fn set_paused(consumer: &StreamConsumer<ServiceContext>, partitions: &[PartitionKey], paused: bool) {
+pub(super) fn set_paused(
+    consumer: &StreamConsumer<ServiceContext>,
+    partitions: &[PartitionKey],
+    paused: bool,
+) {
     if partitions.is_empty() {
         return;
     }
@@ -154,7 +174,11 @@ pub(super) fn set_paused(consumer: &StreamConsumer<ServiceContext>, partitions: 
     for (topic, partition) in partitions {
         tpl.add_partition(topic, *partition);
     }
-    let result = if paused { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+    let result = if paused {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
     if let Err(error) = result {
         tracing::warn!(%error, paused, "cannot pause or resume partitions");
     }
@@ -176,7 +200,11 @@ impl Mirror {
         }
     }
 
-    pub(super) fn mirror(&mut self, consumer: &StreamConsumer<ServiceContext>, assignment: &Assignment) {
+    pub(super) fn mirror(
+        &mut self,
+        consumer: &StreamConsumer<ServiceContext>,
+        assignment: &Assignment,
+    ) {
         let owned = assignment.owned();
         let settlements = assignment.settlements();
         let mut tpl = TopicPartitionList::new();
@@ -192,7 +220,10 @@ impl Mirror {
         if tpl.count() == 0 {
             return;
         }
-        tracing::debug!(partitions = tpl.count(), "mirroring settled offsets to Kafka");
+        tracing::debug!(
+            partitions = tpl.count(),
+            "mirroring settled offsets to Kafka"
+        );
         if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(%error, "mirroring offsets to Kafka failed");
             self.mirrored.clear();
@@ -238,7 +269,11 @@ impl GroupWatch {
     /// Starts a look at the group (in a blocking task), or takes the last one's
     /// result: whether partitions have had no owner for too long, so that this
     /// instance (owning `ours`) should rejoin. Call it every few seconds.
-    pub(super) async fn check(&mut self, metrics: &ConsumerMetrics, ours: &HashSet<PartitionKey>) -> bool {
+    pub(super) async fn check(
+        &mut self,
+        metrics: &ConsumerMetrics,
+        ours: &HashSet<PartitionKey>,
+    ) -> bool {
         match self.looking.take() {
             Some(look) if look.is_finished() => match look.await {
                 Ok(Ok(view)) => self.judge(&view, metrics, ours),
@@ -262,17 +297,31 @@ impl GroupWatch {
 
     /// Whether `key` looks unowned. An empty member list while this instance
     /// owns partitions means the broker does not report assignments.
-    fn suspect(view: &GroupView, key: &PartitionKey, high: i64, ours: &HashSet<PartitionKey>) -> bool {
+    fn suspect(
+        view: &GroupView,
+        key: &PartitionKey,
+        high: i64,
+        ours: &HashSet<PartitionKey>,
+    ) -> bool {
         if ours.contains(key) {
             return false;
         }
-        match view.owned.as_ref().filter(|owned| !owned.is_empty() || ours.is_empty()) {
+        match view
+            .owned
+            .as_ref()
+            .filter(|owned| !owned.is_empty() || ours.is_empty())
+        {
             Some(owned) => !owned.contains(key),
             None => view.committed.get(key).copied().unwrap_or(0) < high,
         }
     }
 
-    fn judge(&mut self, view: &GroupView, metrics: &ConsumerMetrics, ours: &HashSet<PartitionKey>) -> bool {
+    fn judge(
+        &mut self,
+        view: &GroupView,
+        metrics: &ConsumerMetrics,
+        ours: &HashSet<PartitionKey>,
+    ) -> bool {
         let now = Instant::now();
         let mut suspects = HashSet::new();
         for (key, &high) in &view.partitions {
@@ -332,9 +381,18 @@ fn look(config: &RuntimeConfig) -> Result<GroupView, KafkaError> {
         .map(|sets| sets.into_iter().flatten().collect::<HashSet<_>>());
     let mut partitions = HashMap::new();
     let mut tpl = TopicPartitionList::new();
-    for topic in config.service.subscribe.iter().filter(|t| !t.starts_with('^')) {
+    for topic in config
+        .service
+        .subscribe
+        .iter()
+        .filter(|t| !t.starts_with('^'))
+    {
         let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
-        for t in metadata.topics().iter().filter(|t| t.name() == topic && t.error().is_none()) {
+        for t in metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+        {
             for p in t.partitions() {
                 let (_, high) = consumer.fetch_watermarks(topic, p.id(), METADATA_TIMEOUT)?;
                 partitions.insert((topic.clone(), p.id()), high);
@@ -346,7 +404,12 @@ fn look(config: &RuntimeConfig) -> Result<GroupView, KafkaError> {
         .committed_offsets(tpl, METADATA_TIMEOUT)?
         .elements()
         .iter()
-        .filter_map(|e| e.offset().to_raw().filter(|o| *o >= 0).map(|o| ((e.topic().to_owned(), e.partition()), o)))
+        .filter_map(|e| {
+            e.offset()
+                .to_raw()
+                .filter(|o| *o >= 0)
+                .map(|o| ((e.topic().to_owned(), e.partition()), o))
+        })
         .collect();
     Ok(GroupView {
         partitions,
@@ -379,7 +442,10 @@ fn parse_assignment(bytes: &[u8]) -> Option<Vec<PartitionKey>> {
 }
 
 /// Rejoins the group: the coordinator assigns every partition again.
-pub(super) fn rejoin(consumer: &StreamConsumer<ServiceContext>, config: &RuntimeConfig) -> Result<(), RuntimeError> {
+pub(super) fn rejoin(
+    consumer: &StreamConsumer<ServiceContext>,
+    config: &RuntimeConfig,
+) -> Result<(), RuntimeError> {
     tracing::warn!("rejoining the group so that every partition gets an owner");
     consumer.unsubscribe();
     consumer.subscribe(&subscribed(config))?;
@@ -395,7 +461,8 @@ mod tests {
         let mut service = ServiceConfig::new("s", vec!["t".into()], "/tmp/s".into());
         service.unowned_after_s = 30;
         GroupWatch::new(&RuntimeConfig {
-            kafka: serde_json::from_value(serde_json::json!({"brokers": "localhost:9092"})).expect("kafka"),
+            kafka: serde_json::from_value(serde_json::json!({"brokers": "localhost:9092"}))
+                .expect("kafka"),
             topics: Default::default(),
             http: None,
             service,
@@ -415,22 +482,40 @@ mod tests {
         let metrics = ConsumerMetrics::default();
         let ours = HashSet::from([("t".to_owned(), 0)]);
         let mut watch = watch();
-        assert!(!watch.judge(&view(None, 5), &metrics, &ours), "suspected, not yet overdue");
+        assert!(
+            !watch.judge(&view(None, 5), &metrics, &ours),
+            "suspected, not yet overdue"
+        );
         tokio::time::advance(Duration::from_secs(20)).await;
-        assert!(!watch.judge(&view(None, 6), &metrics, &ours), "it moved: someone owns it");
+        assert!(
+            !watch.judge(&view(None, 6), &metrics, &ours),
+            "it moved: someone owns it"
+        );
         tokio::time::advance(Duration::from_secs(20)).await;
         assert!(!watch.judge(&view(None, 6), &metrics, &ours));
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(watch.judge(&view(None, 6), &metrics, &ours), "stuck behind its end for 30 s");
+        assert!(
+            watch.judge(&view(None, 6), &metrics, &ours),
+            "stuck behind its end for 30 s"
+        );
         assert_eq!(metrics.unowned_partitions.get(), 1);
-        assert!(!watch.judge(&view(None, 6), &metrics, &ours), "the next rejoin waits another bound");
+        assert!(
+            !watch.judge(&view(None, 6), &metrics, &ours),
+            "the next rejoin waits another bound"
+        );
         let listed = view(Some(&[0, 1]), 6);
         tokio::time::advance(Duration::from_secs(60)).await;
-        assert!(!watch.judge(&listed, &metrics, &ours), "a listed owner holds it");
+        assert!(
+            !watch.judge(&listed, &metrics, &ours),
+            "a listed owner holds it"
+        );
         let orphan = view(Some(&[0]), 6);
         assert!(!watch.judge(&orphan, &metrics, &ours));
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert!(watch.judge(&orphan, &metrics, &ours), "listed as nobody's for 30 s");
+        assert!(
+            watch.judge(&orphan, &metrics, &ours),
+            "listed as nobody's for 30 s"
+        );
     }
 
     #[test]

@@ -205,13 +205,41 @@ impl Default for ConsumerMetrics {
             "Event ids held for deduplication (the retention window)",
             metrics.processed_ids.clone(),
         );
-        registry.register("effects_waiting", "Effects waiting in the outbox, per sink", metrics.effects_waiting.clone());
-        registry.register("oldest_waiting_seconds", "Seconds the oldest waiting effect has waited, per sink", metrics.oldest_waiting_seconds.clone());
-        registry.register("effects_delivered", "Effects delivered, per sink", metrics.effects_delivered.clone());
-        registry.register("effects_failed", "Failed attempts at effects, per sink and class", metrics.effects_failed.clone());
-        registry.register("dead_lettered_effects", "Effects a sink rejected, moved to the DLQ", metrics.dead_lettered_effects.clone());
-        registry.register("outbox_full", "1 while fetching is paused because the outbox is above its high mark", metrics.outbox_full.clone());
-        registry.register("unowned_partitions", "Subscribed partitions no member of the group owns", metrics.unowned_partitions.clone());
+        registry.register(
+            "effects_waiting",
+            "Effects waiting in the outbox, per sink",
+            metrics.effects_waiting.clone(),
+        );
+        registry.register(
+            "oldest_waiting_seconds",
+            "Seconds the oldest waiting effect has waited, per sink",
+            metrics.oldest_waiting_seconds.clone(),
+        );
+        registry.register(
+            "effects_delivered",
+            "Effects delivered, per sink",
+            metrics.effects_delivered.clone(),
+        );
+        registry.register(
+            "effects_failed",
+            "Failed attempts at effects, per sink and class",
+            metrics.effects_failed.clone(),
+        );
+        registry.register(
+            "dead_lettered_effects",
+            "Effects a sink rejected, moved to the DLQ",
+            metrics.dead_lettered_effects.clone(),
+        );
+        registry.register(
+            "outbox_full",
+            "1 while fetching is paused because the outbox is above its high mark",
+            metrics.outbox_full.clone(),
+        );
+        registry.register(
+            "unowned_partitions",
+            "Subscribed partitions no member of the group owns",
+            metrics.unowned_partitions.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -304,7 +332,9 @@ impl ConsumerMetrics {
         let label = SinkLabel {
             sink: sink.to_owned(),
         };
-        self.effects_waiting.get_or_create(&label).set(waiting as i64);
+        self.effects_waiting
+            .get_or_create(&label)
+            .set(waiting as i64);
         let mut oldest = self.oldest.lock().unwrap_or_else(|e| e.into_inner());
         let age = match head {
             Some(head) => {
@@ -332,7 +362,10 @@ impl Observable for ConsumerMetrics {
     fn health(&self) -> HealthReport {
         let state = self.state();
         let problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
-        let mut errors: Vec<String> = problems.iter().map(|(what, why)| format!("{what}: {why}")).collect();
+        let mut errors: Vec<String> = problems
+            .iter()
+            .map(|(what, why)| format!("{what}: {why}"))
+            .collect();
         errors.extend(self.status.last_error());
         HealthReport {
             healthy: state == ServiceState::Consuming && problems.is_empty(),

@@ -43,9 +43,9 @@ mod kafka;
 mod metrics;
 mod outbox;
 mod parking;
+mod shutdown;
 pub mod sink;
 pub mod sinks;
-mod shutdown;
 mod store;
 mod worker;
 
@@ -61,11 +61,11 @@ pub use handler::{Context, Handler, HandlerError, Header, Record};
 use ids::ProcessedIds;
 pub use kafka::{client_config, ensure_topic};
 pub use metrics::{ConsumerMetrics, Outcome, ServiceState, SinkLabel};
-pub use outbox::{Effect, Pending};
 use outbox::Outbox;
+pub use outbox::{Effect, Pending};
 pub use shutdown::stop_on_signals;
-pub use sink::{Delivery, Sink, SinkError};
 use sink::{run_sink, SinkShared};
+pub use sink::{Delivery, Sink, SinkError};
 use sinks::kafka::{KafkaSink, Oversized};
 pub use store::{StateChanges, Store, StoreError};
 use worker::Worker;
@@ -212,7 +212,10 @@ pub async fn run_observed<H: Handler>(
         dlq: dlq(),
         give_up_after: std::time::Duration::from_secs(config.service.give_up_after_s),
     });
-    let sinks = sinks.with(dlq::SINK, KafkaSink::new(dlq::SINK, config, Oversized::OmitPayload)?);
+    let sinks = sinks.with(
+        dlq::SINK,
+        KafkaSink::new(dlq::SINK, config, Oversized::OmitPayload)?,
+    );
     let (fatal_tx, mut fatal) = mpsc::unbounded_channel();
     let tasks: Vec<JoinHandle<Result<(), String>>> = sinks
         .starters
@@ -261,7 +264,9 @@ pub async fn run_observed<H: Handler>(
     worker.metrics.set_state(ServiceState::Stopped);
     match &result {
         Ok(()) => tracing::info!(stats = ?worker.stats, "consumer runtime stopped"),
-        Err(error) => tracing::error!(error = %report(error), stats = ?worker.stats, "consumer runtime failed"),
+        Err(error) => {
+            tracing::error!(error = %report(error), stats = ?worker.stats, "consumer runtime failed")
+        }
     }
     result.map(|()| worker.stats)
 }
@@ -288,7 +293,10 @@ fn load_outbox(store: &Store, sinks: &[String]) -> Result<Outbox, RuntimeError> 
             ))
         })?;
     if count > 0 {
-        tracing::info!(effects = count, "effects of the last run wait in the outbox; their sinks check which landed");
+        tracing::info!(
+            effects = count,
+            "effects of the last run wait in the outbox; their sinks check which landed"
+        );
     }
     Ok(outbox)
 }

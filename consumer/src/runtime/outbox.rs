@@ -84,7 +84,14 @@ impl Pending {
         put(&mut out, self.sink.as_bytes());
         put(&mut out, self.idempotency_key.as_bytes());
         put_optional(&mut out, effect.destination.as_ref().map(String::as_bytes));
-        put_optional(&mut out, effect.partition.map(i32::to_be_bytes).as_ref().map(|p| &p[..]));
+        put_optional(
+            &mut out,
+            effect
+                .partition
+                .map(i32::to_be_bytes)
+                .as_ref()
+                .map(|p| &p[..]),
+        );
         put_optional(&mut out, effect.key.as_deref());
         put(&mut out, &(effect.headers.len() as u32).to_be_bytes());
         for (name, value) in &effect.headers {
@@ -100,7 +107,11 @@ impl Pending {
         let mut reader = Reader(bytes.strip_prefix(&[ENTRY_VERSION])?);
         let sink = reader.string()?;
         let idempotency_key = reader.string()?;
-        let destination = reader.optional()?.map(|d| String::from_utf8(d.to_vec())).transpose().ok()?;
+        let destination = reader
+            .optional()?
+            .map(|d| String::from_utf8(d.to_vec()))
+            .transpose()
+            .ok()?;
         let partition = match reader.optional()? {
             Some(bytes) => Some(i32::from_be_bytes(bytes.try_into().ok()?)),
             None => None,
@@ -216,7 +227,8 @@ impl Outbox {
                 .get(&pending.sink)
                 .ok_or_else(|| pending.sink.clone())?;
             self.waiting.fetch_add(1, Ordering::SeqCst);
-            self.bytes.fetch_add(pending.effect.size(), Ordering::SeqCst);
+            self.bytes
+                .fetch_add(pending.effect.size(), Ordering::SeqCst);
             let mut queue = lock(queue);
             queue.in_doubt |= in_doubt;
             queue.waiting.insert(pending.sequence, pending);
@@ -235,7 +247,8 @@ impl Outbox {
         for sequence in sequences {
             if let Some(pending) = queue.waiting.remove(sequence) {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
-                self.bytes.fetch_sub(pending.effect.size(), Ordering::SeqCst);
+                self.bytes
+                    .fetch_sub(pending.effect.size(), Ordering::SeqCst);
             }
         }
     }
@@ -339,7 +352,11 @@ mod tests {
                 destination: Some("cw.out".into()),
                 partition: Some(2),
                 key: Some(b"k".to_vec()),
-                headers: vec![("h".into(), Some(b"v".to_vec())), ("absent".into(), None), ("empty".into(), Some(vec![]))],
+                headers: vec![
+                    ("h".into(), Some(b"v".to_vec())),
+                    ("absent".into(), None),
+                    ("empty".into(), Some(vec![])),
+                ],
                 payload: b"{\"x\":1}".to_vec(),
             },
         }
@@ -355,7 +372,11 @@ mod tests {
         };
         let encoded = bare.encode();
         assert_eq!(Pending::decode(7, &encoded), Some(bare));
-        assert_eq!(Pending::decode(7, &encoded[..encoded.len() - 1]), None, "truncated");
+        assert_eq!(
+            Pending::decode(7, &encoded[..encoded.len() - 1]),
+            None,
+            "truncated"
+        );
         assert_eq!(Pending::decode(7, &[2, 0, 0]), None, "unknown version");
     }
 
@@ -366,7 +387,13 @@ mod tests {
         let key: PartitionKey = ("t".into(), 0);
         let first = outbox.sequence(2);
         outbox
-            .push(vec![Arc::new(pending(first, "a")), Arc::new(pending(first + 1, "b"))], false)
+            .push(
+                vec![
+                    Arc::new(pending(first, "a")),
+                    Arc::new(pending(first + 1, "b")),
+                ],
+                false,
+            )
             .expect("known sinks");
         settlements.committed(Some(first + 1), HashMap::from([(key.clone(), 10)]));
         settlements.committed(None, HashMap::from([(key.clone(), 20)]));
@@ -377,8 +404,15 @@ mod tests {
         assert_eq!(settlements.settled(&key), None, "a still waits");
         outbox.remove("a", &[first]);
         settlements.advance(outbox.oldest());
-        assert_eq!(settlements.settled(&key), Some(20), "the batch behind settles too");
+        assert_eq!(
+            settlements.settled(&key),
+            Some(20),
+            "the batch behind settles too"
+        );
         assert_eq!(outbox.load(), (0, 0));
-        assert_eq!(outbox.push(vec![Arc::new(pending(9, "c"))], false), Err("c".into()));
+        assert_eq!(
+            outbox.push(vec![Arc::new(pending(9, "c"))], false),
+            Err("c".into())
+        );
     }
 }

@@ -101,7 +101,11 @@ impl Parking {
         unavailable: bool,
         now: Instant,
     ) -> Duration {
-        let ceiling = if unavailable { UNAVAILABLE_MAX } else { TRANSIENT_MAX };
+        let ceiling = if unavailable {
+            UNAVAILABLE_MAX
+        } else {
+            TRANSIENT_MAX
+        };
         let delay = earlier.map_or(RETRY_MIN, |e| (e.delay * 2).min(ceiling));
         self.parked.insert(
             (record.topic.clone(), record.partition),
@@ -119,7 +123,7 @@ impl Parking {
 
     /// Newly parked partitions to pause in the client, with the offset each
     /// expects next (its failed record); marks them paused.
-    pub(super) fn to_pause(&mut self) -> Vec<(PartitionKey, i64)> {
+    pub(super) fn pause_new(&mut self) -> Vec<(PartitionKey, i64)> {
         self.parked
             .iter_mut()
             .filter(|(_, parked)| !parked.paused)
@@ -201,11 +205,19 @@ mod tests {
         let failed = record(0, 5);
         let delay = parking.park(&failed, None, false, Instant::now());
         assert_eq!(delay, RETRY_MIN);
-        assert_eq!(parking.to_pause(), vec![(("t".into(), 0), 5)]);
-        assert_eq!(parking.to_pause(), vec![], "paused once");
+        assert_eq!(parking.pause_new(), vec![(("t".into(), 0), 5)]);
+        assert_eq!(parking.pause_new(), vec![], "paused once");
         assert_eq!(parking.hold(record(0, 6)), None);
-        assert_eq!(parking.hold(record(0, 5)), None, "a refetch of the failed record");
-        assert_eq!(parking.hold(record(1, 9)), Some(record(1, 9)), "other partitions go on");
+        assert_eq!(
+            parking.hold(record(0, 5)),
+            None,
+            "a refetch of the failed record"
+        );
+        assert_eq!(
+            parking.hold(record(1, 9)),
+            Some(record(1, 9)),
+            "other partitions go on"
+        );
         assert_eq!(parking.due(Instant::now()), (vec![], vec![]), "not due yet");
         tokio::time::advance(delay).await;
         let (records, resumed) = parking.due(Instant::now());
@@ -223,7 +235,7 @@ mod tests {
         let mut parking = Parking::default();
         parking.park(&record(0, 5), None, true, Instant::now());
         parking.park(&record(1, 7), None, true, Instant::now());
-        parking.to_pause();
+        parking.pause_new();
         let owned = HashSet::from([("t".to_owned(), 1)]);
         assert_eq!(parking.retain_owned(&owned), vec![("t".to_owned(), 0)]);
         assert_eq!(parking.paused(), owned);
@@ -233,6 +245,10 @@ mod tests {
             earlier = parking.take_earlier(&record(1, 7));
             assert!(delay <= UNAVAILABLE_MAX);
         }
-        assert_eq!(earlier.map(|e| e.delay), Some(UNAVAILABLE_MAX), "unavailable waits up to 30 s");
+        assert_eq!(
+            earlier.map(|e| e.delay),
+            Some(UNAVAILABLE_MAX),
+            "unavailable waits up to 30 s"
+        );
     }
 }

@@ -209,7 +209,12 @@ impl Cursor {
     }
 
     /// Takes the outcome of one attempt at `pending`.
-    pub(super) fn outcome(&mut self, pending: &Pending, delivery: Delivery, now: Instant) -> Verdict {
+    pub(super) fn outcome(
+        &mut self,
+        pending: &Pending,
+        delivery: Delivery,
+        now: Instant,
+    ) -> Verdict {
         match delivery {
             Delivery::Delivered => {
                 if !self.blocked.is_empty() {
@@ -222,7 +227,9 @@ impl Cursor {
             Delivery::NotAttempted => Verdict::Wait,
             Delivery::Failed(SinkError::Fatal(error)) => Verdict::Fatal(report(error.as_ref())),
             Delivery::Failed(SinkError::Unavailable { retry_after, .. }) => {
-                let wait = retry_after.unwrap_or(self.pause).clamp(RETRY_MIN, RETRY_MAX * 10);
+                let wait = retry_after
+                    .unwrap_or(self.pause)
+                    .clamp(RETRY_MIN, RETRY_MAX * 10);
                 self.paused_until = Some(now + wait);
                 self.pause = (self.pause * 2).min(RETRY_MAX);
                 Verdict::Wait
@@ -311,10 +318,12 @@ pub(super) async fn run_sink<S: Sink>(
         }
         shared.metrics.sink_delivered(&name, done.len());
         shared.outbox.remove(&name, &done);
-        shared
-            .store
-            .remove_outbox(&done)
-            .map_err(|e| format!("sink {name}: cannot clear delivered effects: {}", report(&e)))?;
+        shared.store.remove_outbox(&done).map_err(|e| {
+            format!(
+                "sink {name}: cannot clear delivered effects: {}",
+                report(&e)
+            )
+        })?;
         report_health(&name, &shared, &cursor, last_error, &mut failing);
     }
 }
@@ -354,7 +363,11 @@ async fn reconcile<S: Sink>(
             Some(queue) if queue.in_doubt => queue.waiting.values().cloned().collect(),
             _ => return Ok(()),
         };
-        tracing::info!(sink = name, in_doubt = in_doubt.len(), "checking which effects interrupted by the last stop landed");
+        tracing::info!(
+            sink = name,
+            in_doubt = in_doubt.len(),
+            "checking which effects interrupted by the last stop landed"
+        );
         match sink.reconcile(&in_doubt, &shared.store).await {
             Ok(landed) => {
                 let found: Vec<u64> = in_doubt
@@ -362,7 +375,12 @@ async fn reconcile<S: Sink>(
                     .filter(|p| landed.contains(&p.idempotency_key))
                     .map(|p| p.sequence)
                     .collect();
-                tracing::info!(sink = name, in_doubt = in_doubt.len(), landed = found.len(), "in-doubt effects checked; delivering the rest");
+                tracing::info!(
+                    sink = name,
+                    in_doubt = in_doubt.len(),
+                    landed = found.len(),
+                    "in-doubt effects checked; delivering the rest"
+                );
                 shared.outbox.remove(name, &found);
                 shared
                     .store
@@ -373,13 +391,21 @@ async fn reconcile<S: Sink>(
                 }
                 return Ok(());
             }
-            Err(SinkError::Fatal(error)) => return Err(format!("sink {name}: {}", report(error.as_ref()))),
+            Err(SinkError::Fatal(error)) => {
+                return Err(format!("sink {name}: {}", report(error.as_ref())))
+            }
             Err(error) => {
                 tracing::warn!(sink = name, error = %report(&error), "cannot tell which effects landed; retrying");
-                shared.metrics.set_sink_error(name, Some(format!("reconciling: {}", report(&error))));
+                shared
+                    .metrics
+                    .set_sink_error(name, Some(format!("reconciling: {}", report(&error))));
                 let probe = in_doubt.first().map(|p| (**p).clone());
                 if let Some(probe) = probe {
-                    cursor.outcome(&probe, Delivery::Failed(SinkError::unavailable(error)), Instant::now());
+                    cursor.outcome(
+                        &probe,
+                        Delivery::Failed(SinkError::unavailable(error)),
+                        Instant::now(),
+                    );
                 }
                 sleep_until(cursor.next_due()).await;
             }
@@ -426,19 +452,41 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_key_waits_with_its_later_effects_while_other_keys_go_on() {
         let mut cursor = Cursor::new(Duration::from_secs(60), true);
-        let all = [pending(1, Some("a")), pending(2, Some("b")), pending(3, Some("a")), pending(4, None)];
+        let all = [
+            pending(1, Some("a")),
+            pending(2, Some("b")),
+            pending(3, Some("a")),
+            pending(4, None),
+        ];
         let waiting = queue(&all);
         let now = Instant::now();
-        assert_eq!(sequences(&cursor.chunk(&waiting, now, 10)), vec![1, 2, 3, 4]);
+        assert_eq!(
+            sequences(&cursor.chunk(&waiting, now, 10)),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(cursor.outcome(&all[0], failed(), now), Verdict::Wait);
-        assert_eq!(sequences(&cursor.chunk(&waiting, now, 10)), vec![2, 4], "key a waits");
+        assert_eq!(
+            sequences(&cursor.chunk(&waiting, now, 10)),
+            vec![2, 4],
+            "key a waits"
+        );
         assert_eq!(cursor.next_due(), Some(now + RETRY_MIN));
         tokio::time::advance(RETRY_MIN).await;
         let later = Instant::now();
-        assert_eq!(sequences(&cursor.chunk(&waiting, later, 10)), vec![1, 2, 3, 4]);
+        assert_eq!(
+            sequences(&cursor.chunk(&waiting, later, 10)),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(cursor.outcome(&all[0], failed(), later), Verdict::Wait);
-        assert_eq!(cursor.next_due(), Some(later + RETRY_MIN * 2), "the delay doubles");
-        assert_eq!(cursor.outcome(&all[0], Delivery::Delivered, later), Verdict::Done);
+        assert_eq!(
+            cursor.next_due(),
+            Some(later + RETRY_MIN * 2),
+            "the delay doubles"
+        );
+        assert_eq!(
+            cursor.outcome(&all[0], Delivery::Delivered, later),
+            Verdict::Done
+        );
         assert_eq!(cursor.next_due(), None, "delivered: nothing waits");
     }
 
@@ -448,16 +496,26 @@ mod tests {
         let effect = pending(1, Some("a"));
         let start = Instant::now();
         for _ in 0..20 {
-            assert_eq!(cursor.outcome(&effect, failed(), Instant::now()), Verdict::Wait);
+            assert_eq!(
+                cursor.outcome(&effect, failed(), Instant::now()),
+                Verdict::Wait
+            );
             tokio::time::advance(Duration::from_millis(200)).await;
         }
         assert!(Instant::now() - start < Duration::from_secs(5));
         tokio::time::advance(Duration::from_secs(1)).await;
         let verdict = cursor.outcome(&effect, failed(), Instant::now());
-        assert!(matches!(verdict, Verdict::DeadLetter(ref why) if why.contains("busy")), "{verdict:?}");
+        assert!(
+            matches!(verdict, Verdict::DeadLetter(ref why) if why.contains("busy")),
+            "{verdict:?}"
+        );
         let mut dlq = Cursor::new(Duration::from_secs(5), false);
         let rejected = Delivery::Failed(SinkError::Permanent("too large".into()));
-        assert_eq!(dlq.outcome(&effect, rejected, Instant::now()), Verdict::Wait, "the DLQ's own sink never gives up");
+        assert_eq!(
+            dlq.outcome(&effect, rejected, Instant::now()),
+            Verdict::Wait,
+            "the DLQ's own sink never gives up"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -465,23 +523,34 @@ mod tests {
         let mut cursor = Cursor::new(Duration::from_secs(1), true);
         let all = [pending(1, Some("a")), pending(2, Some("b"))];
         let waiting = queue(&all);
-        let down = || Delivery::Failed(SinkError::Unavailable {
-            source: "503".into(),
-            retry_after: Some(Duration::from_secs(3)),
-        });
+        let down = || {
+            Delivery::Failed(SinkError::Unavailable {
+                source: "503".into(),
+                retry_after: Some(Duration::from_secs(3)),
+            })
+        };
         for _ in 0..5 {
             let now = Instant::now();
             assert_eq!(cursor.outcome(&all[0], down(), now), Verdict::Wait);
             assert!(cursor.paused(now));
-            assert!(cursor.chunk(&waiting, now, 10).is_empty(), "every key waits");
+            assert!(
+                cursor.chunk(&waiting, now, 10).is_empty(),
+                "every key waits"
+            );
             assert_eq!(cursor.next_due(), Some(now + Duration::from_secs(3)));
             tokio::time::advance(Duration::from_secs(3)).await;
         }
         let now = Instant::now();
         assert_eq!(sequences(&cursor.chunk(&waiting, now, 10)), vec![1, 2]);
-        assert_eq!(cursor.outcome(&all[0], Delivery::Delivered, now), Verdict::Done);
+        assert_eq!(
+            cursor.outcome(&all[0], Delivery::Delivered, now),
+            Verdict::Done
+        );
         assert!(!cursor.paused(now));
         let fatal = Delivery::Failed(SinkError::Fatal("fenced".into()));
-        assert!(matches!(cursor.outcome(&all[1], fatal, now), Verdict::Fatal(_)));
+        assert!(matches!(
+            cursor.outcome(&all[1], fatal, now),
+            Verdict::Fatal(_)
+        ));
     }
 }

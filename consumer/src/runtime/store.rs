@@ -115,15 +115,8 @@ impl Store {
         Ok(())
     }
 
-    /// Applies state `changes` alone, atomically and durably.
-    pub fn apply(&self, changes: StateChanges) -> Result<(), StoreError> {
-        self.db.apply_batch(changes.to_batch())?;
-        self.db.flush()?;
-        Ok(())
-    }
-
     /// Applies state `changes` atomically, durable with the next flush (for changes
-    /// a crash may lose without harm, like clearing confirmed work).
+    /// a crash may lose without harm, like a sink's written marks).
     pub fn apply_lazily(&self, changes: StateChanges) -> Result<(), StoreError> {
         self.db.apply_batch(changes.to_batch())?;
         Ok(())
@@ -135,13 +128,20 @@ impl Store {
         let (mut entries, mut corrupt) = (Vec::new(), Vec::new());
         for entry in self.db.scan_prefix([OUTBOX, 0]) {
             let (k, v) = entry?;
-            let sequence = k[2..].try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX);
+            let sequence = k[2..]
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(u64::MAX);
             match Pending::decode(sequence, &v) {
                 Some(pending) => entries.push(pending),
                 None => corrupt.push(sequence),
             }
         }
-        Ok(if corrupt.is_empty() { Ok(entries) } else { Err(corrupt) })
+        Ok(if corrupt.is_empty() {
+            Ok(entries)
+        } else {
+            Err(corrupt)
+        })
     }
 
     /// Removes delivered outbox entries, durable with the next flush (a crash
@@ -376,7 +376,7 @@ mod tests {
         changes.put(b"outbox/1".to_vec(), b"a".to_vec());
         changes.put(b"outbox/2".to_vec(), b"b".to_vec());
         changes.put(b"other".to_vec(), b"c".to_vec());
-        store.apply(changes).expect("apply");
+        store.apply_lazily(changes).expect("apply");
         let found = store.scan(b"outbox/").expect("scan");
         assert_eq!(
             found,

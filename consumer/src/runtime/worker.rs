@@ -118,7 +118,7 @@ impl<H: Handler> Worker<'_, H> {
                 _ = housekeeping.tick() => {
                     rounds = rounds.wrapping_add(1);
                     self.housekeep(&consumer, &mut mirror)?;
-                    if rounds % GROUP_WATCH_EVERY == 0 {
+                    if rounds.is_multiple_of(GROUP_WATCH_EVERY) {
                         self.watch_group(&consumer, &mut group).await?;
                     }
                     continue;
@@ -229,7 +229,11 @@ impl<H: Handler> Worker<'_, H> {
         let owned: Vec<_> = self.assignment.owned().into_iter().collect();
         if waiting >= service.outbox_high_mark || bytes >= service.outbox_max_bytes {
             if !self.outbox_full {
-                tracing::warn!(waiting, bytes, "the outbox is full: fetching pauses until the sinks catch up");
+                tracing::warn!(
+                    waiting,
+                    bytes,
+                    "the outbox is full: fetching pauses until the sinks catch up"
+                );
                 self.outbox_full = true;
                 self.metrics.outbox_full.set(1);
             }
@@ -291,7 +295,7 @@ impl<H: Handler> Worker<'_, H> {
 
     /// Pauses each newly parked partition and expects its failed record again.
     fn pause_parked(&mut self, consumer: &StreamConsumer<ServiceContext>) {
-        let parked = self.parking.to_pause();
+        let parked = self.parking.pause_new();
         if parked.is_empty() {
             return;
         }
@@ -325,7 +329,10 @@ impl<H: Handler> Worker<'_, H> {
         }
         let (waiting, _) = self.outbox.load();
         if waiting > 0 {
-            tracing::info!(waiting, "effects not delivered yet stay in the outbox for the next start");
+            tracing::info!(
+                waiting,
+                "effects not delivered yet stay in the outbox for the next start"
+            );
         }
     }
 }

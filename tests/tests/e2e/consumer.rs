@@ -138,7 +138,9 @@ async fn bad_records_go_to_the_dlq_with_reasons_and_the_service_keeps_going() ->
     let config = service_config(&stack, &prefix, &topic, state.path());
     let group = config.group_id();
     let (stop, shutdown) = watch::channel(false);
-    let runner = tokio::spawn(async move { runtime::run(&config.runtime(), RejectDeletes, Sinks::new(), shutdown).await });
+    let runner = tokio::spawn(async move {
+        runtime::run(&config.runtime(), RejectDeletes, Sinks::new(), shutdown).await
+    });
 
     let dlq = format!("{prefix}.dlq.svc");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -481,7 +483,9 @@ async fn a_transient_failure_holds_back_only_its_partition() -> anyhow::Result<(
     config.service.max_attempts = 5;
     let group = config.group_id();
     let (stop, shutdown) = watch::channel(false);
-    let runner = tokio::spawn(async move { runtime::run(&config.runtime(), handler, Sinks::new(), shutdown).await });
+    let runner = tokio::spawn(async move {
+        runtime::run(&config.runtime(), handler, Sinks::new(), shutdown).await
+    });
     wait_for_committed(&stack, &group, &topic, &last_offsets(&landed)).await?;
     stop.send(true)?;
     let stats = runner.await??;

@@ -126,7 +126,10 @@ async fn assert_published_once(stack: &Stack, output: &str, distinct: usize) -> 
             record.headers,
             vec![
                 ("origin".to_owned(), Some(b"test".to_vec())),
-                (IDEMPOTENCY_HEADER.to_owned(), Some(idempotency_key.into_bytes()))
+                (
+                    IDEMPOTENCY_HEADER.to_owned(),
+                    Some(idempotency_key.into_bytes())
+                )
             ],
             "headers kept, the idempotency key added"
         );

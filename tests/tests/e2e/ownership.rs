@@ -17,9 +17,9 @@ use changewire_consumer::runtime::{
 };
 use changewire_schemas::http::HttpConfig;
 use changewire_schemas::{ChangeEvent, Codec, EventId, Op};
-use tokio::sync::watch;
 use changewire_tests::servers::{free_port, PrivateBroker};
 use changewire_tests::{create_topics, read_to_end, unique_name, workspace_example, Stack};
+use tokio::sync::watch;
 
 use crate::consumer::{
     event, last_offsets, publish, service_config, start_service, terminate, wait_for_committed,
@@ -80,7 +80,8 @@ fn instance(dir: &Path, name: &str, mut config: ConsumerConfig) -> anyhow::Resul
 /// the second batch is applied by both (before the fix A restarted from its own
 /// stale sled offset and applied all of B's again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partition_that_comes_back_does_not_replay_the_other_instances_work() -> anyhow::Result<()> {
+async fn a_partition_that_comes_back_does_not_replay_the_other_instances_work() -> anyhow::Result<()>
+{
     const BATCH: u64 = 3_000;
     let broker = PrivateBroker::start_in_memory()?;
     let stack = Stack::with_brokers(broker.brokers());
@@ -109,8 +110,15 @@ async fn a_partition_that_comes_back_does_not_replay_the_other_instances_work() 
 
     let by_a = applied_by(&a.state, 0..3 * BATCH)?;
     let by_b = applied_by(&b.state, 0..3 * BATCH)?;
-    let second_by_b: BTreeSet<u64> = by_b.iter().copied().filter(|n| (BATCH..2 * BATCH).contains(n)).collect();
-    assert!(!second_by_b.is_empty(), "B applied part of the second batch");
+    let second_by_b: BTreeSet<u64> = by_b
+        .iter()
+        .copied()
+        .filter(|n| (BATCH..2 * BATCH).contains(n))
+        .collect();
+    assert!(
+        !second_by_b.is_empty(),
+        "B applied part of the second batch"
+    );
     let twice: Vec<u64> = second_by_b.intersection(&by_a).copied().collect();
     let log = std::fs::read_to_string(&a.log)?;
     assert!(
@@ -120,7 +128,10 @@ async fn a_partition_that_comes_back_does_not_replay_the_other_instances_work() 
         &twice[..twice.len().min(5)],
         log.lines().filter(|l| l.contains("starting from") || l.contains("another instance")).collect::<Vec<_>>().join("\n")
     );
-    assert!(log.contains("another instance went further"), "A noticed the take-over");
+    assert!(
+        log.contains("another instance went further"),
+        "A noticed the take-over"
+    );
     let union: BTreeSet<u64> = by_a.union(&by_b).copied().collect();
     assert_eq!(union.len() as u64, 3 * BATCH, "every event applied");
     Ok(())
@@ -143,7 +154,10 @@ impl Handler for Dependent {
             return Err(HandlerError::unavailable("the dependency is down"));
         }
         context.put(format!("applied/{}", event.id), "1");
-        self.applied.lock().expect("lock").insert(event.id.to_string());
+        self.applied
+            .lock()
+            .expect("lock")
+            .insert(event.id.to_string());
         Ok(())
     }
 }
@@ -179,7 +193,11 @@ async fn a_partition_revoked_while_paused_advances_when_it_comes_back() -> anyho
         runtime::run_observed(&runtime_config, handler, Sinks::new(), shutdown, observed).await
     });
     poll_until("A parks both partitions", || metrics.retries.get() >= 4).await?;
-    assert_eq!(metrics.state(), ServiceState::Unavailable, "/health says what waits");
+    assert_eq!(
+        metrics.state(),
+        ServiceState::Unavailable,
+        "/health says what waits"
+    );
 
     let program = workspace_example("count_events")?;
     let service_b = start_service(&program, &b.file, &b.log)?;
@@ -200,7 +218,10 @@ async fn a_partition_revoked_while_paused_advances_when_it_comes_back() -> anyho
         .filter(|&n| ids.contains(&EventId::postgres("src", 0x100 + n, 1).to_string()))
         .collect();
     let second_by_a = by_a.iter().filter(|n| **n >= BATCH).count() as u64;
-    assert_eq!(second_by_a, BATCH, "A applied every new event, on every partition");
+    assert_eq!(
+        second_by_a, BATCH,
+        "A applied every new event, on every partition"
+    );
     let by_b = applied_by(&b.state, 0..BATCH)?;
     let union: BTreeSet<u64> = by_a.union(&by_b).copied().collect();
     assert_eq!(union.len() as u64, 2 * BATCH, "nothing lost");
@@ -218,7 +239,10 @@ async fn wait_for_assigned(instances: &[&Instance], partitions: u64) -> anyhow::
         if owned == partitions {
             return Ok(());
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{owned} of {partitions} partitions owned");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{owned} of {partitions} partitions owned"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -259,7 +283,9 @@ async fn partitions_of_killed_members_get_an_owner_again() -> anyhow::Result<()>
         tokio::spawn(async move {
             let mut landed = Vec::new();
             for chunk in 0..12 {
-                landed.extend(publish(&stack, &topic, encode(chunk * 1_000..(chunk + 1) * 1_000)?).await?);
+                landed.extend(
+                    publish(&stack, &topic, encode(chunk * 1_000..(chunk + 1) * 1_000)?).await?,
+                );
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             anyhow::Ok(landed)
@@ -311,13 +337,22 @@ impl Handler for Ticker {
         _: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
         if self.fatal_at.as_deref() == Some(event.id.as_str()) {
-            return Err(HandlerError::fatal("the store holds a value this version cannot read"));
+            return Err(HandlerError::fatal(
+                "the store holds a value this version cannot read",
+            ));
         }
-        self.partitions.lock().expect("lock").insert(record.partition);
+        self.partitions
+            .lock()
+            .expect("lock")
+            .insert(record.partition);
         Ok(())
     }
 
-    async fn tick(&self, _: std::time::SystemTime, context: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn tick(
+        &self,
+        _: std::time::SystemTime,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
         let ticks = context
             .get(b"ticks")?
             .and_then(|v| String::from_utf8(v).ok()?.parse::<u64>().ok())
@@ -338,9 +373,14 @@ impl Handler for Ticker {
 /// and its effect committed together (every tick counted in sled has its
 /// record in the tick topic, under a `tick/` idempotency key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn static_assignment_reads_its_partitions_and_ticks_commit_state_and_effects() -> anyhow::Result<()> {
+async fn static_assignment_reads_its_partitions_and_ticks_commit_state_and_effects(
+) -> anyhow::Result<()> {
     let stack = Stack::from_env();
-    let (prefix, topic, ticks_topic) = (unique_name("static"), unique_name("input"), unique_name("ticks"));
+    let (prefix, topic, ticks_topic) = (
+        unique_name("static"),
+        unique_name("input"),
+        unique_name("ticks"),
+    );
     create_topics(&stack, &[&topic], 2).await?;
     create_topics(&stack, &[&ticks_topic], 1).await?;
     let landed = publish(&stack, &topic, encode(0..100)?).await?;
@@ -356,35 +396,66 @@ async fn static_assignment_reads_its_partitions_and_ticks_commit_state_and_effec
         fatal_at: None,
         partitions: partitions.clone(),
     };
-    let sinks = Sinks::new().with("ticks", KafkaSink::new("ticks", &config, Oversized::Reject)?);
+    let sinks = Sinks::new().with(
+        "ticks",
+        KafkaSink::new("ticks", &config, Oversized::Reject)?,
+    );
     let metrics = Arc::new(ConsumerMetrics::default());
     let (stop, shutdown) = watch::channel(false);
     let (observed, group) = (metrics.clone(), config.group_id());
-    let service = tokio::spawn(async move { runtime::run_observed(&config, handler, sinks, shutdown, observed).await });
+    let service = tokio::spawn(async move {
+        runtime::run_observed(&config, handler, sinks, shutdown, observed).await
+    });
     poll_until("partition 1 read and 5 ticks", || {
         metrics.records_read() >= on_partition_1
-            && metrics.effects_delivered.get_or_create(&SinkLabel { sink: "ticks".into() }).get() >= 5
+            && metrics
+                .effects_delivered
+                .get_or_create(&SinkLabel {
+                    sink: "ticks".into(),
+                })
+                .get()
+                >= 5
     })
     .await?;
     stop.send(true)?;
     service.await??;
 
-    assert_eq!(*partitions.lock().expect("lock"), BTreeSet::from([1]), "only the configured partition");
+    assert_eq!(
+        *partitions.lock().expect("lock"),
+        BTreeSet::from([1]),
+        "only the configured partition"
+    );
     assert_eq!(metrics.records_read(), on_partition_1);
-    let ticks: u64 = String::from_utf8(Store::open(dir.path())?.get(b"ticks")?.unwrap_or_default())?.parse()?;
+    let ticks: u64 =
+        String::from_utf8(Store::open(dir.path())?.get(b"ticks")?.unwrap_or_default())?.parse()?;
     let records = read_to_end(&stack, &ticks_topic, Duration::from_secs(30)).await?;
     let values: Vec<u64> = records
         .iter()
         .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).parse())
         .collect::<Result<_, _>>()?;
-    assert_eq!(values, (1..=ticks).collect::<Vec<_>>(), "one record per committed tick, in order");
-    assert!(records.iter().all(|r| r.header(IDEMPOTENCY_HEADER).is_some_and(|k| k.starts_with("tick/"))));
-    let client: rdkafka::consumer::BaseConsumer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", &stack.kafka_brokers).set("group.id", &group).create()?;
+    assert_eq!(
+        values,
+        (1..=ticks).collect::<Vec<_>>(),
+        "one record per committed tick, in order"
+    );
+    assert!(records.iter().all(|r| r
+        .header(IDEMPOTENCY_HEADER)
+        .is_some_and(|k| k.starts_with("tick/"))));
+    let client: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("group.id", &group)
+        .create()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
     tpl.add_partition(&topic, 1);
-    let committed = rdkafka::consumer::Consumer::committed_offsets(&client, tpl, Duration::from_secs(10))?;
-    assert!(committed.elements().iter().all(|e| e.offset() == rdkafka::Offset::Invalid), "no group offsets in static mode");
+    let committed =
+        rdkafka::consumer::Consumer::committed_offsets(&client, tpl, Duration::from_secs(10))?;
+    assert!(
+        committed
+            .elements()
+            .iter()
+            .all(|e| e.offset() == rdkafka::Offset::Invalid),
+        "no group offsets in static mode"
+    );
     Ok(())
 }
 
@@ -404,13 +475,28 @@ async fn a_fatal_handler_error_stops_the_service_without_dead_lettering() -> any
         partitions: Arc::default(),
     };
     let (_stop, shutdown) = watch::channel(false);
-    let result = tokio::time::timeout(Duration::from_secs(60), runtime::run(&config, handler, Sinks::new(), shutdown)).await?;
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        runtime::run(&config, handler, Sinks::new(), shutdown),
+    )
+    .await?;
     let error = result.expect_err("the service stops");
-    assert!(matches!(error, runtime::RuntimeError::Fatal(_)), "{error:?}");
+    assert!(
+        matches!(error, runtime::RuntimeError::Fatal(_)),
+        "{error:?}"
+    );
     assert!(error.to_string().contains("cannot read"), "{error}");
     let store = Store::open(dir.path())?;
-    assert!(store.offset(&topic, 0)?.is_none_or(|next| next <= 7), "nothing past the failed event committed");
-    let dead = read_to_end(&stack, &format!("{prefix}.dlq.svc"), Duration::from_secs(30)).await?;
+    assert!(
+        store.offset(&topic, 0)?.is_none_or(|next| next <= 7),
+        "nothing past the failed event committed"
+    );
+    let dead = read_to_end(
+        &stack,
+        &format!("{prefix}.dlq.svc"),
+        Duration::from_secs(30),
+    )
+    .await?;
     assert!(dead.is_empty(), "nothing dead-lettered");
     Ok(())
 }

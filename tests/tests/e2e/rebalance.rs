@@ -34,7 +34,12 @@ pub async fn metric(port: u16, name: &str, label: &str) -> anyhow::Result<u64> {
 }
 
 /// Polls an instance's metric until it reaches `at_least`.
-pub async fn wait_for_metric(port: u16, name: &str, label: &str, at_least: u64) -> anyhow::Result<()> {
+pub async fn wait_for_metric(
+    port: u16,
+    name: &str,
+    label: &str,
+    at_least: u64,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         match metric(port, name, label).await {

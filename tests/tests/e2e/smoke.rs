@@ -50,7 +50,11 @@ async fn change_events_round_trip_through_the_broker_in_json_and_avro() -> anyho
     let reader = Codec::json()?;
     for (record, (sent, expected)) in received.iter().zip(sent.iter().zip(events.iter().cycle())) {
         assert_eq!(record.key, sent.key);
-        let sent_headers: Vec<_> = sent.headers.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
+        let sent_headers: Vec<_> = sent
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
         assert_eq!(record.headers, sent_headers);
         assert_eq!(record.value, sent.value, "bytes changed in transit");
         let value = record.value.as_deref().expect("not a tombstone");

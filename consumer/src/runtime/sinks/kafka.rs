@@ -56,7 +56,11 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     /// A sink named `name` writing with the `[kafka]` section's client settings.
-    pub fn new(name: &str, config: &RuntimeConfig, oversized: Oversized) -> Result<Self, RuntimeError> {
+    pub fn new(
+        name: &str,
+        config: &RuntimeConfig,
+        oversized: Oversized,
+    ) -> Result<Self, RuntimeError> {
         let client = client_config(config);
         let producer = client
             .clone()
@@ -109,7 +113,8 @@ impl KafkaSink {
         match self.write(&pending.effect, key).await {
             Err(SinkError::Permanent(error)) if self.oversized == Oversized::OmitPayload => {
                 tracing::warn!(sink = self.name, key, error = %error, "writing the dead letter without its payload");
-                self.write(&dlq::without_payload(&pending.effect), key).await
+                self.write(&dlq::without_payload(&pending.effect), key)
+                    .await
             }
             other => other,
         }
@@ -118,7 +123,9 @@ impl KafkaSink {
     /// Why a write failed, by what the runtime should do about it.
     fn classify(&self, error: KafkaError) -> SinkError {
         if let Some((code, reason)) = self.producer.client().fatal_error() {
-            return SinkError::Fatal(format!("the producer failed for good ({code}): {reason}").into());
+            return SinkError::Fatal(
+                format!("the producer failed for good ({code}): {reason}").into(),
+            );
         }
         use RDKafkaErrorCode as Code;
         match error.rdkafka_error_code() {
@@ -157,7 +164,10 @@ impl KafkaSink {
     }
 
     /// The output partitions `in_doubt` may have gone to.
-    async fn targets(&self, in_doubt: &[Arc<Pending>]) -> Result<HashSet<(String, i32)>, SinkError> {
+    async fn targets(
+        &self,
+        in_doubt: &[Arc<Pending>],
+    ) -> Result<HashSet<(String, i32)>, SinkError> {
         let mut targets = HashSet::new();
         for pending in in_doubt {
             let Some(topic) = &pending.effect.destination else {
@@ -212,11 +222,17 @@ impl Sink for KafkaSink {
         let mut acks = Vec::with_capacity(effects.len());
         for pending in effects {
             if pending.effect.destination.is_none() {
-                let error = format!("effect {} has no destination topic", pending.idempotency_key);
+                let error = format!(
+                    "effect {} has no destination topic",
+                    pending.idempotency_key
+                );
                 acks.push(Err(SinkError::Permanent(error.into())));
                 continue;
             }
-            acks.push(self.enqueue(&pending.effect, &pending.idempotency_key).await);
+            acks.push(
+                self.enqueue(&pending.effect, &pending.idempotency_key)
+                    .await,
+            );
         }
         let mut marks: HashMap<(String, i32), i64> = HashMap::new();
         let mut deliveries = Vec::with_capacity(effects.len());
@@ -247,7 +263,10 @@ impl Sink for KafkaSink {
         }
         let mut changes = StateChanges::default();
         for ((topic, partition), next) in marks {
-            changes.put(self.mark_key(&topic, partition), next.to_be_bytes().to_vec());
+            changes.put(
+                self.mark_key(&topic, partition),
+                next.to_be_bytes().to_vec(),
+            );
         }
         if let Err(error) = store.apply_lazily(changes) {
             // The effects landed; a stale mark only makes a later read-back longer.
@@ -256,14 +275,19 @@ impl Sink for KafkaSink {
         deliveries
     }
 
-    async fn reconcile(&self, in_doubt: &[Arc<Pending>], store: &Store) -> Result<HashSet<String>, SinkError> {
+    async fn reconcile(
+        &self,
+        in_doubt: &[Arc<Pending>],
+        store: &Store,
+    ) -> Result<HashSet<String>, SinkError> {
         let mut found = HashSet::new();
         for (topic, partition) in self.targets(in_doubt).await? {
             let from = (self.mark(store, &topic, partition)? - self.rewind).max(0);
             let client = self.client.clone();
-            let keys = tokio::task::spawn_blocking(move || scan_keys(client, &topic, partition, from))
-                .await
-                .map_err(|e| SinkError::Fatal(Box::new(e)))??;
+            let keys =
+                tokio::task::spawn_blocking(move || scan_keys(client, &topic, partition, from))
+                    .await
+                    .map_err(|e| SinkError::Fatal(Box::new(e)))??;
             found.extend(keys);
         }
         Ok(found)
@@ -295,7 +319,12 @@ pub async fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i
 
 /// Reads `topic`/`partition` from `from` to its end and returns the idempotency
 /// keys found.
-fn scan_keys(client: ClientConfig, topic: &str, partition: i32, from: i64) -> Result<HashSet<String>, SinkError> {
+fn scan_keys(
+    client: ClientConfig,
+    topic: &str,
+    partition: i32,
+    from: i64,
+) -> Result<HashSet<String>, SinkError> {
     let mut client = client;
     let consumer: BaseConsumer = client
         .set("group.id", "changewire-sink-reconcile")

@@ -76,7 +76,10 @@ impl WebhookConfig {
         if !self.url.starts_with("http://") && !self.url.starts_with("https://") {
             return Err(ConfigError::invalid(
                 section,
-                format!("url: expected an http:// or https:// URL, got {:?}", self.url),
+                format!(
+                    "url: expected an http:// or https:// URL, got {:?}",
+                    self.url
+                ),
             ));
         }
         if self.timeout_ms == 0 || self.concurrency == 0 {
@@ -216,7 +219,10 @@ impl Sink for WebhookSink {
         let mut groups = Vec::new();
         for (index, pending) in effects.iter().enumerate() {
             match pending.effect.key.as_deref() {
-                Some(key) => by_key.entry(key).or_default().push((index, pending.clone())),
+                Some(key) => by_key
+                    .entry(key)
+                    .or_default()
+                    .push((index, pending.clone())),
                 None => groups.push(vec![(index, pending.clone())]),
             }
         }
@@ -267,7 +273,10 @@ mod tests {
             timeout_ms: 1000,
             concurrency: 1,
         };
-        let error = config.validate("forward").expect_err("rejected").to_string();
+        let error = config
+            .validate("forward")
+            .expect_err("rejected")
+            .to_string();
         assert!(error.contains("forward"), "{error}");
         assert!(error.contains("secret"), "{error}");
         assert!(!format!("{config:?}").contains("plain"), "secret redacted");
