@@ -20,15 +20,12 @@ use changewire_consumer::config::{ConsumerConfig, ServiceConfig};
 use changewire_consumer::runtime::{self, ConsumerMetrics, ServiceState, SinkLabel, Store};
 use changewire_consumer::services::dedup::{self, Dedup, DedupConfig};
 use changewire_schemas::topic::TopicsConfig;
-use changewire_schemas::{
-    ChangeEvent, Codec, EventId, Op, Origin, PostgresOrigin, SnapshotMarker, Source,
-};
-use changewire_tests::{cpu_time, create_topics, peak_rss_kib, unique_name, Stack};
+use changewire_schemas::{ChangeEvent, Codec};
+use changewire_tests::{compact_event, cpu_time, create_topics, peak_rss_kib, unique_name, Stack};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use serde_json::json;
 use tokio::sync::watch;
 
 const PARTITIONS: i32 = 3;
@@ -101,30 +98,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// A compact create event; every tenth repeats the id of an earlier one.
 fn event(i: u64) -> ChangeEvent {
-    let n = if i % 10 == 9 { i / 10 } else { i - i / 10 };
-    ChangeEvent {
-        id: EventId::postgres("bench", 0x1000 + n, 1),
-        op: Op::Create,
-        ts_ms: 1_763_769_600_123,
-        source: Source {
-            name: "bench".into(),
-            ts_ms: 1_763_769_600_100,
-            snapshot: SnapshotMarker::False,
-            origin: Origin::Postgresql(PostgresOrigin {
-                db: "shop".into(),
-                schema: "public".into(),
-                table: "orders".into(),
-                lsn: 0x1000 + n,
-                tx_id: Some(n as i64),
-                sequence: None,
-            }),
-        },
-        before: None,
-        after: Some(json!({"id": n, "note": "paid", "amount": "10.50"})),
-        diff: None,
-        actor: None,
-        transaction: None,
-    }
+    compact_event(if i % 10 == 9 { i / 10 } else { i - i / 10 })
 }
 
 /// Publishes `events` events in chunks; returns the bytes of their values.
