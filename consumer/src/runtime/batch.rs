@@ -50,6 +50,7 @@ impl Batch {
             .map(|(emitted, sequence)| {
                 Arc::new(Pending {
                     sequence,
+                    entry: first,
                     sink: emitted.sink,
                     idempotency_key: emitted.idempotency_key,
                     effect: emitted.effect,

@@ -115,8 +115,10 @@ impl DeadLetters {
             ),
             (headers::SERVICE, self.service.clone()),
         ];
+        let sequence = shared.outbox.sequence(1);
         let letter = Arc::new(Pending {
-            sequence: shared.outbox.sequence(1),
+            sequence,
+            entry: sequence,
             sink: SINK.to_owned(),
             idempotency_key: format!("{}/dlq", pending.idempotency_key),
             effect: self.letter(
@@ -126,17 +128,19 @@ impl DeadLetters {
                 effect.payload.clone(),
             ),
         });
-        shared
-            .store
-            .replace_outbox(pending.sequence, &letter)
-            .map_err(|e| {
-                format!(
-                    "cannot dead-letter an effect of sink {sink}: {}",
-                    report(&e)
-                )
-            })?;
+        let failed = |e: super::store::StoreError| {
+            format!(
+                "cannot dead-letter an effect of sink {sink}: {}",
+                report(&e)
+            )
+        };
+        // The letter is durable before the effect leaves its queue; a crash in
+        // between writes the letter again under the same key, which the DLQ's
+        // sink finds and drops.
+        shared.store.add_outbox(&letter).map_err(failed)?;
         shared.outbox.push(vec![letter], false)?;
-        shared.outbox.remove(sink, &[pending.sequence]);
+        let done = shared.outbox.remove(sink, &[pending.sequence]);
+        shared.store.remove_outbox(&done).map_err(failed)?;
         shared.metrics.dead_lettered_effects.inc();
         Ok(())
     }

@@ -2,11 +2,14 @@
 //! their sink to deliver them.
 //!
 //! Every effect gets a sequence number when its batch is sealed (one counter for
-//! every sink, so a sequence orders effects in commit order) and is written to
-//! sled in the batch's write. Once the write is durable the effect joins its
-//! sink's queue here; the sink's task delivers from the queue and removes what
-//! landed, from memory and (lazily) from sled. At start the queues are loaded
-//! from sled: those effects are *in doubt* (delivered or not before a crash).
+//! every sink, so a sequence orders effects in commit order). A batch's effects
+//! are written to sled as one *entry* (keyed by the batch's first sequence) in
+//! the batch's write: one key per batch, not per effect, keeps sled's work per
+//! event small. Once the write is durable the effects join their sinks' queues
+//! here; each sink's task delivers from its queue and removes what landed; an
+//! entry is removed from sled (lazily) once every effect in it is gone. At start
+//! the queues are loaded from sled: those effects are *in doubt* (delivered or
+//! not before a crash).
 //!
 //! A batch *settles* once every effect it emitted is gone from the queues: only
 //! then may its offsets be handed to Kafka ([`Settlements`]).
@@ -63,6 +66,8 @@ impl Effect {
 pub struct Pending {
     /// Position in commit order.
     pub sequence: u64,
+    /// The sled entry holding it (its batch's first sequence).
+    pub entry: u64,
     /// The sink that delivers it.
     pub sink: String,
     /// Stable across re-handling: receivers drop repeats by it.
@@ -71,13 +76,38 @@ pub struct Pending {
     pub effect: Effect,
 }
 
-/// Format version of a stored entry.
+/// Format version of a stored effect.
 const ENTRY_VERSION: u8 = 1;
+/// Format version of a stored entry: a batch's effects.
+const BATCH_VERSION: u8 = 2;
+
+/// A batch's effects as one stored entry: a version byte, the count, then each
+/// effect length-prefixed (their sequences follow the entry's).
+pub(super) fn encode_entry(effects: &[Arc<Pending>]) -> Vec<u8> {
+    let mut out = vec![BATCH_VERSION];
+    out.extend_from_slice(&(effects.len() as u32).to_be_bytes());
+    for pending in effects {
+        put(&mut out, &pending.encode());
+    }
+    out
+}
+
+/// The effects of the entry stored under `entry`, `None` if the bytes are not one.
+pub(super) fn decode_entry(entry: u64, bytes: &[u8]) -> Option<Vec<Pending>> {
+    let mut reader = Reader(bytes.strip_prefix(&[BATCH_VERSION])?);
+    let count = u32::from_be_bytes(reader.0.get(..4)?.try_into().ok()?);
+    reader.0 = &reader.0[4..];
+    let mut effects = Vec::with_capacity(count.min(100_000) as usize);
+    for (sequence, _) in (entry..).zip(0..count) {
+        effects.push(Pending::decode(sequence, entry, reader.field()?)?);
+    }
+    reader.0.is_empty().then_some(effects)
+}
 
 impl Pending {
     /// Length-prefixed fields after a version byte; optional fields are preceded
     /// by a presence byte.
-    pub(super) fn encode(&self) -> Vec<u8> {
+    fn encode(&self) -> Vec<u8> {
         let effect = &self.effect;
         let mut out = Vec::with_capacity(effect.size() + 128);
         out.push(ENTRY_VERSION);
@@ -102,8 +132,8 @@ impl Pending {
         out
     }
 
-    /// The entry stored under `sequence`, `None` if the bytes are not one.
-    pub(super) fn decode(sequence: u64, bytes: &[u8]) -> Option<Self> {
+    /// The effect numbered `sequence` in `entry`, `None` if the bytes are not one.
+    fn decode(sequence: u64, entry: u64, bytes: &[u8]) -> Option<Self> {
         let mut reader = Reader(bytes.strip_prefix(&[ENTRY_VERSION])?);
         let sink = reader.string()?;
         let idempotency_key = reader.string()?;
@@ -125,6 +155,7 @@ impl Pending {
         let payload = reader.field()?.to_vec();
         reader.0.is_empty().then_some(Self {
             sequence,
+            entry,
             sink,
             idempotency_key,
             effect: Effect {
@@ -189,6 +220,8 @@ pub(super) struct Queue {
 /// Every sink's queue, with the totals the flow control reads.
 pub(super) struct Outbox {
     queues: HashMap<String, (Mutex<Queue>, Notify)>,
+    /// Per stored entry, how many of its effects still wait.
+    entries: Mutex<HashMap<u64, usize>>,
     next_sequence: AtomicU64,
     waiting: AtomicUsize,
     bytes: AtomicUsize,
@@ -202,6 +235,7 @@ impl Outbox {
                 .iter()
                 .map(|s| (s.clone(), (Mutex::default(), Notify::new())))
                 .collect(),
+            entries: Mutex::default(),
             next_sequence: AtomicU64::new(last_sequence.map_or(0, |s| s + 1)),
             waiting: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
@@ -221,6 +255,14 @@ impl Outbox {
     /// Adds effects whose write is durable (or that were loaded at start, then
     /// `in_doubt`), and wakes their sinks. `Err` names a sink not run here.
     pub(super) fn push(&self, pendings: Vec<Arc<Pending>>, in_doubt: bool) -> Result<(), String> {
+        if let Some(unknown) = pendings.iter().find(|p| !self.queues.contains_key(&p.sink)) {
+            return Err(unknown.sink.clone());
+        }
+        let mut entries = lock(&self.entries);
+        for pending in &pendings {
+            *entries.entry(pending.entry).or_default() += 1;
+        }
+        drop(entries);
         for pending in pendings {
             let (queue, notify) = self
                 .queues
@@ -238,19 +280,36 @@ impl Outbox {
         Ok(())
     }
 
-    /// Removes delivered (or dead-lettered) effects of `sink`.
-    pub(super) fn remove(&self, sink: &str, sequences: &[u64]) {
+    /// Removes delivered (or dead-lettered) effects of `sink`; returns the
+    /// stored entries nothing waits in any more (to remove from sled).
+    #[must_use]
+    pub(super) fn remove(&self, sink: &str, sequences: &[u64]) -> Vec<u64> {
         let Some((queue, _)) = self.queues.get(sink) else {
-            return;
+            return Vec::new();
         };
+        let mut removed = Vec::with_capacity(sequences.len());
         let mut queue = lock(queue);
         for sequence in sequences {
             if let Some(pending) = queue.waiting.remove(sequence) {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 self.bytes
                     .fetch_sub(pending.effect.size(), Ordering::SeqCst);
+                removed.push(pending.entry);
             }
         }
+        drop(queue);
+        let mut entries = lock(&self.entries);
+        let mut done = Vec::new();
+        for entry in removed {
+            if let Some(left) = entries.get_mut(&entry) {
+                *left -= 1;
+                if *left == 0 {
+                    entries.remove(&entry);
+                    done.push(entry);
+                }
+            }
+        }
+        done
     }
 
     /// `sink`'s queue.
@@ -346,6 +405,7 @@ mod tests {
     fn pending(sequence: u64, sink: &str) -> Pending {
         Pending {
             sequence,
+            entry: sequence,
             sink: sink.into(),
             idempotency_key: format!("pg:a:0/{sequence}:1/{sink}/0"),
             effect: Effect {
@@ -365,19 +425,16 @@ mod tests {
     #[test]
     fn entries_round_trip_and_keep_absent_header_values_absent() {
         let full = pending(7, "kafka");
-        assert_eq!(Pending::decode(7, &full.encode()), Some(full.clone()));
         let bare = Pending {
+            sequence: 8,
             effect: Effect::new(vec![]),
-            ..full
+            ..full.clone()
         };
-        let encoded = bare.encode();
-        assert_eq!(Pending::decode(7, &encoded), Some(bare));
-        assert_eq!(
-            Pending::decode(7, &encoded[..encoded.len() - 1]),
-            None,
-            "truncated"
-        );
-        assert_eq!(Pending::decode(7, &[2, 0, 0]), None, "unknown version");
+        let encoded = encode_entry(&[Arc::new(full.clone()), Arc::new(bare.clone())]);
+        assert_eq!(decode_entry(7, &encoded), Some(vec![full, bare]));
+        let truncated = &encoded[..encoded.len() - 1];
+        assert_eq!(decode_entry(7, truncated), None, "truncated");
+        assert_eq!(decode_entry(7, &[1, 0, 0]), None, "unknown version");
     }
 
     #[test]
@@ -390,7 +447,10 @@ mod tests {
             .push(
                 vec![
                     Arc::new(pending(first, "a")),
-                    Arc::new(pending(first + 1, "b")),
+                    Arc::new(Pending {
+                        entry: first,
+                        ..pending(first + 1, "b")
+                    }),
                 ],
                 false,
             )
@@ -399,10 +459,17 @@ mod tests {
         settlements.committed(None, HashMap::from([(key.clone(), 20)]));
         settlements.advance(outbox.oldest());
         assert_eq!(settlements.settled(&key), None, "nothing delivered");
-        outbox.remove("b", &[first + 1]);
+        assert!(
+            outbox.remove("b", &[first + 1]).is_empty(),
+            "a waits in the entry"
+        );
         settlements.advance(outbox.oldest());
         assert_eq!(settlements.settled(&key), None, "a still waits");
-        outbox.remove("a", &[first]);
+        assert_eq!(
+            outbox.remove("a", &[first]),
+            vec![first],
+            "its entry is done"
+        );
         settlements.advance(outbox.oldest());
         assert_eq!(
             settlements.settled(&key),

@@ -317,8 +317,8 @@ pub(super) async fn run_sink<S: Sink>(
             }
         }
         shared.metrics.sink_delivered(&name, done.len());
-        shared.outbox.remove(&name, &done);
-        shared.store.remove_outbox(&done).map_err(|e| {
+        let entries = shared.outbox.remove(&name, &done);
+        shared.store.remove_outbox(&entries).map_err(|e| {
             format!(
                 "sink {name}: cannot clear delivered effects: {}",
                 report(&e)
@@ -381,10 +381,10 @@ async fn reconcile<S: Sink>(
                     landed = found.len(),
                     "in-doubt effects checked; delivering the rest"
                 );
-                shared.outbox.remove(name, &found);
+                let entries = shared.outbox.remove(name, &found);
                 shared
                     .store
-                    .remove_outbox(&found)
+                    .remove_outbox(&entries)
                     .map_err(|e| format!("sink {name}: {}", report(&e)))?;
                 if let Some(mut queue) = shared.outbox.queue(name) {
                     queue.in_doubt = false;
@@ -428,6 +428,7 @@ mod tests {
     fn pending(sequence: u64, key: Option<&str>) -> Arc<Pending> {
         Arc::new(Pending {
             sequence,
+            entry: sequence,
             sink: "s".into(),
             idempotency_key: format!("e{sequence}/s/0"),
             effect: Effect {

@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::ids::{digest, IdDigest, Segment};
-use super::outbox::Pending;
+use super::outbox::{decode_entry, encode_entry, Pending};
 
 /// Key prefixes: one tree, so one batch covers them all.
 const STATE: u8 = b's';
@@ -16,7 +17,7 @@ const SINGLE_ID: u8 = b'i';
 /// A batch's processed ids: the key ends with the segment's sequence.
 const SEGMENT: u8 = b'p';
 const OFFSET: u8 = b'o';
-/// An outbox entry: the key ends with its sequence.
+/// An outbox entry (a batch's effects): the key ends with its first sequence.
 const OUTBOX: u8 = b'e';
 /// The runtime's own values (the instance id).
 const META: u8 = b'm';
@@ -95,11 +96,11 @@ impl Store {
         changes: &StateChanges,
         processed: &Segment,
         offsets: &HashMap<(String, i32), i64>,
-        effects: &[std::sync::Arc<Pending>],
+        effects: &[Arc<Pending>],
     ) -> Result<(), StoreError> {
         let mut batch = changes.to_batch();
-        for pending in effects {
-            batch.insert(outbox_key(pending.sequence), pending.encode());
+        if let Some(first) = effects.first() {
+            batch.insert(outbox_key(first.entry), encode_entry(effects));
         }
         if !processed.digests.is_empty() {
             batch.insert(
@@ -122,45 +123,47 @@ impl Store {
         Ok(())
     }
 
-    /// Every outbox entry, oldest first; `Err` carries the sequences of entries
-    /// that cannot be decoded (a corrupted store).
+    /// Every effect in the outbox, oldest first; `Err` carries the keys of
+    /// entries that cannot be decoded (a corrupted store).
     pub(super) fn outbox(&self) -> Result<Result<Vec<Pending>, Vec<u64>>, StoreError> {
-        let (mut entries, mut corrupt) = (Vec::new(), Vec::new());
+        let (mut effects, mut corrupt) = (Vec::new(), Vec::new());
         for entry in self.db.scan_prefix([OUTBOX, 0]) {
             let (k, v) = entry?;
-            let sequence = k[2..]
+            let first = k[2..]
                 .try_into()
                 .map(u64::from_be_bytes)
                 .unwrap_or(u64::MAX);
-            match Pending::decode(sequence, &v) {
-                Some(pending) => entries.push(pending),
-                None => corrupt.push(sequence),
+            match decode_entry(first, &v) {
+                Some(pendings) => effects.extend(pendings),
+                None => corrupt.push(first),
             }
         }
         Ok(if corrupt.is_empty() {
-            Ok(entries)
+            Ok(effects)
         } else {
             Err(corrupt)
         })
     }
 
-    /// Removes delivered outbox entries, durable with the next flush (a crash
-    /// brings them back, in doubt, and their sink drops what landed).
-    pub(super) fn remove_outbox(&self, sequences: &[u64]) -> Result<(), StoreError> {
+    /// Removes outbox entries whose effects were all delivered, durable with
+    /// the next flush (a crash brings them back, in doubt, and their sinks drop
+    /// what landed).
+    pub(super) fn remove_outbox(&self, entries: &[u64]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
         let mut batch = sled::Batch::default();
-        for sequence in sequences {
-            batch.remove(outbox_key(*sequence));
+        for entry in entries {
+            batch.remove(outbox_key(*entry));
         }
         self.db.apply_batch(batch)?;
         Ok(())
     }
 
-    /// Moves an entry to another sink (the DLQ) atomically and durably.
-    pub(super) fn replace_outbox(&self, removed: u64, added: &Pending) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        batch.remove(outbox_key(removed));
-        batch.insert(outbox_key(added.sequence), added.encode());
-        self.db.apply_batch(batch)?;
+    /// Stores an effect as an entry of its own, durably (a dead letter).
+    pub(super) fn add_outbox(&self, effect: &Arc<Pending>) -> Result<(), StoreError> {
+        let entry = encode_entry(std::slice::from_ref(effect));
+        self.db.insert(outbox_key(effect.entry), entry)?;
         self.db.flush()?;
         Ok(())
     }

@@ -201,7 +201,10 @@ async fn time_plain_loop(
         .await;
     posted.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     let elapsed = started.elapsed();
-    ensure!(received.load(Ordering::SeqCst) >= events, "receiver saw fewer");
+    ensure!(
+        received.load(Ordering::SeqCst) >= events,
+        "receiver saw fewer"
+    );
     Ok(elapsed)
 }
 
