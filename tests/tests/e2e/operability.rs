@@ -19,14 +19,19 @@ async fn serve(source: &RunningSource) -> anyhow::Result<String> {
     Ok(base)
 }
 
-/// Polls `/health` until it answers 200; returns its body.
-async fn healthy_body(http: &reqwest::Client, base: &str) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// Polls `/health` until it answers 200 in `state` (a loaded machine may spend
+/// a while healthy in the snapshot first); returns its body.
+async fn healthy_body(
+    http: &reqwest::Client,
+    base: &str,
+    state: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let response = http.get(format!("{base}/health")).send().await?;
         let status = response.status();
         let body: serde_json::Value = response.json().await?;
-        if status == 200 {
+        if status == 200 && body["state"] == state {
             return Ok(body);
         }
         anyhow::ensure!(Instant::now() < deadline, "never healthy: {status} {body}");
@@ -49,8 +54,8 @@ async fn metrics_count_events_and_health_follows_the_source() -> anyhow::Result<
     let http = reqwest::Client::new();
 
     // The slot turns active a moment before the source records that it streams.
-    let body = healthy_body(&http, &base).await?;
-    assert_eq!(body["state"], "streaming");
+    let body = healthy_body(&http, &base, "streaming").await?;
+    assert_eq!(body["last_error"], serde_json::Value::Null);
 
     let unauthorized = http.get(format!("{base}/metrics")).send().await?;
     assert_eq!(unauthorized.status(), 401, "metrics need the bearer token");
