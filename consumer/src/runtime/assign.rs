@@ -21,9 +21,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::metrics::{ConsumerMetrics, TopicPartition};
 use super::outbox::{Outbox, Settlements};
 use super::store::Store;
-
-/// A topic and partition.
-pub(super) type PartitionKey = (String, i32);
+pub(super) use super::types::PartitionKey;
 
 /// What the metadata of this instance's offset commits starts with.
 const METADATA_PREFIX: &str = "changewire instance=";

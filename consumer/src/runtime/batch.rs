@@ -1,23 +1,14 @@
-//! The batch pipeline: records (and ticks, and partition take-overs) go through
-//! the handler into one [`Batch`]: state changes, emitted effects, the ids
-//! applied and the offsets moved, committed to sled in one write.
+//! A batch: what one sled write commits (state changes, emitted effects, the
+//! ids applied and the offsets moved). [`super::pipeline`] fills it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
-use changewire_schemas::diagnostics::report;
-use changewire_schemas::ChangeEvent;
-
-use super::assign::PartitionKey;
-use super::handler::{Context, Emitted, Handler, HandlerError, Record};
-use super::ids::{self, IdDigest};
-use super::metrics::{Outcome, ServiceState};
+use super::handler::{Emitted, Record};
+use super::ids::IdDigest;
 use super::outbox::Pending;
-use super::parking::Earlier;
 use super::store::StateChanges;
-use super::worker::Worker;
-use super::RuntimeError;
+use super::types::PartitionKey;
 
 /// What one batch changes, committed to sled in one write.
 #[derive(Default)]
@@ -32,7 +23,7 @@ pub(super) struct Batch {
 
 impl Batch {
     /// Marks `record` done: the partition's next offset moves past it.
-    fn done(&mut self, record: &Record) {
+    pub(super) fn done(&mut self, record: &Record) {
         self.offsets
             .insert((record.topic.clone(), record.partition), record.offset + 1);
     }
@@ -57,220 +48,5 @@ impl Batch {
                 })
             })
             .collect()
-    }
-}
-
-impl<H: Handler> Worker<'_, H> {
-    /// Applies `records` in order into a new batch, after the partitions taken
-    /// over from other instances were reset.
-    pub(super) async fn apply(&mut self, records: Vec<Record>) -> Result<Batch, RuntimeError> {
-        let mut batch = Batch::default();
-        self.reset_taken_over(&mut batch);
-        for record in records {
-            let Some(record) = self.parking.hold(record) else {
-                continue;
-            };
-            if !self.owns(&record) {
-                continue;
-            }
-            self.apply_one(&record, &mut batch).await?;
-        }
-        Ok(batch)
-    }
-
-    /// Lets the handler drop the state of partitions another instance went
-    /// further on.
-    fn reset_taken_over(&mut self, batch: &mut Batch) {
-        for (topic, partition) in self.assignment.take_resets() {
-            let origin = format!("reset/{topic}/{partition}");
-            let mut context = self.context(&batch.changes, origin);
-            self.handler
-                .partition_reset(&topic, partition, &mut context);
-            let (changes, emitted) = context.finish();
-            batch.changes.extend(changes);
-            batch.emitted.extend(emitted);
-        }
-    }
-
-    /// A tick of the handler's clock, as a batch of its own.
-    pub(super) async fn tick(&mut self) -> Result<Batch, RuntimeError> {
-        let mut batch = Batch::default();
-        let now = SystemTime::now();
-        let millis = now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let mut context = self.context(&batch.changes, format!("tick/{millis}"));
-        let result = self.handler.tick(now, &mut context).await;
-        match result {
-            Ok(()) => {
-                let (changes, emitted) = context.finish();
-                batch.changes = changes;
-                batch.emitted = emitted;
-            }
-            Err(HandlerError::Fatal(error)) => {
-                return Err(RuntimeError::Fatal(report(error.as_ref())))
-            }
-            Err(error) => {
-                tracing::warn!(error = %report(&error), "the tick failed; the next one comes as usual")
-            }
-        }
-        Ok(batch)
-    }
-
-    fn context<'c>(&'c self, batch: &'c StateChanges, origin: String) -> Context<'c> {
-        let previous = self.writing.as_ref().map(|w| &w.batch.changes);
-        Context::new(&self.store, batch, previous, &self.sink_names, origin)
-    }
-
-    async fn apply_one(&mut self, record: &Record, batch: &mut Batch) -> Result<(), RuntimeError> {
-        if record.payload.is_empty() {
-            // A tombstone after a delete: nothing to apply.
-            batch.done(record);
-            return Ok(());
-        }
-        let event = match self.codec.decode(&record.payload) {
-            Ok(event) => event,
-            Err(error) => {
-                self.dead_letter(record, &format!("undecodable: {}", report(&error)), batch);
-                return Ok(());
-            }
-        };
-        let digest = ids::digest(event.id.as_str());
-        if self.processed.contains(digest) {
-            self.stats.duplicates += 1;
-            self.metrics.count(&record.topic, Outcome::Duplicate);
-            batch.done(record);
-            return Ok(());
-        }
-        self.handle(&event, digest, record, batch).await
-    }
-
-    /// Runs the handler once and acts on its error class.
-    async fn handle(
-        &mut self,
-        event: &ChangeEvent,
-        digest: IdDigest,
-        record: &Record,
-        batch: &mut Batch,
-    ) -> Result<(), RuntimeError> {
-        let earlier = self.parking.take_earlier(record);
-        let started = Instant::now();
-        let mut context = self.context(&batch.changes, event.id.to_string());
-        let result = self.handler.handle(event, record, &mut context).await;
-        let (changes, emitted) = context.finish();
-        self.metrics
-            .handler_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let attempt = earlier.map_or(1, |e| e.attempts + 1);
-        match result {
-            Ok(()) => {
-                batch.changes.extend(changes);
-                batch.emitted.extend(emitted);
-                // In memory at once: later records of this batch and the next
-                // ones see it while the batch's write is under way.
-                self.processed.insert(digest);
-                batch.processed.push(digest);
-                batch.done(record);
-                self.stats.applied += 1;
-                self.metrics.count(&record.topic, Outcome::Applied);
-            }
-            Err(HandlerError::Transient(error)) if attempt < self.config.service.max_attempts => {
-                self.park(event, record, earlier, false, &report(error.as_ref()));
-            }
-            Err(HandlerError::Unavailable(error)) => {
-                self.park(event, record, earlier, true, &report(error.as_ref()));
-            }
-            Err(HandlerError::Transient(error)) => {
-                let reason = format!(
-                    "gave up after {attempt} attempts: {}",
-                    report(error.as_ref())
-                );
-                self.dead_letter(record, &reason, batch);
-            }
-            Err(HandlerError::Permanent(error)) => {
-                self.dead_letter(
-                    record,
-                    &format!("rejected: {}", report(error.as_ref())),
-                    batch,
-                );
-            }
-            Err(HandlerError::Fatal(error)) => {
-                return Err(RuntimeError::Fatal(format!(
-                    "handling {}: {}",
-                    event.id,
-                    report(error.as_ref())
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Parks the record's partition: it waits (paused), the others go on. The
-    /// offset stays before the event, so a restart retries it too.
-    fn park(
-        &mut self,
-        event: &ChangeEvent,
-        record: &Record,
-        earlier: Option<Earlier>,
-        unavailable: bool,
-        error: &str,
-    ) {
-        let delay = self
-            .parking
-            .park(record, earlier, unavailable, tokio::time::Instant::now());
-        let attempt = earlier.map_or(1, |e| e.attempts + 1);
-        if unavailable {
-            tracing::warn!(event = %event.id, attempt, %error, retry_in = ?delay, "a dependency is unavailable; the partition waits, nothing is dead-lettered");
-            self.metrics.set_state(ServiceState::Unavailable);
-            self.metrics
-                .set_error(Some(format!("unavailable, retrying {}: {error}", event.id)));
-        } else {
-            tracing::warn!(event = %event.id, attempt, %error, retry_in = ?delay, "transient failure; its partition waits, the others go on");
-            self.metrics.set_state(ServiceState::Retrying);
-            self.metrics
-                .set_error(Some(format!("retrying {}: {error}", event.id)));
-        }
-        self.metrics.retries.inc();
-    }
-
-    /// Commits `record`'s dead letter with the batch; the record is done.
-    fn dead_letter(&mut self, record: &Record, reason: &str, batch: &mut Batch) {
-        batch.emitted.push(self.dlq.record(record, reason));
-        self.stats.dead_lettered += 1;
-        self.metrics.count(&record.topic, Outcome::DeadLettered);
-        batch.done(record);
-    }
-
-    /// Whether `record` is from a partition this instance owns and at or past the
-    /// next offset expected (records before it are the rewind, or already
-    /// applied), and not from the service's own DLQ.
-    fn owns(&self, record: &Record) -> bool {
-        // A pattern subscription may match the service's own DLQ: dead-lettering
-        // those records again would loop. They are stored there already.
-        if record.topic == self.dlq.topic() {
-            return false;
-        }
-        let mut owned = self.assignment.lock();
-        let Some(expected) = owned.get_mut(&(record.topic.clone(), record.partition)) else {
-            return false;
-        };
-        match *expected {
-            Some(next) if record.offset < next => return false,
-            Some(next) if record.offset > next => {
-                self.metrics.offset_gaps.inc();
-                tracing::warn!(
-                    topic = %record.topic,
-                    partition = record.partition,
-                    expected = next,
-                    got = record.offset,
-                    "the broker skipped offsets (compaction or transaction markers; or a broker \
-                     that serves a fetch from inside a record batch with the next batch: raise \
-                     service.resume_rewind)"
-                );
-            }
-            _ => {}
-        }
-        *expected = Some(record.offset + 1);
-        true
     }
 }

@@ -10,11 +10,9 @@
 
 use std::sync::Arc;
 
-use changewire_schemas::diagnostics::report;
-
-use super::handler::{Emitted, Header, Record};
+use super::handler::{Emitted, Record};
 use super::outbox::{Effect, Pending};
-use super::sink::SinkShared;
+use super::types::Header;
 
 /// The name of the DLQ's sink (a name services cannot take).
 pub const SINK: &str = "changewire.dlq";
@@ -89,15 +87,15 @@ impl DeadLetters {
         }
     }
 
-    /// Moves `pending`, which `sink` rejected, to the DLQ: one durable write
-    /// swaps the outbox entries, then the queues follow.
-    pub(super) fn reroute(
+    /// The dead letter of `pending`, which `sink` rejected for `reason`,
+    /// numbered `sequence` in the outbox.
+    pub(super) fn rejected(
         &self,
-        pending: &Arc<Pending>,
+        pending: &Pending,
         sink: &str,
         reason: &str,
-        shared: &SinkShared,
-    ) -> Result<(), String> {
+        sequence: u64,
+    ) -> Arc<Pending> {
         tracing::warn!(
             sink,
             idempotency_key = pending.idempotency_key,
@@ -115,8 +113,7 @@ impl DeadLetters {
             ),
             (headers::SERVICE, self.service.clone()),
         ];
-        let sequence = shared.outbox.sequence(1);
-        let letter = Arc::new(Pending {
+        Arc::new(Pending {
             sequence,
             entry: sequence,
             sink: SINK.to_owned(),
@@ -127,22 +124,7 @@ impl DeadLetters {
                 effect.key.clone(),
                 effect.payload.clone(),
             ),
-        });
-        let failed = |e: super::store::StoreError| {
-            format!(
-                "cannot dead-letter an effect of sink {sink}: {}",
-                report(&e)
-            )
-        };
-        // The letter is durable before the effect leaves its queue; a crash in
-        // between writes the letter again under the same key, which the DLQ's
-        // sink finds and drops.
-        shared.store.add_outbox(&letter).map_err(failed)?;
-        shared.outbox.push(vec![letter], false)?;
-        let done = shared.outbox.remove(sink, &[pending.sequence]);
-        shared.store.remove_outbox(&done).map_err(failed)?;
-        shared.metrics.dead_lettered_effects.inc();
-        Ok(())
+        })
     }
 
     fn letter<const N: usize>(

@@ -10,9 +10,7 @@ use changewire_schemas::ChangeEvent;
 
 use super::outbox::Effect;
 use super::store::{StateChanges, Store, StoreError};
-
-/// A message header: its value may be absent (which is not the same as empty).
-pub type Header = (String, Option<Vec<u8>>);
+use super::types::Header;
 
 /// A record as read from Kafka, with the bytes a service may pass on unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]

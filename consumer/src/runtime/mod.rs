@@ -43,10 +43,14 @@ mod kafka;
 mod metrics;
 mod outbox;
 mod parking;
+mod pipeline;
 mod shutdown;
 pub mod sink;
 pub mod sinks;
 mod store;
+#[cfg(test)]
+mod testing;
+mod types;
 mod worker;
 
 use std::sync::Arc;
@@ -57,7 +61,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use config::{Assignment as AssignmentMode, RuntimeConfig, ServiceConfig};
-pub use handler::{Context, Handler, HandlerError, Header, Record};
+pub use handler::{Context, Handler, HandlerError, Record};
 use ids::ProcessedIds;
 pub use kafka::{client_config, ensure_topic};
 pub use metrics::{ConsumerMetrics, Outcome, ServiceState, SinkLabel};
@@ -68,6 +72,7 @@ use sink::{run_sink, SinkShared};
 pub use sink::{Delivery, Sink, SinkError};
 use sinks::kafka::{KafkaSink, Oversized};
 pub use store::{StateChanges, Store, StoreError};
+pub use types::Header;
 use worker::Worker;
 
 /// Why the runtime stopped.

@@ -20,8 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use super::assign::PartitionKey;
-use super::handler::Header;
+use super::types::{Header, PartitionKey};
 
 /// Something a sink is to do, as a handler describes it. Each sink reads the
 /// fields it needs (a Kafka sink: all of them; a webhook sink: key and payload).
@@ -401,25 +400,10 @@ impl Settlements {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::testing;
 
     fn pending(sequence: u64, sink: &str) -> Pending {
-        Pending {
-            sequence,
-            entry: sequence,
-            sink: sink.into(),
-            idempotency_key: format!("pg:a:0/{sequence}:1/{sink}/0"),
-            effect: Effect {
-                destination: Some("cw.out".into()),
-                partition: Some(2),
-                key: Some(b"k".to_vec()),
-                headers: vec![
-                    ("h".into(), Some(b"v".to_vec())),
-                    ("absent".into(), None),
-                    ("empty".into(), Some(vec![])),
-                ],
-                payload: b"{\"x\":1}".to_vec(),
-            },
-        }
+        testing::pending(sequence, sink, Some("k"))
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::assign::PartitionKey;
 use super::handler::Record;
+use super::types::PartitionKey;
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between attempts at an event whose handler failed transiently.
@@ -187,16 +187,10 @@ impl Parking {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::testing;
 
     fn record(partition: i32, offset: i64) -> Record {
-        Record {
-            topic: "t".into(),
-            partition,
-            offset,
-            key: None,
-            headers: Vec::new(),
-            payload: b"x".to_vec(),
-        }
+        testing::record(partition, offset, b"x")
     }
 
     #[tokio::test(start_paused = true)]

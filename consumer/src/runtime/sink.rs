@@ -310,9 +310,7 @@ pub(super) async fn run_sink<S: Sink>(
             match cursor.outcome(pending, delivery, now) {
                 Verdict::Done => done.push(pending.sequence),
                 Verdict::Wait => {}
-                Verdict::DeadLetter(reason) => {
-                    shared.dlq.reroute(pending, &name, &reason, &shared)?;
-                }
+                Verdict::DeadLetter(reason) => dead_letter(&shared, pending, &name, &reason)?,
                 Verdict::Fatal(reason) => return Err(format!("sink {name}: {reason}")),
             }
         }
@@ -326,6 +324,32 @@ pub(super) async fn run_sink<S: Sink>(
         })?;
         report_health(&name, &shared, &cursor, last_error, &mut failing);
     }
+}
+
+/// Moves `pending`, which `sink` rejected, to the DLQ's sink. The letter is
+/// durable before the effect leaves its queue; a crash in between writes the
+/// letter again under the same key, which the DLQ's sink finds and drops.
+fn dead_letter(
+    shared: &SinkShared,
+    pending: &Pending,
+    sink: &str,
+    reason: &str,
+) -> Result<(), String> {
+    let letter = shared
+        .dlq
+        .rejected(pending, sink, reason, shared.outbox.sequence(1));
+    let failed = |e: super::store::StoreError| {
+        format!(
+            "cannot dead-letter an effect of sink {sink}: {}",
+            report(&e)
+        )
+    };
+    shared.store.add_outbox(&letter).map_err(failed)?;
+    shared.outbox.push(vec![letter], false)?;
+    let done = shared.outbox.remove(sink, &[pending.sequence]);
+    shared.store.remove_outbox(&done).map_err(failed)?;
+    shared.metrics.dead_lettered_effects.inc();
+    Ok(())
 }
 
 /// Puts a sink that waits for its receiver on `/health`, and takes it off again.
@@ -423,19 +447,10 @@ async fn sleep_until(due: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::outbox::Effect;
+    use crate::runtime::testing;
 
     fn pending(sequence: u64, key: Option<&str>) -> Arc<Pending> {
-        Arc::new(Pending {
-            sequence,
-            entry: sequence,
-            sink: "s".into(),
-            idempotency_key: format!("e{sequence}/s/0"),
-            effect: Effect {
-                key: key.map(|k| k.as_bytes().to_vec()),
-                ..Effect::new(vec![])
-            },
-        })
+        Arc::new(testing::pending(sequence, "s", key))
     }
 
     fn queue(pendings: &[Arc<Pending>]) -> BTreeMap<u64, Arc<Pending>> {
