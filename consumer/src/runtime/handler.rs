@@ -146,6 +146,15 @@ impl<'a> Context<'a> {
         self.changes.remove(key);
     }
 
+    /// Committed state entries whose key starts with `prefix`, in key order
+    /// (changes of batches not yet committed are not seen).
+    pub fn scan_committed(
+        &self,
+        prefix: &[u8],
+    ) -> Result<Vec<super::store::StateEntry>, StoreError> {
+        self.store.scan(prefix)
+    }
+
     /// Asks for `effect` to be delivered through the sink named `sink`, once the
     /// batch is committed. Its idempotency key is `<event id>/<sink>/<ordinal>`
     /// (the ordinal counts this event's effects), so handling the same event
@@ -183,6 +192,17 @@ pub trait Handler: Send + Sync + 'static {
         record: &Record,
         context: &mut Context<'_>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Runs once before the first record: its changes and effects commit like a
+    /// batch's (to move state an earlier version left into effects, say). A
+    /// failure other than [`HandlerError::Fatal`] is logged and consuming starts.
+    fn start(
+        &self,
+        context: &mut Context<'_>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = context;
+        async { Ok(()) }
+    }
 
     /// Runs every `service.tick_interval_ms` (never without it): time-driven work
     /// such as closing windows or debouncing. Its changes and effects are

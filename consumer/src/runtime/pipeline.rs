@@ -48,29 +48,22 @@ impl<H: Handler> Worker<'_, H> {
         }
     }
 
+    /// The handler's start, as a batch of its own.
+    pub(super) async fn start(&mut self) -> Result<Batch, RuntimeError> {
+        let nothing = StateChanges::default();
+        let origin = format!("start/{}", unix_millis(SystemTime::now()));
+        let mut context = self.context(&nothing, origin);
+        let result = self.handler.start(&mut context).await;
+        batch_of(context, result, "start")
+    }
+
     /// A tick of the handler's clock, as a batch of its own.
     pub(super) async fn tick(&mut self) -> Result<Batch, RuntimeError> {
-        let mut batch = Batch::default();
+        let nothing = StateChanges::default();
         let now = SystemTime::now();
-        let millis = now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let mut context = self.context(&batch.changes, format!("tick/{millis}"));
+        let mut context = self.context(&nothing, format!("tick/{}", unix_millis(now)));
         let result = self.handler.tick(now, &mut context).await;
-        match result {
-            Ok(()) => {
-                let (changes, emitted) = context.finish();
-                batch.changes = changes;
-                batch.emitted = emitted;
-            }
-            Err(HandlerError::Fatal(error)) => {
-                return Err(RuntimeError::Fatal(report(error.as_ref())))
-            }
-            Err(error) => {
-                tracing::warn!(error = %report(&error), "the tick failed; the next one comes as usual")
-            }
-        }
-        Ok(batch)
+        batch_of(context, result, "tick")
     }
 
     fn context<'c>(&'c self, batch: &'c StateChanges, origin: String) -> Context<'c> {
@@ -229,6 +222,38 @@ impl<H: Handler> Worker<'_, H> {
         *expected = Some(record.offset + 1);
         true
     }
+}
+
+/// What a start or a tick did, as a batch, by its outcome: a failure other
+/// than a fatal one leaves nothing to commit.
+fn batch_of(
+    context: Context<'_>,
+    result: Result<(), HandlerError>,
+    what: &str,
+) -> Result<Batch, RuntimeError> {
+    let mut batch = Batch::default();
+    match result {
+        Ok(()) => {
+            let (changes, emitted) = context.finish();
+            batch.changes = changes;
+            batch.emitted = emitted;
+        }
+        Err(HandlerError::Fatal(error)) => {
+            return Err(RuntimeError::Fatal(format!(
+                "{what}: {}",
+                report(error.as_ref())
+            )));
+        }
+        Err(error) => {
+            tracing::warn!(error = %report(&error), "the handler's {what} failed; going on")
+        }
+    }
+    Ok(batch)
+}
+
+fn unix_millis(time: SystemTime) -> u128 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 #[cfg(test)]

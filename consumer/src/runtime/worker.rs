@@ -94,6 +94,11 @@ impl<H: Handler> Worker<'_, H> {
                 rewind: self.config.service.resume_rewind,
             },
         )?;
+        let started = self.start().await?;
+        if !started.is_empty() {
+            self.write(started);
+            self.finish_write().await?;
+        }
         self.metrics.set_state(ServiceState::Consuming);
         let mut mirror = Mirror::new(&self.instance);
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);

@@ -31,6 +31,9 @@ use crate::runtime::{
 
 /// The name of dedup's sink.
 pub const OUTPUT: &str = "output";
+/// Where earlier versions kept their own outbox, and their written marks.
+const LEGACY_OUTBOX: &[u8] = b"outbox/";
+const LEGACY_WRITTEN: &[u8] = b"written/";
 
 /// The `[dedup]` section.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -104,6 +107,39 @@ impl Dedup {
 }
 
 impl Handler for Dedup {
+    /// Moves the records an earlier version left in its own outbox into the
+    /// runtime's, so nothing it had not confirmed is lost. Those it had
+    /// written already may then appear twice in the output (their records
+    /// carry no idempotency key to find them by).
+    async fn start(&self, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        let entries = context.scan_committed(LEGACY_OUTBOX)?;
+        let marks = context.scan_committed(LEGACY_WRITTEN)?;
+        let mut moved = 0;
+        for (key, value) in entries {
+            let records = legacy::decode_entry(&value).ok_or_else(|| {
+                HandlerError::fatal(format!(
+                    "the outbox entry {} of an earlier version cannot be read",
+                    String::from_utf8_lossy(&key)
+                ))
+            })?;
+            for record in records {
+                context.emit(OUTPUT, record)?;
+                moved += 1;
+            }
+            context.remove(key);
+        }
+        for (key, _) in marks {
+            context.remove(key);
+        }
+        if moved > 0 {
+            tracing::warn!(
+                moved,
+                "moved records an earlier version had not confirmed into the runtime's outbox"
+            );
+        }
+        Ok(())
+    }
+
     async fn handle(
         &self,
         _event: &ChangeEvent,
@@ -121,5 +157,63 @@ impl Handler for Dedup {
         };
         context.emit(OUTPUT, effect)?;
         Ok(())
+    }
+}
+
+/// The outbox format of earlier versions (read once, at start).
+mod legacy {
+    use crate::runtime::Effect;
+
+    /// Starts an entry holding a batch's records.
+    const LIST_MARKER: &[u8] = b"\xB1list";
+
+    /// A batch's records, or the one record of an entry written per event.
+    pub(super) fn decode_entry(bytes: &[u8]) -> Option<Vec<Effect>> {
+        let Some(mut rest) = bytes.strip_prefix(LIST_MARKER) else {
+            return decode_record(bytes).map(|r| vec![r]);
+        };
+        let count = u32::from_be_bytes(take(&mut rest, 4)?.try_into().ok()?);
+        let mut records = Vec::with_capacity(count.min(100_000) as usize);
+        for _ in 0..count {
+            let len = u32::from_be_bytes(take(&mut rest, 4)?.try_into().ok()?) as usize;
+            records.push(decode_record(take(&mut rest, len)?)?);
+        }
+        Some(records)
+    }
+
+    fn take<'a>(rest: &mut &'a [u8], len: usize) -> Option<&'a [u8]> {
+        let (head, tail) = (rest.get(..len)?, rest.get(len..)?);
+        *rest = tail;
+        Some(head)
+    }
+
+    /// Length-prefixed: id, topic, partition, key presence (and key), header
+    /// count and headers, payload.
+    fn decode_record(bytes: &[u8]) -> Option<Effect> {
+        let mut rest = bytes;
+        let mut field = || -> Option<&[u8]> {
+            let len = u32::from_be_bytes(take(&mut rest, 4)?.try_into().ok()?) as usize;
+            take(&mut rest, len)
+        };
+        let _id = field()?;
+        let topic = String::from_utf8(field()?.to_vec()).ok()?;
+        let partition = i32::from_be_bytes(field()?.try_into().ok()?);
+        let key = match field()? {
+            [1] => Some(field()?.to_vec()),
+            _ => None,
+        };
+        let count = u32::from_be_bytes(field()?.try_into().ok()?);
+        let mut headers = Vec::with_capacity(count.min(64) as usize);
+        for _ in 0..count {
+            let name = String::from_utf8(field()?.to_vec()).ok()?;
+            headers.push((name, Some(field()?.to_vec())));
+        }
+        Some(Effect {
+            destination: Some(topic),
+            partition: Some(partition),
+            key,
+            headers,
+            payload: field()?.to_vec(),
+        })
     }
 }

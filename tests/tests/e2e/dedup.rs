@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use changewire_consumer::runtime::sinks::kafka::IDEMPOTENCY_HEADER;
+use changewire_consumer::runtime::{StateChanges, Store};
 use changewire_consumer::services::dedup;
 use changewire_schemas::{Codec, Op};
 use changewire_tests::servers::{free_port, PrivateBroker};
@@ -255,4 +256,96 @@ async fn dedup_recovers_a_batch_in_doubt_after_a_stalled_broker_and_sigkill() ->
         EVENTS as usize,
     )
     .await
+}
+
+/// An outbox entry as dedup versions before the runtime-owned outbox wrote it:
+/// a marker, the count, then each record length-prefixed (id, topic,
+/// partition, key presence and key, headers, payload).
+fn legacy_entry(records: &[(String, String, i32, Vec<u8>)]) -> Vec<u8> {
+    let field = |out: &mut Vec<u8>, bytes: &[u8]| {
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    };
+    let mut entry = b"\xB1list".to_vec();
+    entry.extend_from_slice(&(records.len() as u32).to_be_bytes());
+    for (id, topic, partition, payload) in records {
+        let mut record = Vec::new();
+        field(&mut record, id.as_bytes());
+        field(&mut record, topic.as_bytes());
+        field(&mut record, &partition.to_be_bytes());
+        field(&mut record, &[1]);
+        field(&mut record, id.as_bytes());
+        field(&mut record, &1u32.to_be_bytes());
+        field(&mut record, b"origin");
+        field(&mut record, b"test");
+        field(&mut record, payload);
+        field(&mut entry, &record);
+    }
+    entry
+}
+
+/// A store an earlier version left with records in its own outbox (committed,
+/// not confirmed): the new version publishes them at its first start and
+/// clears the old keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_publishes_what_an_earlier_version_left_in_its_outbox() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let prefix = unique_name("ddl");
+    let raw = format!("{prefix}.src.public.orders");
+    let output = format!("{prefix}.dedup.src.public.orders");
+    create_topics(&stack, &[&raw, &output], 2).await?;
+    let codec = Codec::json()?;
+    let left: Vec<(String, String, i32, Vec<u8>)> = (0..3)
+        .map(|n| {
+            let event = event(n, Op::Create);
+            Ok((
+                event.id.to_string(),
+                output.clone(),
+                (n % 2) as i32,
+                codec.encode(&event)?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    {
+        let store = Store::open(&state)?;
+        let mut changes = StateChanges::default();
+        changes.put(b"outbox/\x00\x00\x00\x01".to_vec(), legacy_entry(&left));
+        changes.put(b"written/x".to_vec(), 5i64.to_be_bytes().to_vec());
+        store.apply_lazily(changes)?;
+    }
+    let group = unique_name("dedup");
+    let file = dir.path().join("dedup.toml");
+    std::fs::write(&file, dedup_config(&stack, &prefix, &raw, &group, &state))?;
+    let log = dir.path().join("dedup.log");
+    let service = start_service(&workspace_binary("changewire-consumer")?, &file, &log)?;
+    let reader = changewire_tests::TestConsumer::from_beginning(&stack, &output)?;
+    let published = reader.read_exactly(3, Duration::from_secs(60)).await?;
+    assert!(terminate(service)?.success(), "clean exit on SIGTERM");
+    let mut ids: Vec<String> = published
+        .iter()
+        .map(|r| {
+            codec
+                .decode(r.value.as_deref().unwrap_or_default())
+                .map(|e| e.id.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    ids.sort();
+    let mut expected: Vec<String> = left.iter().map(|(id, ..)| id.clone()).collect();
+    expected.sort();
+    assert_eq!(ids, expected, "every record left behind published");
+    for record in &published {
+        assert_eq!(
+            record.header("origin").as_deref(),
+            Some("test"),
+            "headers kept"
+        );
+    }
+    let store = Store::open(&state)?;
+    assert!(
+        store.scan(b"outbox/")?.is_empty() && store.scan(b"written/")?.is_empty(),
+        "old keys cleared"
+    );
+    Ok(())
 }
