@@ -3,15 +3,22 @@
 //!
 //! A config file is TOML. Any environment variable `CHANGEWIRE_<SECTION>__<KEY>`
 //! overrides `<section>.<key>` (double underscore between levels), e.g.
-//! `CHANGEWIRE_KAFKA__BROKERS=kafka:9092`. Unknown keys are errors, whether they come
-//! from the file or the environment, so a typo never silently falls back to a default.
+//! `CHANGEWIRE_KAFKA__BROKERS=kafka:9092`. Only `__` separates levels, so
+//! librdkafka's dotted names work: `CHANGEWIRE_KAFKA__PROPERTIES__SASL.PASSWORD`.
+//! Values are read as text and converted only where the key wants a number or a
+//! boolean, so a secret such as `007123` stays exactly that. Unknown keys are
+//! errors, in the file and in the environment, so a typo never silently falls
+//! back to a default; a variable for a whole section this binary does not have
+//! (another binary's, from a shared env file) is ignored with a warning.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-use figment::providers::{Env, Format, Toml};
-use figment::Figment;
+use figment::error::Kind;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -121,10 +128,97 @@ pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
             format!("{} does not exist or is not a file", path.display()),
         ));
     }
-    Figment::from(Toml::file(path))
-        .merge(Env::prefixed(ENV_PREFIX).split("__"))
-        .extract()
-        .map_err(|e| ConfigError::Load(Box::new(e)))
+    let mut env = Environment::from_process();
+    loop {
+        let figment = Figment::from(Toml::file(path)).merge(&env);
+        let error = match figment.extract_lossy() {
+            Ok(config) => return Ok(config),
+            Err(error) => error,
+        };
+        match env.foreign_section(&error) {
+            Some(section) => {
+                eprintln!(
+                    "warning: ignoring {ENV_PREFIX}{}__* variables: this binary has no [{section}] section",
+                    section.to_uppercase()
+                );
+                env.sections.remove(&section);
+            }
+            None => return Err(ConfigError::Load(Box::new(error))),
+        }
+    }
+}
+
+/// The `CHANGEWIRE_*` variables as nested sections of text values.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Environment {
+    sections: Dict,
+}
+
+/// What the environment provider is called in error messages.
+const ENV_NAME: &str = "CHANGEWIRE_* environment variable";
+
+impl Environment {
+    fn from_process() -> Self {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// `CHANGEWIRE_A__B__C=v` becomes `a.b.c = "v"`; names are lower-cased,
+    /// values kept as text.
+    fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut sections = Dict::new();
+        for (name, value) in vars {
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+            if keys.iter().any(String::is_empty) {
+                continue;
+            }
+            insert(&mut sections, &keys, value);
+        }
+        Self { sections }
+    }
+
+    /// The section an error is about when it is a whole section from the
+    /// environment that the configuration does not have.
+    fn foreign_section(&self, error: &figment::Error) -> Option<String> {
+        let from_env = error.metadata.as_ref().is_some_and(|m| m.name == ENV_NAME);
+        match &error.kind {
+            Kind::UnknownField(field, _)
+                if from_env && error.path.len() <= 1 && self.sections.contains_key(field) =>
+            {
+                Some(field.clone())
+            }
+            _ => None,
+        }
+    }
+}
+
+fn insert(dict: &mut Dict, keys: &[String], value: String) {
+    match keys {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), Value::from(value));
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry(first.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert(inner, rest, value);
+            }
+        }
+    }
+}
+
+impl Provider for &Environment {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(ENV_NAME)
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.sections.clone()))
+    }
 }
 
 #[cfg(test)]
@@ -162,6 +256,36 @@ mod tests {
             1
         );
         assert!(props.contains(&("security.protocol", "SASL_SSL")));
+    }
+
+    #[test]
+    fn environment_values_stay_text_and_dotted_names_stay_whole() {
+        let env = Environment::from_vars([
+            (
+                "CHANGEWIRE_POSTGRES__PASSWORD".to_owned(),
+                "007123".to_owned(),
+            ),
+            (
+                "CHANGEWIRE_KAFKA__PROPERTIES__SASL.PASSWORD".to_owned(),
+                "0.5".to_owned(),
+            ),
+            ("OTHER".to_owned(), "x".to_owned()),
+        ]);
+        let postgres = &env.sections["postgres"];
+        assert_eq!(
+            postgres.find_ref("password").and_then(Value::as_str),
+            Some("007123")
+        );
+        let kafka = &env.sections["kafka"];
+        let properties = kafka
+            .find_ref("properties")
+            .and_then(Value::as_dict)
+            .expect("a dict");
+        assert_eq!(
+            properties.get("sasl.password").and_then(Value::as_str),
+            Some("0.5")
+        );
+        assert_eq!(env.sections.len(), 2);
     }
 
     #[test]

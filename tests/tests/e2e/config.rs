@@ -186,3 +186,44 @@ fn shipped_config_files_are_valid() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Environment values are text unless the key wants a number: a secret made of
+/// digits stays a string; librdkafka's dotted property names are one key; a
+/// variable for a section only another binary has is ignored with a warning.
+#[test]
+fn environment_overrides_keep_secrets_as_text_and_ignore_other_binaries_sections(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let text = "[kafka]\nbrokers = \"h:1\"\n[service]\nname = \"dedup\"\nsubscribe = [\"t\"]\nstate_dir = \"/tmp/x\"\n[dedup]\n";
+    let config = write_config(dir.path(), text);
+    let env = [
+        ("CHANGEWIRE_HTTP__TOKEN", "007123"),
+        ("CHANGEWIRE_KAFKA__PROPERTIES__SASL.PASSWORD", "1234"),
+        ("CHANGEWIRE_SERVICE__MAX_BATCH", "500"),
+        ("CHANGEWIRE_POSTGRES__PASSWORD", "for-the-producer"),
+    ];
+    let output = run("changewire-consumer", &config, &env)?;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("ignoring CHANGEWIRE_POSTGRES__*"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("for-the-producer"),
+        "values are not echoed"
+    );
+
+    let output = run(
+        "changewire-consumer",
+        &config,
+        &[("CHANGEWIRE_SERVICE__MAX_BATCH", "many")],
+    )?;
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_CONFIG),
+        "a number is still checked"
+    );
+    assert!(stderr(&output).contains("max_batch"), "{}", stderr(&output));
+    Ok(())
+}
