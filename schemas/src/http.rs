@@ -1,6 +1,8 @@
 //! The HTTP endpoints every changewire process serves: `/metrics` (Prometheus text,
-//! bearer token when one is configured) and `/health` (JSON, 200 when healthy else
-//! 503, no secrets, open for probes); and the parts other endpoints share: the
+//! bearer token when one is configured), `/health` and its alias `/readyz` (JSON,
+//! 200 when the process does its job right now else 503, no secrets: a readiness
+//! probe), and `/livez` (200 while the process's main loop runs, even through an
+//! outage of what it talks to: a liveness probe); and the parts other endpoints share: the
 //! bearer-token check and a TLS listener for HTTPS.
 
 use std::net::SocketAddr;
@@ -24,6 +26,11 @@ pub trait Observable: Send + Sync + 'static {
     fn encode_metrics(&self) -> String;
     /// What the health endpoint reports.
     fn health(&self) -> HealthReport;
+    /// Whether the process's main loop still runs (the liveness probe); by
+    /// default, answering at all.
+    fn alive(&self) -> bool {
+        true
+    }
 }
 
 /// What a process is doing (a state enum of its own) and its latest failure it has
@@ -132,6 +139,8 @@ pub fn router(metrics: Arc<dyn Observable>, token: Option<String>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/health", get(health))
+        .route("/readyz", get(health))
+        .route("/livez", get(live))
         .with_state(AppState {
             metrics,
             token: token.map(Arc::from),
@@ -167,6 +176,14 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthReport
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(report))
+}
+
+async fn live(State(state): State<AppState>) -> StatusCode {
+    if state.metrics.alive() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 /// Checks the request's `Authorization: Bearer` token; the error is the 401 to answer.

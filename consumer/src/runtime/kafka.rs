@@ -2,6 +2,7 @@
 //! records, offset mirroring, and the watch over partitions no member owns.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -245,6 +246,8 @@ pub(super) struct GroupWatch {
     /// Suspected partitions: their committed offset, and since when it stayed.
     since: HashMap<PartitionKey, (i64, Instant)>,
     looking: Option<tokio::task::JoinHandle<Result<GroupView, KafkaError>>>,
+    /// Made at the first look, kept for the next ones.
+    client: Arc<OnceLock<BaseConsumer>>,
 }
 
 /// What the group looks like from outside.
@@ -263,6 +266,7 @@ impl GroupWatch {
             config: config.clone(),
             since: HashMap::new(),
             looking: None,
+            client: Arc::default(),
         }
     }
 
@@ -288,8 +292,19 @@ impl GroupWatch {
                 false
             }
             None => {
-                let config = self.config.clone();
-                self.looking = Some(tokio::task::spawn_blocking(move || look(&config)));
+                let (config, client) = (self.config.clone(), self.client.clone());
+                self.looking = Some(tokio::task::spawn_blocking(move || {
+                    let client = match client.get() {
+                        Some(client) => client,
+                        None => {
+                            let mut settings = client_config(&config);
+                            settings.set("group.id", config.group_id());
+                            let created: BaseConsumer = settings.create()?;
+                            client.get_or_init(|| created)
+                        }
+                    };
+                    look(&config, client)
+                }));
                 false
             }
         }
@@ -366,11 +381,9 @@ impl GroupWatch {
     }
 }
 
-/// Looks at the group with a client of its own (blocking calls).
-fn look(config: &RuntimeConfig) -> Result<GroupView, KafkaError> {
-    let mut client = client_config(config);
-    client.set("group.id", config.group_id());
-    let consumer: BaseConsumer = client.create()?;
+/// Looks at the group with a client of its own, not in the group (blocking
+/// calls).
+fn look(config: &RuntimeConfig, consumer: &BaseConsumer) -> Result<GroupView, KafkaError> {
     let group = config.group_id();
     let list = consumer.fetch_group_list(Some(&group), METADATA_TIMEOUT)?;
     let members = list.groups().first().map_or(&[][..], |g| g.members());

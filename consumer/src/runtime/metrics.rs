@@ -133,6 +133,9 @@ pub struct ConsumerMetrics {
     /// Subscribed partitions no member of the group owns.
     pub unowned_partitions: Gauge,
     status: Status<ServiceState>,
+    /// When the worker loop last went round (milliseconds since start of the
+    /// process's clock); 0 before it started.
+    heartbeat: AtomicU64,
     /// Sinks waiting for their receiver, and why; and unowned partitions.
     problems: Mutex<BTreeMap<String, String>>,
     /// When each sink's oldest waiting effect joined its queue.
@@ -161,6 +164,7 @@ impl Default for ConsumerMetrics {
             outbox_full: Gauge::default(),
             unowned_partitions: Gauge::default(),
             status: Status::new(ServiceState::Starting),
+            heartbeat: AtomicU64::new(0),
             problems: Mutex::default(),
             oldest: Mutex::default(),
             read: AtomicU64::new(0),
@@ -292,6 +296,11 @@ impl ConsumerMetrics {
         self.set_problem(format!("sink {sink}"), error);
     }
 
+    /// The worker loop went round now (for `/livez`).
+    pub fn beat(&self) {
+        self.heartbeat.store(clock_ms(), Ordering::Relaxed);
+    }
+
     /// Whether no sink waits for its receiver.
     pub fn sinks_healthy(&self) -> bool {
         let problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
@@ -352,7 +361,27 @@ impl ConsumerMetrics {
     }
 }
 
+/// How long the worker loop may go without a round before `/livez` fails; it
+/// goes round at least every 500 ms.
+const STUCK_AFTER_MS: u64 = 30_000;
+
+/// Milliseconds on a clock that only moves forward (since its first use).
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 impl Observable for ConsumerMetrics {
+    /// Alive while starting (recovery is bounded and logged) and while the
+    /// worker loop goes round; not once it stopped going round.
+    fn alive(&self) -> bool {
+        let beat = self.heartbeat.load(Ordering::Relaxed);
+        beat == 0 || clock_ms().saturating_sub(beat) < STUCK_AFTER_MS
+    }
+
     fn encode_metrics(&self) -> String {
         encode_registry(&self.registry)
     }

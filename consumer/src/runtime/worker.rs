@@ -121,6 +121,7 @@ impl<H: Handler> Worker<'_, H> {
                     continue;
                 }
                 _ = housekeeping.tick() => {
+                    self.metrics.beat();
                     rounds = rounds.wrapping_add(1);
                     self.housekeep(&consumer, &mut mirror)?;
                     if rounds.is_multiple_of(GROUP_WATCH_EVERY) {

@@ -214,6 +214,19 @@ async fn forward_rides_out_a_receiver_outage_longer_than_the_poll_interval() -> 
     assert_eq!(health.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     let body = health.text().await?;
     assert!(body.contains("sink webhook"), "{body}");
+    let base = format!("http://127.0.0.1:{}", run.port);
+    let ready = reqwest::get(format!("{base}/readyz")).await?.status();
+    assert_eq!(
+        ready,
+        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        "not ready during the outage"
+    );
+    let live = reqwest::get(format!("{base}/livez")).await?.status();
+    assert_eq!(
+        live,
+        reqwest::StatusCode::OK,
+        "alive: a liveness probe must not restart it"
+    );
     // The outage itself: longer than max.poll.interval.ms.
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert_eq!(
