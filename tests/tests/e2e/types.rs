@@ -1,6 +1,6 @@
 //! Every PostgreSQL type arrives exactly: each event's values are compared with what
 //! the database itself renders (each type's output function, `array_dims`, `unnest`) under the
-//! documented session settings and the README's type table, which this file restates
+//! documented session settings and the type table in docs/postgres.md, which this file restates
 //! independently of the producer's encoder. Snapshot reads, streamed inserts and both
 //! sides of REPLICA IDENTITY FULL updates are all checked.
 
@@ -17,15 +17,15 @@ use serde_json::{Number, Value};
 
 use crate::pipeline::{config, database_with, decode, RunningSource};
 
-/// The session settings the README documents for rendered values.
+/// The session settings docs/postgres.md documents for rendered values.
 const DOCUMENTED_SESSION: &str = "SET datestyle = 'ISO, YMD'; SET intervalstyle = iso_8601; \
      SET timezone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = hex; \
      SET search_path = pg_catalog;";
 
-/// What an unchanged TOASTed value arrives as (README).
+/// What an unchanged TOASTed value arrives as (docs/postgres.md).
 const UNCHANGED_TOAST: &str = "__changewire_unchanged_toast";
 
-/// jsonb documents nested deeper than this arrive as their text (README).
+/// jsonb documents nested deeper than this arrive as their text (docs/postgres.md).
 const MAX_DOCUMENT_DEPTH: usize = 100;
 
 /// A column's documented JSON form.
