@@ -109,11 +109,14 @@ impl SchemaRegistry {
         })
     }
 
-    /// Registers `schema` under `subject` (idempotent) and returns its global id.
-    pub async fn register(&self, subject: &str, schema: &Schema) -> Result<u32, RegistryError> {
+    /// Registers the schema `text` under `subject` (idempotent) and returns its
+    /// global id. The text goes as written, not in Parsing Canonical Form: that
+    /// form strips `default`, `doc` and `aliases`, and a registry checking
+    /// BACKWARD compatibility (its default) would refuse the next version that
+    /// adds a field with a default.
+    pub async fn register(&self, subject: &str, text: &str) -> Result<u32, RegistryError> {
         let url = format!("{}/subjects/{subject}/versions", self.base());
-        let canonical = schema.canonical_form();
-        let request = self.http.post(url).json(&SchemaBody { schema: &canonical });
+        let request = self.http.post(url).json(&SchemaBody { schema: text });
         let body: IdBody = self.send(request).await?;
         Ok(body.id)
     }

@@ -77,14 +77,16 @@ impl AvroCodec {
         self
     }
 
-    /// Registers the current schema under `subject` and from then on writes the
-    /// Confluent wire format with the id the registry assigned.
+    /// Registers the current schema (its full text: defaults, docs and aliases
+    /// are what a registry's compatibility check reads) under `subject` and
+    /// from then on writes the Confluent wire format with the id the registry
+    /// assigned.
     pub async fn register(mut self, subject: &str) -> Result<Self, CodecError> {
         let registry = self
             .registry
             .as_ref()
             .ok_or_else(|| invalid("format.schema_registry", "no registry configured"))?;
-        let schema_id = registry.register(subject, &self.reader).await?;
+        let schema_id = registry.register(subject, CURRENT_SCHEMA).await?;
         self.cache_schema(schema_id, Arc::new(self.reader.clone()));
         self.framing = Framing::Confluent { schema_id };
         Ok(self)

@@ -1,6 +1,8 @@
 //! Avro in the Confluent wire format. No Confluent Schema Registry can be installed
 //! here, so a small in-process server answers the two REST calls the codec makes,
-//! as the registry documents them (register under a subject; fetch by global id).
+//! as the registry documents them (register under a subject; fetch by global id),
+//! and checks BACKWARD compatibility as the registry does by default for a
+//! record's fields: a field the latest version lacks needs a default.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use changewire_schemas::registry::RegistryConfig;
+use changewire_schemas::registry::{RegistryConfig, RegistryError, SchemaRegistry};
 use changewire_schemas::{Codec, CodecError, FormatConfig, ValueFormat};
 use serde_json::{json, Value};
 
@@ -35,6 +37,16 @@ async fn register(
     let mut registry = registry
         .lock()
         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    let latest = registry
+        .subjects
+        .get(&subject)
+        .and_then(|versions| versions.last())
+        .map(|&index| registry.schemas[index].clone());
+    if let Some(latest) = latest {
+        if !backward_compatible(&latest, &schema) {
+            return Err(StatusCode::CONFLICT);
+        }
+    }
     // Global ids start at 1; registering a known schema returns its id.
     let index = match registry.schemas.iter().position(|s| *s == schema) {
         Some(index) => index,
@@ -45,6 +57,21 @@ async fn register(
     };
     registry.subjects.entry(subject).or_default().push(index);
     Ok(Json(json!({ "id": index + 1 })))
+}
+
+/// Whether a reader with `new` can read what `old` wrote, for a record's
+/// top-level fields: every field `old` lacks needs a default in `new`.
+fn backward_compatible(old: &str, new: &str) -> bool {
+    let fields = |text: &str| -> Vec<Value> {
+        serde_json::from_str::<Value>(text)
+            .ok()
+            .and_then(|schema| schema["fields"].as_array().cloned())
+            .unwrap_or_default()
+    };
+    let old_names: Vec<Value> = fields(old).iter().map(|f| f["name"].clone()).collect();
+    fields(new)
+        .iter()
+        .all(|field| old_names.contains(&field["name"]) || field.get("default").is_some())
 }
 
 async fn schema_by_id(
@@ -131,5 +158,43 @@ async fn unreachable_registry_is_a_transient_error() -> anyhow::Result<()> {
         .await
         .expect_err("nothing listens on port 1");
     assert!(error.is_transient(), "{error:?}");
+    Ok(())
+}
+
+/// The next version of the envelope adds a field with a default: a registry in
+/// BACKWARD mode accepts it because the client registers the schema as written
+/// (the Parsing Canonical Form it used to send strips defaults, and the
+/// registry refused the new version with 409).
+#[tokio::test]
+async fn a_next_schema_version_with_a_defaulted_field_is_accepted() -> anyhow::Result<()> {
+    let (url, registry) = start_registry(&[]).await?;
+    let config = avro_with_registry(&url);
+    Codec::from_config(&config).await?;
+    let stored = registry.lock().expect("lock").schemas[0].clone();
+    assert!(
+        stored.contains("\"default\""),
+        "the full schema is registered: {stored}"
+    );
+
+    let mut next: Value = serde_json::from_str(changewire_schemas::codec::CURRENT_SCHEMA)?;
+    next["fields"]
+        .as_array_mut()
+        .expect("a record")
+        .push(json!({"name": "added_later", "type": "string", "default": ""}));
+    let client = SchemaRegistry::new(config.schema_registry.as_ref().expect("registry"))?;
+    let subject = "io.changewire.ChangeEvent";
+    let id = client.register(subject, &next.to_string()).await?;
+    assert_eq!(id, 2, "a second version");
+
+    let mut breaking = next.clone();
+    breaking["fields"]
+        .as_array_mut()
+        .expect("a record")
+        .push(json!({"name": "required_later", "type": "string"}));
+    let refused = client.register(subject, &breaking.to_string()).await;
+    assert!(
+        matches!(refused, Err(RegistryError::Status { status: 409, .. })),
+        "the stand-in checks: {refused:?}"
+    );
     Ok(())
 }
