@@ -57,7 +57,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    changewire_schemas::diagnostics::init_logging();
+    let format =
+        changewire_schemas::diagnostics::LogFormat::chosen(None).map_err(anyhow::Error::msg)?;
+    changewire_schemas::diagnostics::init_logging(format);
     let args = Args::parse();
     let config = ConsumerConfig::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;

@@ -9,6 +9,7 @@ use changewire_consumer::runtime::{self, RunStats};
 use changewire_consumer::services::dedup::{Dedup, DedupConfig};
 use changewire_consumer::services::forward::{Forward, ForwardConfig};
 use changewire_schemas::diagnostics::report;
+use changewire_schemas::diagnostics::LogFormat;
 use changewire_schemas::settings::ConfigError;
 use clap::Parser;
 
@@ -26,6 +27,9 @@ struct Args {
     /// Validate the config, then exit.
     #[arg(long)]
     check: bool,
+    /// Log lines as `text` or `json` (default: `CHANGEWIRE_LOG_FORMAT`, else text).
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<LogFormat>,
 }
 
 /// Exit status for configuration errors (distinct from runtime failures).
@@ -56,7 +60,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    changewire_schemas::diagnostics::init_logging();
+    match LogFormat::chosen(args.log_format) {
+        Ok(format) => changewire_schemas::diagnostics::init_logging(format),
+        Err(error) => {
+            eprintln!("changewire-consumer: configuration error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

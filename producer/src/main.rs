@@ -14,6 +14,7 @@ use changewire_producer::metrics::ProducerMetrics;
 use changewire_producer::postgres::PostgresSource;
 use changewire_producer::sink::KafkaSink;
 use changewire_schemas::diagnostics::report;
+use changewire_schemas::diagnostics::LogFormat;
 use changewire_schemas::http;
 use changewire_schemas::Codec;
 use clap::Parser;
@@ -34,6 +35,9 @@ struct Args {
     /// Validate the config and reach the broker, then exit.
     #[arg(long)]
     check: bool,
+    /// Log lines as `text` or `json` (default: `CHANGEWIRE_LOG_FORMAT`, else text).
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<LogFormat>,
 }
 
 /// Exit status for configuration errors (distinct from runtime failures).
@@ -41,8 +45,14 @@ const EXIT_CONFIG: u8 = 2;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    changewire_schemas::diagnostics::init_logging();
     let args = Args::parse();
+    match LogFormat::chosen(args.log_format) {
+        Ok(format) => changewire_schemas::diagnostics::init_logging(format),
+        Err(error) => {
+            eprintln!("changewire-producer: configuration error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     let config = match ProducerConfig::load(&args.config) {
         Ok(config) => config,
         Err(error) => {

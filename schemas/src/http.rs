@@ -74,12 +74,67 @@ impl<S: Copy> Status<S> {
     }
 }
 
-/// The Prometheus text exposition of every metric in `registry`.
+/// The Prometheus text exposition of every metric in `registry`, followed by
+/// the build and process metrics every changewire process exposes.
 pub fn encode_registry(registry: &prometheus_client::registry::Registry) -> String {
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    let mut text = match text.strip_suffix("# EOF\n") {
+        Some(body) => body.to_owned(),
+        None => text,
+    };
+    text.push_str(&process_metrics());
+    text.push_str("# EOF\n");
     text
+}
+
+/// `changewire_build_info{version}`, and the process's resident memory, open
+/// file descriptors and CPU time, read from `/proc/self` (absent elsewhere).
+fn process_metrics() -> String {
+    let mut text = format!(
+        "# HELP changewire_build_info The running changewire version.\n\
+         # TYPE changewire_build_info gauge\n\
+         changewire_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    // Linux's fixed units: statm counts 4 KiB pages, stat counts 1/100 s ticks.
+    let rss = read_proc("statm", |t| {
+        t.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    if let Some(pages) = rss {
+        text.push_str(&gauge(
+            "process_resident_memory_bytes",
+            "Resident memory in bytes.",
+            pages * 4096,
+        ));
+    }
+    let fds = std::fs::read_dir("/proc/self/fd").map(|dir| dir.count() as u64);
+    if let Ok(fds) = fds {
+        text.push_str(&gauge("process_open_fds", "Open file descriptors.", fds));
+    }
+    let ticks = read_proc("stat", |t| {
+        // The fields after the command name, which may hold spaces, in parentheses.
+        let fields: Vec<&str> = t.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    });
+    if let Some(ticks) = ticks {
+        text.push_str(&format!(
+            "# HELP process_cpu_seconds User and system CPU time.\n\
+             # TYPE process_cpu_seconds counter\n\
+             process_cpu_seconds_total {}\n",
+            ticks as f64 / 100.0
+        ));
+    }
+    text
+}
+
+fn read_proc<T>(file: &str, parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+    parse(&std::fs::read_to_string(format!("/proc/self/{file}")).ok()?)
+}
+
+fn gauge(name: &str, help: &str, value: u64) -> String {
+    format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n")
 }
 
 /// The body of `/health`.

@@ -170,6 +170,9 @@ impl Environment {
             let Some(path) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
+            if name == crate::diagnostics::LOG_FORMAT_VAR {
+                continue;
+            }
             let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
             if keys.iter().any(String::is_empty) {
                 continue;

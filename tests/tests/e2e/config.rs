@@ -227,3 +227,61 @@ fn environment_overrides_keep_secrets_as_text_and_ignore_other_binaries_sections
     assert!(stderr(&output).contains("max_batch"), "{}", stderr(&output));
     Ok(())
 }
+
+/// `CHANGEWIRE_LOG_FORMAT=json` makes every log line a JSON object (and is not
+/// taken for a config key); an unknown format is a configuration error.
+#[test]
+fn logs_are_json_lines_when_asked() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let dir = tempfile::tempdir()?;
+    let text = format!(
+        "[kafka]\nbrokers = \"{}\"\n[service]\nname = \"logs\"\nsubscribe = [\"cw-log-test\"]\nstate_dir = {:?}\n[dedup]\n",
+        stack.kafka_brokers,
+        dir.path().join("state")
+    );
+    let config = write_config(dir.path(), &text);
+    let log = dir.path().join("service.log");
+    let mut child = Command::new(workspace_binary("changewire-consumer")?)
+        .arg("--config")
+        .arg(&config)
+        .env("CHANGEWIRE_LOG_FORMAT", "json")
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log)?;
+        if text.lines().count() >= 2 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    child.kill()?;
+    child.wait()?;
+    assert!(lines.lines().count() >= 2, "the service logged: {lines}");
+    for line in lines.lines() {
+        let object: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON ({e}): {line}"))?;
+        assert!(
+            object["level"].is_string() && object["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        !lines.contains("ignoring"),
+        "the log format is not a config key"
+    );
+
+    let output = Command::new(workspace_binary("changewire-consumer")?)
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-format")
+        .arg("yaml")
+        .output()?;
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_CONFIG),
+        "{}",
+        stderr(&output)
+    );
+    Ok(())
+}

@@ -105,6 +105,31 @@ async fn metrics_count_events_and_health_follows_the_source() -> anyhow::Result<
         !text.contains("changewire_producer_confirmed_lsn 0\n"),
         "an LSN was confirmed:\n{text}"
     );
+    let version = format!(
+        "changewire_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.contains(&version), "{text}");
+    let sample = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+    };
+    assert!(
+        sample("process_resident_memory_bytes").is_some_and(|b| b > 1e6),
+        "{text}"
+    );
+    assert!(
+        sample("process_open_fds").is_some_and(|n| n >= 3.0),
+        "{text}"
+    );
+    assert!(
+        sample("process_cpu_seconds_total").is_some_and(|s| s > 0.0),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("# EOF\n") && text.matches("# EOF").count() == 1,
+        "one end marker"
+    );
 
     let metrics = source.metrics.clone();
     source.stop().await?;
