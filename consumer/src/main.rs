@@ -58,7 +58,7 @@ fn main() -> ExitCode {
             config.service.name,
             config.group_id()
         );
-        return ExitCode::SUCCESS;
+        return check_kafka(&config);
     }
     match LogFormat::chosen(args.log_format) {
         Ok(format) => changewire_schemas::diagnostics::init_logging(format),
@@ -81,6 +81,32 @@ fn main() -> ExitCode {
         }
         Err(error) => {
             tracing::error!(error = %report(error.as_ref()), "stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reaches the brokers the service will read from, as `--check` promises:
+/// exit status 1 with the reason when they cannot be reached.
+fn check_kafka(config: &ConsumerConfig) -> ExitCode {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let reached = runtime::client_config(&config.runtime())
+        .create::<BaseConsumer>()
+        .and_then(|client| client.fetch_metadata(None, std::time::Duration::from_secs(10)));
+    match reached {
+        Ok(metadata) => {
+            eprintln!(
+                "changewire-consumer: Kafka reachable at {} ({} brokers)",
+                config.kafka.brokers,
+                metadata.brokers().len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "changewire-consumer: cannot reach Kafka at {}: {error}",
+                config.kafka.brokers
+            );
             ExitCode::FAILURE
         }
     }

@@ -143,6 +143,32 @@ fn unreachable_broker_fails_the_check_with_a_runtime_error() -> anyhow::Result<(
     Ok(())
 }
 
+/// The consumer's `--check` reaches the brokers it will read from, like the
+/// producer's.
+#[test]
+fn the_consumer_check_reaches_kafka() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let dir = tempfile::tempdir()?;
+    let text = "[kafka]\nbrokers = \"127.0.0.1:1\"\n[service]\nname = \"dedup\"\nsubscribe = [\"t\"]\nstate_dir = \"/tmp/x\"\n[dedup]\n";
+    let config = write_config(dir.path(), text);
+    let output = run("changewire-consumer", &config, &[])?;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("cannot reach Kafka at 127.0.0.1:1"),
+        "{}",
+        stderr(&output)
+    );
+    let reachable = [("CHANGEWIRE_KAFKA__BROKERS", stack.kafka_brokers.as_str())];
+    let output = run("changewire-consumer", &config, &reachable)?;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("Kafka reachable"),
+        "{}",
+        stderr(&output)
+    );
+    Ok(())
+}
+
 #[test]
 fn consumer_requires_a_subscription() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -193,9 +219,10 @@ fn shipped_config_files_are_valid() -> anyhow::Result<()> {
 #[test]
 fn environment_overrides_keep_secrets_as_text_and_ignore_other_binaries_sections(
 ) -> anyhow::Result<()> {
+    let stack = Stack::from_env();
     let dir = tempfile::tempdir()?;
-    let text = "[kafka]\nbrokers = \"h:1\"\n[service]\nname = \"dedup\"\nsubscribe = [\"t\"]\nstate_dir = \"/tmp/x\"\n[dedup]\n";
-    let config = write_config(dir.path(), text);
+    let text = format!("[kafka]\nbrokers = {:?}\n[service]\nname = \"dedup\"\nsubscribe = [\"t\"]\nstate_dir = \"/tmp/x\"\n[dedup]\n", stack.kafka_brokers);
+    let config = write_config(dir.path(), &text);
     let env = [
         ("CHANGEWIRE_HTTP__TOKEN", "007123"),
         ("CHANGEWIRE_KAFKA__PROPERTIES__SASL.PASSWORD", "1234"),
