@@ -227,11 +227,7 @@ impl Cursor {
             Delivery::NotAttempted => Verdict::Wait,
             Delivery::Failed(SinkError::Fatal(error)) => Verdict::Fatal(report(error.as_ref())),
             Delivery::Failed(SinkError::Unavailable { retry_after, .. }) => {
-                let wait = retry_after
-                    .unwrap_or(self.pause)
-                    .clamp(RETRY_MIN, RETRY_MAX * 10);
-                self.paused_until = Some(now + wait);
-                self.pause = (self.pause * 2).min(RETRY_MAX);
+                self.pause_sink(retry_after, now);
                 Verdict::Wait
             }
             Delivery::Failed(SinkError::Permanent(error)) if self.can_dead_letter => {
@@ -240,6 +236,16 @@ impl Cursor {
             }
             Delivery::Failed(error) => self.retry_later(pending, &error, now),
         }
+    }
+
+    /// The whole sink waits: `retry_after` if the receiver asked, else a pause
+    /// that doubles with each unavailable answer.
+    pub(super) fn pause_sink(&mut self, retry_after: Option<Duration>, now: Instant) {
+        let wait = retry_after
+            .unwrap_or(self.pause)
+            .clamp(RETRY_MIN, RETRY_MAX * 10);
+        self.paused_until = Some(now + wait);
+        self.pause = (self.pause * 2).min(RETRY_MAX);
     }
 
     /// Blocks `pending`'s key for a while, or gives up on it once it has failed
@@ -423,14 +429,7 @@ async fn reconcile<S: Sink>(
                 shared
                     .metrics
                     .set_sink_error(name, Some(format!("reconciling: {}", report(&error))));
-                let probe = in_doubt.first().map(|p| (**p).clone());
-                if let Some(probe) = probe {
-                    cursor.outcome(
-                        &probe,
-                        Delivery::Failed(SinkError::unavailable(error)),
-                        Instant::now(),
-                    );
-                }
+                cursor.pause_sink(None, Instant::now());
                 sleep_until(cursor.next_due()).await;
             }
         }

@@ -18,6 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use changewire_schemas::diagnostics::report;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -97,9 +98,8 @@ impl KafkaSink {
         }
     }
 
-    /// Writes one effect and waits for its acknowledgement: where it landed.
-    async fn write(&self, effect: &Effect, key: &str) -> Result<(i32, i64), SinkError> {
-        let ack = self.enqueue(effect, key).await?;
+    /// Where an enqueued record landed, once acknowledged.
+    async fn landed(&self, ack: DeliveryFuture) -> Result<(i32, i64), SinkError> {
         match ack.await {
             Ok(Ok(delivered)) => Ok((delivered.partition, delivered.offset)),
             Ok(Err((error, _))) => Err(self.classify(error)),
@@ -107,17 +107,19 @@ impl KafkaSink {
         }
     }
 
-    /// Writes one effect, without its payload if the DLQ's sink finds it too large.
-    async fn write_one(&self, pending: &Pending) -> Result<(i32, i64), SinkError> {
+    /// Writes a dead letter the broker or client refused as too large again,
+    /// without its payload.
+    async fn write_without_payload(
+        &self,
+        pending: &Pending,
+        error: &SinkError,
+    ) -> Result<(i32, i64), SinkError> {
         let key = &pending.idempotency_key;
-        match self.write(&pending.effect, key).await {
-            Err(SinkError::Permanent(error)) if self.oversized == Oversized::OmitPayload => {
-                tracing::warn!(sink = self.name, key, error = %error, "writing the dead letter without its payload");
-                self.write(&dlq::without_payload(&pending.effect), key)
-                    .await
-            }
-            other => other,
-        }
+        tracing::warn!(sink = self.name, key, error = %report(error), "writing the dead letter without its payload");
+        let ack = self
+            .enqueue(&dlq::without_payload(&pending.effect), key)
+            .await?;
+        self.landed(ack).await
     }
 
     /// Why a write failed, by what the runtime should do about it.
@@ -238,16 +240,14 @@ impl Sink for KafkaSink {
         let mut deliveries = Vec::with_capacity(effects.len());
         for (pending, ack) in effects.iter().zip(acks) {
             let landed = match ack {
-                Ok(ack) => match ack.await {
-                    Ok(Ok(delivered)) => Ok((delivered.partition, delivered.offset)),
-                    Ok(Err((error, _))) => Err(self.classify(error)),
-                    Err(canceled) => Err(SinkError::Fatal(Box::new(canceled))),
-                },
+                Ok(ack) => self.landed(ack).await,
                 Err(error) => Err(error),
             };
             let landed = match landed {
-                Err(SinkError::Permanent(_)) if self.oversized == Oversized::OmitPayload => {
-                    self.write_one(pending).await
+                Err(error @ SinkError::Permanent(_))
+                    if self.oversized == Oversized::OmitPayload =>
+                {
+                    self.write_without_payload(pending, &error).await
                 }
                 other => other,
             };
