@@ -1,6 +1,7 @@
 //! The changewire producer. Data flows one way: a change source reads changes, they
-//! are normalized into [`changewire_schemas::ChangeEvent`]s, and an [`sink::EventSink`]
-//! publishes them; the source checkpoints only what the sink acknowledged.
+//! are normalized into [`changewire_schemas::ChangeEvent`]s, and a lane of the
+//! [`changewire_kafka::Publisher`] publishes them; the source checkpoints only what
+//! Kafka acknowledged (a lane's marks).
 //!
 //! - [`config`]: the config file;
 //! - [`postgres`]: the PostgreSQL change source;
@@ -8,8 +9,7 @@
 //! - [`backoff`]: retry delays that reset once healthy;
 //! - [`checkpoint`]: the checkpoint seam (sled);
 //! - [`metrics`]: Prometheus metrics and health state;
-//! - [`redact`]: keyed hashes that stand in for secret values;
-//! - [`sink`]: the sink seam and its Kafka implementation.
+//! - [`redact`]: keyed hashes that stand in for secret values.
 
 pub mod backoff;
 pub mod checkpoint;
@@ -18,4 +18,3 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod postgres;
 pub mod redact;
-pub mod sink;

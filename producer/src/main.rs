@@ -8,11 +8,11 @@ use anyhow::Context;
 use changewire_producer::config::ProducerConfig;
 use std::sync::Arc;
 
+use changewire_kafka::Publisher;
 use changewire_producer::checkpoint::SledCheckpoints;
 use changewire_producer::kubernetes::{KubernetesSource, SledObjects};
 use changewire_producer::metrics::ProducerMetrics;
 use changewire_producer::postgres::PostgresSource;
-use changewire_producer::sink::KafkaSink;
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::diagnostics::LogFormat;
 use changewire_schemas::http;
@@ -74,8 +74,9 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
     let codec = Codec::from_config(&config.format)
         .await
         .context("cannot set up the value codec")?;
-    let sink = KafkaSink::new(&config.kafka).context("cannot create the Kafka producer")?;
-    let brokers = sink
+    let metrics = Arc::new(ProducerMetrics::default());
+    let publisher = Publisher::new(&config.kafka).context("cannot create the Kafka producer")?;
+    let brokers = publisher
         .broker_count(Duration::from_secs(10))
         .with_context(|| format!("cannot reach Kafka at {}", config.kafka.brokers))?;
     tracing::info!(brokers, format = ?codec.format(), "Kafka reachable, configuration valid");
@@ -98,8 +99,7 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
         tracing::info!("shutdown requested");
         let _ = stop.send(true);
     });
-    let (codec, sink) = (Arc::new(codec), Arc::new(sink));
-    let metrics = Arc::new(ProducerMetrics::default());
+    let codec = Arc::new(codec);
     serve_http(&config, metrics.clone()).await?;
     let mut sources = tokio::task::JoinSet::new();
     if let Some(postgres) = config.postgres {
@@ -107,7 +107,7 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
             postgres,
             names.clone(),
             codec.clone(),
-            sink.clone(),
+            publisher.clone(),
             checkpoints.clone(),
         )
         .with_metrics(metrics.clone());
@@ -122,7 +122,7 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
     if let Some(kubernetes) = config.kubernetes {
         let objects = SledObjects::open(checkpoints.db())
             .context("cannot open the Kubernetes object state")?;
-        let source = KubernetesSource::new(kubernetes, names, codec, sink, Arc::new(objects))
+        let source = KubernetesSource::new(kubernetes, names, codec, publisher, Arc::new(objects))
             .with_metrics(metrics);
         sources.spawn(async move {
             source

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
+use changewire_kafka::PublishMetrics;
 use changewire_schemas::http::{encode_registry, HealthReport, Observable};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -226,6 +227,14 @@ impl Observable for ProducerMetrics {
 }
 
 impl ProducerMetrics {
+    /// The publisher's share of these metrics (delivery time, records in flight).
+    pub fn publish_metrics(&self) -> PublishMetrics {
+        PublishMetrics {
+            delivery_seconds: Some(self.delivery_seconds.clone()),
+            in_flight: self.in_flight.clone(),
+        }
+    }
+
     /// Records what `source` is doing.
     pub fn set_state(&self, source: SourceKind, state: SourceState) {
         self.lock_sources().entry(source).or_insert((state, None)).0 = state;

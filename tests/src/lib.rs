@@ -344,6 +344,14 @@ impl TestConsumer {
     }
 }
 
+/// A plain idempotent producer for test input, independent of changewire's own.
+pub fn producer(stack: &Stack) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("enable.idempotence", "true")
+        .create()?)
+}
+
 /// Payload of the end markers [`read_to_end`] writes.
 const END_MARKER: &[u8] = b"changewire-test-end-marker";
 
@@ -356,10 +364,7 @@ pub async fn read_to_end(
     timeout: Duration,
 ) -> anyhow::Result<Vec<ReadRecord>> {
     let reader = TestConsumer::from_beginning(stack, topic)?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka_brokers)
-        .set("enable.idempotence", "true")
-        .create()?;
+    let producer = producer(stack)?;
     let partitions = reader.partitions.clone();
     for &partition in &partitions {
         let marker: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)

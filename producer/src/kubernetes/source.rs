@@ -5,11 +5,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use changewire_kafka::{Lane, PublishError, Publisher, Record, TopicSpec};
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::topic::TopicNameError;
 use changewire_schemas::{ChangeEvent, Codec, CodecError, Op, SnapshotMarker, TopicNames};
-use futures::future::BoxFuture;
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::stream::StreamExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, WatchEvent, WatchParams};
 use kube::runtime::watcher::{self, Event};
@@ -27,7 +27,6 @@ use crate::backoff::Backoff;
 use crate::metrics::{KindLabel, ProducerMetrics, SourceKind, SourceState, TableOp};
 use crate::postgres::source::now_ms;
 use crate::redact::SecretHasher;
-use crate::sink::{EventSink, OutboundRecord, SinkError};
 
 /// A Kubernetes source failure.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +45,7 @@ pub enum KubernetesError {
     Expired(#[source] watcher::Error),
     /// Publishing failed.
     #[error(transparent)]
-    Sink(#[from] SinkError),
+    Publish(#[from] PublishError),
     /// An event could not be encoded.
     #[error("cannot encode an event")]
     Codec(#[from] CodecError),
@@ -66,14 +65,14 @@ impl KubernetesError {
     pub fn is_transient(&self) -> bool {
         match self {
             KubernetesError::Api(_) | KubernetesError::Expired(_) => true,
-            KubernetesError::Sink(error) => error.is_transient(),
+            KubernetesError::Publish(error) => error.is_transient(),
             _ => false,
         }
     }
 }
 
-/// Records and markers a watch may have queued before it stops reading (bounds
-/// memory while the broker is slow or down).
+/// Records a watch may have in flight before it stops reading (bounds memory while
+/// the broker is slow or down).
 const MAX_IN_FLIGHT: usize = 50_000;
 
 /// How often watch failures are summarized into the source's health.
@@ -102,8 +101,8 @@ enum Control {
 }
 
 /// What every watch shares: the source's parts and the client.
-struct Shared<S, O> {
-    source: KubernetesSource<S, O>,
+struct Shared<O> {
+    source: KubernetesSource<O>,
     secret_hasher: Option<SecretHasher>,
     client: kube::Client,
     /// Audit events by change, when the audit webhook is on.
@@ -113,29 +112,29 @@ struct Shared<S, O> {
 }
 
 /// Streams changes of the configured kinds to the sink.
-pub struct KubernetesSource<S, O> {
+pub struct KubernetesSource<O> {
     config: KubernetesConfig,
     names: TopicNames,
     codec: Arc<Codec>,
-    sink: Arc<S>,
+    publisher: Publisher,
     objects: Arc<O>,
     metrics: Arc<ProducerMetrics>,
 }
 
-impl<S: EventSink + 'static, O: ObjectStore> KubernetesSource<S, O> {
-    /// A source publishing through `sink`, keeping object state in `objects`.
+impl<O: ObjectStore> KubernetesSource<O> {
+    /// A source publishing through `publisher`, keeping object state in `objects`.
     pub fn new(
         config: KubernetesConfig,
         names: TopicNames,
         codec: Arc<Codec>,
-        sink: Arc<S>,
+        publisher: Publisher,
         objects: Arc<O>,
     ) -> Self {
         Self {
             config,
             names,
             codec,
-            sink,
+            publisher,
             objects,
             metrics: Arc::new(ProducerMetrics::default()),
         }
@@ -254,9 +253,9 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    async fn start<S: EventSink + 'static, O: ObjectStore>(
+    async fn start<O: ObjectStore>(
         &mut self,
-        shared: &Arc<Shared<S, O>>,
+        shared: &Arc<Shared<O>>,
         kind: WatchedKind,
     ) -> Result<(), KubernetesError> {
         let scope = kind.scope();
@@ -265,11 +264,11 @@ impl Supervisor {
         }
         shared
             .source
-            .sink
-            .ensure_topics(
-                std::slice::from_ref(&kind.topic),
+            .publisher
+            .ensure_topics(&[TopicSpec::new(
+                kind.topic.clone(),
                 shared.source.config.topic_partitions,
-            )
+            )])
             .await?;
         tracing::info!(kind = %kind.label(), namespace = kind.namespace.as_deref().unwrap_or("*"), topic = %kind.topic, "watching");
         let (stop, stopped) = watch::channel(Stop::Running);
@@ -281,10 +280,7 @@ impl Supervisor {
     }
 
     /// Publishes the deletes of stored CRD kinds no watch serves, then forgets them.
-    fn sweep<S: EventSink + 'static, O: ObjectStore>(
-        &mut self,
-        shared: &Arc<Shared<S, O>>,
-    ) -> Result<(), KubernetesError> {
+    fn sweep<O: ObjectStore>(&mut self, shared: &Arc<Shared<O>>) -> Result<(), KubernetesError> {
         for scope in shared.source.objects.scopes()? {
             if self.watches.contains_key(&scope) {
                 continue;
@@ -322,7 +318,7 @@ impl Supervisor {
     }
 }
 
-impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
+impl<O: ObjectStore> Shared<O> {
     /// Reconnecting, naming each failing watch, while any watch fails; else streaming.
     fn report_health(&self) {
         let failing = self.health.failing(tokio::time::Instant::now());
@@ -436,19 +432,18 @@ impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
         }
     }
 
-    /// The record of one event of `kind`.
-    fn record(
+    /// Publishes one event of `kind` to `lane`, keyed by the object.
+    async fn publish(
         &self,
+        lane: &mut Lane<Confirmed>,
         kind: &WatchedKind,
         change: &ChangeEvent,
-    ) -> Result<OutboundRecord, KubernetesError> {
+    ) -> Result<(), KubernetesError> {
         let object = change.after.as_ref().or(change.before.as_ref());
-        Ok(OutboundRecord {
-            topic: kind.topic.clone(),
-            key: Some(kind.key(object.unwrap_or(&Value::Null)).into_bytes()),
-            value: Some(self.source.codec.encode(change)?),
-            headers: Vec::new(),
-        })
+        let key = kind.key(object.unwrap_or(&Value::Null));
+        let value = self.source.codec.encode(change)?;
+        let record = Record::keyed(&kind.topic, Some(key.as_bytes()), Some(&value));
+        Ok(lane.publish(&record).await?)
     }
 
     /// Writes the state a batch justifies, now that all of its events are acknowledged.
@@ -480,23 +475,25 @@ struct Confirmed {
     resume: Option<String>,
 }
 
-type Pending = BoxFuture<'static, Result<Option<Confirmed>, SinkError>>;
-
-/// Events queued to the sink, each batch followed by a marker that resolves (in
-/// order) once everything queued before it is acknowledged. Reading the watch goes on
+/// Events published, each batch followed by a mark that comes back (in order) once
+/// everything published before it is acknowledged. Reading the watch goes on
 /// meanwhile, so a slow acknowledgement makes the next batch bigger, not later.
-struct InFlight<'a, S, O> {
-    shared: &'a Shared<S, O>,
+struct InFlight<'a, O> {
+    shared: &'a Shared<O>,
     kind: &'a WatchedKind,
-    queue: FuturesOrdered<Pending>,
+    lane: Lane<Confirmed>,
 }
 
-impl<'a, S: EventSink + 'static, O: ObjectStore> InFlight<'a, S, O> {
-    fn new(shared: &'a Shared<S, O>, kind: &'a WatchedKind) -> Self {
+impl<'a, O: ObjectStore> InFlight<'a, O> {
+    fn new(shared: &'a Shared<O>, kind: &'a WatchedKind) -> Self {
         Self {
             shared,
             kind,
-            queue: FuturesOrdered::new(),
+            lane: shared
+                .source
+                .publisher
+                .lane(shared.source.metrics.publish_metrics())
+                .with_limit(MAX_IN_FLIGHT),
         }
     }
 
@@ -518,44 +515,25 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> InFlight<'a, S, O> {
             self.shared.source.objects.reserve(&scope, &creates)?;
         }
         for change in &batch.events {
-            let record = self.shared.record(self.kind, change)?;
-            loop {
-                match self.shared.source.sink.enqueue(&record) {
-                    Ok(ack) => {
-                        break self
-                            .queue
-                            .push_back(Box::pin(async move { ack.await.map(|_| None) }))
-                    }
-                    Err(SinkError::QueueFull) => match self.queue.next().await {
-                        Some(done) => self.confirmed(done)?,
-                        None => tokio::time::sleep(Duration::from_millis(10)).await,
-                    },
-                    Err(error) => return Err(error.into()),
-                }
+            self.shared
+                .publish(&mut self.lane, self.kind, change)
+                .await?;
+            while let Some(confirmed) = self.lane.take_confirmed()? {
+                self.shared.confirm(self.kind, confirmed)?;
             }
         }
-        let confirmed = Confirmed {
+        self.lane.mark(Confirmed {
             ops: batch.events.iter().map(|e| e.op).collect(),
             writes: batch.writes,
             resume: batch.resume,
-        };
-        self.queue
-            .push_back(Box::pin(async move { Ok(Some(confirmed)) }));
+        });
         Ok(())
     }
 
-    /// Handles the next acknowledgement or marker.
-    fn confirmed(&self, done: Result<Option<Confirmed>, SinkError>) -> Result<(), KubernetesError> {
-        match done? {
-            Some(confirmed) => self.shared.confirm(self.kind, confirmed),
-            None => Ok(()),
-        }
-    }
-
-    /// Waits until everything queued is acknowledged and its state written.
+    /// Waits until everything published is acknowledged and its state written.
     async fn drain(&mut self) -> Result<(), KubernetesError> {
-        while let Some(done) = self.queue.next().await {
-            self.confirmed(done)?;
+        while let Some(confirmed) = self.lane.next_confirmed().await {
+            self.shared.confirm(self.kind, confirmed?)?;
         }
         Ok(())
     }
@@ -574,8 +552,8 @@ struct Batch {
 }
 
 /// One watch's view: what was published of each object, and the pending batch.
-struct ScopeView<'a, S, O> {
-    shared: &'a Shared<S, O>,
+struct ScopeView<'a, O> {
+    shared: &'a Shared<O>,
     kind: &'a WatchedKind,
     label: KindLabel,
     /// The kind's scope, naming it in health reports.
@@ -592,8 +570,8 @@ struct ScopeView<'a, S, O> {
     first_sync: bool,
 }
 
-impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
-    fn new(shared: &'a Shared<S, O>, kind: &'a WatchedKind, loaded: Loaded) -> Self {
+impl<'a, O: ObjectStore> ScopeView<'a, O> {
+    fn new(shared: &'a Shared<O>, kind: &'a WatchedKind, loaded: Loaded) -> Self {
         let resume = loaded.resume.and_then(|token| {
             let version = kind.resumable_version(&token);
             if version.is_none() {
@@ -806,7 +784,7 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
     /// forgets the scope.
     async fn delete_everything(
         &mut self,
-        in_flight: &mut InFlight<'_, S, O>,
+        in_flight: &mut InFlight<'_, O>,
     ) -> Result<(), KubernetesError> {
         let mut uids: Vec<String> = self
             .published
@@ -826,8 +804,8 @@ impl<'a, S: EventSink + 'static, O: ObjectStore> ScopeView<'a, S, O> {
 }
 
 /// Deletes every stored object of a kind no CRD serves any more.
-async fn sweep_kind<S: EventSink + 'static, O: ObjectStore>(
-    shared: &Shared<S, O>,
+async fn sweep_kind<O: ObjectStore>(
+    shared: &Shared<O>,
     kind: &WatchedKind,
 ) -> Result<(), KubernetesError> {
     let loaded = shared.source.objects.load(&kind.scope())?;
@@ -838,8 +816,8 @@ async fn sweep_kind<S: EventSink + 'static, O: ObjectStore>(
 
 /// Runs one watch until stopped; transient failures restart it (after a backoff)
 /// from the state last checkpointed.
-async fn watch_scope<S: EventSink + 'static, O: ObjectStore>(
-    shared: Arc<Shared<S, O>>,
+async fn watch_scope<O: ObjectStore>(
+    shared: Arc<Shared<O>>,
     kind: WatchedKind,
     mut stop: watch::Receiver<Stop>,
 ) -> Result<(), KubernetesError> {
@@ -883,8 +861,8 @@ fn shutdown_of(stop: &watch::Receiver<Stop>) -> watch::Receiver<bool> {
     rx
 }
 
-async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
-    shared: &Shared<S, O>,
+async fn watch_once<O: ObjectStore>(
+    shared: &Shared<O>,
     kind: &WatchedKind,
     stop: &mut watch::Receiver<Stop>,
 ) -> Result<(), KubernetesError> {
@@ -937,10 +915,10 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
                 }
                 return Ok(());
             }
-            Some(done) = in_flight.queue.next(), if !in_flight.queue.is_empty() => {
-                in_flight.confirmed(done)?;
+            Some(confirmed) = in_flight.lane.next_confirmed() => {
+                shared.confirm(kind, confirmed?)?;
             }
-            items = events.next(), if in_flight.queue.len() < MAX_IN_FLIGHT => {
+            items = events.next() => {
                 let seen = Instant::now();
                 let expired = view.take(items.unwrap_or_default());
                 in_flight.publish(view.take_batch(), seen).await?;
@@ -962,10 +940,10 @@ async fn watch_once<S: EventSink + 'static, O: ObjectStore>(
 /// After a restart: the watch from the stored resume point, so the changes made
 /// meanwhile arrive as events without listing everything. It ends at its first
 /// error or at the server's timeout; kube's watcher (list, then watch) takes over.
-fn resumed_watch<S: EventSink + 'static, O: ObjectStore>(
+fn resumed_watch<O: ObjectStore>(
     api: Api<DynamicObject>,
     kind: &WatchedKind,
-    shared: &Shared<S, O>,
+    shared: &Shared<O>,
     version: String,
 ) -> impl futures::Stream<Item = Result<Event<DynamicObject>, watcher::Error>> + Send + 'static {
     let mut params = WatchParams::default().timeout(shared.source.config.watch_idle_timeout_secs);
@@ -1020,8 +998,8 @@ fn is_http_gone(error: &watcher::Error) -> bool {
 
 /// Watches CRDs and asks the supervisor to watch the kinds of Established ones in the
 /// followed groups, and to drop the kinds of deleted ones.
-async fn follow_crds<S: EventSink + 'static, O: ObjectStore>(
-    shared: Arc<Shared<S, O>>,
+async fn follow_crds<O: ObjectStore>(
+    shared: Arc<Shared<O>>,
     control: mpsc::Sender<Control>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KubernetesError> {
@@ -1099,7 +1077,7 @@ async fn follow_crds<S: EventSink + 'static, O: ObjectStore>(
     }
 }
 
-impl<S: EventSink + 'static, O: ObjectStore> Shared<S, O> {
+impl<O: ObjectStore> Shared<O> {
     /// The watch to start for an Established CRD of a followed group, if not started.
     fn crd_started(
         &self,

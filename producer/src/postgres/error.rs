@@ -5,7 +5,7 @@ use changewire_schemas::topic::TopicNameError;
 use changewire_schemas::CodecError;
 
 use super::pgoutput::DecodeError;
-use crate::sink::SinkError;
+use changewire_kafka::PublishError;
 
 /// Why the PostgreSQL source stopped.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,7 @@ pub enum PostgresError {
     UnknownRelation(u32),
     /// Publishing failed.
     #[error("publishing to Kafka failed")]
-    Sink(#[from] SinkError),
+    Publish(#[from] PublishError),
     /// An event could not be encoded.
     #[error("cannot encode an event")]
     Codec(#[from] CodecError),
@@ -100,7 +100,7 @@ impl PostgresError {
             PostgresError::Replication(error) => {
                 matches!(error, W::Io(_) | W::Task(_) | W::Server(_) | W::Protocol(_))
             }
-            PostgresError::Sink(error) => error.is_transient(),
+            PostgresError::Publish(error) => error.is_transient(),
             PostgresError::Codec(error) => error.is_transient(),
             _ => false,
         }

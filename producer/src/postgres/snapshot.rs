@@ -1,8 +1,8 @@
 //! The initial snapshot: every published row as an `r` event, read inside the slot's
 //! exported snapshot so it meets the stream with no gap and no overlap.
 
+use changewire_kafka::Lane;
 use changewire_schemas::{ChangeEvent, EventId, Op, SnapshotMarker};
-use futures::stream::{FuturesOrdered, StreamExt};
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use super::error::PostgresError;
@@ -11,19 +11,18 @@ use super::pgoutput::{Column, Lsn, Relation, Value};
 use super::setup::quote_ident;
 use super::source::{now_ms, PostgresSource};
 use crate::checkpoint::CheckpointStore;
-use crate::sink::{EventSink, OutboundRecord};
 
 /// One snapshot run.
-pub(super) struct Snapshot<'a, S, C> {
-    source: &'a PostgresSource<S, C>,
+pub(super) struct Snapshot<'a, C> {
+    source: &'a PostgresSource<C>,
     consistent_point: Lsn,
     seq: u64,
     /// The latest event, held back so the very last one can be marked `last`.
     held: Option<(ChangeEvent, Table)>,
 }
 
-impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
-    pub(super) fn new(source: &'a PostgresSource<S, C>, consistent_point: Lsn) -> Self {
+impl<'a, C: CheckpointStore> Snapshot<'a, C> {
+    pub(super) fn new(source: &'a PostgresSource<C>, consistent_point: Lsn) -> Self {
         Self {
             source,
             consistent_point,
@@ -55,21 +54,22 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
                 .await?
                 .get(0),
         };
-        let mut in_flight = FuturesOrdered::new();
+        let mut lane = self.source.lane();
         for relation in
             published_relations(&client, &self.source.config().publication_name()).await?
         {
             let table = self.source.describe(&client, relation).await?;
-            self.read_table(&client, &info, &table, &mut in_flight)
-                .await?;
+            self.read_table(&client, &info, &table, &mut lane).await?;
         }
         if let Some((mut event, table)) = self.held.take() {
             event.source.snapshot = SnapshotMarker::Last;
-            let record = self.source.record(&table, &event)?;
-            self.source.enqueue(record, &mut in_flight).await?;
+            self.source
+                .publish(&mut lane, &table, &event, false)
+                .await?;
         }
-        while let Some(ack) = in_flight.next().await {
-            ack?;
+        lane.mark(());
+        while let Some(done) = lane.next_confirmed().await {
+            done?;
         }
         client.batch_execute("COMMIT").await?;
         tracing::info!(rows = self.seq, "snapshot complete");
@@ -81,7 +81,7 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
         client: &Client,
         info: &SourceInfo,
         table: &Table,
-        in_flight: &mut FuturesOrdered<super::source::Pending>,
+        lane: &mut Lane<()>,
     ) -> Result<(), PostgresError> {
         let query = PageQuery::new(table, self.source.config().snapshot_chunk_rows);
         let mut after: Option<String> = None;
@@ -98,7 +98,7 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
                             .map_or(Value::Null, |v| Value::Text(v.to_owned()))
                     })
                     .collect();
-                self.emit(info, table, tuple, in_flight).await?;
+                self.emit(info, table, tuple, lane).await?;
             }
             rows_read += rows.len() as u64;
             tracing::info!(table = %format!("{}.{}", table.relation.namespace, table.relation.name), rows = rows_read, "snapshot progress");
@@ -114,7 +114,7 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
         info: &SourceInfo,
         table: &Table,
         tuple: Vec<Value>,
-        in_flight: &mut FuturesOrdered<super::source::Pending>,
+        lane: &mut Lane<()>,
     ) -> Result<(), PostgresError> {
         self.seq += 1;
         let now = now_ms();
@@ -137,15 +137,7 @@ impl<'a, S: EventSink + 'static, C: CheckpointStore> Snapshot<'a, S, C> {
         };
         self.source.count_event(table, Op::Read);
         if let Some((event, table)) = self.held.replace((event, table.clone())) {
-            let record: OutboundRecord = self.source.record(&table, &event)?;
-            self.source.enqueue(record, in_flight).await?;
-        }
-        // Bounded memory for tables of any size: wait for acknowledgements, as the
-        // stream does, once max_in_flight rows are outstanding.
-        while in_flight.len() >= self.source.config().max_in_flight {
-            if let Some(ack) = in_flight.next().await {
-                ack?;
-            }
+            self.source.publish(lane, &table, &event, false).await?;
         }
         Ok(())
     }

@@ -3,13 +3,12 @@
 //! acknowledged every event at or below it.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use changewire_kafka::{Lane, Publisher, Record, TopicSpec};
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::{ChangeEvent, Codec, Op, TopicNames};
-use futures::stream::{FuturesOrdered, StreamExt};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
@@ -24,7 +23,6 @@ use super::snapshot::Snapshot;
 use crate::backoff::Backoff;
 use crate::checkpoint::CheckpointStore;
 use crate::metrics::{ProducerMetrics, SourceKind, SourceState, TableOp};
-use crate::sink::{EventSink, OutboundRecord, SinkError};
 
 /// How often the replication client reports the confirmed position.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -41,35 +39,30 @@ pub(super) struct Checkpoint {
     commit_ms: i64,
 }
 
-/// An acknowledgement still to come, in stream order; a commit resolves to its
-/// checkpoint.
-pub(super) type Pending =
-    Pin<Box<dyn Future<Output = Result<Option<Checkpoint>, SinkError>> + Send>>;
-
-/// Streams one PostgreSQL database to a sink.
-pub struct PostgresSource<S, C> {
+/// Streams one PostgreSQL database to Kafka.
+pub struct PostgresSource<C> {
     config: PostgresConfig,
     topics: TopicNames,
     codec: Arc<Codec>,
-    sink: Arc<S>,
+    publisher: Publisher,
     checkpoints: Arc<C>,
     metrics: Arc<ProducerMetrics>,
 }
 
-impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
+impl<C: CheckpointStore> PostgresSource<C> {
     /// A source for the `[postgres]` section.
     pub fn new(
         config: PostgresConfig,
         topics: TopicNames,
         codec: Arc<Codec>,
-        sink: Arc<S>,
+        publisher: Publisher,
         checkpoints: Arc<C>,
     ) -> Self {
         Self {
             config,
             topics,
             codec,
-            sink,
+            publisher,
             checkpoints,
             metrics: Arc::default(),
         }
@@ -151,7 +144,7 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
             decoder: Decoder::new(),
             relations: Relations::default(),
             tx: None,
-            in_flight: FuturesOrdered::new(),
+            lane: self.lane(),
             confirmed: Lsn::default(),
         }
         .run(shutdown)
@@ -291,8 +284,8 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         let topic =
             self.topics
                 .postgres_table(&self.config.name, &relation.namespace, &relation.name)?;
-        self.sink
-            .ensure_topics(std::slice::from_ref(&topic), self.config.topic_partitions)
+        self.publisher
+            .ensure_topics(&[TopicSpec::new(topic.clone(), self.config.topic_partitions)])
             .await?;
         let redactor = self.config.redactor();
         let redacted = relation
@@ -320,50 +313,32 @@ impl<S: EventSink + 'static, C: CheckpointStore> PostgresSource<S, C> {
         })
     }
 
-    /// The record for one event of `table`, keyed by its row (the new one, else the
-    /// old one).
-    pub(super) fn record(
+    /// Publishes one event of `table` to `lane`, keyed by its row (the new one, else
+    /// the old one), followed by a tombstone when asked.
+    pub(super) async fn publish<T>(
         &self,
+        lane: &mut Lane<T>,
         table: &Table,
         event: &ChangeEvent,
-    ) -> Result<OutboundRecord, PostgresError> {
-        Ok(OutboundRecord {
-            topic: table.topic.clone(),
-            key: table.key(event.after.as_ref().or(event.before.as_ref())),
-            value: Some(self.codec.encode(event)?),
-            headers: Vec::new(),
-        })
+        tombstone: bool,
+    ) -> Result<(), PostgresError> {
+        let key = table.key(event.after.as_ref().or(event.before.as_ref()));
+        let value = self.codec.encode(event)?;
+        let key = key.as_deref();
+        lane.publish(&Record::keyed(&table.topic, key, Some(&value)))
+            .await?;
+        if tombstone {
+            lane.publish(&Record::keyed(&table.topic, key, None))
+                .await?;
+        }
+        Ok(())
     }
 
-    /// Queues `record`, waiting for older acknowledgements while the queue is full.
-    /// Returns only once the record is queued, with the newest checkpoint that became
-    /// confirmable while waiting, if any.
-    pub(super) async fn enqueue(
-        &self,
-        record: OutboundRecord,
-        in_flight: &mut FuturesOrdered<Pending>,
-    ) -> Result<Option<Checkpoint>, PostgresError> {
-        let mut confirmable = None;
-        loop {
-            match self.sink.enqueue(&record) {
-                Ok(ack) => {
-                    let (metrics, queued) = (self.metrics.clone(), Instant::now());
-                    in_flight.push_back(Box::pin(async move {
-                        let result = ack.await;
-                        metrics
-                            .delivery_seconds
-                            .observe(queued.elapsed().as_secs_f64());
-                        result.map(|_| None)
-                    }));
-                    return Ok(confirmable);
-                }
-                Err(SinkError::QueueFull) => match in_flight.next().await {
-                    Some(result) => confirmable = result?.or(confirmable),
-                    None => tokio::time::sleep(Duration::from_millis(10)).await,
-                },
-                Err(error) => return Err(error.into()),
-            }
-        }
+    /// A new lane to publish events in.
+    pub(super) fn lane<T>(&self) -> Lane<T> {
+        self.publisher
+            .lane(self.metrics.publish_metrics())
+            .with_limit(self.config.max_in_flight)
     }
 
     /// Counts one published event.
@@ -434,21 +409,20 @@ const LAG_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const LAG_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One replication session's state.
-struct Stream<'a, S, C> {
-    source: &'a PostgresSource<S, C>,
+struct Stream<'a, C> {
+    source: &'a PostgresSource<C>,
     client: Arc<Client>,
     replication: ReplicationClient,
     info: SourceInfo,
     decoder: Decoder,
     relations: Relations,
     tx: Option<TxContext>,
-    in_flight: FuturesOrdered<Pending>,
+    lane: Lane<Checkpoint>,
     confirmed: Lsn,
 }
 
-impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
+impl<C: CheckpointStore> Stream<'_, C> {
     async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), PostgresError> {
-        let max_in_flight = self.source.config.max_in_flight;
         // Its own task: the lag matters most when this loop waits (on a broker that
         // is down, say).
         let _lag_probe = LagProbe::spawn(
@@ -460,22 +434,14 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
             tokio::select! {
                 biased;
                 () = stopped(shutdown) => return self.shut_down().await,
-                Some(ack) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    if let Some(checkpoint) = ack? {
-                        self.confirm(checkpoint);
-                    }
-                }
-                event = self.replication.recv(), if self.in_flight.len() < max_in_flight => {
+                Some(checkpoint) = self.lane.next_confirmed() => self.confirm(checkpoint?),
+                event = self.replication.recv() => {
                     match event? {
                         Some(event) => self.handle(event).await?,
                         None => return Err(PostgresError::Replication(pgwire_replication::PgWireError::Task("replication stream ended".into()))),
                     }
                 }
             }
-            self.source
-                .metrics
-                .in_flight
-                .set(self.in_flight.len() as i64);
         }
     }
 
@@ -521,14 +487,13 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
                     lsn: Lsn(end_lsn.0),
                     commit_ms: pg_micros_to_unix_ms(commit_time_micros),
                 };
-                self.in_flight
-                    .push_back(Box::pin(async move { Ok(Some(checkpoint)) }));
+                self.lane.mark(checkpoint);
             }
             // Between transactions with nothing in flight, everything up to the server's
             // position is published: confirm it so the slot advances even when only
             // unpublished tables change.
             ReplicationEvent::KeepAlive { wal_end, .. }
-                if self.tx.is_none() && self.in_flight.is_empty() =>
+                if self.tx.is_none() && !self.lane.has_marks() && self.lane.in_flight() == 0 =>
             {
                 // Caught up: nothing of the server's is waiting on us.
                 self.confirm(Checkpoint {
@@ -589,19 +554,13 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
             lsn,
         };
         let event = self.info.event(table, tx, change, now_ms());
-        let record = self.source.record(table, &event)?;
-        let tombstone =
-            (op == Op::Delete && self.source.config.tombstones).then(|| OutboundRecord {
-                topic: record.topic.clone(),
-                key: record.key.clone(),
-                value: None,
-                headers: record.headers.clone(),
-            });
+        let tombstone = op == Op::Delete && self.source.config.tombstones;
         self.source.count_event(table, op);
-        for record in std::iter::once(record).chain(tombstone) {
-            if let Some(checkpoint) = self.source.enqueue(record, &mut self.in_flight).await? {
-                self.confirm(checkpoint);
-            }
+        self.source
+            .publish(&mut self.lane, table, &event, tombstone)
+            .await?;
+        while let Some(checkpoint) = self.lane.take_confirmed()? {
+            self.confirm(checkpoint);
         }
         Ok(())
     }
@@ -610,13 +569,11 @@ impl<S: EventSink + 'static, C: CheckpointStore> Stream<'_, S, C> {
     /// one status interval to report the final position before closing.
     async fn shut_down(mut self) -> Result<(), PostgresError> {
         tracing::info!(
-            in_flight = self.in_flight.len(),
+            in_flight = self.lane.in_flight(),
             "shutting down: waiting for Kafka acknowledgements"
         );
-        while let Some(ack) = self.in_flight.next().await {
-            if let Some(checkpoint) = ack? {
-                self.confirm(checkpoint);
-            }
+        while let Some(checkpoint) = self.lane.next_confirmed().await {
+            self.confirm(checkpoint?);
         }
         tokio::time::sleep(STATUS_INTERVAL + Duration::from_millis(200)).await;
         self.replication.stop();

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use changewire_kafka::Publisher;
 use changewire_producer::kubernetes::{KubernetesConfig, KubernetesSource, SledObjects};
-use changewire_producer::sink::KafkaSink;
 use changewire_schemas::{ChangeEvent, Codec, Origin, TopicNames};
 use changewire_tests::kube_api::{FakeApiServer, ResourceType};
 use changewire_tests::{unique_name, Stack, TestConsumer};
@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
         config,
         TopicNames::new(&prefix)?,
         Arc::new(Codec::json()?),
-        Arc::new(KafkaSink::new(&stack.kafka_config())?),
+        Publisher::new(&stack.kafka_config())?,
         Arc::new(SledObjects::open(&sled::open(state.path())?)?),
     );
     let (stop, shutdown) = watch::channel(false);

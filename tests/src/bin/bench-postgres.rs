@@ -25,9 +25,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use changewire_kafka::Publisher;
 use changewire_producer::checkpoint::SledCheckpoints;
 use changewire_producer::postgres::{PostgresConfig, PostgresSource, SnapshotMode};
-use changewire_producer::sink::KafkaSink;
 use changewire_schemas::{Codec, TopicNames};
 use changewire_tests::{
     connect, create_pgoutput_slot, unique_name, Stack, TestConsumer, TestDatabase,
@@ -413,7 +413,7 @@ fn start_source(
         config,
         TopicNames::new(prefix)?,
         Arc::new(Codec::json()?),
-        Arc::new(KafkaSink::new(&stack.kafka_config())?),
+        Publisher::new(&stack.kafka_config())?,
         Arc::new(SledCheckpoints::open(state.path())?),
     );
     let (stop, shutdown) = watch::channel(false);

@@ -10,11 +10,12 @@ use changewire_consumer::config::{ConsumerConfig, ServiceConfig};
 use changewire_consumer::runtime::{
     self, dlq::headers as dlq_headers, Context, Handler, HandlerError, Record, Sinks, Store,
 };
-use changewire_producer::sink::{EventSink, KafkaSink, OutboundRecord};
 use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::{ChangeEvent, Codec, EventId, Op};
 use changewire_tests::{create_topics, unique_name, workspace_example, Stack, TestConsumer};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -80,20 +81,24 @@ pub async fn publish_keyed(
     topic: &str,
     records: Vec<(Vec<u8>, Vec<u8>)>,
 ) -> anyhow::Result<Vec<(i32, i64)>> {
-    let sink = KafkaSink::new(&stack.kafka_config())?;
-    let mut acks = Vec::new();
-    for (key, value) in records {
-        let record = OutboundRecord {
-            topic: topic.to_owned(),
-            key: Some(key),
-            value: Some(value),
-            headers: vec![("origin".to_owned(), b"test".to_vec())],
-        };
-        acks.push(sink.enqueue(&record)?);
-    }
+    let producer = changewire_tests::producer(stack)?;
+    let acks: Vec<_> = records
+        .iter()
+        .map(|(key, value)| {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "origin",
+                value: Some(b"test"),
+            });
+            let record = FutureRecord::to(topic)
+                .key(key)
+                .payload(value)
+                .headers(headers);
+            producer.send_result(record).map_err(|(error, _)| error)
+        })
+        .collect::<Result<_, _>>()?;
     let mut landed = Vec::with_capacity(acks.len());
     for ack in acks {
-        let delivered = ack.await?;
+        let delivered = ack.await?.map_err(|(error, _)| error)?;
         landed.push((delivered.partition, delivered.offset));
     }
     Ok(landed)

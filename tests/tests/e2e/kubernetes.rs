@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use changewire_kafka::Publisher;
 use changewire_producer::kubernetes::{
     AuditConfig, KindConfig, KubernetesConfig, KubernetesError, KubernetesSource, SledObjects,
 };
 use changewire_producer::metrics::ProducerMetrics;
-use changewire_producer::sink::KafkaSink;
 use changewire_schemas::{ActorVia, ChangeEvent, Codec, Op, Origin, TopicNames};
 use changewire_tests::kube_api::{AuditLevel, AuditWebhook, FakeApiServer};
 use changewire_tests::servers::{free_port, issue_server_certificate};
@@ -70,7 +70,7 @@ impl Running {
             config,
             TopicNames::new(prefix)?,
             Arc::new(Codec::json()?),
-            Arc::new(KafkaSink::new(&stack.kafka_config())?),
+            Publisher::new(&stack.kafka_config())?,
             Arc::new(objects),
         );
         let metrics = source.metrics();
@@ -95,6 +95,27 @@ impl Running {
         while relists(self, kind) < n {
             anyhow::ensure!(!self.task.is_finished(), "the source stopped");
             anyhow::ensure!(Instant::now() < deadline, "no relist #{n} of {kind}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until `n` events of `op` for `kind` are acknowledged (events read from
+    /// the watch but not yet published when the source stops are not).
+    pub(crate) async fn wait_for_published(
+        &self,
+        kind: &str,
+        op: Op,
+        n: u64,
+    ) -> anyhow::Result<()> {
+        let name = format!(
+            "changewire_producer_events_total{{table=\"{kind}\",op=\"{}\"}}",
+            op.code()
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while counter(self, &name) < n {
+            anyhow::ensure!(!self.task.is_finished(), "the source stopped");
+            anyhow::ensure!(Instant::now() < deadline, "never published {n} of {name}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
@@ -268,7 +289,9 @@ async fn deletes_while_stopped_and_while_cut_off_are_synthesized_exactly_once() 
     let (prefix, state) = (unique_name("k8s"), tempfile::tempdir()?);
     let config = source_config(&fake, vec![core_kind("ConfigMap")]);
     let source = Running::start(&stack, config.clone(), &prefix, state.path())?;
-    source.wait_for_relists("core/ConfigMap", 1).await?;
+    source
+        .wait_for_published("core/ConfigMap", Op::Read, 5)
+        .await?;
     source.stop().await?;
 
     // While the producer is down: a delete, a delete + re-create, an update.
@@ -1018,8 +1041,16 @@ async fn a_crd_deleted_while_the_producer_is_down_has_its_objects_deleted_once(
 
 /// Reads the `changewire_producer_kubernetes_relists_total` of `kind`.
 fn relists(source: &Running, kind: &str) -> u64 {
+    counter(
+        source,
+        &format!("changewire_producer_kubernetes_relists_total{{kind=\"{kind}\"}}"),
+    )
+}
+
+/// The value of the counter `name` (with its labels), 0 before it exists.
+fn counter(source: &Running, name: &str) -> u64 {
     use changewire_schemas::http::Observable;
-    let needle = format!("changewire_producer_kubernetes_relists_total{{kind=\"{kind}\"}} ");
+    let needle = format!("{name} ");
     source
         .metrics
         .encode_metrics()

@@ -93,10 +93,13 @@ async fn metrics_count_events_and_health_follows_the_source() -> anyhow::Result<
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(
-        text.contains("changewire_producer_kafka_delivery_seconds_count 6"),
-        "{text}"
-    );
+    // Delivery time is sampled (one record in 64, the first of each lane included).
+    let sampled: u64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("changewire_producer_kafka_delivery_seconds_count "))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0);
+    assert!((1..=6).contains(&sampled), "{text}");
     assert!(
         text.contains("changewire_producer_replication_lag_bytes"),
         "{text}"

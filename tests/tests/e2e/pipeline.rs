@@ -4,9 +4,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use changewire_kafka::Publisher;
 use changewire_producer::checkpoint::SledCheckpoints;
 use changewire_producer::postgres::{PostgresConfig, PostgresError, PostgresSource, SnapshotMode};
-use changewire_producer::sink::KafkaSink;
 use changewire_schemas::settings::KafkaConfig;
 use changewire_schemas::{ChangeEvent, Codec, TopicNames};
 use changewire_tests::{unique_name, Stack, TestConsumer, TestDatabase};
@@ -55,7 +55,7 @@ impl RunningSource {
             config,
             TopicNames::new(prefix)?,
             Arc::new(codec),
-            Arc::new(KafkaSink::new(kafka)?),
+            Publisher::new(kafka)?,
             Arc::new(SledCheckpoints::open(state.path())?),
         );
         let (stop, shutdown) = watch::channel(false);

@@ -3,18 +3,26 @@
 
 use std::time::Duration;
 
-use changewire_producer::sink::{EventSink, KafkaSink, OutboundRecord};
+use changewire_kafka::{PublishMetrics, Publisher, Record};
 use changewire_schemas::{Codec, FormatConfig, ValueFormat};
 use changewire_tests::{connect, create_topics, unique_name, Stack, TestConsumer, TestDatabase};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 
 use crate::fixtures;
 
 #[tokio::test]
-async fn change_events_round_trip_through_the_broker_in_json_and_avro() -> anyhow::Result<()> {
+async fn change_events_round_trip_through_the_publisher_in_json_and_avro() -> anyhow::Result<()> {
     let stack = Stack::from_env();
     let topic = unique_name("smoke");
-    create_topics(&stack, &[&topic], 1).await?;
-    let sink = KafkaSink::new(&stack.kafka_config())?;
+    create_topics(&stack, &[&topic], 3).await?;
+    let metrics = PublishMetrics {
+        delivery_seconds: Some(Histogram::new(exponential_buckets(0.001, 2.0, 8))),
+        ..PublishMetrics::default()
+    };
+    let publisher = Publisher::new(&stack.kafka_config())?;
+    let mut lane = publisher.lane::<usize>(metrics.clone());
     let avro_config = FormatConfig {
         value: ValueFormat::Avro,
         schema_registry: None,
@@ -28,36 +36,55 @@ async fn change_events_round_trip_through_the_broker_in_json_and_avro() -> anyho
     let mut sent = Vec::new();
     for codec in &codecs {
         for event in &events {
-            let record = OutboundRecord {
-                topic: topic.clone(),
-                key: Some(event.id.as_str().as_bytes().to_vec()),
-                value: Some(codec.encode(event)?),
-                headers: vec![(
-                    "cw-format".into(),
-                    format!("{:?}", codec.format()).into_bytes(),
-                )],
+            let key = format!("{}/{:?}", event.id, codec.format()).into_bytes();
+            let value = codec.encode(event)?;
+            let headers = vec![(
+                "cw-format".to_owned(),
+                Some(format!("{:?}", codec.format()).into_bytes()),
+            )];
+            let record = Record {
+                headers: &headers,
+                ..Record::keyed(&topic, Some(&key), Some(&value))
             };
-            let delivered = sink.enqueue(&record)?.await?;
-            sent.push(record);
-            assert!(delivered.offset >= 0);
+            lane.publish(&record).await?;
+            sent.push((key, value, headers));
+            lane.mark(sent.len());
         }
     }
+    // Marks come back in order, each once every record before it is acknowledged.
+    let mut confirmed = Vec::new();
+    while let Some(mark) = lane.next_confirmed().await {
+        confirmed.push(mark?);
+    }
+    assert_eq!(confirmed, (1..=sent.len()).collect::<Vec<_>>());
+    assert_eq!(lane.in_flight(), 0);
+    assert_eq!(metrics.in_flight.get(), 0);
+    let mut text = String::new();
+    let mut registry = Registry::default();
+    registry.register("delivery", "", metrics.delivery_seconds.clone().unwrap());
+    encode(&mut text, &registry)?;
+    // Sampled: the lane's first record is always measured.
+    assert!(text.contains("delivery_count 1\n"), "{text}");
 
     let consumer = TestConsumer::from_beginning(&stack, &topic)?;
-    let received = consumer
+    let mut received = consumer
         .read_exactly(sent.len(), Duration::from_secs(30))
         .await?;
+    received.sort_by_key(|r| {
+        sent.iter()
+            .position(|(key, ..)| r.key.as_ref() == Some(key))
+    });
     let reader = Codec::json()?;
-    for (record, (sent, expected)) in received.iter().zip(sent.iter().zip(events.iter().cycle())) {
-        assert_eq!(record.key, sent.key);
-        let sent_headers: Vec<_> = sent
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), Some(v.clone())))
-            .collect();
-        assert_eq!(record.headers, sent_headers);
-        assert_eq!(record.value, sent.value, "bytes changed in transit");
-        let value = record.value.as_deref().expect("not a tombstone");
+    for (record, ((key, value, headers), expected)) in
+        received.iter().zip(sent.iter().zip(events.iter().cycle()))
+    {
+        assert_eq!(record.key.as_ref(), Some(key));
+        assert_eq!(&record.headers, headers);
+        assert_eq!(
+            record.value.as_ref(),
+            Some(value),
+            "bytes changed in transit"
+        );
         assert_eq!(&reader.decode(value)?, expected);
     }
     assert_eq!(received[0].value.as_deref().map(|v| v[0]), Some(b'{'));
