@@ -81,7 +81,7 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
         .with_context(|| format!("cannot reach Kafka at {}", config.kafka.brokers))?;
     tracing::info!(brokers, format = ?codec.format(), "Kafka reachable, configuration valid");
     if check_only {
-        return Ok(());
+        return check_sources(&config).await;
     }
     if config.postgres.is_none() && config.kubernetes.is_none() {
         anyhow::bail!("nothing to stream: no change source is configured (add a [postgres] or [kubernetes] section)")
@@ -135,6 +135,36 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
     while let Some(result) = sources.join_next().await {
         result??;
     }
+    Ok(())
+}
+
+/// `--check` for each source: its server answers and can be streamed from.
+async fn check_sources(config: &ProducerConfig) -> anyhow::Result<()> {
+    if let Some(postgres) = &config.postgres {
+        let check = changewire_producer::postgres::source::check(postgres);
+        report_check("PostgreSQL", &postgres.name, check).await?;
+    }
+    if let Some(kubernetes) = &config.kubernetes {
+        let check = changewire_producer::kubernetes::source::check(kubernetes);
+        report_check("Kubernetes", &kubernetes.name, check).await?;
+    }
+    Ok(())
+}
+
+/// Logs what one source's check found; a server that accepts connections but
+/// never answers fails it too.
+async fn report_check<E: std::error::Error>(
+    part: &str,
+    source: &str,
+    check: impl std::future::Future<Output = Result<String, E>>,
+) -> anyhow::Result<()> {
+    const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+    let found = match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(error)) => anyhow::bail!("the {part} check failed: {}", report(&error)),
+        Err(_) => anyhow::bail!("the {part} check failed: no answer within {CHECK_TIMEOUT:?}"),
+    };
+    tracing::info!(source, "{found}");
     Ok(())
 }
 

@@ -22,6 +22,10 @@ pub const WEBHOOK: &str = "webhook";
 /// The `[forward]` section: where to post, and how.
 pub type ForwardConfig = WebhookConfig;
 
+/// The demo secret in config/forward.toml and docker-compose.yml: anyone can read
+/// it, so a service signing with it is told to replace it.
+pub const DEMO_SECRET: &str = "whsec_cmVwbGFjZS10aGlzLXdpdGgtYS1yZWFsLXNlY3JldA==";
+
 /// The forward handler.
 pub struct Forward;
 
@@ -31,6 +35,9 @@ impl Forward {
         config: &ForwardConfig,
     ) -> Result<(Self, Sinks), changewire_schemas::settings::ConfigError> {
         let sink = WebhookSink::new(config, "forward")?;
+        if config.secret == DEMO_SECRET {
+            tracing::warn!("forward.secret is the published demo secret: receivers cannot tell changewire's requests from forged ones; set CHANGEWIRE_FORWARD__SECRET (FORWARD_SECRET for docker-compose)");
+        }
         Ok((Self, Sinks::new().with(WEBHOOK, sink)))
     }
 }

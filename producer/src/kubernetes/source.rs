@@ -233,17 +233,33 @@ impl<O: ObjectStore> KubernetesSource<O> {
     }
 
     async fn client(&self) -> Result<kube::Client, KubernetesError> {
-        let config = match &self.config.api_url {
-            Some(url) => kube::Config::new(
-                url.parse()
-                    .map_err(|e| KubernetesError::Config(Box::new(e)))?,
-            ),
-            None => kube::Config::infer()
-                .await
-                .map_err(|e| KubernetesError::Config(Box::new(e)))?,
-        };
-        kube::Client::try_from(config).map_err(|e| KubernetesError::Config(Box::new(e)))
+        client(&self.config).await
     }
+}
+
+/// A client for the API server `config` names (else the kubeconfig or in-cluster
+/// configuration).
+async fn client(config: &KubernetesConfig) -> Result<kube::Client, KubernetesError> {
+    let settings = match &config.api_url {
+        Some(url) => kube::Config::new(
+            url.parse()
+                .map_err(|e| KubernetesError::Config(Box::new(e)))?,
+        ),
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| KubernetesError::Config(Box::new(e)))?,
+    };
+    kube::Client::try_from(settings).map_err(|e| KubernetesError::Config(Box::new(e)))
+}
+
+/// What `--check` found: the API server answers with these settings.
+pub async fn check(config: &KubernetesConfig) -> Result<String, KubernetesError> {
+    let version = client(config)
+        .await?
+        .apiserver_version()
+        .await
+        .map_err(KubernetesError::Api)?;
+    Ok(format!("Kubernetes API server {}", version.git_version))
 }
 
 /// The running watches, by scope.

@@ -153,24 +153,7 @@ impl<C: CheckpointStore> PostgresSource<C> {
 
     /// A catalog connection, with the session settings events are rendered in.
     pub(super) async fn connect(&self) -> Result<Client, PostgresError> {
-        let mut config = self.config.connection()?;
-        config
-            .options(SESSION_OPTIONS)
-            .application_name("changewire");
-        let client = match self.config.tls.connector()? {
-            None => {
-                let (client, connection) = config.connect(NoTls).await?;
-                drive(connection);
-                client
-            }
-            Some(tls) => {
-                config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                let (client, connection) = config.connect(tls).await?;
-                drive(connection);
-                client
-            }
-        };
-        Ok(client)
+        connect(&self.config).await
     }
 
     /// Opens the replication session: creates the slot (and snapshots) when needed,
@@ -407,6 +390,41 @@ async fn slot_lag(client: &Client, slot: &str) -> Result<Option<i64>, tokio_post
 /// How often the slot's lag behind the server's WAL is read.
 const LAG_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const LAG_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A catalog connection to the server `config` names, with the session settings
+/// events are rendered in.
+pub async fn connect(config: &PostgresConfig) -> Result<Client, PostgresError> {
+    let mut settings = config.connection()?;
+    settings
+        .options(SESSION_OPTIONS)
+        .application_name("changewire");
+    let client = match config.tls.connector()? {
+        None => {
+            let (client, connection) = settings.connect(NoTls).await?;
+            drive(connection);
+            client
+        }
+        Some(tls) => {
+            settings.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let (client, connection) = settings.connect(tls).await?;
+            drive(connection);
+            client
+        }
+    };
+    Ok(client)
+}
+
+/// What `--check` found on the server: it is reachable with these settings and
+/// ready for logical replication.
+pub async fn check(config: &PostgresConfig) -> Result<String, PostgresError> {
+    let client = connect(config).await?;
+    setup::check_server(&client).await?;
+    let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    let tables = setup::selected_tables(&client, config).await?.len();
+    Ok(format!(
+        "PostgreSQL {version}, wal_level = logical, {tables} table(s) selected"
+    ))
+}
 
 /// One replication session's state.
 struct Stream<'a, C> {

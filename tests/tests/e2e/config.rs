@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use changewire_tests::kube_api::FakeApiServer;
 use changewire_tests::{workspace_binary, Stack};
 
 const EXIT_CONFIG: i32 = 2;
@@ -185,19 +186,31 @@ fn consumer_requires_a_subscription() -> anyhow::Result<()> {
 }
 
 /// The files under config/ are what the demo and docker-compose run; with the
-/// overrides docker-compose sets, they must pass `--check`.
-#[test]
-fn shipped_config_files_are_valid() -> anyhow::Result<()> {
+/// overrides docker-compose sets, they must pass `--check`, which reaches Kafka,
+/// PostgreSQL (the stack's demo database) and the API server (a fake one here).
+// Multi-threaded: the fake API server answers while a test thread waits on a binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_config_files_are_valid() -> anyhow::Result<()> {
     let stack = Stack::from_env();
+    let fake = FakeApiServer::start().await?;
     let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
     let state = tempfile::tempdir()?;
     let state_dir = state.path().to_string_lossy().into_owned();
+    let demo_db = demo_database_url(&stack);
+    let api_url = fake.url();
     let cases = [
-        ("changewire-producer", "producer.toml", vec![]),
+        (
+            "changewire-producer",
+            "producer.toml",
+            vec![("CHANGEWIRE_POSTGRES__URL", demo_db.as_str())],
+        ),
         (
             "changewire-producer",
             "kubernetes.toml",
-            vec![("CHANGEWIRE_KUBERNETES__REDACTION_KEY", "0123456789abcdef")],
+            vec![
+                ("CHANGEWIRE_KUBERNETES__REDACTION_KEY", "0123456789abcdef"),
+                ("CHANGEWIRE_KUBERNETES__API_URL", api_url.as_str()),
+            ],
         ),
         (
             "changewire-consumer",
@@ -210,6 +223,76 @@ fn shipped_config_files_are_valid() -> anyhow::Result<()> {
         let output = run(binary, &config_dir.join(file), &env)?;
         assert!(output.status.success(), "{file}: {}", stderr(&output));
     }
+    Ok(())
+}
+
+/// The stack's `demo` database (scripts/stack up creates it), password included.
+fn demo_database_url(stack: &Stack) -> String {
+    let base = stack.pg_url.rsplit_once('/').map_or("", |(base, _)| base);
+    format!("{base}/demo")
+}
+
+/// The producer's `--check` reaches each source's server and fails, naming it,
+/// when one does not answer or cannot be streamed from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_check_reaches_postgres_and_the_api_server() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let dir = tempfile::tempdir()?;
+    let fake = FakeApiServer::start().await?;
+    let base = producer_config(&stack.kafka_brokers);
+    let postgres = |url: &str| format!("{base}\n[postgres]\nname = \"demo\"\nurl = \"{url}\"\n");
+    let kubernetes = |url: &str| {
+        format!("{base}\n[kubernetes]\nname = \"k\"\napi_url = \"{url}\"\n[[kubernetes.kinds]]\nversion = \"v1\"\nkind = \"ConfigMap\"\nplural = \"configmaps\"\n")
+    };
+
+    let reachable = run(
+        "changewire-producer",
+        &write_config(dir.path(), &postgres(&demo_database_url(&stack))),
+        &[],
+    )?;
+    assert!(reachable.status.success(), "{}", stderr(&reachable));
+    assert!(
+        stderr(&reachable).contains("wal_level = logical"),
+        "{}",
+        stderr(&reachable)
+    );
+    let down = run(
+        "changewire-producer",
+        &write_config(
+            dir.path(),
+            &postgres("postgres://changewire@127.0.0.1:1/demo"),
+        ),
+        &[],
+    )?;
+    assert_eq!(down.status.code(), Some(1));
+    assert!(
+        stderr(&down).contains("the PostgreSQL check failed"),
+        "{}",
+        stderr(&down)
+    );
+
+    let answering = run(
+        "changewire-producer",
+        &write_config(dir.path(), &kubernetes(&fake.url())),
+        &[],
+    )?;
+    assert!(answering.status.success(), "{}", stderr(&answering));
+    assert!(
+        stderr(&answering).contains("Kubernetes API server"),
+        "{}",
+        stderr(&answering)
+    );
+    let silent = run(
+        "changewire-producer",
+        &write_config(dir.path(), &kubernetes("http://127.0.0.1:1")),
+        &[],
+    )?;
+    assert_eq!(silent.status.code(), Some(1));
+    assert!(
+        stderr(&silent).contains("the Kubernetes check failed"),
+        "{}",
+        stderr(&silent)
+    );
     Ok(())
 }
 
@@ -310,5 +393,120 @@ fn logs_are_json_lines_when_asked() -> anyhow::Result<()> {
         "{}",
         stderr(&output)
     );
+    Ok(())
+}
+
+/// The services docker-compose.yml defines, as `docker-compose config` resolves them.
+#[derive(Debug, serde::Deserialize)]
+struct ComposeFile {
+    services: std::collections::BTreeMap<String, ComposeService>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ComposeService {
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    environment: std::collections::BTreeMap<String, Scalar>,
+}
+
+/// An environment value as YAML may type it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Text(String),
+    Number(i64),
+    Flag(bool),
+}
+
+impl Scalar {
+    fn text(&self) -> String {
+        match self {
+            Scalar::Text(text) => text.clone(),
+            Scalar::Number(n) => n.to_string(),
+            Scalar::Flag(b) => b.to_string(),
+        }
+    }
+}
+
+/// `docker-compose config` (or the compose plugin's) for the repository's file,
+/// with no variable set: a plain `docker compose up` must work.
+fn compose_config(root: &Path) -> anyhow::Result<String> {
+    let tools: [&[&str]; 2] = [&["docker-compose"], &["docker", "compose"]];
+    for tool in tools {
+        let Ok(output) = Command::new(tool[0])
+            .args(&tool[1..])
+            .args(["config"])
+            .current_dir(root)
+            .env_remove("FORWARD_SECRET")
+            .env_remove("FORWARD_URL")
+            .output()
+        else {
+            continue;
+        };
+        if output.status.success() {
+            return Ok(String::from_utf8(output.stdout)?);
+        }
+        let error = String::from_utf8_lossy(&output.stderr).into_owned();
+        if !error.contains("unknown command") {
+            anyhow::bail!(
+                "{} config rejected docker-compose.yml: {error}",
+                tool.join(" ")
+            );
+        }
+    }
+    anyhow::bail!("neither docker-compose nor the compose plugin is installed (.ci/run installs docker-compose)")
+}
+
+/// docker-compose.yml is valid for the compose tool, and every changewire
+/// service's config file with the environment the file gives it passes its
+/// binary's `--check` (which reaches Kafka and PostgreSQL), with only the
+/// container hosts and paths mapped to this machine's.
+#[test]
+fn docker_compose_services_pass_their_binarys_check() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let compose: ComposeFile = figment::Figment::from(
+        <figment::providers::Yaml as figment::providers::Format>::string(&compose_config(&root)?),
+    )
+    .extract()?;
+    let state = tempfile::tempdir()?;
+    let demo_db = demo_database_url(&stack);
+    let local = |name: &str, value: String| match name {
+        "CHANGEWIRE_KAFKA__BROKERS" => stack.kafka_brokers.clone(),
+        "CHANGEWIRE_POSTGRES__URL" => demo_db.clone(),
+        "CHANGEWIRE_HTTP__LISTEN" => "127.0.0.1:0".to_owned(),
+        _ if name.ends_with("STATE_DIR") => state.path().join(name).to_string_lossy().into_owned(),
+        _ => value,
+    };
+    let mut checked = Vec::new();
+    for (name, service) in &compose.services {
+        let Some((binary, args)) = service.command.split_first() else {
+            continue;
+        };
+        if !binary.starts_with("changewire-") {
+            continue;
+        }
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("/etc/changewire/", &format!("{}/config/", root.display())))
+            .collect();
+        let mut command = Command::new(workspace_binary(binary)?);
+        command.args(&args).arg("--check");
+        for (variable, _) in std::env::vars().filter(|(n, _)| n.starts_with("CHANGEWIRE_")) {
+            command.env_remove(variable);
+        }
+        for (variable, value) in &service.environment {
+            command.env(variable, local(variable, value.text()));
+        }
+        let output = command.output()?;
+        assert!(
+            output.status.success(),
+            "service {name}: {}",
+            stderr(&output)
+        );
+        checked.push(name.as_str());
+    }
+    assert_eq!(checked, ["dedup", "forward", "producer"]);
     Ok(())
 }
