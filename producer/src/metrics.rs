@@ -6,20 +6,50 @@ use std::sync::Mutex;
 
 use changewire_kafka::PublishMetrics;
 use changewire_schemas::http::{encode_registry, HealthReport, Observable};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-/// Labels of per-table event counters.
+/// Labels of the event counters: a PostgreSQL table's or a Kubernetes kind's.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum EventLabels {
+    /// `{table="schema.table", op}`.
+    Table {
+        /// `schema.table`.
+        table: String,
+        /// Event op code.
+        op: String,
+    },
+    /// `{kind="group/Kind", op}`.
+    Kind {
+        /// `group/Kind` (`core/ConfigMap`).
+        kind: String,
+        /// Event op code.
+        op: String,
+    },
+}
+
+impl EncodeLabelSet for EventLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match self {
+            EventLabels::Table { table, op } => {
+                [("table", table.as_str()), ("op", op.as_str())].encode(encoder)
+            }
+            EventLabels::Kind { kind, op } => {
+                [("kind", kind.as_str()), ("op", op.as_str())].encode(encoder)
+            }
+        }
+    }
+}
+
+/// Label of per-table PostgreSQL metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TableOp {
+pub struct TableLabel {
     /// `schema.table`.
     pub table: String,
-    /// Event op code.
-    pub op: String,
 }
 
 /// Label of per-kind Kubernetes metrics.
@@ -81,7 +111,7 @@ impl SourceState {
 pub struct ProducerMetrics {
     registry: Registry,
     /// Events published, by table and op.
-    pub events: Family<TableOp, Counter>,
+    pub events: Family<EventLabels, Counter>,
     /// Seconds from handing a record to Kafka until it was acknowledged.
     pub delivery_seconds: Histogram,
     /// Events handed to Kafka and not yet acknowledged.
@@ -95,7 +125,9 @@ pub struct ProducerMetrics {
     /// Sessions restarted after a transient failure.
     pub reconnects: Counter,
     /// Rows read by snapshots.
-    pub snapshot_rows: Counter,
+    pub snapshot_rows: Family<TableLabel, Counter>,
+    /// The planner's row estimate of each table the snapshot reads (`reltuples`).
+    pub snapshot_rows_estimated: Family<TableLabel, Gauge>,
     /// Kubernetes objects currently known, by kind.
     pub watched_objects: Family<KindLabel, Gauge>,
     /// Kubernetes relists (initial lists, and lists after 410 Gone or restarts), by kind.
@@ -123,7 +155,8 @@ impl Default for ProducerMetrics {
             lag_seconds: Gauge::default(),
             confirmed_lsn: Gauge::default(),
             reconnects: Counter::default(),
-            snapshot_rows: Counter::default(),
+            snapshot_rows: Family::default(),
+            snapshot_rows_estimated: Family::default(),
             watched_objects: Family::default(),
             relists: Family::default(),
             watch_restarts: Family::default(),
@@ -187,6 +220,11 @@ impl Default for ProducerMetrics {
             "snapshot_rows",
             "Rows read by snapshots",
             metrics.snapshot_rows.clone(),
+        );
+        registry.register(
+            "snapshot_rows_estimated",
+            "Rows the planner estimates in each table the snapshot reads",
+            metrics.snapshot_rows_estimated.clone(),
         );
         registry.register(
             "kubernetes_watched_objects",

@@ -24,7 +24,7 @@ use super::health::WatchHealth;
 use super::object::{compare, event, prepare, Difference, EventContext, WatchedKind};
 use super::state::{Loaded, ObjectStore, Objects, StateError};
 use crate::backoff::Backoff;
-use crate::metrics::{KindLabel, ProducerMetrics, SourceKind, SourceState, TableOp};
+use crate::metrics::{EventLabels, KindLabel, ProducerMetrics, SourceKind, SourceState};
 use crate::postgres::source::now_ms;
 use crate::redact::SecretHasher;
 
@@ -468,8 +468,8 @@ impl<O: ObjectStore> Shared<O> {
             self.source
                 .metrics
                 .events
-                .get_or_create(&TableOp {
-                    table: kind.label(),
+                .get_or_create(&EventLabels::Kind {
+                    kind: kind.label(),
                     op: op.code().to_owned(),
                 })
                 .inc();

@@ -40,6 +40,11 @@ pub struct Table {
 }
 
 impl Table {
+    /// `schema.table`, as metrics and logs name it.
+    pub fn label(&self) -> String {
+        format!("{}.{}", self.relation.namespace, self.relation.name)
+    }
+
     /// A row as a JSON object, column name to value (the tuple's texts move into it).
     pub fn row(&self, tuple: Tuple) -> Json {
         let mut object = Map::with_capacity(tuple.len());

@@ -1,8 +1,11 @@
 //! The initial snapshot: every published row as an `r` event, read inside the slot's
 //! exported snapshot so it meets the stream with no gap and no overlap.
 
+use std::time::{Duration, Instant};
+
 use changewire_kafka::Lane;
 use changewire_schemas::{ChangeEvent, EventId, Op, SnapshotMarker};
+use prometheus_client::metrics::counter::Counter;
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use super::error::PostgresError;
@@ -85,7 +88,7 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
     ) -> Result<(), PostgresError> {
         let query = PageQuery::new(table, self.source.config().snapshot_chunk_rows);
         let mut after: Option<String> = None;
-        let mut rows_read = 0u64;
+        let mut progress = self.source.snapshot_progress(client, table).await?;
         loop {
             let rows = page_rows(client, &query.sql(after.as_deref())?).await?;
             let Some(last) = rows.last() else { break };
@@ -100,8 +103,7 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
                     .collect();
                 self.emit(info, table, tuple, lane).await?;
             }
-            rows_read += rows.len() as u64;
-            tracing::info!(table = %format!("{}.{}", table.relation.namespace, table.relation.name), rows = rows_read, "snapshot progress");
+            progress.add(rows.len() as u64);
             if rows.len() < query.limit as usize {
                 break;
             }
@@ -141,6 +143,55 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
         }
         Ok(())
     }
+}
+
+/// How far one table's snapshot is: rows read, of the planner's estimate, and how
+/// fast; logged after every page and counted in `snapshot_rows{table}`.
+pub(super) struct Progress {
+    table: String,
+    estimated: Option<u64>,
+    rows: u64,
+    started: Instant,
+    counter: Counter,
+}
+
+impl Progress {
+    /// Progress of `table`, whose planner estimate is `estimated` (`reltuples`,
+    /// negative when the table was never analyzed), counted in `counter`.
+    pub(super) fn new(table: String, estimated: i64, counter: Counter) -> Self {
+        Self {
+            table,
+            estimated: u64::try_from(estimated).ok(),
+            rows: 0,
+            started: Instant::now(),
+            counter,
+        }
+    }
+
+    fn add(&mut self, rows: u64) {
+        self.rows += rows;
+        self.counter.inc_by(rows);
+        let elapsed = self.started.elapsed();
+        let (percent, rate) = summary(self.rows, self.estimated, elapsed);
+        tracing::info!(
+            table = %self.table,
+            rows = self.rows,
+            estimated = self.estimated,
+            percent = percent.map(|p| format!("{p:.1}")),
+            rows_per_second = rate.round() as u64,
+            "snapshot progress"
+        );
+    }
+}
+
+/// Percent done (when an estimate exists; an estimate can be low, so capped at 100)
+/// and rows per second.
+fn summary(rows: u64, estimated: Option<u64>, elapsed: Duration) -> (Option<f64>, f64) {
+    let percent = estimated
+        .filter(|&total| total > 0)
+        .map(|total| (rows as f64 * 100.0 / total as f64).min(100.0));
+    let rate = rows as f64 / elapsed.as_secs_f64().max(1e-3);
+    (percent, rate)
 }
 
 /// The rows of one page in the text format: the simple query protocol renders every
@@ -275,4 +326,24 @@ async fn published_relations(
         });
     }
     Ok(relations)
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    #[test]
+    fn percent_follows_the_estimate_and_stops_at_100() {
+        let second = Duration::from_secs(1);
+        assert_eq!(summary(250, Some(1000), second), (Some(25.0), 250.0));
+        assert_eq!(summary(1500, Some(1000), second).0, Some(100.0));
+    }
+
+    #[test]
+    fn without_an_estimate_only_the_rate_is_known() {
+        let (percent, rate) = summary(500, None, Duration::from_millis(500));
+        assert_eq!(percent, None);
+        assert_eq!(rate, 1000.0);
+        assert_eq!(summary(10, Some(0), Duration::from_secs(1)).0, None);
+    }
 }

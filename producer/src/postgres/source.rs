@@ -19,10 +19,10 @@ use super::error::PostgresError;
 use super::normalize::{Change, Relations, SourceInfo, Table, TxContext, SESSION_OPTIONS};
 use super::pgoutput::{pg_micros_to_unix_ms, Decoder, Lsn, Message, OldTuple, Relation};
 use super::setup::{self, quote_ident};
-use super::snapshot::Snapshot;
+use super::snapshot::{Progress, Snapshot};
 use crate::backoff::Backoff;
 use crate::checkpoint::CheckpointStore;
-use crate::metrics::{ProducerMetrics, SourceKind, SourceState, TableOp};
+use crate::metrics::{EventLabels, ProducerMetrics, SourceKind, SourceState, TableLabel};
 
 /// How often the replication client reports the confirmed position.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -326,14 +326,36 @@ impl<C: CheckpointStore> PostgresSource<C> {
 
     /// Counts one published event.
     pub(super) fn count_event(&self, table: &Table, op: Op) {
-        let labels = TableOp {
-            table: format!("{}.{}", table.relation.namespace, table.relation.name),
+        let labels = EventLabels::Table {
+            table: table.label(),
             op: op.code().to_owned(),
         };
         self.metrics.events.get_or_create(&labels).inc();
-        if op == Op::Read {
-            self.metrics.snapshot_rows.inc();
-        }
+    }
+
+    /// The progress of a snapshot of `table`, starting now, from the planner's
+    /// row estimate.
+    pub(super) async fn snapshot_progress(
+        &self,
+        client: &Client,
+        table: &Table,
+    ) -> Result<Progress, PostgresError> {
+        let estimated: i64 = client
+            .query_one(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = $1",
+                &[&table.relation.oid],
+            )
+            .await?
+            .get(0);
+        let label = TableLabel {
+            table: table.label(),
+        };
+        self.metrics
+            .snapshot_rows_estimated
+            .get_or_create(&label)
+            .set(estimated.max(0));
+        let counter = self.metrics.snapshot_rows.get_or_create(&label).clone();
+        Ok(Progress::new(label.table, estimated, counter))
     }
 
     pub(super) fn config(&self) -> &PostgresConfig {

@@ -109,7 +109,7 @@ impl Running {
         n: u64,
     ) -> anyhow::Result<()> {
         let name = format!(
-            "changewire_producer_events_total{{table=\"{kind}\",op=\"{}\"}}",
+            "changewire_producer_events_total{{kind=\"{kind}\",op=\"{}\"}}",
             op.code()
         );
         let deadline = Instant::now() + Duration::from_secs(30);
