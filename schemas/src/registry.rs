@@ -1,8 +1,10 @@
 //! A small client for the Confluent Schema Registry REST API: register the envelope
 //! schema, and fetch writer schemas by id.
 //!
-//! The envelope is one schema for every topic, so it is registered once under a
-//! record-name subject (default `io.changewire.ChangeEvent`) rather than per topic.
+//! The envelope is one schema for every topic: by default it is registered once
+//! under a record-name subject (`io.changewire.ChangeEvent`); with
+//! `subject_naming = "topic"` under `<topic>-value` for each topic, as Confluent
+//! tools expect by default. Either way one schema text has one id.
 
 use std::fmt;
 use std::time::Duration;
@@ -19,15 +21,31 @@ const REGISTRY_MEDIA_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 pub struct RegistryConfig {
     /// Base URL, e.g. `http://registry:8081`.
     pub url: String,
-    /// Subject to register the envelope schema under.
+    /// Subject to register the envelope schema under (with `subject_naming =
+    /// "record"`).
     #[serde(default = "default_subject")]
     pub subject: String,
+    /// `record` (default): one subject, `subject`, for every topic; `topic`:
+    /// `<topic>-value` per topic, what Confluent tools default to.
+    #[serde(default)]
+    pub subject_naming: SubjectNaming,
     /// Basic-auth user name.
     #[serde(default)]
     pub username: Option<String>,
     /// Basic-auth password (never logged).
     #[serde(default)]
     pub password: Option<String>,
+}
+
+/// How the envelope schema's subjects are named.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubjectNaming {
+    /// One subject for every topic (RecordNameStrategy).
+    #[default]
+    Record,
+    /// `<topic>-value` per topic (TopicNameStrategy).
+    Topic,
 }
 
 fn default_subject() -> String {
@@ -39,6 +57,7 @@ impl fmt::Debug for RegistryConfig {
         f.debug_struct("RegistryConfig")
             .field("url", &self.url)
             .field("subject", &self.subject)
+            .field("subject_naming", &self.subject_naming)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .finish()

@@ -65,6 +65,7 @@ impl KubernetesError {
     pub fn is_transient(&self) -> bool {
         match self {
             KubernetesError::Api(_) | KubernetesError::Expired(_) => true,
+            KubernetesError::Codec(error) => error.is_transient(),
             KubernetesError::Publish(error) => error.is_transient(),
             _ => false,
         }
@@ -286,6 +287,7 @@ impl Supervisor {
                 shared.source.config.topic_partitions,
             )])
             .await?;
+        shared.source.codec.prepare_topic(&kind.topic).await?;
         tracing::info!(kind = %kind.label(), namespace = kind.namespace.as_deref().unwrap_or("*"), topic = %kind.topic, "watching");
         let (stop, stopped) = watch::channel(Stop::Running);
         self.watches.insert(scope.clone(), stop);

@@ -270,6 +270,7 @@ impl<C: CheckpointStore> PostgresSource<C> {
         self.publisher
             .ensure_topics(&[TopicSpec::new(topic.clone(), self.config.topic_partitions)])
             .await?;
+        self.codec.prepare_topic(&topic).await?;
         let redactor = self.config.redactor();
         let redacted = relation
             .columns

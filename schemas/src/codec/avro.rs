@@ -6,7 +6,7 @@
 //! table and kind, and one envelope schema for all topics keeps the registry simple.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use apache_avro::rabin::Rabin;
 use apache_avro::{from_avro_datum, from_value, to_avro_datum, to_value, Schema};
@@ -37,10 +37,17 @@ const FINGERPRINT_LEN: usize = 8;
 const SCHEMA_ID_LEN: usize = 4;
 
 /// How encoded datums are framed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Framing {
     SingleObject,
-    Confluent { schema_id: u32 },
+    Confluent {
+        schema_id: u32,
+    },
+    /// Registered under `<topic>-value` per topic; the id comes with the first
+    /// topic (the registry gives one schema text one id, whatever the subject).
+    ConfluentPerTopic {
+        schema_id: OnceLock<u32>,
+    },
 }
 
 /// Encodes and decodes [`ChangeEvent`]s as Avro.
@@ -92,23 +99,64 @@ impl AvroCodec {
         Ok(self)
     }
 
+    /// Writes the Confluent wire format with the schema registered per topic,
+    /// under `<topic>-value` (the subject naming Confluent tools default to), as
+    /// [`AvroCodec::register_topic`] registers each topic.
+    pub fn per_topic(mut self) -> Self {
+        self.framing = Framing::ConfluentPerTopic {
+            schema_id: OnceLock::new(),
+        };
+        self
+    }
+
+    /// Registers the current schema under `<topic>-value` when subjects are named
+    /// per topic (nothing to do otherwise). Idempotent.
+    pub async fn register_topic(&self, topic: &str) -> Result<(), CodecError> {
+        let (Framing::ConfluentPerTopic { schema_id }, Some(registry)) =
+            (&self.framing, &self.registry)
+        else {
+            return Ok(());
+        };
+        let subject = format!("{topic}-value");
+        let id = registry.register(&subject, CURRENT_SCHEMA).await?;
+        let first = *schema_id.get_or_init(|| id);
+        if first != id {
+            return Err(invalid(
+                "format.schema_registry",
+                format!("the registry gave the envelope schema id {id} under {subject} but {first} under an earlier subject; one schema text must have one id"),
+            ));
+        }
+        self.cache_schema(id, Arc::new(self.reader.clone()));
+        Ok(())
+    }
+
     /// Encodes one event with the configured framing.
     pub fn encode(&self, event: &ChangeEvent) -> Result<Vec<u8>, CodecError> {
         let value = to_value(AvroEvent::try_from(event)?)
             .and_then(|v| v.resolve(&self.reader))
             .map_err(avro_error)?;
         let datum = to_avro_datum(&self.reader, value).map_err(avro_error)?;
-        let mut out = match self.framing {
+        let confluent = |schema_id: u32| {
+            let mut head = vec![CONFLUENT_MAGIC];
+            head.extend_from_slice(&schema_id.to_be_bytes());
+            head
+        };
+        let mut out = match &self.framing {
             Framing::SingleObject => {
                 let mut head = SINGLE_OBJECT_MAGIC.to_vec();
                 head.extend_from_slice(&self.by_fingerprint[0].0);
                 head
             }
-            Framing::Confluent { schema_id } => {
-                let mut head = vec![CONFLUENT_MAGIC];
-                head.extend_from_slice(&schema_id.to_be_bytes());
-                head
-            }
+            Framing::Confluent { schema_id } => confluent(*schema_id),
+            Framing::ConfluentPerTopic { schema_id } => match schema_id.get() {
+                Some(id) => confluent(*id),
+                None => {
+                    return Err(invalid(
+                        "format.schema_registry.subject_naming",
+                        "no topic's subject is registered yet (call prepare_topic first)",
+                    ))
+                }
+            },
         };
         out.extend_from_slice(&datum);
         Ok(out)

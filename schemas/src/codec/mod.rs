@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub use avro::{AvroCodec, CONFLUENT_MAGIC, CURRENT_SCHEMA, RELEASED_SCHEMAS, SINGLE_OBJECT_MAGIC};
 
 use crate::envelope::ChangeEvent;
-use crate::registry::{RegistryConfig, RegistryError, SchemaRegistry};
+use crate::registry::{RegistryConfig, RegistryError, SchemaRegistry, SubjectNaming};
 
 /// Value format written by producers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -110,13 +110,26 @@ impl Codec {
         if let Some(registry) = &config.schema_registry {
             avro = avro.fetching_from(SchemaRegistry::new(registry)?);
             if config.value == ValueFormat::Avro {
-                avro = avro.register(&registry.subject).await?;
+                avro = match registry.subject_naming {
+                    SubjectNaming::Record => avro.register(&registry.subject).await?,
+                    SubjectNaming::Topic => avro.per_topic(),
+                };
             }
         }
         Ok(Self {
             format: config.value,
             avro,
         })
+    }
+
+    /// Readies the codec to write to `topic`: with subjects named per topic,
+    /// registers the schema under `<topic>-value`. Call it before the first event
+    /// for a topic is encoded; idempotent.
+    pub async fn prepare_topic(&self, topic: &str) -> Result<(), CodecError> {
+        match self.format {
+            ValueFormat::Avro => self.avro.register_topic(topic).await,
+            ValueFormat::Json => Ok(()),
+        }
     }
 
     /// The format this codec writes.

@@ -11,11 +11,16 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use changewire_schemas::registry::{RegistryConfig, RegistryError, SchemaRegistry};
+use changewire_schemas::registry::{RegistryConfig, RegistryError, SchemaRegistry, SubjectNaming};
 use changewire_schemas::{Codec, CodecError, FormatConfig, ValueFormat};
 use serde_json::{json, Value};
 
+use std::time::Duration;
+
+use changewire_tests::{unique_name, Stack, TestConsumer};
+
 use crate::fixtures;
+use crate::pipeline::{config, database_with, RunningSource};
 
 #[derive(Default)]
 struct Registry {
@@ -111,6 +116,7 @@ fn avro_with_registry(url: &str) -> FormatConfig {
         schema_registry: Some(RegistryConfig {
             url: url.to_owned(),
             subject: "io.changewire.ChangeEvent".into(),
+            subject_naming: SubjectNaming::Record,
             username: None,
             password: None,
         }),
@@ -196,5 +202,60 @@ async fn a_next_schema_version_with_a_defaulted_field_is_accepted() -> anyhow::R
         matches!(refused, Err(RegistryError::Status { status: 409, .. })),
         "the stand-in checks: {refused:?}"
     );
+    Ok(())
+}
+
+/// With `subject_naming = "topic"` the producer registers the envelope under
+/// `<topic>-value` for each topic it creates (what Confluent tools look up by
+/// default) and frames its records with that id; nothing goes under the
+/// record-name subject.
+#[tokio::test]
+async fn topic_subjects_are_registered_per_topic_by_the_producer() -> anyhow::Result<()> {
+    let (url, registry) = start_registry(&["\"string\""]).await?;
+    let mut format = avro_with_registry(&url);
+    if let Some(registry) = &mut format.schema_registry {
+        registry.subject_naming = SubjectNaming::Topic;
+    }
+    let codec = Codec::from_config(&format).await?;
+    assert!(
+        codec.encode(&fixtures::kubernetes_create("reg")).is_err(),
+        "no id before a topic is prepared"
+    );
+    assert!(registry.lock().expect("lock").subjects.is_empty());
+
+    let stack = Stack::from_env();
+    let (db, client) = database_with(&stack, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let prefix = unique_name("reg");
+    let kafka = stack.kafka_config();
+    let source = RunningSource::start_with(&kafka, codec, config(&db.url, "reg"), &prefix)?;
+    client
+        .batch_execute("INSERT INTO t VALUES (1), (2)")
+        .await?;
+    let topic = format!("{prefix}.reg.public.t");
+    let consumer = TestConsumer::once_created(&stack, &topic, Duration::from_secs(30)).await?;
+    let records = consumer.read_exactly(2, Duration::from_secs(30)).await?;
+    source.stop().await?;
+
+    let subjects: Vec<String> = registry
+        .lock()
+        .expect("lock")
+        .subjects
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(subjects, [format!("{topic}-value")]);
+    let mut reader_format = avro_with_registry(&url);
+    reader_format.value = ValueFormat::Json;
+    let reader = Codec::from_config(&reader_format).await?;
+    for record in &records {
+        let value = record.value.as_deref().expect("a value");
+        assert_eq!(
+            &value[..5],
+            &[0, 0, 0, 0, 2],
+            "the id registered for the topic (after the preloaded one)"
+        );
+        let event = reader.decode_fetching(value).await?;
+        assert!(event.after.expect("a row")["id"].as_i64().is_some());
+    }
     Ok(())
 }
