@@ -15,7 +15,7 @@ pub mod topic;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 pub use client::{client_config, Role};
-pub use publisher::{Lane, PublishMetrics, Publisher};
+pub use publisher::{Landed, Lane, PublishMetrics, Publisher, Receipt};
 pub use record::Record;
 pub use topic::{ensure_topics, TopicSpec};
 
@@ -52,6 +52,9 @@ pub enum PublishError {
     /// The client could not be created or asked the cluster.
     #[error("Kafka client failed")]
     Config(#[source] KafkaError),
+    /// The lane was dropped or its report lost before the record settled.
+    #[error("no delivery report arrived for the record")]
+    Canceled,
 }
 
 impl PublishError {
@@ -59,7 +62,7 @@ impl PublishError {
     /// permanent error (record too large, bad config) needs an operator.
     pub fn is_transient(&self) -> bool {
         match self {
-            PublishError::CreateTopic { .. } => true,
+            PublishError::CreateTopic { .. } | PublishError::Canceled => true,
             PublishError::Rejected { source, .. } | PublishError::Delivery { source, .. } => {
                 matches!(
                     source.rdkafka_error_code(),

@@ -46,6 +46,18 @@ pub struct PublishMetrics {
     pub in_flight: Gauge,
 }
 
+/// Where an acknowledged record was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landed {
+    /// The partition.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+}
+
+/// What became of one record of a lane with receipts.
+pub type Receipt = Result<Landed, PublishError>;
+
 /// Publishes records in lanes; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -105,6 +117,31 @@ impl Publisher {
         ensure_topics(&self.config, specs).await
     }
 
+    /// The client's fatal error, once it has one (an idempotent producer that
+    /// lost its sequence, say): nothing it sends will succeed any more.
+    pub fn fatal_error(&self) -> Option<(RDKafkaErrorCode, String)> {
+        self.producer.client().fatal_error()
+    }
+
+    /// The number of partitions of `topic` (0 while it does not exist).
+    pub async fn partition_count(&self, topic: &str) -> Result<i32, PublishError> {
+        let producer = self.producer.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(PublishError::Config)?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map_or(0, |t| t.partitions().len() as i32))
+        })
+        .await
+        .unwrap_or_else(|_| Ok(0))
+    }
+
     /// Waits up to `timeout` for every queued record to be acknowledged.
     pub fn flush(&self, timeout: Duration) -> Result<(), PublishError> {
         self.producer.flush(timeout).map_err(PublishError::Config)
@@ -130,6 +167,30 @@ pub struct Lane<T> {
 }
 
 impl<T> Lane<T> {
+    /// Keeps a receipt per record (where it landed, or why it failed) for
+    /// [`Lane::receipts`]; a failed record then does not stop later marks.
+    pub fn with_receipts(self) -> Self {
+        self.state.book().receipts = Some(VecDeque::new());
+        self
+    }
+
+    /// Waits until every record published so far is settled and returns the
+    /// receipts of those published since the last call, in publish order (empty
+    /// without [`Lane::with_receipts`]).
+    pub async fn receipts(&mut self) -> Vec<Receipt> {
+        self.state.reached(self.next).await;
+        let mut book = self.state.book();
+        let taken = (self.next - book.receipts_from) as usize;
+        book.receipts_from = self.next;
+        match &mut book.receipts {
+            Some(receipts) => receipts
+                .drain(..taken.min(receipts.len()))
+                .map(|r| r.unwrap_or_else(|| Err(PublishError::Canceled)))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// Bounds the records in flight (and so memory while the broker is slow or
     /// down): `publish` waits for acknowledgements while `limit` are in flight.
     pub fn with_limit(mut self, limit: usize) -> Self {
@@ -322,12 +383,28 @@ impl LaneState {
         }
     }
 
-    /// The broker acknowledged the record with the low sequence bits `low`.
-    fn acknowledged(&self, low: u32) {
+    /// The record with the low sequence bits `low` is settled: stored where
+    /// `receipt` says, or failed.
+    fn settled(&self, low: u32, receipt: Receipt) {
         self.metrics.in_flight.dec();
         let mut book = self.book();
         let watermark = book.acks.watermark();
         let seq = watermark + u64::from(low.wrapping_sub(watermark as u32));
+        let from = book.receipts_from;
+        match (&mut book.receipts, receipt) {
+            (Some(receipts), receipt) => {
+                let index = (seq - from) as usize;
+                if receipts.len() <= index {
+                    receipts.resize(index + 1, None);
+                }
+                receipts[index] = Some(receipt);
+            }
+            (None, Err(error)) => {
+                drop(book);
+                return self.failed(error);
+            }
+            (None, Ok(_)) => {}
+        }
         if !book.acks.acknowledge(seq) {
             return;
         }
@@ -367,6 +444,10 @@ struct Book {
     failure: Option<PublishError>,
     /// Sampled publish times, by sequence number.
     samples: VecDeque<(u64, Instant)>,
+    /// With receipts: one per record from `receipts_from` on, filled as reports
+    /// arrive.
+    receipts: Option<VecDeque<Option<Receipt>>>,
+    receipts_from: u64,
 }
 
 /// The producer's context: routes delivery reports to their lanes.
@@ -384,12 +465,16 @@ impl ProducerContext for LaneContext {
         let lanes = self.lanes.read().unwrap_or_else(PoisonError::into_inner);
         // A dropped lane's late reports have no one left to tell.
         let Some(lane) = lanes.get(&id) else { return };
-        match result {
-            Ok(_) => lane.acknowledged(low),
-            Err((source, message)) => lane.failed(PublishError::Delivery {
+        let receipt = match result {
+            Ok(message) => Ok(Landed {
+                partition: message.partition(),
+                offset: message.offset(),
+            }),
+            Err((source, message)) => Err(PublishError::Delivery {
                 topic: message.topic().to_owned(),
                 source: source.clone(),
             }),
-        }
+        };
+        lane.settled(low, receipt);
     }
 }

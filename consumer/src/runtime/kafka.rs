@@ -5,10 +5,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use changewire_kafka::{Role, TopicSpec};
+use changewire_schemas::diagnostics::report;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::time::Instant;
@@ -23,11 +23,7 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A Kafka client configuration with the `[kafka]` section's properties.
 pub fn client_config(config: &RuntimeConfig) -> ClientConfig {
-    config
-        .kafka
-        .client_properties()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    changewire_kafka::client_config(&config.kafka, Role::Consumer)
 }
 
 /// Creates `topic` with `partitions` when missing (brokers may not auto-create).
@@ -36,18 +32,12 @@ pub async fn ensure_topic(
     topic: &str,
     partitions: i32,
 ) -> Result<(), RuntimeError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics([&new], &options).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                tracing::error!(%topic, %code, "cannot create the topic");
-                return Err(KafkaError::AdminOp(code).into());
-            }
-        }
-    }
+    let spec = TopicSpec::new(topic, partitions);
+    changewire_kafka::ensure_topics(&config.kafka, &[spec])
+        .await
+        .inspect_err(
+            |error| tracing::error!(%topic, error = %report(error), "cannot create the topic"),
+        )?;
     Ok(())
 }
 

@@ -84,6 +84,9 @@ pub enum RuntimeError {
     /// The Kafka client failed.
     #[error("Kafka client failed")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The Kafka publisher could not be created.
+    #[error("Kafka publisher failed")]
+    Publish(#[from] changewire_kafka::PublishError),
     /// The codec could not be built.
     #[error("codec failed")]
     Codec(#[from] changewire_schemas::CodecError),

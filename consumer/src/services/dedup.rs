@@ -18,12 +18,12 @@
 
 use std::collections::HashMap;
 
+use changewire_kafka::Publisher;
 use changewire_schemas::topic::TopicNames;
 use changewire_schemas::ChangeEvent;
-use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::sinks::kafka::{partition_count, KafkaSink, Oversized};
+use crate::runtime::sinks::kafka::{KafkaSink, Oversized};
 use crate::runtime::{
     ensure_topic, Context, Effect, Handler, HandlerError, Record, RuntimeConfig, RuntimeError,
     Sinks,
@@ -50,8 +50,8 @@ pub struct Dedup {
     config: RuntimeConfig,
     names: TopicNames,
     output: Option<String>,
-    /// The sink's producer, for topic metadata.
-    producer: FutureProducer,
+    /// The sink's publisher, for topic metadata.
+    publisher: Publisher,
     /// Output topic → its partition count.
     partitions: tokio::sync::Mutex<HashMap<String, i32>>,
 }
@@ -67,7 +67,7 @@ impl Dedup {
             config: config.clone(),
             names,
             output: dedup.output.clone(),
-            producer: sink.producer().clone(),
+            publisher: sink.publisher().clone(),
             partitions: tokio::sync::Mutex::new(HashMap::new()),
         };
         Ok((handler, Sinks::new().with(OUTPUT, sink)))
@@ -87,13 +87,17 @@ impl Dedup {
         if let Some(&count) = known.get(output) {
             return Ok(count);
         }
-        let raw = partition_count(&self.producer, raw_topic)
+        let raw = self
+            .publisher
+            .partition_count(raw_topic)
             .await
             .map_err(HandlerError::unavailable)?;
         ensure_topic(&self.config, output, raw.max(1))
             .await
             .map_err(HandlerError::unavailable)?;
-        let count = partition_count(&self.producer, output)
+        let count = self
+            .publisher
+            .partition_count(output)
             .await
             .map_err(HandlerError::unavailable)?;
         if count == 0 {

@@ -128,3 +128,43 @@ async fn test_databases_support_pgoutput_slots_and_are_dropped() -> anyhow::Resu
     assert!(left.is_empty(), "teardown left the database or slot behind");
     Ok(())
 }
+
+/// A lane with receipts says where each record landed, in publish order; a record
+/// the client refuses fails alone and the lane goes on.
+#[tokio::test]
+async fn receipts_say_where_each_record_landed() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let topic = unique_name("receipts");
+    create_topics(&stack, &[&topic], 1).await?;
+    let mut kafka = stack.kafka_config();
+    kafka
+        .properties
+        .insert("message.max.bytes".into(), "100000".into());
+    let publisher = Publisher::new(&kafka)?;
+    let mut lane = publisher
+        .lane::<()>(PublishMetrics::default())
+        .with_receipts();
+    for value in [&b"one"[..], b"two"] {
+        lane.publish(&Record::keyed(&topic, None, Some(value)))
+            .await?;
+    }
+    let too_large = vec![b'x'; 200_000];
+    let refused = lane
+        .publish(&Record::keyed(&topic, None, Some(&too_large)))
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    lane.publish(&Record::keyed(&topic, None, Some(b"three")))
+        .await?;
+    let landed: Vec<(i32, i64)> = lane
+        .receipts()
+        .await
+        .into_iter()
+        .map(|r| r.map(|l| (l.partition, l.offset)))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(landed, [(0, 0), (0, 1), (0, 2)]);
+    assert!(
+        lane.receipts().await.is_empty(),
+        "receipts are handed out once"
+    );
+    Ok(())
+}

@@ -18,13 +18,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use changewire_kafka::{Landed, Lane, PublishError, PublishMetrics, Publisher, Record};
 use changewire_schemas::diagnostics::report;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::Mutex;
 
 use crate::runtime::{
     client_config, dlq, Delivery, Effect, Pending, RuntimeConfig, RuntimeError, Sink, SinkError,
@@ -49,7 +50,10 @@ pub enum Oversized {
 /// Writes effects to Kafka topics.
 pub struct KafkaSink {
     name: String,
-    producer: FutureProducer,
+    publisher: Publisher,
+    /// One ordered lane with receipts; `deliver` runs on the sink's own task, so
+    /// the lock is never contended.
+    lane: Mutex<Lane<()>>,
     client: ClientConfig,
     rewind: i64,
     oversized: Oversized,
@@ -62,75 +66,74 @@ impl KafkaSink {
         config: &RuntimeConfig,
         oversized: Oversized,
     ) -> Result<Self, RuntimeError> {
-        let client = client_config(config);
-        let producer = client
-            .clone()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", "0")
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4")
-            .create()?;
+        let publisher = Publisher::new(&config.kafka)?;
+        let lane = publisher.lane(PublishMetrics::default()).with_receipts();
         Ok(Self {
             name: name.to_owned(),
-            producer,
-            client,
+            publisher,
+            lane: Mutex::new(lane),
+            client: client_config(config),
             rewind: config.service.resume_rewind,
             oversized,
         })
     }
 
-    /// The sink's producer (for metadata lookups that should share its client).
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
+    /// The sink's publisher (for metadata lookups that should share its client).
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
     }
 
-    /// Hands `effect` to the producer, waiting while its queue is full.
-    async fn enqueue(&self, effect: &Effect, key: &str) -> Result<DeliveryFuture, SinkError> {
-        loop {
-            match self.producer.send_result(record(effect, key)) {
-                Ok(ack) => return Ok(ack),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((error, _)) => return Err(self.classify(error)),
-            }
-        }
-    }
-
-    /// Where an enqueued record landed, once acknowledged.
-    async fn landed(&self, ack: DeliveryFuture) -> Result<(i32, i64), SinkError> {
-        match ack.await {
-            Ok(Ok(delivered)) => Ok((delivered.partition, delivered.offset)),
-            Ok(Err((error, _))) => Err(self.classify(error)),
-            Err(canceled) => Err(SinkError::Fatal(Box::new(canceled))),
-        }
+    /// Publishes `effect` under `key` to `lane`: `Ok` once queued (its receipt
+    /// follows), `Err` when the client refused it at once.
+    async fn publish(lane: &mut Lane<()>, effect: &Effect, key: &str) -> Result<(), PublishError> {
+        let topic = effect.destination.as_deref().unwrap_or_default();
+        let mut headers = effect.headers.clone();
+        headers.push((IDEMPOTENCY_HEADER.to_owned(), Some(key.as_bytes().to_vec())));
+        let record = Record {
+            partition: effect.partition,
+            headers: &headers,
+            ..Record::keyed(topic, effect.key.as_deref(), Some(&effect.payload))
+        };
+        lane.publish(&record).await
     }
 
     /// Writes a dead letter the broker or client refused as too large again,
     /// without its payload.
     async fn write_without_payload(
         &self,
+        lane: &mut Lane<()>,
         pending: &Pending,
         error: &SinkError,
-    ) -> Result<(i32, i64), SinkError> {
+    ) -> Result<Landed, SinkError> {
         let key = &pending.idempotency_key;
         tracing::warn!(sink = self.name, key, error = %report(error), "writing the dead letter without its payload");
-        let ack = self
-            .enqueue(&dlq::without_payload(&pending.effect), key)
-            .await?;
-        self.landed(ack).await
+        let stripped = dlq::without_payload(&pending.effect);
+        match Self::publish(lane, &stripped, key).await {
+            Ok(()) => lane
+                .receipts()
+                .await
+                .pop()
+                .unwrap_or(Err(PublishError::Canceled)),
+            Err(error) => Err(error),
+        }
+        .map_err(|e| self.classify(e))
     }
 
     /// Why a write failed, by what the runtime should do about it.
-    fn classify(&self, error: KafkaError) -> SinkError {
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
+    fn classify(&self, error: PublishError) -> SinkError {
+        if let Some((code, reason)) = self.publisher.fatal_error() {
             return SinkError::Fatal(
                 format!("the producer failed for good ({code}): {reason}").into(),
             );
         }
         use RDKafkaErrorCode as Code;
-        match error.rdkafka_error_code() {
+        let code = match &error {
+            PublishError::Rejected { source, .. } | PublishError::Delivery { source, .. } => {
+                source.rdkafka_error_code()
+            }
+            _ => None,
+        };
+        match code {
             Some(
                 Code::MessageSizeTooLarge
                 | Code::InvalidMessageSize
@@ -180,7 +183,11 @@ impl KafkaSink {
                     targets.insert((topic.clone(), partition));
                 }
                 None => {
-                    let count = partition_count(&self.producer, topic).await?;
+                    let count = self
+                        .publisher
+                        .partition_count(topic)
+                        .await
+                        .map_err(SinkError::unavailable)?;
                     targets.extend((0..count).map(|p| (topic.clone(), p)));
                 }
             }
@@ -189,70 +196,47 @@ impl KafkaSink {
     }
 }
 
-/// The record of `effect`, its idempotency key added as a header.
-fn record<'a>(effect: &'a Effect, key: &'a str) -> FutureRecord<'a, [u8], [u8]> {
-    let headers = effect
-        .headers
-        .iter()
-        .map(|(name, value)| Header {
-            key: name.as_str(),
-            value: value.as_deref(),
-        })
-        .chain([Header {
-            key: IDEMPOTENCY_HEADER,
-            value: Some(key.as_bytes()),
-        }])
-        .fold(OwnedHeaders::new(), OwnedHeaders::insert);
-    let topic = effect.destination.as_deref().unwrap_or_default();
-    let mut record = FutureRecord::to(topic)
-        .payload(effect.payload.as_slice())
-        .headers(headers);
-    if let Some(partition) = effect.partition {
-        record = record.partition(partition);
-    }
-    if let Some(key) = &effect.key {
-        record = record.key(key.as_slice());
-    }
-    record
-}
-
 impl Sink for KafkaSink {
     /// Enqueues the whole chunk, then waits for every acknowledgement; moves the
     /// written marks (durable with the next flush: a stale mark only makes a
     /// read-back longer).
     async fn deliver(&self, effects: &[Arc<Pending>], store: &Store) -> Vec<Delivery> {
-        let mut acks = Vec::with_capacity(effects.len());
+        let mut lane = self.lane.lock().await;
+        // Per effect: refused at once, or queued (its receipt comes in order).
+        let mut queued = Vec::with_capacity(effects.len());
         for pending in effects {
-            if pending.effect.destination.is_none() {
+            queued.push(if pending.effect.destination.is_none() {
                 let error = format!(
                     "effect {} has no destination topic",
                     pending.idempotency_key
                 );
-                acks.push(Err(SinkError::Permanent(error.into())));
-                continue;
-            }
-            acks.push(
-                self.enqueue(&pending.effect, &pending.idempotency_key)
-                    .await,
-            );
+                Err(SinkError::Permanent(error.into()))
+            } else {
+                Self::publish(&mut lane, &pending.effect, &pending.idempotency_key)
+                    .await
+                    .map_err(|e| self.classify(e))
+            });
         }
+        let mut receipts = lane.receipts().await.into_iter();
         let mut marks: HashMap<(String, i32), i64> = HashMap::new();
         let mut deliveries = Vec::with_capacity(effects.len());
-        for (pending, ack) in effects.iter().zip(acks) {
-            let landed = match ack {
-                Ok(ack) => self.landed(ack).await,
-                Err(error) => Err(error),
-            };
+        for (pending, queued) in effects.iter().zip(queued) {
+            let landed = queued.and_then(|()| {
+                receipts
+                    .next()
+                    .unwrap_or(Err(PublishError::Canceled))
+                    .map_err(|e| self.classify(e))
+            });
             let landed = match landed {
                 Err(error @ SinkError::Permanent(_))
                     if self.oversized == Oversized::OmitPayload =>
                 {
-                    self.write_without_payload(pending, &error).await
+                    self.write_without_payload(&mut lane, pending, &error).await
                 }
                 other => other,
             };
             deliveries.push(match landed {
-                Ok((partition, offset)) => {
+                Ok(Landed { partition, offset }) => {
                     let topic = pending.effect.destination.clone().unwrap_or_default();
                     let mark = marks.entry((topic, partition)).or_insert(0);
                     *mark = (*mark).max(offset + 1);
@@ -296,25 +280,6 @@ impl Sink for KafkaSink {
     fn max_chunk(&self) -> usize {
         10_000
     }
-}
-
-/// The number of partitions of `topic` (0 while it does not exist).
-pub async fn partition_count(producer: &FutureProducer, topic: &str) -> Result<i32, SinkError> {
-    let client = producer.clone();
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let metadata = client
-            .client()
-            .fetch_metadata(Some(&topic), METADATA_TIMEOUT)
-            .map_err(SinkError::unavailable)?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .map_or(0, |t| t.partitions().len() as i32))
-    })
-    .await
-    .map_err(|e| SinkError::Fatal(Box::new(e)))?
 }
 
 /// Reads `topic`/`partition` from `from` to its end and returns the idempotency
