@@ -7,11 +7,14 @@
 //! - [`registry`]: the Confluent schema-registry client used by the Avro codec;
 //! - [`diagnostics`]: one-line error reports with their causes;
 //! - [`http`]: the `/metrics` and `/health` endpoints every process serves;
-//! - [`settings`]: the `[kafka]` section and config loading shared by every binary.
+//! - [`settings`]: the `[kafka]` section and config loading shared by every binary;
+//! - `fixtures` (feature `fixtures`): sample events for tests and benchmarks.
 
 pub mod codec;
 pub mod diagnostics;
 pub mod envelope;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod http;
 pub mod registry;
 pub mod settings;

@@ -515,32 +515,3 @@ pub fn write_producer_config(
     )?;
     Ok(path)
 }
-
-/// A compact create event of a `public.orders` row whose id and LSN derive
-/// from `n` (for benchmarks).
-pub fn compact_event(n: u64) -> changewire_schemas::ChangeEvent {
-    use changewire_schemas::{EventId, Op, Origin, PostgresOrigin, SnapshotMarker, Source};
-    changewire_schemas::ChangeEvent {
-        id: EventId::postgres("bench", 0x1000 + n, 1),
-        op: Op::Create,
-        ts_ms: 1_763_769_600_123,
-        source: Source {
-            name: "bench".into(),
-            ts_ms: 1_763_769_600_100,
-            snapshot: SnapshotMarker::False,
-            origin: Origin::Postgresql(PostgresOrigin {
-                db: "shop".into(),
-                schema: "public".into(),
-                table: "orders".into(),
-                lsn: 0x1000 + n,
-                tx_id: Some(n as i64),
-                sequence: None,
-            }),
-        },
-        before: None,
-        after: Some(serde_json::json!({"id": n, "note": "paid", "amount": "10.50"})),
-        diff: None,
-        actor: None,
-        transaction: None,
-    }
-}

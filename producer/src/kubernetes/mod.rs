@@ -3,7 +3,7 @@
 //! Data flows one way: kube-rs watchers (paginated list, watch from resourceVersion,
 //! bookmarks, relist on 410 Gone, backoff) deliver objects of each watched kind;
 //! [`object`] normalizes them (managedFields stripped, secrets hashed, noise dropped,
-//! diffs computed); the sink publishes; [`state`] keeps, per watch, the last
+//! diffs computed); a lane of the publisher sends them; [`state`] keeps, per watch, the last
 //! published form of every object, written only after Kafka acknowledged. That state
 //! tells creates from updates and, after every relist or restart, which objects were
 //! deleted while the producer was away.

@@ -6,8 +6,9 @@
 //! - [`pgoutput`]: the message decoder;
 //! - [`encoding`]: each column type's JSON form, exact, resolved from the catalog;
 //! - [`normalize`]: relation cache, event building;
-//! - [`redact`]: keyed hashes for secret columns;
-//! - [`source`]: the replication loop with confirm-after-ack;
+//! - [`error`]: the source's errors, transient or permanent;
+//! - [`source`]: the replication loop with confirm-after-ack (a publisher lane's
+//!   marks), and `--check`;
 //! - [`tls`]: TLS settings for both kinds of session;
 //! - `snapshot`: the initial snapshot from the slot's exported snapshot.
 

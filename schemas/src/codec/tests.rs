@@ -5,76 +5,14 @@ use serde_json::json;
 use super::avro::AvroEvent;
 use super::*;
 use crate::envelope::*;
+use crate::fixtures;
 
-pub(crate) fn postgres_update() -> ChangeEvent {
-    ChangeEvent {
-        id: EventId::postgres("shop", 0x16B_3748, 2),
-        op: Op::Update,
-        ts_ms: 1_763_769_600_123,
-        source: Source {
-            name: "shop".into(),
-            ts_ms: 1_763_769_600_100,
-            snapshot: SnapshotMarker::False,
-            origin: Origin::Postgresql(PostgresOrigin {
-                db: "shop".into(),
-                schema: "public".into(),
-                table: "orders".into(),
-                lsn: 0x16B_3748,
-                tx_id: Some(771),
-                sequence: Some("[\"23803720\",\"23803720\"]".into()),
-            }),
-        },
-        before: Some(json!({"id": 7, "status": "new", "total": "19.90"})),
-        after: Some(json!({"id": 7, "status": "paid", "total": "19.90", "tags": ["a", null]})),
-        diff: Some(json!([{"op": "replace", "path": "/status", "value": "paid"}])),
-        actor: Some(Actor {
-            name: "app_rw".into(),
-            via: ActorVia::Postgres,
-            groups: vec![],
-            source_ips: vec![],
-            user_agent: None,
-        }),
-        transaction: Some(Transaction {
-            id: "771:23803720".into(),
-            total_order: 2,
-            data_collection_order: 1,
-        }),
-    }
+fn postgres_update() -> ChangeEvent {
+    fixtures::postgres_update("shop")
 }
 
 fn kubernetes_delete() -> ChangeEvent {
-    ChangeEvent {
-        id: EventId::kubernetes("prod", "6f1c-uid", "4711"),
-        op: Op::Delete,
-        ts_ms: 1_763_769_600_999,
-        source: Source {
-            name: "prod".into(),
-            ts_ms: 1_763_769_600_500,
-            snapshot: SnapshotMarker::Last,
-            origin: Origin::Kubernetes(KubernetesOrigin {
-                cluster: "prod".into(),
-                group: "gateway.networking.k8s.io".into(),
-                version: "v1".into(),
-                kind: "HTTPRoute".into(),
-                namespace: Some("edge".into()),
-                name: "checkout".into(),
-                uid: "6f1c-uid".into(),
-                resource_version: "4711".into(),
-                status_only: true,
-            }),
-        },
-        before: Some(json!({"metadata": {"name": "checkout"}, "spec": {"hostnames": ["x"]}})),
-        after: None,
-        diff: None,
-        actor: Some(Actor {
-            name: "alice@example.com".into(),
-            via: ActorVia::Audit,
-            groups: vec!["system:authenticated".into()],
-            source_ips: vec!["10.0.0.7".into()],
-            user_agent: Some("kubectl/v1.31".into()),
-        }),
-        transaction: None,
-    }
+    fixtures::kubernetes_delete("prod")
 }
 
 fn samples() -> Vec<ChangeEvent> {

@@ -20,7 +20,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::fixtures;
+use changewire_schemas::fixtures;
 
 /// tansu serves a fetch from inside a record batch with the next batch; the test
 /// publisher batches up to 10,000 records.

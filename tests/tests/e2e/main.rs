@@ -6,7 +6,6 @@ mod consumer;
 mod crash;
 mod dedup;
 mod effects;
-mod fixtures;
 mod forward;
 mod kube_recovery;
 mod kubernetes;

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use changewire_tests::{unique_name, Stack, TestConsumer};
 
-use crate::fixtures;
 use crate::pipeline::{config, database_with, RunningSource};
+use changewire_schemas::fixtures;
 
 #[derive(Default)]
 struct Registry {

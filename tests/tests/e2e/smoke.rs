@@ -10,7 +10,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::fixtures;
+use changewire_schemas::fixtures;
 
 #[tokio::test]
 async fn change_events_round_trip_through_the_publisher_in_json_and_avro() -> anyhow::Result<()> {
