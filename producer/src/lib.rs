@@ -8,13 +8,17 @@
 //! - [`kubernetes`]: the Kubernetes change source;
 //! - [`backoff`]: retry delays that reset once healthy;
 //! - [`checkpoint`]: the checkpoint seam (sled);
+//! - [`clock`]: wall-clock time as events carry it;
+//! - [`pattern`]: `*` name patterns of the configuration;
 //! - [`metrics`]: Prometheus metrics and health state;
 //! - [`redact`]: keyed hashes that stand in for secret values.
 
 pub mod backoff;
 pub mod checkpoint;
+pub mod clock;
 pub mod config;
 pub mod kubernetes;
 pub mod metrics;
+pub mod pattern;
 pub mod postgres;
 pub mod redact;

@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use serde_json::Value as Json;
 use sha2::Sha256;
 
-use crate::postgres::config::matches_pattern;
+use crate::pattern;
 
 /// Prefix of every redacted value.
 pub const REDACTED_PREFIX: &str = "hmac-sha256:";
@@ -63,7 +63,7 @@ impl Redactor {
     /// Whether `schema.table.column` is redacted.
     pub fn covers(&self, schema: &str, table: &str, column: &str) -> bool {
         let name = format!("{schema}.{table}.{column}");
-        self.patterns.iter().any(|p| matches_pattern(p, &name))
+        self.patterns.iter().any(|p| pattern::matches(p, &name))
     }
 
     /// The keyed hash that stands in for a redacted column's `value`.

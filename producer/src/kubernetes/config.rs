@@ -6,7 +6,7 @@ use changewire_schemas::settings::ConfigError;
 use serde::{Deserialize, Serialize};
 
 use super::audit::AuditConfig;
-use crate::postgres::config::matches_pattern;
+use crate::pattern;
 
 /// The Kubernetes source.
 #[derive(Clone, Serialize, Deserialize)]
@@ -137,7 +137,7 @@ impl KubernetesConfig {
 
     /// Whether CRDs of `group` are followed.
     pub fn follows_crd_group(&self, group: &str) -> bool {
-        self.crd_groups().iter().any(|p| matches_pattern(p, group))
+        self.crd_groups().iter().any(|p| pattern::matches(p, group))
     }
 
     /// Checks values that parse but cannot work.

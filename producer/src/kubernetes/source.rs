@@ -24,8 +24,8 @@ use super::health::WatchHealth;
 use super::object::{compare, event, prepare, Difference, EventContext, WatchedKind};
 use super::state::{Loaded, ObjectStore, Objects, StateError};
 use crate::backoff::Backoff;
+use crate::clock::now_ms;
 use crate::metrics::{EventLabels, KindLabel, ProducerMetrics, SourceKind, SourceState};
-use crate::postgres::source::now_ms;
 use crate::redact::SecretHasher;
 
 /// A Kubernetes source failure.

@@ -1,5 +1,6 @@
 //! The `[postgres]` section: which database to tail and how.
 
+use crate::pattern;
 use std::fmt;
 use std::str::FromStr;
 
@@ -158,8 +159,8 @@ impl PostgresConfig {
     pub fn publishes(&self, schema: &str, table: &str) -> bool {
         let name = format!("{schema}.{table}");
         let included =
-            self.include.is_empty() || self.include.iter().any(|p| matches_pattern(p, &name));
-        included && !self.exclude.iter().any(|p| matches_pattern(p, &name))
+            self.include.is_empty() || self.include.iter().any(|p| pattern::matches(p, &name));
+        included && !self.exclude.iter().any(|p| pattern::matches(p, &name))
     }
 
     /// Checks values that parse but cannot work.
@@ -221,21 +222,6 @@ impl PostgresConfig {
             ));
         }
         Ok(())
-    }
-}
-
-/// Glob match with `*` as the only wildcard.
-pub(crate) fn matches_pattern(pattern: &str, name: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == name,
-        Some((prefix, rest)) => {
-            let Some(tail) = name.strip_prefix(prefix) else {
-                return false;
-            };
-            (0..=tail.len())
-                .filter(|&i| tail.is_char_boundary(i))
-                .any(|i| matches_pattern(rest, &tail[i..]))
-        }
     }
 }
 

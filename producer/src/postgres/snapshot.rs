@@ -12,8 +12,10 @@ use super::error::PostgresError;
 use super::normalize::{SourceInfo, Table};
 use super::pgoutput::{Column, Lsn, Relation, Value};
 use super::setup::quote_ident;
-use super::source::{now_ms, PostgresSource};
+use super::source::PostgresSource;
 use crate::checkpoint::CheckpointStore;
+use crate::clock::now_ms;
+use crate::metrics::TableLabel;
 
 /// One snapshot run.
 pub(super) struct Snapshot<'a, C> {
@@ -88,7 +90,7 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
     ) -> Result<(), PostgresError> {
         let query = PageQuery::new(table, self.source.config().snapshot_chunk_rows);
         let mut after: Option<String> = None;
-        let mut progress = self.source.snapshot_progress(client, table).await?;
+        let mut progress = self.progress(client, table).await?;
         loop {
             let rows = page_rows(client, &query.sql(after.as_deref())?).await?;
             let Some(last) = rows.last() else { break };
@@ -109,6 +111,28 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
             }
         }
         Ok(())
+    }
+
+    /// The progress of this snapshot's read of `table`, starting now, from the
+    /// planner's row estimate.
+    async fn progress(&self, client: &Client, table: &Table) -> Result<Progress, PostgresError> {
+        let estimated: i64 = client
+            .query_one(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = $1",
+                &[&table.relation.oid],
+            )
+            .await?
+            .get(0);
+        let label = TableLabel {
+            table: table.label(),
+        };
+        let metrics = self.source.metrics();
+        metrics
+            .snapshot_rows_estimated
+            .get_or_create(&label)
+            .set(estimated.max(0));
+        let counter = metrics.snapshot_rows.get_or_create(&label).clone();
+        Ok(Progress::new(label.table, estimated, counter))
     }
 
     async fn emit(
@@ -147,7 +171,7 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
 
 /// How far one table's snapshot is: rows read, of the planner's estimate, and how
 /// fast; logged after every page and counted in `snapshot_rows{table}`.
-pub(super) struct Progress {
+struct Progress {
     table: String,
     estimated: Option<u64>,
     rows: u64,
@@ -158,7 +182,7 @@ pub(super) struct Progress {
 impl Progress {
     /// Progress of `table`, whose planner estimate is `estimated` (`reltuples`,
     /// negative when the table was never analyzed), counted in `counter`.
-    pub(super) fn new(table: String, estimated: i64, counter: Counter) -> Self {
+    fn new(table: String, estimated: i64, counter: Counter) -> Self {
         Self {
             table,
             estimated: u64::try_from(estimated).ok(),

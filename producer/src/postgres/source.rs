@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use changewire_kafka::{Lane, Publisher, Record, TopicSpec};
 use changewire_schemas::diagnostics::report;
@@ -19,10 +19,11 @@ use super::error::PostgresError;
 use super::normalize::{Change, Relations, SourceInfo, Table, TxContext, SESSION_OPTIONS};
 use super::pgoutput::{pg_micros_to_unix_ms, Decoder, Lsn, Message, OldTuple, Relation};
 use super::setup::{self, quote_ident};
-use super::snapshot::{Progress, Snapshot};
+use super::snapshot::Snapshot;
 use crate::backoff::Backoff;
 use crate::checkpoint::CheckpointStore;
-use crate::metrics::{EventLabels, ProducerMetrics, SourceKind, SourceState, TableLabel};
+use crate::clock::now_ms;
+use crate::metrics::{EventLabels, ProducerMetrics, SourceKind, SourceState};
 
 /// How often the replication client reports the confirmed position.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -334,31 +335,6 @@ impl<C: CheckpointStore> PostgresSource<C> {
         self.metrics.events.get_or_create(&labels).inc();
     }
 
-    /// The progress of a snapshot of `table`, starting now, from the planner's
-    /// row estimate.
-    pub(super) async fn snapshot_progress(
-        &self,
-        client: &Client,
-        table: &Table,
-    ) -> Result<Progress, PostgresError> {
-        let estimated: i64 = client
-            .query_one(
-                "SELECT reltuples::bigint FROM pg_class WHERE oid = $1",
-                &[&table.relation.oid],
-            )
-            .await?
-            .get(0);
-        let label = TableLabel {
-            table: table.label(),
-        };
-        self.metrics
-            .snapshot_rows_estimated
-            .get_or_create(&label)
-            .set(estimated.max(0));
-        let counter = self.metrics.snapshot_rows.get_or_create(&label).clone();
-        Ok(Progress::new(label.table, estimated, counter))
-    }
-
     pub(super) fn config(&self) -> &PostgresConfig {
         &self.config
     }
@@ -646,14 +622,6 @@ where
 /// watch guard is held across an await.
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
 }
 
 /// Parses PostgreSQL's `X/Y` LSN text.
