@@ -55,6 +55,9 @@ pub enum PublishError {
     /// The lane was dropped or its report lost before the record settled.
     #[error("no delivery report arrived for the record")]
     Canceled,
+    /// A metadata lookup's thread ended before it answered.
+    #[error("the Kafka metadata lookup was interrupted")]
+    Interrupted,
 }
 
 impl PublishError {
@@ -62,7 +65,9 @@ impl PublishError {
     /// permanent error (record too large, bad config) needs an operator.
     pub fn is_transient(&self) -> bool {
         match self {
-            PublishError::CreateTopic { .. } | PublishError::Canceled => true,
+            PublishError::CreateTopic { .. }
+            | PublishError::Canceled
+            | PublishError::Interrupted => true,
             PublishError::Rejected { source, .. } | PublishError::Delivery { source, .. } => {
                 matches!(
                     source.rdkafka_error_code(),

@@ -139,12 +139,7 @@ impl Publisher {
                 .map_or(0, |t| t.partitions().len() as i32))
         })
         .await
-        .unwrap_or_else(|_| Ok(0))
-    }
-
-    /// Waits up to `timeout` for every queued record to be acknowledged.
-    pub fn flush(&self, timeout: Duration) -> Result<(), PublishError> {
-        self.producer.flush(timeout).map_err(PublishError::Config)
+        .map_err(|_| PublishError::Interrupted)?
     }
 
     fn context(&self) -> &LaneContext {
