@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use changewire_schemas::settings::KafkaConfig;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use rdkafka::client::ClientContext;
+use rdkafka::admin::AdminClient;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -25,7 +26,7 @@ use tokio::sync::Notify;
 
 use crate::acks::Acks;
 use crate::client::{client_config, Role};
-use crate::topic::{ensure_topics, TopicSpec};
+use crate::topic::{admin_client, create_missing, TopicSpec};
 use crate::{PublishError, Record};
 
 // The delivery opaque packs a lane id and the low half of a sequence number.
@@ -63,7 +64,8 @@ pub type Receipt = Result<Landed, PublishError>;
 pub struct Publisher {
     producer: ThreadedProducer<LaneContext>,
     next_lane: Arc<AtomicU32>,
-    config: Arc<KafkaConfig>,
+    /// One admin client for every topic a source creates (not one per table).
+    admin: Arc<AdminClient<DefaultClientContext>>,
 }
 
 impl Publisher {
@@ -79,7 +81,7 @@ impl Publisher {
         Ok(Self {
             producer,
             next_lane: Arc::default(),
-            config: Arc::new(config.clone()),
+            admin: Arc::new(admin_client(config)?),
         })
     }
 
@@ -114,7 +116,7 @@ impl Publisher {
 
     /// Creates the topics of `specs` that do not exist yet.
     pub async fn ensure_topics(&self, specs: &[TopicSpec]) -> Result<(), PublishError> {
-        ensure_topics(&self.config, specs).await
+        create_missing(&self.admin, specs).await
     }
 
     /// The client's fatal error, once it has one (an idempotent producer that
@@ -312,15 +314,10 @@ impl<T> Drop for Lane<T> {
     }
 }
 
-fn headers(headers: &[(String, Option<Vec<u8>>)]) -> OwnedHeaders {
+fn headers(headers: &[(&str, Option<&[u8]>)]) -> OwnedHeaders {
     headers.iter().fold(
         OwnedHeaders::new_with_capacity(headers.len()),
-        |all, (key, value)| {
-            all.insert(Header {
-                key,
-                value: value.as_deref(),
-            })
-        },
+        |all, &(key, value)| all.insert(Header { key, value }),
     )
 }
 

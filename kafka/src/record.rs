@@ -12,8 +12,8 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     /// The value; `None` publishes a tombstone.
     pub value: Option<&'a [u8]>,
-    /// Message headers; a header may have no value.
-    pub headers: &'a [(String, Option<Vec<u8>>)],
+    /// Message headers, name and value; a header may have no value.
+    pub headers: &'a [(&'a str, Option<&'a [u8]>)],
 }
 
 impl<'a> Record<'a> {

@@ -39,9 +39,23 @@ impl TopicSpec {
 /// Creates the topics of `specs` that do not exist yet; existing ones are left as
 /// they are.
 pub async fn ensure_topics(config: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), PublishError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(config, Role::Admin)
+    create_missing(&admin_client(config)?, specs).await
+}
+
+/// An admin client with the `[kafka]` section's properties.
+pub(crate) fn admin_client(
+    config: &KafkaConfig,
+) -> Result<AdminClient<DefaultClientContext>, PublishError> {
+    client_config(config, Role::Admin)
         .create()
-        .map_err(PublishError::Config)?;
+        .map_err(PublishError::Config)
+}
+
+/// Creates the topics of `specs` that do not exist yet, through `admin`.
+pub(crate) async fn create_missing(
+    admin: &AdminClient<DefaultClientContext>,
+    specs: &[TopicSpec],
+) -> Result<(), PublishError> {
     let topics: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|spec| {

@@ -38,15 +38,13 @@ async fn change_events_round_trip_through_the_publisher_in_json_and_avro() -> an
         for event in &events {
             let key = format!("{}/{:?}", event.id, codec.format()).into_bytes();
             let value = codec.encode(event)?;
-            let headers = vec![(
-                "cw-format".to_owned(),
-                Some(format!("{:?}", codec.format()).into_bytes()),
-            )];
+            let format = format!("{:?}", codec.format()).into_bytes();
             let record = Record {
-                headers: &headers,
+                headers: &[("cw-format", Some(&format))],
                 ..Record::keyed(&topic, Some(&key), Some(&value))
             };
             lane.publish(&record).await?;
+            let headers = vec![("cw-format".to_owned(), Some(format))];
             sent.push((key, value, headers));
             lane.mark(sent.len());
         }

@@ -87,8 +87,12 @@ impl KafkaSink {
     /// follows), `Err` when the client refused it at once.
     async fn publish(lane: &mut Lane<()>, effect: &Effect, key: &str) -> Result<(), PublishError> {
         let topic = effect.destination.as_deref().unwrap_or_default();
-        let mut headers = effect.headers.clone();
-        headers.push((IDEMPOTENCY_HEADER.to_owned(), Some(key.as_bytes().to_vec())));
+        let headers: Vec<(&str, Option<&[u8]>)> = effect
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_deref()))
+            .chain([(IDEMPOTENCY_HEADER, Some(key.as_bytes()))])
+            .collect();
         let record = Record {
             partition: effect.partition,
             headers: &headers,
