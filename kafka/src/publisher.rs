@@ -28,6 +28,7 @@ use crate::acks::Acks;
 use crate::client::{client_config, Role};
 use crate::topic::{admin_client, create_missing, TopicSpec};
 use crate::{PublishError, Record};
+use changewire_schemas::topic::TopicsConfig;
 
 // The delivery opaque packs a lane id and the low half of a sequence number.
 const _: () = assert!(usize::BITS == 64, "changewire needs a 64-bit target");
@@ -66,6 +67,8 @@ pub struct Publisher {
     next_lane: Arc<AtomicU32>,
     /// One admin client for every topic a source creates (not one per table).
     admin: Arc<AdminClient<DefaultClientContext>>,
+    /// The `[topics]` section's creation settings.
+    topics: Arc<TopicsConfig>,
 }
 
 impl Publisher {
@@ -82,7 +85,14 @@ impl Publisher {
             producer,
             next_lane: Arc::default(),
             admin: Arc::new(admin_client(config)?),
+            topics: Arc::default(),
         })
+    }
+
+    /// Creates topics with the `[topics]` section's replication factor and settings.
+    pub fn with_topic_settings(mut self, topics: &TopicsConfig) -> Self {
+        self.topics = Arc::new(topics.clone());
+        self
     }
 
     /// A new lane whose marks carry `T`s, reporting into `metrics`.
@@ -116,7 +126,10 @@ impl Publisher {
 
     /// Creates the topics of `specs` that do not exist yet.
     pub async fn ensure_topics(&self, specs: &[TopicSpec]) -> Result<(), PublishError> {
-        create_missing(&self.admin, specs).await
+        let specs: Vec<TopicSpec> = (specs.iter())
+            .map(|spec| spec.clone().configured(&self.topics))
+            .collect();
+        create_missing(&self.admin, &specs).await
     }
 
     /// The client's fatal error, once it has one (an idempotent producer that

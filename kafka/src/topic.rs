@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use changewire_schemas::settings::KafkaConfig;
+use changewire_schemas::topic::TopicsConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
@@ -33,6 +34,29 @@ impl TopicSpec {
             replication: None,
             settings: Vec::new(),
         }
+    }
+
+    /// Log compaction (`cleanup.policy=compact`): for topics whose records are
+    /// keyed states and whose deletes are tombstones.
+    pub fn compacted(self) -> Self {
+        self.with_setting("cleanup.policy", "compact")
+    }
+
+    /// Sets one broker-side setting, replacing an earlier value.
+    pub fn with_setting(mut self, name: &str, value: &str) -> Self {
+        self.settings.retain(|(existing, _)| existing != name);
+        self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Applies the `[topics]` section: its replication factor and settings win.
+    pub fn configured(self, topics: &TopicsConfig) -> Self {
+        let mut spec = topics
+            .settings
+            .iter()
+            .fold(self, |spec, (name, value)| spec.with_setting(name, value));
+        spec.replication = topics.replication_factor.or(spec.replication);
+        spec
     }
 }
 
@@ -78,4 +102,37 @@ pub(crate) async fn create_missing(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_topics_section_wins_over_the_sources_choices() {
+        let mut topics = TopicsConfig {
+            replication_factor: Some(3),
+            ..TopicsConfig::default()
+        };
+        topics
+            .settings
+            .insert("retention.ms".to_owned(), "604800000".to_owned());
+        let spec = TopicSpec::new("t", 6).compacted().configured(&topics);
+        assert_eq!(spec.replication, Some(3));
+        assert_eq!(
+            spec.settings,
+            [
+                ("cleanup.policy".to_owned(), "compact".to_owned()),
+                ("retention.ms".to_owned(), "604800000".to_owned()),
+            ]
+        );
+        topics
+            .settings
+            .insert("cleanup.policy".to_owned(), "compact,delete".to_owned());
+        let spec = TopicSpec::new("t", 6).compacted().configured(&topics);
+        assert!(spec
+            .settings
+            .contains(&("cleanup.policy".to_owned(), "compact,delete".to_owned())));
+        assert_eq!(spec.settings.len(), 2, "{:?}", spec.settings);
+    }
 }

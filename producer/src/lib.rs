@@ -4,16 +4,15 @@
 //! Kafka acknowledged (a lane's marks).
 //!
 //! - [`config`]: the config file;
+//! - [`source`]: the seam every change source is run behind;
 //! - [`postgres`]: the PostgreSQL change source;
 //! - [`kubernetes`]: the Kubernetes change source;
-//! - [`backoff`]: retry delays that reset once healthy;
 //! - [`checkpoint`]: the checkpoint seam (sled);
 //! - [`clock`]: wall-clock time as events carry it;
 //! - [`pattern`]: `*` name patterns of the configuration;
 //! - [`metrics`]: Prometheus metrics and health state;
 //! - [`redact`]: keyed hashes that stand in for secret values.
 
-pub mod backoff;
 pub mod checkpoint;
 pub mod clock;
 pub mod config;
@@ -22,3 +21,4 @@ pub mod metrics;
 pub mod pattern;
 pub mod postgres;
 pub mod redact;
+pub mod source;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use changewire_kafka::Publisher;
 use changewire_producer::checkpoint::SledCheckpoints;
-use changewire_producer::kubernetes::{KubernetesSource, SledObjects};
+use changewire_producer::kubernetes::SledObjects;
 use changewire_producer::metrics::ProducerMetrics;
-use changewire_producer::postgres::PostgresSource;
+use changewire_producer::source::{ChangeSource, SourceContext};
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::diagnostics::LogFormat;
 use changewire_schemas::http;
@@ -75,24 +75,34 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
         .await
         .context("cannot set up the value codec")?;
     let metrics = Arc::new(ProducerMetrics::default());
-    let publisher = Publisher::new(&config.kafka).context("cannot create the Kafka producer")?;
+    let publisher = Publisher::new(&config.kafka)
+        .context("cannot create the Kafka producer")?
+        .with_topic_settings(&config.topics);
     let brokers = publisher
         .broker_count(Duration::from_secs(10))
         .with_context(|| format!("cannot reach Kafka at {}", config.kafka.brokers))?;
     tracing::info!(brokers, format = ?codec.format(), "Kafka reachable, configuration valid");
+    let sources = config.sources();
     if check_only {
-        return check_sources(&config).await;
+        for source in &sources {
+            report_check(source.as_ref()).await?;
+        }
+        return Ok(());
     }
-    if config.postgres.is_none() && config.kubernetes.is_none() {
+    if sources.is_empty() {
         anyhow::bail!("nothing to stream: no change source is configured (add a [postgres] or [kubernetes] section)")
     }
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
-    let checkpoints =
+    let state =
         Arc::new(SledCheckpoints::open(&config.state_dir).with_context(|| {
             format!("cannot open checkpoints in {}", config.state_dir.display())
         })?);
-    let names = config.topics.names()?;
+    if let Some(first) = config.kubernetes.first() {
+        SledObjects::adopt_unnamed(state.db(), &first.name)
+            .context("cannot move the Kubernetes object state to its source")?;
+    }
+    let topics = config.topics.names()?;
     let (stop, shutdown) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -101,70 +111,47 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
     });
     let codec = Arc::new(codec);
     serve_http(&config, metrics.clone()).await?;
-    let mut sources = tokio::task::JoinSet::new();
-    if let Some(postgres) = config.postgres {
-        let source = PostgresSource::new(
-            postgres,
-            names.clone(),
-            codec.clone(),
-            publisher.clone(),
-            checkpoints.clone(),
-        )
-        .with_metrics(metrics.clone());
-        let shutdown = shutdown.clone();
-        sources.spawn(async move {
-            source
-                .run(shutdown)
-                .await
-                .map_err(|e| anyhow::anyhow!(report(&e)))
-        });
-    }
-    if let Some(kubernetes) = config.kubernetes {
-        let objects = SledObjects::open(checkpoints.db())
-            .context("cannot open the Kubernetes object state")?;
-        let source = KubernetesSource::new(kubernetes, names, codec, publisher, Arc::new(objects))
-            .with_metrics(metrics);
-        sources.spawn(async move {
-            source
-                .run(shutdown)
-                .await
-                .map_err(|e| anyhow::anyhow!(report(&e)))
+    let mut running = tokio::task::JoinSet::new();
+    for source in sources {
+        let context = SourceContext {
+            topics: topics.clone(),
+            codec: codec.clone(),
+            publisher: publisher.clone(),
+            state: state.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let (kind, name) = (source.kind(), source.name().to_owned());
+        running.spawn(async move {
+            let result = source.run(context).await;
+            result.map_err(|e| anyhow::anyhow!("{kind} source {name:?}: {}", report(e.as_ref())))
         });
     }
     // One source failing stops the producer: a half-working producer would look healthy.
-    while let Some(result) = sources.join_next().await {
+    while let Some(result) = running.join_next().await {
         result??;
-    }
-    Ok(())
-}
-
-/// `--check` for each source: its server answers and can be streamed from.
-async fn check_sources(config: &ProducerConfig) -> anyhow::Result<()> {
-    if let Some(postgres) = &config.postgres {
-        let check = changewire_producer::postgres::source::check(postgres);
-        report_check("PostgreSQL", &postgres.name, check).await?;
-    }
-    if let Some(kubernetes) = &config.kubernetes {
-        let check = changewire_producer::kubernetes::source::check(kubernetes);
-        report_check("Kubernetes", &kubernetes.name, check).await?;
     }
     Ok(())
 }
 
 /// Logs what one source's check found; a server that accepts connections but
 /// never answers fails it too.
-async fn report_check<E: std::error::Error>(
-    part: &str,
-    source: &str,
-    check: impl std::future::Future<Output = Result<String, E>>,
-) -> anyhow::Result<()> {
+async fn report_check(source: &dyn ChangeSource) -> anyhow::Result<()> {
     const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
-    let found = match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+    let (kind, name) = (source.kind(), source.name());
+    let found = match tokio::time::timeout(CHECK_TIMEOUT, source.check()).await {
         Ok(Ok(found)) => found,
-        Ok(Err(error)) => anyhow::bail!("the {part} check failed: {}", report(&error)),
-        Err(_) => anyhow::bail!("the {part} check failed: no answer within {CHECK_TIMEOUT:?}"),
+        Ok(Err(error)) => {
+            anyhow::bail!(
+                "the {kind} check failed for source {name:?}: {}",
+                report(error.as_ref())
+            )
+        }
+        Err(_) => anyhow::bail!(
+            "the {kind} check failed for source {name:?}: no answer within {CHECK_TIMEOUT:?}"
+        ),
     };
-    tracing::info!(source, "{found}");
+    tracing::info!(source = name, "{found}");
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use changewire_kafka::PublishMetrics;
 use changewire_schemas::http::{encode_registry, HealthReport, Observable};
@@ -16,15 +16,19 @@ use prometheus_client::registry::Registry;
 /// Labels of the event counters: a PostgreSQL table's or a Kubernetes kind's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum EventLabels {
-    /// `{table="schema.table", op}`.
+    /// `{source, table="schema.table", op}`.
     Table {
+        /// The source's configured name.
+        source: String,
         /// `schema.table`.
         table: String,
         /// Event op code.
         op: String,
     },
-    /// `{kind="group/Kind", op}`.
+    /// `{source, kind="group/Kind", op}`.
     Kind {
+        /// The source's configured name.
+        source: String,
         /// `group/Kind` (`core/ConfigMap`).
         kind: String,
         /// Event op code.
@@ -34,20 +38,31 @@ pub enum EventLabels {
 
 impl EncodeLabelSet for EventLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
-        match self {
-            EventLabels::Table { table, op } => {
-                [("table", table.as_str()), ("op", op.as_str())].encode(encoder)
-            }
-            EventLabels::Kind { kind, op } => {
-                [("kind", kind.as_str()), ("op", op.as_str())].encode(encoder)
-            }
-        }
+        let (source, thing, name, op) = match self {
+            EventLabels::Table { source, table, op } => (source, "table", table, op),
+            EventLabels::Kind { source, kind, op } => (source, "kind", kind, op),
+        };
+        [
+            ("source", source.as_str()),
+            (thing, name.as_str()),
+            ("op", op.as_str()),
+        ]
+        .encode(encoder)
     }
+}
+
+/// Label of per-source metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// The source's configured name.
+    pub source: String,
 }
 
 /// Label of per-table PostgreSQL metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TableLabel {
+    /// The source's configured name.
+    pub source: String,
     /// `schema.table`.
     pub table: String,
 }
@@ -55,27 +70,10 @@ pub struct TableLabel {
 /// Label of per-kind Kubernetes metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
+    /// The source's configured name.
+    pub source: String,
     /// `group/Kind` (`core/ConfigMap`).
     pub kind: String,
-}
-
-/// Which of the producer's sources a state belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum SourceKind {
-    /// The PostgreSQL logical replication source.
-    Postgres,
-    /// The Kubernetes watch source.
-    Kubernetes,
-}
-
-impl SourceKind {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceKind::Postgres => "postgres",
-            SourceKind::Kubernetes => "kubernetes",
-        }
-    }
 }
 
 /// What a source is doing, for the health endpoint; later variants are worse
@@ -117,13 +115,13 @@ pub struct ProducerMetrics {
     /// Events handed to Kafka and not yet acknowledged.
     pub in_flight: Gauge,
     /// Bytes of WAL between the server's position and the confirmed position.
-    pub lag_bytes: Gauge,
+    pub lag_bytes: Family<SourceLabel, Gauge>,
     /// Age of the latest confirmed transaction when it was confirmed.
-    pub lag_seconds: Gauge<f64, AtomicU64>,
+    pub lag_seconds: Family<SourceLabel, Gauge<f64, AtomicU64>>,
     /// The last LSN confirmed to PostgreSQL.
-    pub confirmed_lsn: Gauge,
+    pub confirmed_lsn: Family<SourceLabel, Gauge>,
     /// Sessions restarted after a transient failure.
-    pub reconnects: Counter,
+    pub reconnects: Family<SourceLabel, Counter>,
     /// Rows read by snapshots.
     pub snapshot_rows: Family<TableLabel, Counter>,
     /// The planner's row estimate of each table the snapshot reads (`reltuples`).
@@ -135,13 +133,13 @@ pub struct ProducerMetrics {
     /// Kubernetes watch failures the watcher recovered from, by kind.
     pub watch_restarts: Family<KindLabel, Counter>,
     /// Audit events received by the Kubernetes audit webhook.
-    pub audit_received: Counter,
+    pub audit_received: Family<SourceLabel, Counter>,
     /// Kubernetes changes whose actor came from the audit log.
-    pub audit_attributed: Counter,
+    pub audit_attributed: Family<SourceLabel, Counter>,
     /// Kubernetes changes whose audit event did not arrive in time (managedFields used).
-    pub audit_unattributed: Counter,
-    /// Each running source's state and latest unrecovered failure.
-    sources: Mutex<BTreeMap<SourceKind, (SourceState, Option<String>)>>,
+    pub audit_unattributed: Family<SourceLabel, Counter>,
+    /// Each running source's state and latest unrecovered failure, by name.
+    sources: Mutex<BTreeMap<String, (SourceState, Option<String>)>>,
 }
 
 impl Default for ProducerMetrics {
@@ -151,18 +149,18 @@ impl Default for ProducerMetrics {
             events: Family::default(),
             delivery_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             in_flight: Gauge::default(),
-            lag_bytes: Gauge::default(),
-            lag_seconds: Gauge::default(),
-            confirmed_lsn: Gauge::default(),
-            reconnects: Counter::default(),
+            lag_bytes: Family::default(),
+            lag_seconds: Family::default(),
+            confirmed_lsn: Family::default(),
+            reconnects: Family::default(),
             snapshot_rows: Family::default(),
             snapshot_rows_estimated: Family::default(),
             watched_objects: Family::default(),
             relists: Family::default(),
             watch_restarts: Family::default(),
-            audit_received: Counter::default(),
-            audit_attributed: Counter::default(),
-            audit_unattributed: Counter::default(),
+            audit_received: Family::default(),
+            audit_attributed: Family::default(),
+            audit_unattributed: Family::default(),
             sources: Mutex::default(),
             registry: Registry::default(),
         };
@@ -273,9 +271,21 @@ impl ProducerMetrics {
         }
     }
 
+    /// `source`'s share of these metrics.
+    pub fn source(self: &Arc<Self>, source: &str) -> SourceMetrics {
+        SourceMetrics {
+            name: source.to_owned(),
+            label: SourceLabel {
+                source: source.to_owned(),
+            },
+            shared: self.clone(),
+        }
+    }
+
     /// Records what `source` is doing.
-    pub fn set_state(&self, source: SourceKind, state: SourceState) {
-        self.lock_sources().entry(source).or_insert((state, None)).0 = state;
+    pub fn set_state(&self, source: &str, state: SourceState) {
+        let mut sources = self.lock_sources();
+        sources.entry(source.to_owned()).or_insert((state, None)).0 = state;
     }
 
     /// The state of the least healthy source (`Starting` before any reported).
@@ -287,9 +297,9 @@ impl ProducerMetrics {
 
     /// Records the latest failure of `source` (shown by the health endpoint), or
     /// `None` once it recovered.
-    pub fn set_error(&self, source: SourceKind, error: Option<String>) {
+    pub fn set_error(&self, source: &str, error: Option<String>) {
         self.lock_sources()
-            .entry(source)
+            .entry(source.to_owned())
             .or_insert((SourceState::Starting, None))
             .1 = error;
     }
@@ -299,18 +309,107 @@ impl ProducerMetrics {
         let errors: Vec<String> = self
             .lock_sources()
             .iter()
-            .filter_map(|(source, (_, error))| {
-                error.as_ref().map(|e| format!("{}: {e}", source.as_str()))
-            })
+            .filter_map(|(source, (_, error))| error.as_ref().map(|e| format!("{source}: {e}")))
             .collect();
         (!errors.is_empty()).then(|| errors.join("; "))
     }
 
     fn lock_sources(
         &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<SourceKind, (SourceState, Option<String>)>> {
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (SourceState, Option<String>)>> {
         // A poisoned lock only means a thread panicked mid-assignment of a pair.
         self.sources.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One source's view of the producer's metrics: every label carries its name.
+#[derive(Clone)]
+pub struct SourceMetrics {
+    name: String,
+    label: SourceLabel,
+    shared: Arc<ProducerMetrics>,
+}
+
+impl SourceMetrics {
+    /// The metrics every source shares (the publisher's, the registry).
+    pub fn shared(&self) -> &Arc<ProducerMetrics> {
+        &self.shared
+    }
+
+    /// Records what the source is doing.
+    pub fn set_state(&self, state: SourceState) {
+        self.shared.set_state(&self.name, state);
+    }
+
+    /// Records the source's latest failure, or `None` once it recovered.
+    pub fn set_error(&self, error: Option<String>) {
+        self.shared.set_error(&self.name, error);
+    }
+
+    /// Counts one published event of `table`.
+    pub fn count_table_event(&self, table: String, op: &str) {
+        let labels = EventLabels::Table {
+            source: self.name.clone(),
+            table,
+            op: op.to_owned(),
+        };
+        self.shared.events.get_or_create(&labels).inc();
+    }
+
+    /// Counts one published event of `kind`.
+    pub fn count_kind_event(&self, kind: String, op: &str) {
+        let labels = EventLabels::Kind {
+            source: self.name.clone(),
+            kind,
+            op: op.to_owned(),
+        };
+        self.shared.events.get_or_create(&labels).inc();
+    }
+
+    /// The label of one of the source's tables.
+    pub fn table(&self, table: String) -> TableLabel {
+        TableLabel {
+            source: self.name.clone(),
+            table,
+        }
+    }
+
+    /// The label of one of the source's kinds.
+    pub fn kind(&self, kind: String) -> KindLabel {
+        KindLabel {
+            source: self.name.clone(),
+            kind,
+        }
+    }
+
+    /// WAL bytes between the server and the confirmed position.
+    pub fn lag_bytes(&self) -> Gauge {
+        self.shared.lag_bytes.get_or_create(&self.label).clone()
+    }
+
+    /// Age of the latest confirmed transaction when confirmed.
+    pub fn lag_seconds(&self) -> Gauge<f64, AtomicU64> {
+        self.shared.lag_seconds.get_or_create(&self.label).clone()
+    }
+
+    /// The last LSN confirmed.
+    pub fn confirmed_lsn(&self) -> Gauge {
+        self.shared.confirmed_lsn.get_or_create(&self.label).clone()
+    }
+
+    /// Sessions restarted after a transient failure.
+    pub fn reconnects(&self) -> Counter {
+        self.shared.reconnects.get_or_create(&self.label).clone()
+    }
+
+    /// Audit-webhook counters: received, attributed, unattributed.
+    pub fn audit(&self) -> [Counter; 3] {
+        [
+            &self.shared.audit_received,
+            &self.shared.audit_attributed,
+            &self.shared.audit_unattributed,
+        ]
+        .map(|family| family.get_or_create(&self.label).clone())
     }
 }
 
@@ -322,24 +421,21 @@ mod tests {
     fn health_is_the_least_healthy_source() {
         let metrics = ProducerMetrics::default();
         assert!(!metrics.health().healthy, "no source is running yet");
-        metrics.set_state(SourceKind::Postgres, SourceState::Streaming);
+        metrics.set_state("orders", SourceState::Streaming);
         assert!(metrics.health().healthy);
-        metrics.set_state(SourceKind::Kubernetes, SourceState::Reconnecting);
-        metrics.set_error(SourceKind::Kubernetes, Some("watch failed".into()));
+        metrics.set_state("cluster", SourceState::Reconnecting);
+        metrics.set_error("cluster", Some("watch failed".into()));
         let report = metrics.health();
         assert!(!report.healthy);
         assert_eq!(report.state, "reconnecting");
-        assert_eq!(
-            report.last_error.as_deref(),
-            Some("kubernetes: watch failed")
-        );
-        metrics.set_state(SourceKind::Postgres, SourceState::Streaming);
+        assert_eq!(report.last_error.as_deref(), Some("cluster: watch failed"));
+        metrics.set_state("orders", SourceState::Streaming);
         assert!(
             !metrics.health().healthy,
             "postgres streaming again does not hide it"
         );
-        metrics.set_state(SourceKind::Kubernetes, SourceState::Streaming);
-        metrics.set_error(SourceKind::Kubernetes, None);
+        metrics.set_state("cluster", SourceState::Streaming);
+        metrics.set_error("cluster", None);
         assert!(metrics.health().healthy);
         assert_eq!(metrics.last_error(), None);
     }

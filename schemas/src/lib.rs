@@ -6,10 +6,12 @@
 //! - [`codec`]: JSON and Avro value codecs (the `.avsc` files live in `schemas/avro/`);
 //! - [`registry`]: the Confluent schema-registry client used by the Avro codec;
 //! - [`diagnostics`]: one-line error reports with their causes;
+//! - [`backoff`]: the retry delays every part uses;
 //! - [`http`]: the `/metrics` and `/health` endpoints every process serves;
 //! - [`settings`]: the `[kafka]` section and config loading shared by every binary;
 //! - `fixtures` (feature `fixtures`): sample events for tests and benchmarks.
 
+pub mod backoff;
 pub mod codec;
 pub mod diagnostics;
 pub mod envelope;

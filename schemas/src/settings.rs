@@ -10,6 +10,12 @@
 //! errors, in the file and in the environment, so a typo never silently falls
 //! back to a default; a variable for a whole section this binary does not have
 //! (another binary's, from a shared env file) is ignored with a warning.
+//!
+//! A section that may be given several times (`[[postgres]]`) is addressed by the
+//! entry's `name` (or its index) after the section:
+//! `CHANGEWIRE_POSTGRES__ORDERS__PASSWORD` sets the password of the entry named
+//! `orders` (`-` in a name is `_` here). With a single entry the name may be left
+//! out, so `CHANGEWIRE_POSTGRES__PASSWORD` works whichever form the file uses.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,8 +25,8 @@ use figment::error::Kind;
 use figment::providers::{Format, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Prefix of environment variables that override config keys.
 pub const ENV_PREFIX: &str = "CHANGEWIRE_";
@@ -129,6 +135,12 @@ pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
         ));
     }
     let mut env = Environment::from_process();
+    let file = Figment::from(Toml::file(path))
+        .data()
+        .map_err(|e| ConfigError::Load(Box::new(e)))?
+        .remove(&Profile::Default)
+        .unwrap_or_default();
+    route_into_lists(&mut env.sections, &file)?;
     loop {
         let figment = Figment::from(Toml::file(path)).merge(&env);
         let error = match figment.extract_lossy() {
@@ -214,6 +226,113 @@ fn insert(dict: &mut Dict, keys: &[String], value: String) {
     }
 }
 
+/// Makes overrides aimed into a list of sections (`[[postgres]]` in `file`) apply
+/// to the entry they name: the list, with them applied, replaces the file's.
+fn route_into_lists(overrides: &mut Dict, file: &Dict) -> Result<(), ConfigError> {
+    for (key, value) in overrides.iter_mut() {
+        match (value, file.get(key)) {
+            (value @ Value::Dict(..), Some(Value::Array(_, entries))) => {
+                let Value::Dict(_, by_entry) = std::mem::replace(value, Value::from(0)) else {
+                    unreachable!("matched a dict")
+                };
+                *value = Value::from(apply_to_entries(key, by_entry, entries.clone())?);
+            }
+            (Value::Dict(_, inner), Some(Value::Dict(_, file_inner))) => {
+                route_into_lists(inner, file_inner)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Applies `by_entry` (entry name or index -> overrides) to the entries of the
+/// `section` list; a key naming no entry is an override of the only entry.
+fn apply_to_entries(
+    section: &str,
+    by_entry: Dict,
+    mut entries: Vec<Value>,
+) -> Result<Vec<Value>, ConfigError> {
+    for (selector, overrides) in by_entry {
+        let named = entries.iter().position(|entry| {
+            entry
+                .find_ref("name")
+                .and_then(Value::as_str)
+                .is_some_and(|name| name.to_lowercase().replace('-', "_") == selector)
+        });
+        let (index, overrides) = match (named, selector.parse::<usize>(), entries.len()) {
+            (Some(index), _, _) => (index, overrides),
+            (None, Ok(index), len) if index < len => (index, overrides),
+            (None, _, 1) => (0, Value::from(Dict::from([(selector, overrides)]))),
+            _ => {
+                return Err(ConfigError::invalid(
+                    "environment",
+                    format!(
+                        "{ENV_PREFIX}{}__{}__*: no [[{section}]] entry is named {selector:?}",
+                        section.to_uppercase(),
+                        selector.to_uppercase()
+                    ),
+                ))
+            }
+        };
+        let (Value::Dict(_, mut overrides), Value::Dict(_, entry)) =
+            (overrides, &mut entries[index])
+        else {
+            return Err(ConfigError::invalid(
+                "environment",
+                format!(
+                    "{ENV_PREFIX}{}__*: expected keys of an entry",
+                    section.to_uppercase()
+                ),
+            ));
+        };
+        route_into_lists(&mut overrides, entry)?;
+        merge(entry, overrides);
+    }
+    Ok(entries)
+}
+
+/// Writes `overrides` into `target`, section by section.
+fn merge(target: &mut Dict, overrides: Dict) {
+    for (key, value) in overrides {
+        match (target.get_mut(&key), value) {
+            (Some(Value::Dict(_, inner)), Value::Dict(_, value)) => merge(inner, value),
+            (_, value) => {
+                target.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Deserializes a section given once (`[postgres]`) or as a list (`[[postgres]]`)
+/// into a list; use with `#[serde(default, deserialize_with = "one_or_many")]`.
+pub fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct OneOrMany<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for OneOrMany<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a section or a list of sections")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Vec<T>, A::Error> {
+            let one = T::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+            Ok(vec![one])
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Vec<T>, A::Error> {
+            Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        }
+    }
+
+    deserializer.deserialize_any(OneOrMany(std::marker::PhantomData))
+}
+
 impl Provider for &Environment {
     fn metadata(&self) -> Metadata {
         Metadata::named(ENV_NAME)
@@ -289,6 +408,81 @@ mod tests {
             Some("0.5")
         );
         assert_eq!(env.sections.len(), 2);
+    }
+
+    /// The file's `[[postgres]]` list after `vars` are routed into it.
+    fn routed(vars: &[(&str, &str)]) -> Result<Vec<Value>, ConfigError> {
+        let file: Dict = Figment::from(Toml::string(
+            "[[postgres]]\nname = \"orders-db\"\nurl = \"a\"\n\
+             [[postgres]]\nname = \"billing\"\nurl = \"b\"\n",
+        ))
+        .data()
+        .expect("valid TOML")
+        .remove(&Profile::Default)
+        .expect("default profile");
+        let mut env = Environment::from_vars(
+            vars.iter()
+                .map(|(name, value)| (name.to_string(), value.to_string())),
+        );
+        route_into_lists(&mut env.sections, &file)?;
+        match env.sections.remove("postgres") {
+            Some(Value::Array(_, entries)) => Ok(entries),
+            other => panic!("not a list: {other:?}"),
+        }
+    }
+
+    fn field<'a>(entry: &'a Value, key: &str) -> Option<&'a str> {
+        entry.find_ref(key).and_then(Value::as_str)
+    }
+
+    #[test]
+    fn list_entries_are_addressed_by_name_or_index() {
+        let entries = routed(&[
+            ("CHANGEWIRE_POSTGRES__ORDERS_DB__PASSWORD", "007"),
+            ("CHANGEWIRE_POSTGRES__1__URL", "c"),
+        ])
+        .expect("routed");
+        assert_eq!(field(&entries[0], "password"), Some("007"));
+        assert_eq!(field(&entries[0], "url"), Some("a"), "the rest is kept");
+        assert_eq!(field(&entries[1], "url"), Some("c"));
+        assert_eq!(field(&entries[1], "password"), None);
+    }
+
+    #[test]
+    fn an_override_naming_no_entry_of_several_is_an_error() {
+        let error = routed(&[("CHANGEWIRE_POSTGRES__PASSWORD", "007")]).expect_err("ambiguous");
+        let message = error.to_string();
+        assert!(
+            message.contains("CHANGEWIRE_POSTGRES__PASSWORD__*"),
+            "{message}"
+        );
+        assert!(message.contains("no [[postgres]] entry"), "{message}");
+    }
+
+    #[test]
+    fn a_section_is_read_once_or_as_a_list() {
+        #[derive(Deserialize, Debug, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        struct Section {
+            name: String,
+        }
+        #[derive(Deserialize, Debug)]
+        struct File {
+            #[serde(default, deserialize_with = "one_or_many")]
+            source: Vec<Section>,
+        }
+        let read = |toml: &str| {
+            Figment::from(Toml::string(toml))
+                .extract::<File>()
+                .map_err(|e| e.to_string())
+        };
+        let once = read("[source]\nname = \"a\"").expect("one");
+        assert_eq!(once.source, [Section { name: "a".into() }]);
+        let many = read("[[source]]\nname = \"a\"\n[[source]]\nname = \"b\"").expect("many");
+        assert_eq!(many.source.len(), 2);
+        assert!(read("").expect("none").source.is_empty());
+        let error = read("[source]\nname = \"a\"\ntypo = 1").expect_err("unknown key");
+        assert!(error.contains("typo"), "{error}");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! that contain anything else (Postgres allows almost any identifier) have those
 //! characters replaced by `_`, so every table maps to a valid topic.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Longest topic name Kafka accepts.
@@ -20,12 +22,22 @@ pub struct TopicsConfig {
     /// Prefix of every topic name (default `changewire`).
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// Replication factor of the topics changewire creates (default: the broker's).
+    #[serde(default)]
+    pub replication_factor: Option<i32>,
+    /// Topic settings of the topics changewire creates, passed to the broker as
+    /// they are: `retention.ms`, `cleanup.policy`, `min.insync.replicas`, ... They
+    /// win over changewire's own choices (`cleanup.policy=compact` with tombstones).
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
 }
 
 impl Default for TopicsConfig {
     fn default() -> Self {
         Self {
             prefix: default_prefix(),
+            replication_factor: None,
+            settings: BTreeMap::new(),
         }
     }
 }

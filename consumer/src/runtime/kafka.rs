@@ -32,7 +32,7 @@ pub async fn ensure_topic(
     topic: &str,
     partitions: i32,
 ) -> Result<(), RuntimeError> {
-    let spec = TopicSpec::new(topic, partitions);
+    let spec = TopicSpec::new(topic, partitions).configured(&config.topics);
     changewire_kafka::ensure_topics(&config.kafka, &[spec])
         .await
         .inspect_err(

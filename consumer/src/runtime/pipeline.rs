@@ -110,7 +110,7 @@ impl<H: Handler> Worker<'_, H> {
         self.metrics
             .handler_seconds
             .observe(started.elapsed().as_secs_f64());
-        let attempt = earlier.map_or(1, |e| e.attempts + 1);
+        let attempt = earlier.as_ref().map_or(1, |e| e.attempts() + 1);
         match result {
             Ok(()) => {
                 batch.changes.extend(changes);
@@ -164,10 +164,10 @@ impl<H: Handler> Worker<'_, H> {
         unavailable: bool,
         error: &str,
     ) {
+        let attempt = earlier.as_ref().map_or(1, |e| e.attempts() + 1);
         let delay = self
             .parking
             .park(record, earlier, unavailable, tokio::time::Instant::now());
-        let attempt = earlier.map_or(1, |e| e.attempts + 1);
         if unavailable {
             tracing::warn!(event = %event.id, attempt, %error, retry_in = ?delay, "a dependency is unavailable; the partition waits, nothing is dead-lettered");
             self.metrics.set_state(ServiceState::Unavailable);

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use changewire_schemas::backoff::Backoff;
 use changewire_schemas::diagnostics::report;
 use tokio::time::Instant;
 
@@ -129,13 +130,19 @@ fn blocker(pending: &Pending) -> Blocker {
 #[derive(Debug)]
 struct Block {
     until: Instant,
-    delay: Duration,
+    backoff: Backoff,
     /// First failure: the give-up clock starts here.
     since: Instant,
 }
 
+/// The first retry's ceiling (waits are half to all of their ceiling: jitter).
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A failing key's or receiver's retry delays; success resets them explicitly.
+fn retry_backoff() -> Backoff {
+    Backoff::new(RETRY_MIN, RETRY_MAX, Duration::MAX)
+}
 
 /// What to do with an effect after an attempt.
 #[derive(Debug, PartialEq, Eq)]
@@ -156,7 +163,7 @@ pub(super) struct Cursor {
     blocked: HashMap<Blocker, Block>,
     /// The whole sink waits until then (unavailable receiver).
     paused_until: Option<Instant>,
-    pause: Duration,
+    pause: Backoff,
     give_up_after: Duration,
     /// False for the DLQ's own sink: what it cannot write waits instead.
     can_dead_letter: bool,
@@ -167,7 +174,7 @@ impl Cursor {
         Self {
             blocked: HashMap::new(),
             paused_until: None,
-            pause: RETRY_MIN,
+            pause: retry_backoff(),
             give_up_after,
             can_dead_letter,
         }
@@ -221,7 +228,7 @@ impl Cursor {
                     self.blocked.remove(&blocker(pending));
                 }
                 self.paused_until = None;
-                self.pause = RETRY_MIN;
+                self.pause.reset();
                 Verdict::Done
             }
             Delivery::NotAttempted => Verdict::Wait,
@@ -241,11 +248,11 @@ impl Cursor {
     /// The whole sink waits: `retry_after` if the receiver asked, else a pause
     /// that doubles with each unavailable answer.
     pub(super) fn pause_sink(&mut self, retry_after: Option<Duration>, now: Instant) {
+        let backoff = self.pause.next_delay_at(now);
         let wait = retry_after
-            .unwrap_or(self.pause)
-            .clamp(RETRY_MIN, RETRY_MAX * 10);
+            .unwrap_or(backoff)
+            .clamp(RETRY_MIN / 2, RETRY_MAX * 10);
         self.paused_until = Some(now + wait);
-        self.pause = (self.pause * 2).min(RETRY_MAX);
     }
 
     /// Blocks `pending`'s key for a while, or gives up on it once it has failed
@@ -253,7 +260,7 @@ impl Cursor {
     fn retry_later(&mut self, pending: &Pending, error: &SinkError, now: Instant) -> Verdict {
         let block = self.blocked.entry(blocker(pending)).or_insert(Block {
             until: now,
-            delay: RETRY_MIN / 2,
+            backoff: retry_backoff(),
             since: now,
         });
         if self.can_dead_letter && now.duration_since(block.since) >= self.give_up_after {
@@ -264,8 +271,7 @@ impl Cursor {
                 report(error)
             ));
         }
-        block.delay = (block.delay * 2).min(RETRY_MAX);
-        block.until = now + block.delay;
+        block.until = now + block.backoff.next_delay_at(now);
         Verdict::Wait
     }
 }
@@ -460,6 +466,15 @@ mod tests {
         chunk.iter().map(|p| p.sequence).collect()
     }
 
+    /// `due` lies within the jittered step of `ceiling` after `from`.
+    fn assert_within(due: Option<Instant>, from: Instant, ceiling: Duration) {
+        let due = due.expect("a retry is due") - from;
+        assert!(
+            due >= ceiling / 2 && due <= ceiling,
+            "{due:?} not within the {ceiling:?} step"
+        );
+    }
+
     fn failed() -> Delivery {
         Delivery::Failed(SinkError::Transient("busy".into()))
     }
@@ -485,7 +500,7 @@ mod tests {
             vec![2, 4],
             "key a waits"
         );
-        assert_eq!(cursor.next_due(), Some(now + RETRY_MIN));
+        assert_within(cursor.next_due(), now, RETRY_MIN);
         tokio::time::advance(RETRY_MIN).await;
         let later = Instant::now();
         assert_eq!(
@@ -493,11 +508,7 @@ mod tests {
             vec![1, 2, 3, 4]
         );
         assert_eq!(cursor.outcome(&all[0], failed(), later), Verdict::Wait);
-        assert_eq!(
-            cursor.next_due(),
-            Some(later + RETRY_MIN * 2),
-            "the delay doubles"
-        );
+        assert_within(cursor.next_due(), later, RETRY_MIN * 2);
         assert_eq!(
             cursor.outcome(&all[0], Delivery::Delivered, later),
             Verdict::Done

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use crate::metrics::ProducerMetrics;
+use crate::metrics::SourceMetrics;
 
 /// The `[kubernetes.audit]` section: the audit webhook endpoint.
 #[derive(Clone, Serialize, Deserialize)]
@@ -127,15 +127,16 @@ struct Entries {
 
 impl Attributions {
     /// Per the `[kubernetes.audit]` section, counting in `metrics`.
-    pub fn new(config: &AuditConfig, metrics: &ProducerMetrics) -> Self {
+    pub fn new(config: &AuditConfig, metrics: &SourceMetrics) -> Self {
+        let [received, attributed, unattributed] = metrics.audit();
         Self {
             entries: Mutex::default(),
             arrived: Notify::new(),
             retention: Duration::from_secs(config.retention_secs),
             wait: Duration::from_millis(config.wait_ms),
-            received: metrics.audit_received.clone(),
-            attributed: metrics.audit_attributed.clone(),
-            unattributed: metrics.audit_unattributed.clone(),
+            received,
+            attributed,
+            unattributed,
         }
     }
 

@@ -43,7 +43,7 @@ impl WatchHealth {
         self.lock().remove(scope);
     }
 
-    /// A hook for [`crate::backoff::Backoff::on_retry`] that records `scope`'s retries.
+    /// A hook for [`changewire_schemas::backoff::Backoff::on_retry`] that records `scope`'s retries.
     pub fn retry_hook(self: &Arc<Self>, scope: &str) -> impl Fn(Instant) + Send + Sync + 'static {
         let (health, scope) = (self.clone(), scope.to_owned());
         move |at| health.retrying(&scope, at)

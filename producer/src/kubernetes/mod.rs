@@ -12,6 +12,7 @@ pub mod audit;
 pub mod config;
 pub mod health;
 pub mod object;
+mod retry;
 pub mod source;
 pub mod state;
 

@@ -9,6 +9,7 @@ use changewire_kafka::{Lane, PublishError, Publisher, Record, TopicSpec};
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::topic::TopicNameError;
 use changewire_schemas::{ChangeEvent, Codec, CodecError, Op, SnapshotMarker, TopicNames};
+use futures::future::BoxFuture;
 use futures::stream::StreamExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, WatchEvent, WatchParams};
@@ -22,11 +23,12 @@ use super::audit::{self, Attributions, AuditServerError};
 use super::config::{KindConfig, KubernetesConfig};
 use super::health::WatchHealth;
 use super::object::{compare, event, prepare, Difference, EventContext, WatchedKind};
-use super::state::{Loaded, ObjectStore, Objects, StateError};
-use crate::backoff::Backoff;
+use super::retry::{watch_backoff, WatcherBackoff};
+use super::state::{Loaded, ObjectStore, Objects, SledObjects, StateError};
 use crate::clock::now_ms;
-use crate::metrics::{EventLabels, KindLabel, ProducerMetrics, SourceKind, SourceState};
+use crate::metrics::{KindLabel, ProducerMetrics, SourceMetrics, SourceState};
 use crate::redact::SecretHasher;
+use crate::source::{ChangeSource, SourceContext, SourceError};
 
 /// A Kubernetes source failure.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +121,7 @@ pub struct KubernetesSource<O> {
     codec: Arc<Codec>,
     publisher: Publisher,
     objects: Arc<O>,
-    metrics: Arc<ProducerMetrics>,
+    metrics: SourceMetrics,
 }
 
 impl<O: ObjectStore> KubernetesSource<O> {
@@ -131,34 +133,35 @@ impl<O: ObjectStore> KubernetesSource<O> {
         publisher: Publisher,
         objects: Arc<O>,
     ) -> Self {
+        let metrics = Arc::<ProducerMetrics>::default().source(&config.name);
         Self {
             config,
             names,
             codec,
             publisher,
             objects,
-            metrics: Arc::new(ProducerMetrics::default()),
+            metrics,
         }
     }
 
     /// Shares `metrics` (e.g. with another source in the same process).
     pub fn with_metrics(mut self, metrics: Arc<ProducerMetrics>) -> Self {
-        self.metrics = metrics;
+        self.metrics = metrics.source(&self.config.name);
         self
     }
 
     /// The source's metrics.
     pub fn metrics(&self) -> Arc<ProducerMetrics> {
-        self.metrics.clone()
+        self.metrics.shared().clone()
     }
 
     /// Runs until `shutdown` turns true or a permanent error.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), KubernetesError> {
         let metrics = self.metrics.clone();
         let result = self.supervise(&mut shutdown).await;
-        metrics.set_state(SourceKind::Kubernetes, SourceState::Stopped);
+        metrics.set_state(SourceState::Stopped);
         if let Err(error) = &result {
-            metrics.set_error(SourceKind::Kubernetes, Some(report(error)));
+            metrics.set_error(Some(report(error)));
         }
         result
     }
@@ -208,9 +211,7 @@ impl<O: ObjectStore> KubernetesSource<O> {
                 )
             });
         }
-        source
-            .metrics
-            .set_state(SourceKind::Kubernetes, SourceState::Streaming);
+        source.metrics.set_state(SourceState::Streaming);
         let mut health_check = tokio::time::interval(HEALTH_CHECK_INTERVAL);
         loop {
             tokio::select! {
@@ -261,6 +262,35 @@ pub async fn check(config: &KubernetesConfig) -> Result<String, KubernetesError>
         .await
         .map_err(KubernetesError::Api)?;
     Ok(format!("Kubernetes API server {}", version.git_version))
+}
+
+impl ChangeSource for KubernetesConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "Kubernetes"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<String, SourceError>> {
+        Box::pin(async move { check(self).await.map_err(SourceError::from) })
+    }
+
+    fn run(self: Box<Self>, context: SourceContext) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(async move {
+            let objects = SledObjects::open(context.state.db(), &self.name)?;
+            let source = KubernetesSource::new(
+                *self,
+                context.topics,
+                context.codec,
+                context.publisher,
+                Arc::new(objects),
+            )
+            .with_metrics(context.metrics);
+            Ok(source.run(context.shutdown).await?)
+        })
+    }
 }
 
 /// The running watches, by scope.
@@ -342,11 +372,11 @@ impl<O: ObjectStore> Shared<O> {
         let failing = self.health.failing(tokio::time::Instant::now());
         let metrics = &self.source.metrics;
         if failing.is_empty() {
-            metrics.set_state(SourceKind::Kubernetes, SourceState::Streaming);
-            metrics.set_error(SourceKind::Kubernetes, None);
+            metrics.set_state(SourceState::Streaming);
+            metrics.set_error(None);
         } else {
-            metrics.set_state(SourceKind::Kubernetes, SourceState::Reconnecting);
-            metrics.set_error(SourceKind::Kubernetes, Some(failing.join("; ")));
+            metrics.set_state(SourceState::Reconnecting);
+            metrics.set_error(Some(failing.join("; ")));
         }
     }
 
@@ -358,7 +388,7 @@ impl<O: ObjectStore> Shared<O> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Vec<WatchedKind>, KubernetesError> {
         let gvk = GroupVersionKind::gvk(&config.group, &config.version, &config.kind);
-        let mut backoff = Backoff::for_watches();
+        let mut backoff = watch_backoff();
         let plural = loop {
             if let Some(plural) = &config.plural {
                 break plural.clone();
@@ -469,12 +499,7 @@ impl<O: ObjectStore> Shared<O> {
         for op in confirmed.ops {
             self.source
                 .metrics
-                .events
-                .get_or_create(&EventLabels::Kind {
-                    kind: kind.label(),
-                    op: op.code().to_owned(),
-                })
-                .inc();
+                .count_kind_event(kind.label(), op.code());
         }
         if !confirmed.writes.is_empty() || confirmed.resume.is_some() {
             let resume = confirmed.resume.map(|version| kind.resume_token(&version));
@@ -510,7 +535,7 @@ impl<'a, O: ObjectStore> InFlight<'a, O> {
             lane: shared
                 .source
                 .publisher
-                .lane(shared.source.metrics.publish_metrics())
+                .lane(shared.source.metrics.shared().publish_metrics())
                 .with_limit(MAX_IN_FLIGHT),
         }
     }
@@ -600,7 +625,7 @@ impl<'a, O: ObjectStore> ScopeView<'a, O> {
         Self {
             shared,
             kind,
-            label: KindLabel { kind: kind.label() },
+            label: shared.source.metrics.kind(kind.label()),
             scope: kind.scope(),
             published: loaded.objects,
             unconfirmed: loaded.unconfirmed,
@@ -630,6 +655,7 @@ impl<'a, O: ObjectStore> ScopeView<'a, O> {
                     self.shared
                         .source
                         .metrics
+                        .shared()
                         .relists
                         .get_or_create(&self.label)
                         .inc();
@@ -662,6 +688,7 @@ impl<'a, O: ObjectStore> ScopeView<'a, O> {
                     self.shared
                         .source
                         .metrics
+                        .shared()
                         .watch_restarts
                         .get_or_create(&self.label)
                         .inc();
@@ -839,9 +866,9 @@ async fn watch_scope<O: ObjectStore>(
     kind: WatchedKind,
     mut stop: watch::Receiver<Stop>,
 ) -> Result<(), KubernetesError> {
-    let label = KindLabel { kind: kind.label() };
+    let label = shared.source.metrics.kind(kind.label());
     let scope = kind.scope();
-    let mut backoff = Backoff::for_watches().on_retry(shared.health.retry_hook(&scope));
+    let mut backoff = watch_backoff().on_retry(shared.health.retry_hook(&scope));
     loop {
         match watch_once(&shared, &kind, &mut stop).await {
             Ok(()) => return Ok(()),
@@ -849,6 +876,7 @@ async fn watch_scope<O: ObjectStore>(
                 shared
                     .source
                     .metrics
+                    .shared()
                     .watch_restarts
                     .get_or_create(&label)
                     .inc();
@@ -909,10 +937,9 @@ async fn watch_once<O: ObjectStore>(
         None => futures::stream::empty().boxed(),
     };
     let mut events = resumed
-        .chain(
-            watcher::watcher(api, config)
-                .backoff(Backoff::for_watches().on_retry(shared.health.retry_hook(&scope))),
-        )
+        .chain(watcher::watcher(api, config).backoff(WatcherBackoff(
+            watch_backoff().on_retry(shared.health.retry_hook(&scope)),
+        )))
         .ready_chunks(512)
         .boxed();
     let mut in_flight = InFlight::new(shared, kind);
@@ -942,8 +969,7 @@ async fn watch_once<O: ObjectStore>(
                 in_flight.publish(view.take_batch(), seen).await?;
                 shared
                     .source
-                    .metrics
-                    .watched_objects
+                    .metrics.shared().watched_objects
                     .get_or_create(&view.label)
                     .set(view.published.len() as i64);
                 if let Some(error) = expired {
@@ -1023,7 +1049,7 @@ async fn follow_crds<O: ObjectStore>(
 ) -> Result<(), KubernetesError> {
     let crd_watch = || {
         let api: Api<CustomResourceDefinition> = Api::all(shared.client.clone());
-        let backoff = Backoff::for_watches().on_retry(shared.health.retry_hook(CRD_SCOPE));
+        let backoff = WatcherBackoff(watch_backoff().on_retry(shared.health.retry_hook(CRD_SCOPE)));
         watcher::watcher(api, watcher::Config::default())
             .backoff(backoff)
             .boxed()

@@ -67,13 +67,48 @@ pub struct SledObjects {
     tree: sled::Tree,
 }
 
+/// The tree of a version that had a single `[kubernetes]` section.
+const UNNAMED_TREE: &str = "kubernetes-objects";
+
 impl SledObjects {
-    /// Uses the `kubernetes-objects` tree of `db`.
-    pub fn open(db: &sled::Db) -> Result<Self, StateError> {
+    /// Uses the `kubernetes-objects/<source>` tree of `db`: each source's own.
+    pub fn open(db: &sled::Db, source: &str) -> Result<Self, StateError> {
         Ok(Self {
-            tree: db.open_tree("kubernetes-objects")?,
+            tree: db.open_tree(tree_name(source))?,
         })
     }
+
+    /// Hands the state of a version with a single `[kubernetes]` section to
+    /// `source` (the first configured), unless `source` already has state. Idempotent:
+    /// a crash between copying and dropping copies nothing the second time.
+    pub fn adopt_unnamed(db: &sled::Db, source: &str) -> Result<(), StateError> {
+        if !db.tree_names().iter().any(|n| n == UNNAMED_TREE.as_bytes()) {
+            return Ok(());
+        }
+        let unnamed = db.open_tree(UNNAMED_TREE)?;
+        let named = db.open_tree(tree_name(source))?;
+        if named.is_empty() && !unnamed.is_empty() {
+            let mut batch = sled::Batch::default();
+            for entry in unnamed.iter() {
+                let (key, value) = entry?;
+                batch.insert(key, value);
+            }
+            named.apply_batch(batch)?;
+            named.flush()?;
+            tracing::info!(
+                source,
+                objects = unnamed.len(),
+                "object state of the single [kubernetes] section now belongs to this source"
+            );
+        }
+        db.drop_tree(UNNAMED_TREE)?;
+        db.flush()?;
+        Ok(())
+    }
+}
+
+fn tree_name(source: &str) -> String {
+    format!("{UNNAMED_TREE}/{source}")
 }
 
 fn prefix(scope: &str) -> Vec<u8> {
@@ -184,7 +219,7 @@ mod tests {
     fn scopes_are_kept_apart_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = SledObjects::open(&sled::open(dir.path()).unwrap()).unwrap();
+            let store = SledObjects::open(&sled::open(dir.path()).unwrap(), "c").unwrap();
             assert_eq!(store.load("g/K/a").unwrap(), Loaded::default());
             store
                 .reserve("g/K/a", &[("u1", &json!(0)), ("u4", &json!(4))])
@@ -206,7 +241,16 @@ mod tests {
                 .apply("g/K/ab", vec![("u3".into(), Some(json!(3)))], None)
                 .unwrap();
         }
-        let store = SledObjects::open(&sled::open(dir.path()).unwrap()).unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        assert!(
+            SledObjects::open(&db, "other")
+                .unwrap()
+                .scopes()
+                .unwrap()
+                .is_empty(),
+            "each source has its own state"
+        );
+        let store = SledObjects::open(&db, "c").unwrap();
         let loaded = store.load("g/K/a").unwrap();
         assert!(loaded.synced);
         assert_eq!(loaded.resume.as_deref(), Some("42"));
@@ -225,5 +269,30 @@ mod tests {
         assert_eq!(store.load("g/K/a").unwrap(), Loaded::default());
         assert_eq!(store.scopes().unwrap(), ["g/K/ab"]);
         assert_eq!(store.load("g/K/ab").unwrap().objects.len(), 1);
+    }
+
+    #[test]
+    fn the_unnamed_state_goes_to_the_first_source_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let unnamed = SledObjects {
+            tree: db.open_tree(UNNAMED_TREE).unwrap(),
+        };
+        unnamed
+            .apply(
+                "v1/ConfigMap",
+                vec![("u1".into(), Some(json!(1)))],
+                Some("7"),
+            )
+            .unwrap();
+        SledObjects::adopt_unnamed(&db, "first").unwrap();
+        let first = SledObjects::open(&db, "first").unwrap();
+        let loaded = first.load("v1/ConfigMap").unwrap();
+        assert_eq!(loaded.objects, Objects::from([("u1".into(), json!(1))]));
+        assert_eq!(loaded.resume.as_deref(), Some("7"));
+        assert!(!db.tree_names().iter().any(|n| n == UNNAMED_TREE.as_bytes()));
+        first.clear("v1/ConfigMap").unwrap();
+        SledObjects::adopt_unnamed(&db, "first").unwrap();
+        assert!(first.scopes().unwrap().is_empty(), "adopted only once");
     }
 }

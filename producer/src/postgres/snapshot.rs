@@ -15,7 +15,6 @@ use super::setup::quote_ident;
 use super::source::PostgresSource;
 use crate::checkpoint::CheckpointStore;
 use crate::clock::now_ms;
-use crate::metrics::TableLabel;
 
 /// One snapshot run.
 pub(super) struct Snapshot<'a, C> {
@@ -123,9 +122,7 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
             )
             .await?
             .get(0);
-        let label = TableLabel {
-            table: table.label(),
-        };
+        let label = self.source.source_metrics().table(table.label());
         let metrics = self.source.metrics();
         metrics
             .snapshot_rows_estimated

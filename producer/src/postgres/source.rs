@@ -3,13 +3,17 @@
 //! acknowledged every event at or below it.
 
 use std::future::Future;
+
+use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
 use changewire_kafka::{Lane, Publisher, Record, TopicSpec};
+use changewire_schemas::backoff::Backoff;
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::{ChangeEvent, Codec, Op, TopicNames};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
@@ -20,10 +24,10 @@ use super::normalize::{Change, Relations, SourceInfo, Table, TxContext, SESSION_
 use super::pgoutput::{pg_micros_to_unix_ms, Decoder, Lsn, Message, OldTuple, Relation};
 use super::setup::{self, quote_ident};
 use super::snapshot::Snapshot;
-use crate::backoff::Backoff;
 use crate::checkpoint::CheckpointStore;
 use crate::clock::now_ms;
-use crate::metrics::{EventLabels, ProducerMetrics, SourceKind, SourceState};
+use crate::metrics::{ProducerMetrics, SourceMetrics, SourceState};
+use crate::source::{ChangeSource, SourceContext, SourceError};
 
 /// How often the replication client reports the confirmed position.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -47,7 +51,7 @@ pub struct PostgresSource<C> {
     codec: Arc<Codec>,
     publisher: Publisher,
     checkpoints: Arc<C>,
-    metrics: Arc<ProducerMetrics>,
+    metrics: SourceMetrics,
 }
 
 impl<C: CheckpointStore> PostgresSource<C> {
@@ -59,25 +63,26 @@ impl<C: CheckpointStore> PostgresSource<C> {
         publisher: Publisher,
         checkpoints: Arc<C>,
     ) -> Self {
+        let metrics = Arc::<ProducerMetrics>::default().source(&config.name);
         Self {
             config,
             topics,
             codec,
             publisher,
             checkpoints,
-            metrics: Arc::default(),
+            metrics,
         }
     }
 
     /// Reports into `metrics` instead of a private registry.
     pub fn with_metrics(mut self, metrics: Arc<ProducerMetrics>) -> Self {
-        self.metrics = metrics;
+        self.metrics = metrics.source(&self.config.name);
         self
     }
 
     /// The metrics this source reports into.
     pub fn metrics(&self) -> Arc<ProducerMetrics> {
-        self.metrics.clone()
+        self.metrics.shared().clone()
     }
 
     /// Streams until `shutdown` turns true, reconnecting with backoff after transient
@@ -87,34 +92,28 @@ impl<C: CheckpointStore> PostgresSource<C> {
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), PostgresError> {
         let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER);
         loop {
-            self.metrics
-                .set_state(SourceKind::Postgres, SourceState::Starting);
+            self.metrics.set_state(SourceState::Starting);
             let error = match self.run_session(&mut shutdown).await {
                 Ok(()) => {
-                    self.metrics
-                        .set_state(SourceKind::Postgres, SourceState::Stopped);
+                    self.metrics.set_state(SourceState::Stopped);
                     return Ok(());
                 }
                 Err(error) if error.is_transient() => error,
                 Err(error) => {
-                    self.metrics
-                        .set_state(SourceKind::Postgres, SourceState::Stopped);
-                    self.metrics
-                        .set_error(SourceKind::Postgres, Some(report(&error)));
+                    self.metrics.set_state(SourceState::Stopped);
+                    self.metrics.set_error(Some(report(&error)));
                     return Err(error);
                 }
             };
             let delay = backoff.next_delay();
             tracing::warn!(error = %report(&error), retry_in = ?delay, "PostgreSQL source failed; reconnecting");
-            self.metrics
-                .set_state(SourceKind::Postgres, SourceState::Reconnecting);
-            self.metrics
-                .set_error(SourceKind::Postgres, Some(report(&error)));
-            self.metrics.reconnects.inc();
+            self.metrics.set_state(SourceState::Reconnecting);
+            self.metrics.set_error(Some(report(&error)));
+            self.metrics.reconnects().inc();
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = stopped(&mut shutdown) => {
-                    self.metrics.set_state(SourceKind::Postgres, SourceState::Stopped);
+                    self.metrics.set_state(SourceState::Stopped);
                     return Ok(());
                 }
             }
@@ -134,9 +133,8 @@ impl<C: CheckpointStore> PostgresSource<C> {
                 .await?
                 .get(0),
         };
-        self.metrics
-            .set_state(SourceKind::Postgres, SourceState::Streaming);
-        self.metrics.set_error(SourceKind::Postgres, None);
+        self.metrics.set_state(SourceState::Streaming);
+        self.metrics.set_error(None);
         Stream {
             source: self,
             client: Arc::new(client),
@@ -199,8 +197,7 @@ impl<C: CheckpointStore> PostgresSource<C> {
         tracing::info!(%slot, %consistent_point, "created replication slot");
         if let (true, Some(snapshot_name)) = (must_snapshot, field(2)) {
             // The exported snapshot lives while the replication session stays idle.
-            self.metrics
-                .set_state(SourceKind::Postgres, SourceState::Snapshotting);
+            self.metrics.set_state(SourceState::Snapshotting);
             Snapshot::new(self, consistent_point)
                 .run(&snapshot_name)
                 .await?;
@@ -268,9 +265,14 @@ impl<C: CheckpointStore> PostgresSource<C> {
         let topic =
             self.topics
                 .postgres_table(&self.config.name, &relation.namespace, &relation.name)?;
-        self.publisher
-            .ensure_topics(&[TopicSpec::new(topic.clone(), self.config.topic_partitions)])
-            .await?;
+        let spec = TopicSpec::new(topic.clone(), self.config.topic_partitions);
+        // Tombstones exist for compaction: they let it drop a deleted row's events.
+        let spec = if self.config.tombstones {
+            spec.compacted()
+        } else {
+            spec
+        };
+        self.publisher.ensure_topics(&[spec]).await?;
         self.codec.prepare_topic(&topic).await?;
         let redactor = self.config.redactor();
         let redacted = relation
@@ -322,21 +324,50 @@ impl<C: CheckpointStore> PostgresSource<C> {
     /// A new lane to publish events in.
     pub(super) fn lane<T>(&self) -> Lane<T> {
         self.publisher
-            .lane(self.metrics.publish_metrics())
+            .lane(self.metrics.shared().publish_metrics())
             .with_limit(self.config.max_in_flight)
     }
 
     /// Counts one published event.
     pub(super) fn count_event(&self, table: &Table, op: Op) {
-        let labels = EventLabels::Table {
-            table: table.label(),
-            op: op.code().to_owned(),
-        };
-        self.metrics.events.get_or_create(&labels).inc();
+        self.metrics.count_table_event(table.label(), op.code());
+    }
+
+    /// This source's labelled metrics.
+    pub(super) fn source_metrics(&self) -> &SourceMetrics {
+        &self.metrics
     }
 
     pub(super) fn config(&self) -> &PostgresConfig {
         &self.config
+    }
+}
+
+impl ChangeSource for PostgresConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "PostgreSQL"
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<String, SourceError>> {
+        Box::pin(async move { check(self).await.map_err(SourceError::from) })
+    }
+
+    fn run(self: Box<Self>, context: SourceContext) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(async move {
+            let source = PostgresSource::new(
+                *self,
+                context.topics,
+                context.codec,
+                context.publisher,
+                context.state,
+            )
+            .with_metrics(context.metrics);
+            Ok(source.run(context.shutdown).await?)
+        })
     }
 }
 
@@ -347,14 +378,14 @@ impl<C: CheckpointStore> PostgresSource<C> {
 struct LagProbe(tokio::task::JoinHandle<()>);
 
 impl LagProbe {
-    fn spawn(client: Arc<Client>, slot: String, metrics: Arc<ProducerMetrics>) -> Self {
+    fn spawn(client: Arc<Client>, slot: String, lag_bytes: Gauge) -> Self {
         Self(tokio::spawn(async move {
             let mut interval = tokio::time::interval(LAG_PROBE_INTERVAL);
             loop {
                 interval.tick().await;
                 match tokio::time::timeout(LAG_PROBE_TIMEOUT, slot_lag(&client, &slot)).await {
                     Ok(Ok(Some(lag))) => {
-                        metrics.lag_bytes.set(lag.max(0));
+                        lag_bytes.set(lag.max(0));
                     }
                     Ok(Ok(None)) => {
                         tracing::debug!(%slot, "the slot has no confirmed position yet")
@@ -445,7 +476,7 @@ impl<C: CheckpointStore> Stream<'_, C> {
         let _lag_probe = LagProbe::spawn(
             self.client.clone(),
             self.source.config.slot_name(),
-            self.source.metrics.clone(),
+            self.source.metrics.lag_bytes(),
         );
         loop {
             tokio::select! {
@@ -470,10 +501,10 @@ impl<C: CheckpointStore> Stream<'_, C> {
                 .update_applied_lsn(pgwire_replication::Lsn(checkpoint.lsn.0));
             let metrics = &self.source.metrics;
             metrics
-                .confirmed_lsn
+                .confirmed_lsn()
                 .set(i64::try_from(checkpoint.lsn.0).unwrap_or(i64::MAX));
             metrics
-                .lag_seconds
+                .lag_seconds()
                 .set((now_ms() - checkpoint.commit_ms).max(0) as f64 / 1000.0);
         }
     }

@@ -226,6 +226,7 @@ fn dedup_config(stack: &Stack, prefix: &str, raw: &str, state: &std::path::Path)
         kafka: stack.kafka_config(),
         topics: TopicsConfig {
             prefix: prefix.to_owned(),
+            ..TopicsConfig::default()
         },
         http: None,
         service: ServiceConfig {

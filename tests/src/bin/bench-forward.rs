@@ -124,6 +124,7 @@ async fn time_forward(
         kafka: stack.kafka_config(),
         topics: TopicsConfig {
             prefix: prefix.to_owned(),
+            ..TopicsConfig::default()
         },
         http: None,
         service: ServiceConfig {

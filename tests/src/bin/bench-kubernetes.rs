@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
         TopicNames::new(&prefix)?,
         Arc::new(Codec::json()?),
         Publisher::new(&stack.kafka_config())?,
-        Arc::new(SledObjects::open(&sled::open(state.path())?)?),
+        Arc::new(SledObjects::open(&sled::open(state.path())?, "bench")?),
     );
     let (stop, shutdown) = watch::channel(false);
     let started = Instant::now();

@@ -39,6 +39,7 @@ pub fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) ->
         kafka,
         topics: TopicsConfig {
             prefix: prefix.to_owned(),
+            ..TopicsConfig::default()
         },
         service: ServiceConfig {
             group_id: Some(unique_name("group")),

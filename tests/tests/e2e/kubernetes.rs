@@ -55,6 +55,8 @@ pub(crate) struct Running {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), KubernetesError>>,
     pub(crate) metrics: Arc<ProducerMetrics>,
+    /// The source's configured name, which its metrics carry.
+    name: String,
 }
 
 impl Running {
@@ -65,7 +67,8 @@ impl Running {
         state: &std::path::Path,
     ) -> anyhow::Result<Self> {
         crate::pipeline::log_to_test_output();
-        let objects = SledObjects::open(&sled::open(state)?)?;
+        let objects = SledObjects::open(&sled::open(state)?, &config.name)?;
+        let name = config.name.clone();
         let source = KubernetesSource::new(
             config,
             TopicNames::new(prefix)?,
@@ -80,6 +83,7 @@ impl Running {
             stop,
             task,
             metrics,
+            name,
         })
     }
 
@@ -109,7 +113,8 @@ impl Running {
         n: u64,
     ) -> anyhow::Result<()> {
         let name = format!(
-            "changewire_producer_events_total{{kind=\"{kind}\",op=\"{}\"}}",
+            "changewire_producer_events_total{{source=\"{}\",kind=\"{kind}\",op=\"{}\"}}",
+            self.name,
             op.code()
         );
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -862,8 +867,8 @@ async fn audit_webhook_names_the_authenticated_user_and_unaudited_changes_fall_b
     use changewire_schemas::http::Observable;
     let metrics = source.metrics.encode_metrics();
     for line in [
-        "changewire_producer_kubernetes_audit_attributed_total 3",
-        "changewire_producer_kubernetes_audit_unattributed_total 1",
+        "changewire_producer_kubernetes_audit_attributed_total{source=\"k8s\"} 3",
+        "changewire_producer_kubernetes_audit_unattributed_total{source=\"k8s\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
@@ -1043,7 +1048,10 @@ async fn a_crd_deleted_while_the_producer_is_down_has_its_objects_deleted_once(
 fn relists(source: &Running, kind: &str) -> u64 {
     counter(
         source,
-        &format!("changewire_producer_kubernetes_relists_total{{kind=\"{kind}\"}}"),
+        &format!(
+            "changewire_producer_kubernetes_relists_total{{source=\"{}\",kind=\"{kind}\"}}",
+            source.name
+        ),
     )
 }
 

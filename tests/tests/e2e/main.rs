@@ -20,5 +20,6 @@ mod registry;
 mod restart;
 mod server_checks;
 mod smoke;
+mod sources;
 mod tls;
 mod types;

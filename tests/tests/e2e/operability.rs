@@ -70,8 +70,8 @@ async fn metrics_count_events_and_health_follows_the_source() -> anyhow::Result<
         .batch_execute("INSERT INTO t SELECT generate_series(1, 5); DELETE FROM t WHERE id = 1")
         .await?;
     let expected = [
-        r#"changewire_producer_events_total{table="public.t",op="c"} 5"#,
-        r#"changewire_producer_events_total{table="public.t",op="d"} 1"#,
+        r#"changewire_producer_events_total{source="ops",table="public.t",op="c"} 5"#,
+        r#"changewire_producer_events_total{source="ops",table="public.t",op="d"} 1"#,
     ];
     let deadline = Instant::now() + Duration::from_secs(30);
     let text = loop {
@@ -101,13 +101,15 @@ async fn metrics_count_events_and_health_follows_the_source() -> anyhow::Result<
         .unwrap_or(0);
     assert!((1..=6).contains(&sampled), "{text}");
     assert!(
-        text.contains("changewire_producer_replication_lag_bytes"),
+        text.contains("changewire_producer_replication_lag_bytes{source=\"ops\"}"),
         "{text}"
     );
-    assert!(
-        !text.contains("changewire_producer_confirmed_lsn 0\n"),
-        "an LSN was confirmed:\n{text}"
-    );
+    let confirmed: u64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("changewire_producer_confirmed_lsn{source=\"ops\"} "))
+        .and_then(|lsn| lsn.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(confirmed > 0, "an LSN was confirmed:\n{text}");
     let version = format!(
         "changewire_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
@@ -160,9 +162,9 @@ async fn snapshot_progress_is_reported_per_table() -> anyhow::Result<()> {
     config.snapshot_chunk_rows = 500;
     let source = RunningSource::start(&stack.kafka_brokers, config, &unique_name("pg"))?;
     let expected = [
-        r#"changewire_producer_snapshot_rows_total{table="public.big"} 3000"#,
-        r#"changewire_producer_snapshot_rows_estimated{table="public.big"} 3000"#,
-        r#"changewire_producer_snapshot_rows_total{table="public.small"} 2"#,
+        r#"changewire_producer_snapshot_rows_total{source="progress",table="public.big"} 3000"#,
+        r#"changewire_producer_snapshot_rows_estimated{source="progress",table="public.big"} 3000"#,
+        r#"changewire_producer_snapshot_rows_total{source="progress",table="public.small"} 2"#,
     ];
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -171,7 +173,7 @@ async fn snapshot_progress_is_reported_per_table() -> anyhow::Result<()> {
             // Never analyzed: no estimate, so no percentage either.
             assert!(
                 text.contains(
-                    r#"changewire_producer_snapshot_rows_estimated{table="public.small"} 0"#
+                    r#"changewire_producer_snapshot_rows_estimated{source="progress",table="public.small"} 0"#
                 ),
                 "{text}"
             );

@@ -227,7 +227,7 @@ async fn replication_lag_counts_the_wal_the_slot_has_not_confirmed() -> anyhow::
             "lag gauge {lag} never reached 90% of the {written} bytes written while frozen"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        lag = source.metrics.lag_bytes.get();
+        lag = source.metrics.source("lag").lag_bytes().get();
     }
     broker.thaw()?;
     source.stop().await?;

@@ -66,7 +66,7 @@ impl KafkaSink {
         config: &RuntimeConfig,
         oversized: Oversized,
     ) -> Result<Self, RuntimeError> {
-        let publisher = Publisher::new(&config.kafka)?;
+        let publisher = Publisher::new(&config.kafka)?.with_topic_settings(&config.topics);
         let lane = publisher.lane(PublishMetrics::default()).with_receipts();
         Ok(Self {
             name: name.to_owned(),

@@ -1,5 +1,7 @@
-//! Retry delays for reconnect loops and watches: exponential with jitter, and reset
-//! once the last attempt has run healthy for a while.
+//! Retry delays, the one backoff of every changewire part (the producer's reconnect
+//! loops and watches, the consumer's parked partitions and sink retries):
+//! exponential with jitter, and reset once the last attempt has run healthy for a
+//! while.
 //!
 //! A delay grown during an outage must not outlive it. kube-runtime's default resets
 //! only when a watch yields an event (quiet kinds yield none) or 120 s after the last
@@ -55,18 +57,31 @@ impl Backoff {
         self
     }
 
-    /// For watches and API calls: 0.5 s to 30 s, healthy after 5 s.
-    pub fn for_watches() -> Self {
-        Self::new(
-            Duration::from_millis(500),
-            Duration::from_secs(30),
-            Duration::from_secs(5),
-        )
+    /// The same delays with another ceiling (attempts so far kept).
+    pub fn with_max(mut self, max: Duration) -> Self {
+        self.max = max;
+        self
+    }
+
+    /// Forgets past failures: the next delay is the first again.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+        self.retried_at = None;
+    }
+
+    /// Failures since the last reset.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
     }
 
     /// The delay before the next attempt, after a failure now.
     pub fn next_delay(&mut self) -> Duration {
-        let now = Instant::now();
+        self.next_delay_at(Instant::now())
+    }
+
+    /// The delay before the next attempt, after a failure at `now` (for pure code
+    /// that is handed the time).
+    pub fn next_delay_at(&mut self, now: Instant) -> Duration {
         if self
             .retried_at
             .is_some_and(|started| now.saturating_duration_since(started) >= self.healthy_after)
@@ -98,20 +113,6 @@ impl Backoff {
             () = tokio::time::sleep(delay) => false,
             _ = shutdown.changed() => true,
         }
-    }
-}
-
-impl Iterator for Backoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        Some(self.next_delay())
-    }
-}
-
-impl kube::runtime::utils::Backoff for Backoff {
-    fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 
