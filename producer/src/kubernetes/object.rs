@@ -364,6 +364,23 @@ pub fn event(
     }
 }
 
+/// A core kind watched in every namespace, publishing to topic `t` (for tests).
+#[cfg(test)]
+pub(super) fn core_kind(kind: &str, plural: &str) -> WatchedKind {
+    WatchedKind {
+        group: String::new(),
+        version: "v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+        namespace: None,
+        label_selector: None,
+        field_selector: None,
+        drop_status_only: false,
+        redact: vec![],
+        topic: "t".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -371,18 +388,7 @@ mod tests {
     use super::*;
 
     fn secret_kind() -> WatchedKind {
-        WatchedKind {
-            group: String::new(),
-            version: "v1".into(),
-            kind: "Secret".into(),
-            plural: "secrets".into(),
-            namespace: None,
-            label_selector: None,
-            field_selector: None,
-            drop_status_only: false,
-            redact: vec![],
-            topic: "t".into(),
-        }
+        core_kind("Secret", "secrets")
     }
 
     #[test]

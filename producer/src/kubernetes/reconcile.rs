@@ -306,21 +306,11 @@ pub(super) fn is_http_gone(error: &watcher::Error) -> bool {
 mod tests {
     use serde_json::json;
 
+    use super::super::object::core_kind;
     use super::*;
 
     fn config_maps() -> WatchedKind {
-        WatchedKind {
-            group: String::new(),
-            version: "v1".into(),
-            kind: "ConfigMap".into(),
-            plural: "configmaps".into(),
-            namespace: None,
-            label_selector: None,
-            field_selector: None,
-            drop_status_only: false,
-            redact: vec![],
-            topic: "t".into(),
-        }
+        core_kind("ConfigMap", "configmaps")
     }
 
     const ORIGIN: Origin<'static> = Origin {
