@@ -10,12 +10,16 @@
 //! - [`source`]: the replication loop with confirm-after-ack (a publisher lane's
 //!   marks), and `--check`;
 //! - [`tls`]: TLS settings for both kinds of session;
+//! - `catalog`: catalog connections and table descriptions, for the stream and the
+//!   snapshot; `output`: where both publish their events;
 //! - `snapshot`: the initial snapshot from the slot's exported snapshot.
 
+mod catalog;
 pub mod config;
 pub mod encoding;
 pub mod error;
 pub mod normalize;
+mod output;
 pub mod pgoutput;
 pub mod setup;
 mod snapshot;

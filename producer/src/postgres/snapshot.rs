@@ -8,27 +8,38 @@ use changewire_schemas::{ChangeEvent, EventId, Op, SnapshotMarker};
 use prometheus_client::metrics::counter::Counter;
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
+use super::catalog::Catalog;
+use super::config::PostgresConfig;
 use super::error::PostgresError;
 use super::normalize::{SourceInfo, Table};
+use super::output::Output;
 use super::pgoutput::{Column, Lsn, Relation, Value};
 use super::setup::quote_ident;
-use super::source::PostgresSource;
-use crate::checkpoint::CheckpointStore;
 use crate::clock::now_ms;
 
 /// One snapshot run.
-pub(super) struct Snapshot<'a, C> {
-    source: &'a PostgresSource<C>,
+pub(super) struct Snapshot<'a> {
+    catalog: &'a Catalog,
+    output: &'a Output,
+    config: &'a PostgresConfig,
     consistent_point: Lsn,
     seq: u64,
     /// The latest event, held back so the very last one can be marked `last`.
     held: Option<(ChangeEvent, Table)>,
 }
 
-impl<'a, C: CheckpointStore> Snapshot<'a, C> {
-    pub(super) fn new(source: &'a PostgresSource<C>, consistent_point: Lsn) -> Self {
+impl<'a> Snapshot<'a> {
+    /// A snapshot of `config`'s tables at `consistent_point` (the slot's start).
+    pub(super) fn new(
+        catalog: &'a Catalog,
+        output: &'a Output,
+        config: &'a PostgresConfig,
+        consistent_point: Lsn,
+    ) -> Self {
         Self {
-            source,
+            catalog,
+            output,
+            config,
             consistent_point,
             seq: 0,
             held: None,
@@ -44,7 +55,7 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
                 reason: "unexpected snapshot name".into(),
             });
         }
-        let client = self.source.connect().await?;
+        let client = self.catalog.connect().await?;
         client
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
@@ -52,22 +63,20 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
             .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{name}'"))
             .await?;
         let info = SourceInfo {
-            name: self.source.config().name.clone(),
+            name: self.config.name.clone(),
             db: client
                 .query_one("SELECT current_database()", &[])
                 .await?
                 .get(0),
         };
-        let mut lane = self.source.lane();
-        for relation in
-            published_relations(&client, &self.source.config().publication_name()).await?
-        {
-            let table = self.source.describe(&client, relation).await?;
+        let mut lane = self.output.lane();
+        for relation in published_relations(&client, &self.config.publication_name()).await? {
+            let table = self.catalog.describe(&client, relation).await?;
             self.read_table(&client, &info, &table, &mut lane).await?;
         }
         if let Some((mut event, table)) = self.held.take() {
             event.source.snapshot = SnapshotMarker::Last;
-            self.source
+            self.output
                 .publish(&mut lane, &table, &event, false)
                 .await?;
         }
@@ -87,7 +96,7 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
         table: &Table,
         lane: &mut Lane<()>,
     ) -> Result<(), PostgresError> {
-        let query = PageQuery::new(table, self.source.config().snapshot_chunk_rows);
+        let query = PageQuery::new(table, self.config.snapshot_chunk_rows);
         let mut after: Option<String> = None;
         let mut progress = self.progress(client, table).await?;
         loop {
@@ -122,8 +131,8 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
             )
             .await?
             .get(0);
-        let label = self.source.source_metrics().table(table.label());
-        let metrics = self.source.metrics();
+        let label = self.output.metrics().table(table.label());
+        let metrics = self.output.metrics().shared();
         metrics
             .snapshot_rows_estimated
             .get_or_create(&label)
@@ -158,9 +167,9 @@ impl<'a, C: CheckpointStore> Snapshot<'a, C> {
             actor: None,
             transaction: None,
         };
-        self.source.count_event(table, Op::Read);
+        self.output.count(table, Op::Read);
         if let Some((event, table)) = self.held.replace((event, table.clone())) {
-            self.source.publish(lane, &table, &event, false).await?;
+            self.output.publish(lane, &table, &event, false).await?;
         }
         Ok(())
     }

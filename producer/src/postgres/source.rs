@@ -2,31 +2,30 @@
 //! then the replication stream to the sink, confirming an LSN only after the sink
 //! acknowledged every event at or below it.
 
-use std::future::Future;
-
 use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-use changewire_kafka::{Lane, Publisher, Record, TopicSpec};
+use changewire_kafka::{Lane, Publisher};
 use changewire_schemas::backoff::Backoff;
 use changewire_schemas::diagnostics::report;
-use changewire_schemas::{ChangeEvent, Codec, Op, TopicNames};
+use changewire_schemas::{Codec, Op, TopicNames};
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
+use super::catalog::{self, Catalog};
 use super::config::{PostgresConfig, SnapshotMode};
-use super::encoding;
 use super::error::PostgresError;
-use super::normalize::{Change, Relations, SourceInfo, Table, TxContext, SESSION_OPTIONS};
-use super::pgoutput::{pg_micros_to_unix_ms, Decoder, Lsn, Message, OldTuple, Relation};
+use super::normalize::{Change, Relations, SourceInfo, TxContext, SESSION_OPTIONS};
+use super::output::Output;
+use super::pgoutput::{pg_micros_to_unix_ms, Decoder, Lsn, Message, OldTuple};
 use super::setup::{self, quote_ident};
 use super::snapshot::Snapshot;
 use crate::checkpoint::CheckpointStore;
 use crate::clock::now_ms;
-use crate::metrics::{ProducerMetrics, SourceMetrics, SourceState};
+use crate::metrics::{ProducerMetrics, SourceState};
 use crate::source::{ChangeSource, SourceContext, SourceError};
 
 /// How often the replication client reports the confirmed position.
@@ -47,11 +46,9 @@ pub(super) struct Checkpoint {
 /// Streams one PostgreSQL database to Kafka.
 pub struct PostgresSource<C> {
     config: PostgresConfig,
-    topics: TopicNames,
-    codec: Arc<Codec>,
-    publisher: Publisher,
+    catalog: Catalog,
+    output: Output,
     checkpoints: Arc<C>,
-    metrics: SourceMetrics,
 }
 
 impl<C: CheckpointStore> PostgresSource<C> {
@@ -64,25 +61,25 @@ impl<C: CheckpointStore> PostgresSource<C> {
         checkpoints: Arc<C>,
     ) -> Self {
         let metrics = Arc::<ProducerMetrics>::default().source(&config.name);
+        let catalog = Catalog::new(config.clone(), topics, codec.clone(), publisher.clone());
+        let output = Output::new(publisher, codec, metrics, config.max_in_flight);
         Self {
             config,
-            topics,
-            codec,
-            publisher,
+            catalog,
+            output,
             checkpoints,
-            metrics,
         }
     }
 
     /// Reports into `metrics` instead of a private registry.
     pub fn with_metrics(mut self, metrics: Arc<ProducerMetrics>) -> Self {
-        self.metrics = metrics.source(&self.config.name);
+        self.output = self.output.with_metrics(metrics.source(&self.config.name));
         self
     }
 
     /// The metrics this source reports into.
     pub fn metrics(&self) -> Arc<ProducerMetrics> {
-        self.metrics.shared().clone()
+        self.output.metrics().shared().clone()
     }
 
     /// Streams until `shutdown` turns true, reconnecting with backoff after transient
@@ -92,28 +89,28 @@ impl<C: CheckpointStore> PostgresSource<C> {
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), PostgresError> {
         let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX, HEALTHY_AFTER);
         loop {
-            self.metrics.set_state(SourceState::Starting);
+            self.output.metrics().set_state(SourceState::Starting);
             let error = match self.run_session(&mut shutdown).await {
                 Ok(()) => {
-                    self.metrics.set_state(SourceState::Stopped);
+                    self.output.metrics().set_state(SourceState::Stopped);
                     return Ok(());
                 }
                 Err(error) if error.is_transient() => error,
                 Err(error) => {
-                    self.metrics.set_state(SourceState::Stopped);
-                    self.metrics.set_error(Some(report(&error)));
+                    self.output.metrics().set_state(SourceState::Stopped);
+                    self.output.metrics().set_error(Some(report(&error)));
                     return Err(error);
                 }
             };
             let delay = backoff.next_delay();
             tracing::warn!(error = %report(&error), retry_in = ?delay, "PostgreSQL source failed; reconnecting");
-            self.metrics.set_state(SourceState::Reconnecting);
-            self.metrics.set_error(Some(report(&error)));
-            self.metrics.reconnects().inc();
+            self.output.metrics().set_state(SourceState::Reconnecting);
+            self.output.metrics().set_error(Some(report(&error)));
+            self.output.metrics().reconnects().inc();
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = stopped(&mut shutdown) => {
-                    self.metrics.set_state(SourceState::Stopped);
+                    self.output.metrics().set_state(SourceState::Stopped);
                     return Ok(());
                 }
             }
@@ -121,7 +118,7 @@ impl<C: CheckpointStore> PostgresSource<C> {
     }
 
     async fn run_session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), PostgresError> {
-        let client = self.connect().await?;
+        let client = self.catalog.connect().await?;
         setup::check_server(&client).await?;
         setup::ensure_publication(&client, &self.config).await?;
         setup::report_replica_identity(&client, &self.config.publication_name()).await?;
@@ -133,26 +130,23 @@ impl<C: CheckpointStore> PostgresSource<C> {
                 .await?
                 .get(0),
         };
-        self.metrics.set_state(SourceState::Streaming);
-        self.metrics.set_error(None);
+        self.output.metrics().set_state(SourceState::Streaming);
+        self.output.metrics().set_error(None);
         Stream {
-            source: self,
+            catalog: &self.catalog,
+            output: &self.output,
+            config: &self.config,
             client: Arc::new(client),
             replication,
             info,
             decoder: Decoder::new(),
             relations: Relations::default(),
             tx: None,
-            lane: self.lane(),
+            lane: self.output.lane(),
             confirmed: Lsn::default(),
         }
         .run(shutdown)
         .await
-    }
-
-    /// A catalog connection, with the session settings events are rendered in.
-    pub(super) async fn connect(&self) -> Result<Client, PostgresError> {
-        connect(&self.config).await
     }
 
     /// Opens the replication session: creates the slot (and snapshots) when needed,
@@ -197,8 +191,8 @@ impl<C: CheckpointStore> PostgresSource<C> {
         tracing::info!(%slot, %consistent_point, "created replication slot");
         if let (true, Some(snapshot_name)) = (must_snapshot, field(2)) {
             // The exported snapshot lives while the replication session stays idle.
-            self.metrics.set_state(SourceState::Snapshotting);
-            Snapshot::new(self, consistent_point)
+            self.output.metrics().set_state(SourceState::Snapshotting);
+            Snapshot::new(&self.catalog, &self.output, &self.config, consistent_point)
                 .run(&snapshot_name)
                 .await?;
         }
@@ -234,112 +228,6 @@ impl<C: CheckpointStore> PostgresSource<C> {
         .with_tls(self.config.tls.replication());
         config.application_name = Some("changewire".to_owned());
         Ok(config)
-    }
-
-    /// Describes a table for events: key columns and topic (created if missing).
-    pub(super) async fn describe(
-        &self,
-        client: &Client,
-        relation: Relation,
-    ) -> Result<Table, PostgresError> {
-        let key_names: Vec<String> = client
-            .query(
-                "SELECT a.attname FROM pg_index i \
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                 WHERE i.indrelid = $1 AND i.indisprimary",
-                &[&relation.oid],
-            )
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        let key_columns: Vec<usize> = if key_names.is_empty() && relation.replica_identity != b'f' {
-            (0..relation.columns.len())
-                .filter(|&i| relation.columns[i].is_key)
-                .collect()
-        } else {
-            (0..relation.columns.len())
-                .filter(|&i| key_names.contains(&relation.columns[i].name))
-                .collect()
-        };
-        let topic =
-            self.topics
-                .postgres_table(&self.config.name, &relation.namespace, &relation.name)?;
-        let spec = TopicSpec::new(topic.clone(), self.config.topic_partitions);
-        // Tombstones exist for compaction: they let it drop a deleted row's events.
-        let spec = if self.config.tombstones {
-            spec.compacted()
-        } else {
-            spec
-        };
-        self.publisher.ensure_topics(&[spec]).await?;
-        self.codec.prepare_topic(&topic).await?;
-        let redactor = self.config.redactor();
-        let redacted = relation
-            .columns
-            .iter()
-            .map(|c| {
-                redactor
-                    .as_ref()
-                    .is_some_and(|r| r.covers(&relation.namespace, &relation.name, &c.name))
-            })
-            .collect();
-        let type_oids: Vec<u32> = relation.columns.iter().map(|c| c.type_oid).collect();
-        let catalog = encoding::load_catalog(client, &type_oids).await?;
-        let encodings = type_oids
-            .iter()
-            .map(|&oid| encoding::resolve(oid, &catalog))
-            .collect();
-        Ok(Table {
-            relation,
-            key_columns,
-            topic,
-            redactor,
-            redacted,
-            encodings,
-        })
-    }
-
-    /// Publishes one event of `table` to `lane`, keyed by its row (the new one, else
-    /// the old one), followed by a tombstone when asked.
-    pub(super) async fn publish<T>(
-        &self,
-        lane: &mut Lane<T>,
-        table: &Table,
-        event: &ChangeEvent,
-        tombstone: bool,
-    ) -> Result<(), PostgresError> {
-        let key = table.key(event.after.as_ref().or(event.before.as_ref()));
-        let value = self.codec.encode(event)?;
-        let key = key.as_deref();
-        lane.publish(&Record::keyed(&table.topic, key, Some(&value)))
-            .await?;
-        if tombstone {
-            lane.publish(&Record::keyed(&table.topic, key, None))
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// A new lane to publish events in.
-    pub(super) fn lane<T>(&self) -> Lane<T> {
-        self.publisher
-            .lane(self.metrics.shared().publish_metrics())
-            .with_limit(self.config.max_in_flight)
-    }
-
-    /// Counts one published event.
-    pub(super) fn count_event(&self, table: &Table, op: Op) {
-        self.metrics.count_table_event(table.label(), op.code());
-    }
-
-    /// This source's labelled metrics.
-    pub(super) fn source_metrics(&self) -> &SourceMetrics {
-        &self.metrics
-    }
-
-    pub(super) fn config(&self) -> &PostgresConfig {
-        &self.config
     }
 }
 
@@ -421,33 +309,10 @@ async fn slot_lag(client: &Client, slot: &str) -> Result<Option<i64>, tokio_post
 const LAG_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const LAG_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A catalog connection to the server `config` names, with the session settings
-/// events are rendered in.
-pub async fn connect(config: &PostgresConfig) -> Result<Client, PostgresError> {
-    let mut settings = config.connection()?;
-    settings
-        .options(SESSION_OPTIONS)
-        .application_name("changewire");
-    let client = match config.tls.connector()? {
-        None => {
-            let (client, connection) = settings.connect(NoTls).await?;
-            drive(connection);
-            client
-        }
-        Some(tls) => {
-            settings.ssl_mode(tokio_postgres::config::SslMode::Require);
-            let (client, connection) = settings.connect(tls).await?;
-            drive(connection);
-            client
-        }
-    };
-    Ok(client)
-}
-
 /// What `--check` found on the server: it is reachable with these settings and
 /// ready for logical replication.
 pub async fn check(config: &PostgresConfig) -> Result<String, PostgresError> {
-    let client = connect(config).await?;
+    let client = catalog::connect(config).await?;
     setup::check_server(&client).await?;
     let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     let tables = setup::selected_tables(&client, config).await?.len();
@@ -457,8 +322,10 @@ pub async fn check(config: &PostgresConfig) -> Result<String, PostgresError> {
 }
 
 /// One replication session's state.
-struct Stream<'a, C> {
-    source: &'a PostgresSource<C>,
+struct Stream<'a> {
+    catalog: &'a Catalog,
+    output: &'a Output,
+    config: &'a PostgresConfig,
     client: Arc<Client>,
     replication: ReplicationClient,
     info: SourceInfo,
@@ -469,14 +336,14 @@ struct Stream<'a, C> {
     confirmed: Lsn,
 }
 
-impl<C: CheckpointStore> Stream<'_, C> {
+impl Stream<'_> {
     async fn run(mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), PostgresError> {
         // Its own task: the lag matters most when this loop waits (on a broker that
         // is down, say).
         let _lag_probe = LagProbe::spawn(
             self.client.clone(),
-            self.source.config.slot_name(),
-            self.source.metrics.lag_bytes(),
+            self.config.slot_name(),
+            self.output.metrics().lag_bytes(),
         );
         loop {
             tokio::select! {
@@ -499,7 +366,7 @@ impl<C: CheckpointStore> Stream<'_, C> {
             self.confirmed = checkpoint.lsn;
             self.replication
                 .update_applied_lsn(pgwire_replication::Lsn(checkpoint.lsn.0));
-            let metrics = &self.source.metrics;
+            let metrics = self.output.metrics();
             metrics
                 .confirmed_lsn()
                 .set(i64::try_from(checkpoint.lsn.0).unwrap_or(i64::MAX));
@@ -559,7 +426,7 @@ impl<C: CheckpointStore> Stream<'_, C> {
     async fn handle_message(&mut self, message: Message, lsn: Lsn) -> Result<(), PostgresError> {
         let (oid, op, old, new) = match message {
             Message::Relation(relation) => {
-                let table = self.source.describe(&self.client, relation).await?;
+                let table = self.catalog.describe(&self.client, relation).await?;
                 self.relations.insert(table);
                 return Ok(());
             }
@@ -602,9 +469,9 @@ impl<C: CheckpointStore> Stream<'_, C> {
             lsn,
         };
         let event = self.info.event(table, tx, change, now_ms());
-        let tombstone = op == Op::Delete && self.source.config.tombstones;
-        self.source.count_event(table, op);
-        self.source
+        let tombstone = op == Op::Delete && self.config.tombstones;
+        self.output.count(table, op);
+        self.output
             .publish(&mut self.lane, table, &event, tombstone)
             .await?;
         while let Some(checkpoint) = self.lane.take_confirmed()? {
@@ -635,18 +502,6 @@ fn old_tuple(old: OldTuple) -> Vec<super::pgoutput::Value> {
     match old {
         OldTuple::Key(tuple) | OldTuple::Full(tuple) => tuple,
     }
-}
-
-/// Runs a tokio-postgres connection in the background until it closes.
-fn drive<C>(connection: C)
-where
-    C: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "PostgreSQL connection ended");
-        }
-    });
 }
 
 /// Resolves once shutdown was requested (or its sender is gone). Returns `()` so no
