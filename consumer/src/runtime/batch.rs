@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::digest::IdDigest;
 use super::handler::{Emitted, Record};
-use super::ids::IdDigest;
 use super::outbox::Pending;
 use super::store::StateChanges;
 use super::types::PartitionKey;

@@ -14,31 +14,8 @@ use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
-
+use super::digest::{IdDigest, Segment};
 use super::store::{now_ms, Store, StoreError};
-
-/// The 128-bit digest an id is kept as.
-pub type IdDigest = u128;
-
-/// The digest of `event_id`.
-pub fn digest(event_id: &str) -> IdDigest {
-    let hash = Sha256::digest(event_id.as_bytes());
-    let mut first = [0; 16];
-    first.copy_from_slice(&hash[..16]);
-    u128::from_be_bytes(first)
-}
-
-/// One committed batch's ids, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Segment {
-    /// Position among the store's segments (grows with every batch).
-    pub sequence: u64,
-    /// When the batch was committed (ms since the epoch); the ids expire together.
-    pub at_ms: u64,
-    /// The ids' digests.
-    pub digests: Vec<IdDigest>,
-}
 
 /// Processed ids: every digest in memory, and where each segment is.
 pub struct ProcessedIds {
@@ -199,6 +176,7 @@ impl Hasher for LowBits {
 
 #[cfg(test)]
 mod tests {
+    use super::super::digest::digest;
     use super::*;
 
     fn store() -> (tempfile::TempDir, Store) {

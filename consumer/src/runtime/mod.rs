@@ -36,6 +36,7 @@
 mod assign;
 mod batch;
 pub mod config;
+mod digest;
 pub mod dlq;
 mod handler;
 mod ids;

@@ -8,8 +8,8 @@ use changewire_schemas::diagnostics::report;
 use changewire_schemas::ChangeEvent;
 
 use super::batch::Batch;
+use super::digest::{self, IdDigest};
 use super::handler::{Context, Handler, HandlerError, Record};
-use super::ids::{self, IdDigest};
 use super::metrics::{Outcome, ServiceState};
 use super::parking::Earlier;
 use super::store::StateChanges;
@@ -84,7 +84,7 @@ impl<H: Handler> Worker<'_, H> {
                 return Ok(());
             }
         };
-        let digest = ids::digest(event.id.as_str());
+        let digest = digest::digest(event.id.as_str());
         if self.processed.contains(digest) {
             self.stats.duplicates += 1;
             self.metrics.count(&record.topic, Outcome::Duplicate);

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::ids::{digest, IdDigest, Segment};
+use super::digest::{digest, IdDigest, Segment};
 use super::outbox::{decode_entry, encode_entry, Pending};
 
 /// Key prefixes: one tree, so one batch covers them all.
