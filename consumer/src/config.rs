@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::runtime::config::{Assignment, ServiceConfig};
 use crate::runtime::RuntimeConfig;
+use crate::services::audit::AuditConfig;
 use crate::services::dedup::DedupConfig;
 use crate::services::forward::ForwardConfig;
 
@@ -35,6 +36,9 @@ pub struct ConsumerConfig {
     /// Run the forward (webhook) service.
     #[serde(default)]
     pub forward: Option<ForwardConfig>,
+    /// Run the audit service.
+    #[serde(default)]
+    pub audit: Option<AuditConfig>,
 }
 
 impl ConsumerConfig {
@@ -50,6 +54,9 @@ impl ConsumerConfig {
         self.runtime().validate()?;
         if let Some(forward) = &self.forward {
             forward.validate("forward")?;
+        }
+        if let Some(audit) = &self.audit {
+            audit.validate()?;
         }
         Ok(())
     }

@@ -1,11 +1,12 @@
-//! `changewire-consumer`: runs one consumer service (dedup or forward), chosen by
-//! the section its config file has.
+//! `changewire-consumer`: runs one consumer service (dedup, forward or audit),
+//! chosen by the section its config file has.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use changewire_consumer::config::ConsumerConfig;
 use changewire_consumer::runtime::{self, RunStats};
+use changewire_consumer::services::audit::{self, Audit, AuditConfig};
 use changewire_consumer::services::dedup::{Dedup, DedupConfig};
 use changewire_consumer::services::forward::{Forward, ForwardConfig};
 use changewire_schemas::diagnostics::report;
@@ -116,16 +117,18 @@ fn check_kafka(config: &ConsumerConfig) -> ExitCode {
 enum Service {
     Dedup(DedupConfig),
     Forward(ForwardConfig),
+    Audit(AuditConfig),
 }
 
 impl Service {
     fn from_config(config: &ConsumerConfig) -> Result<Self, ConfigError> {
-        match (&config.dedup, &config.forward) {
-            (Some(dedup), None) => Ok(Self::Dedup(dedup.clone())),
-            (None, Some(forward)) => Ok(Self::Forward(forward.clone())),
+        match (&config.dedup, &config.forward, &config.audit) {
+            (Some(dedup), None, None) => Ok(Self::Dedup(dedup.clone())),
+            (None, Some(forward), None) => Ok(Self::Forward(forward.clone())),
+            (None, None, Some(audit)) => Ok(Self::Audit(audit.clone())),
             _ => Err(ConfigError::invalid(
-                "dedup/forward",
-                "expected exactly one service section: [dedup] or [forward]",
+                "dedup/forward/audit",
+                "expected exactly one service section: [dedup], [forward] or [audit]",
             )),
         }
     }
@@ -134,6 +137,7 @@ impl Service {
         match self {
             Self::Dedup(_) => "dedup",
             Self::Forward(_) => "forward",
+            Self::Audit(_) => "audit",
         }
     }
 
@@ -152,6 +156,25 @@ impl Service {
                 let (handler, sinks) = Forward::new(&forward)?;
                 runtime::run(&config, handler, sinks, shutdown).await?
             }
+            Self::Audit(audit) => run_audit(&config, &audit, shutdown).await?,
         })
     }
+}
+
+/// The audit service: its query API on the store the runtime writes.
+async fn run_audit(
+    config: &runtime::RuntimeConfig,
+    audit: &AuditConfig,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<RunStats, Box<dyn std::error::Error + Send + Sync>> {
+    let store = runtime::open_store(config)?;
+    runtime::ensure_topic(config, &audit.heads_topic(config), 1).await?;
+    let (handler, sinks) = Audit::new(config, audit)?;
+    let listener = tokio::net::TcpListener::bind(audit.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, "serving the audit API");
+    let router = audit::api::router(audit, store.clone(), handler.verifying_key());
+    let api = tokio::spawn(changewire_schemas::http::serve(listener, router));
+    let result = runtime::run_on(config, store, handler, sinks, shutdown).await;
+    api.abort();
+    Ok(result?)
 }

@@ -169,6 +169,27 @@ pub async fn run<H: Handler>(
     sinks: Sinks,
     shutdown: watch::Receiver<bool>,
 ) -> Result<RunStats, RuntimeError> {
+    let store = open_store(config)?;
+    run_on(config, store, handler, sinks, shutdown).await
+}
+
+/// Opens (creating when needed) the service's store in `service.state_dir`; a
+/// service that also reads its state elsewhere (an API) opens it first and hands
+/// it to [`run_on`].
+pub fn open_store(config: &RuntimeConfig) -> Result<Store, RuntimeError> {
+    std::fs::create_dir_all(&config.service.state_dir)
+        .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
+    Ok(Store::open(&config.service.state_dir)?)
+}
+
+/// [`run`] on a store the caller opened.
+pub async fn run_on<H: Handler>(
+    config: &RuntimeConfig,
+    store: Store,
+    handler: H,
+    sinks: Sinks,
+    shutdown: watch::Receiver<bool>,
+) -> Result<RunStats, RuntimeError> {
     let metrics = Arc::new(ConsumerMetrics::default());
     let server = match &config.http {
         Some(http) => {
@@ -186,7 +207,7 @@ pub async fn run<H: Handler>(
         }
         None => None,
     };
-    let result = run_observed(config, handler, sinks, shutdown, metrics).await;
+    let result = run_observed_on(config, store, handler, sinks, shutdown, metrics).await;
     if let Some(server) = server {
         server.abort();
     }
@@ -198,14 +219,23 @@ pub async fn run_observed<H: Handler>(
     config: &RuntimeConfig,
     handler: H,
     sinks: Sinks,
+    shutdown: watch::Receiver<bool>,
+    metrics: Arc<ConsumerMetrics>,
+) -> Result<RunStats, RuntimeError> {
+    let store = open_store(config)?;
+    run_observed_on(config, store, handler, sinks, shutdown, metrics).await
+}
+
+async fn run_observed_on<H: Handler>(
+    config: &RuntimeConfig,
+    store: Store,
+    handler: H,
+    sinks: Sinks,
     mut shutdown: watch::Receiver<bool>,
     metrics: Arc<ConsumerMetrics>,
 ) -> Result<RunStats, RuntimeError> {
     config.validate()?;
     let sink_names = sinks.names()?;
-    std::fs::create_dir_all(&config.service.state_dir)
-        .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
-    let store = Store::open(&config.service.state_dir)?;
     let processed =
         ProcessedIds::load(&store, config.retention(), config.service.max_processed_ids)?;
     metrics.processed_ids.set(processed.len() as i64);

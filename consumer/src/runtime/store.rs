@@ -192,6 +192,39 @@ impl Store {
             .collect()
     }
 
+    /// State entries with keys in `start..end`, in key order or (`reverse`) the
+    /// other way, read lazily (a query stops when its page is full).
+    pub fn range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        reverse: bool,
+    ) -> Box<dyn Iterator<Item = Result<StateEntry, StoreError>> + '_> {
+        let entries = self
+            .db
+            .range(key(STATE, &[start])..key(STATE, &[end]))
+            .map(|entry| {
+                let (k, v) = entry?;
+                Ok((k[2..].to_vec(), v.to_vec()))
+            });
+        if reverse {
+            Box::new(entries.rev())
+        } else {
+            Box::new(entries)
+        }
+    }
+
+    /// Writes one state entry outside any batch, flushed. Only for tools that
+    /// repair or (in tests) tamper with a stopped service's store.
+    pub fn put_state(&self, state_key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        match value {
+            Some(value) => self.db.insert(key(STATE, &[state_key]), value)?,
+            None => self.db.remove(key(STATE, &[state_key]))?,
+        };
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Bytes the database occupies on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)

@@ -51,6 +51,7 @@ pub fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) ->
         http: None,
         dedup: None,
         forward: None,
+        audit: None,
     }
 }
 

@@ -1,0 +1,250 @@
+//! The audit service: every event once, in an append-only log with a Merkle tree
+//! over it (RFC 9162), signed tree heads published to Kafka, and a query API.
+//!
+//! - [`merkle`]: the tree, its roots and proofs (pure);
+//! - [`log`]: how the log is stored, and appending an event;
+//! - [`head`]: signed tree heads;
+//! - [`query`]: finding events by resource, actor, op, source, time, changed path;
+//! - [`verify`]: recomputing the tree from the store against every signed head;
+//! - [`api`]: the HTTP API over all of it.
+//!
+//! The handler appends each new event in the batch's one atomic write (entry,
+//! leaf, completed subtrees, id and index keys, size), so a crash leaves each
+//! event in the log once or not at all. On each tick with new entries it signs a
+//! head and emits it to the `heads` Kafka sink.
+
+pub mod api;
+pub mod head;
+pub mod log;
+pub mod merkle;
+pub mod query;
+pub mod verify;
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use changewire_schemas::settings::ConfigError;
+use changewire_schemas::ChangeEvent;
+use serde::{Deserialize, Serialize};
+
+use self::head::HeadSigner;
+use self::log::{append, head_key, id_key, node_key, read_u64, Entry, Provenance, SIZE};
+use self::merkle::{Hash, Nodes};
+use crate::runtime::sinks::kafka::{KafkaSink, Oversized};
+use crate::runtime::{Context, Effect, Handler, HandlerError, Record, RuntimeConfig, Sinks};
+use crate::runtime::{Store, StoreError};
+
+/// The name of the sink signed heads go to.
+pub const HEADS: &str = "heads";
+
+/// Key of the size of the last signed head.
+const LAST_HEAD: &[u8] = b"audit/last_head";
+
+/// The `[audit]` section.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Base64 of the 32-byte ed25519 seed tree heads are signed with (set it from
+    /// `CHANGEWIRE_AUDIT__SIGNING_KEY`; never logged).
+    pub signing_key: String,
+    /// Where the query API listens.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Bearer tokens that may query.
+    #[serde(default)]
+    pub read_tokens: Vec<String>,
+    /// Bearer tokens that may also verify the store.
+    #[serde(default)]
+    pub admin_tokens: Vec<String>,
+    /// The topic signed heads go to; default `<prefix>.audit.heads`.
+    #[serde(default)]
+    pub heads_topic: Option<String>,
+    /// The most events one page of a query returns.
+    #[serde(default = "default_max_page")]
+    pub max_page: usize,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9470))
+}
+
+fn default_max_page() -> usize {
+    1000
+}
+
+impl std::fmt::Debug for AuditConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditConfig")
+            .field("listen", &self.listen)
+            .field("read_tokens", &self.read_tokens.len())
+            .field("admin_tokens", &self.admin_tokens.len())
+            .field("heads_topic", &self.heads_topic)
+            .field("max_page", &self.max_page)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditConfig {
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        HeadSigner::from_seed(&self.signing_key)
+            .map_err(|e| ConfigError::invalid("audit.signing_key", e.to_string()))?;
+        if self.read_tokens.is_empty() && self.admin_tokens.is_empty() {
+            return Err(ConfigError::invalid(
+                "audit.read_tokens",
+                "the query API needs at least one token (read_tokens or admin_tokens)",
+            ));
+        }
+        if self.max_page == 0 {
+            return Err(ConfigError::invalid("audit.max_page", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The topic heads are published to.
+    pub fn heads_topic(&self, config: &RuntimeConfig) -> String {
+        (self.heads_topic.clone())
+            .unwrap_or_else(|| format!("{}.audit.heads", config.topics.prefix))
+    }
+}
+
+/// A part of the log the store should hold is missing: it was altered.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A subtree hash the log needs is not stored.
+    #[error("the audit log lacks the hash of subtree {level}/{index}: the store was altered")]
+    MissingNode {
+        /// Level of the subtree.
+        level: u32,
+        /// Its index on that level.
+        index: u64,
+    },
+}
+
+/// Subtree hashes read through `get` (a handler's context).
+pub struct StoredNodes<F>(pub F);
+
+impl<F> Nodes for StoredNodes<F>
+where
+    F: Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError>,
+{
+    type Error = AuditError;
+
+    fn node(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
+        stored_node((self.0)(&node_key(level, index))?, level, index)
+    }
+}
+
+/// Subtree hashes read from the store.
+pub struct StoreNodes<'a>(pub &'a Store);
+
+impl Nodes for StoreNodes<'_> {
+    type Error = AuditError;
+
+    fn node(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
+        stored_node(self.0.get(&node_key(level, index))?, level, index)
+    }
+}
+
+fn stored_node(value: Option<Vec<u8>>, level: u32, index: u64) -> Result<Hash, AuditError> {
+    value
+        .and_then(|v| Hash::try_from(v.as_slice()).ok())
+        .ok_or(AuditError::MissingNode { level, index })
+}
+
+/// The audit handler.
+pub struct Audit {
+    signer: HeadSigner,
+    heads_topic: String,
+    service: String,
+}
+
+impl Audit {
+    /// The handler and its sinks (signed heads go to Kafka).
+    pub fn new(config: &RuntimeConfig, audit: &AuditConfig) -> Result<(Self, Sinks), ConfigError> {
+        audit.validate()?;
+        let signer = HeadSigner::from_seed(&audit.signing_key)
+            .map_err(|e| ConfigError::invalid("audit.signing_key", e.to_string()))?;
+        tracing::info!(
+            key_id = %head::key_id(&signer.verifying_key()),
+            public_key = %head::hex(signer.verifying_key().as_bytes()),
+            "audit heads are signed with this key"
+        );
+        let sink = KafkaSink::new(HEADS, config, Oversized::Reject)
+            .map_err(|e| ConfigError::invalid("kafka", e.to_string()))?;
+        let handler = Self {
+            signer,
+            heads_topic: audit.heads_topic(config),
+            service: config.service.name.clone(),
+        };
+        Ok((handler, Sinks::new().with(HEADS, sink)))
+    }
+
+    /// The public key heads verify with.
+    pub fn verifying_key(&self) -> ed25519_dalek::VerifyingKey {
+        self.signer.verifying_key()
+    }
+}
+
+fn now_ms(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Handler for Audit {
+    async fn handle(
+        &self,
+        event: &ChangeEvent,
+        record: &Record,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        if context.get(&id_key(event.id.as_str()))?.is_some() {
+            return Ok(());
+        }
+        let index = read_u64(context.get(SIZE)?.as_deref());
+        let entry = Entry {
+            provenance: Provenance {
+                topic: record.topic.clone(),
+                partition: record.partition,
+                offset: record.offset,
+                key: (record.key.as_deref()).map(|k| String::from_utf8_lossy(k).into_owned()),
+                logged_ms: now_ms(SystemTime::now()),
+            },
+            payload: record.payload.clone(),
+        };
+        let appended = {
+            let nodes = StoredNodes(|key: &[u8]| context.get(key));
+            append(index, event, &entry, |level, i| nodes.node(level, i))
+                .map_err(HandlerError::fatal)?
+        };
+        for (key, value) in appended.writes {
+            context.put(key, value);
+        }
+        context.put(SIZE, (index + 1).to_be_bytes().to_vec());
+        Ok(())
+    }
+
+    async fn tick(&self, now: SystemTime, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        let size = read_u64(context.get(SIZE)?.as_deref());
+        if size == 0 || size == read_u64(context.get(LAST_HEAD)?.as_deref()) {
+            return Ok(());
+        }
+        let root = merkle::root(&StoredNodes(|key: &[u8]| context.get(key)), size)
+            .map_err(HandlerError::fatal)?;
+        let head = self.signer.sign(size, &root, now_ms(now));
+        let json = serde_json::to_vec(&head).map_err(HandlerError::fatal)?;
+        context.put(head_key(size), json.clone());
+        context.put(LAST_HEAD, size.to_be_bytes().to_vec());
+        let effect = Effect {
+            destination: Some(self.heads_topic.clone()),
+            key: Some(self.service.clone().into_bytes()),
+            ..Effect::new(json)
+        };
+        context.emit(HEADS, effect)?;
+        tracing::info!(size, root = %head.root, "signed a tree head");
+        Ok(())
+    }
+}

@@ -1,0 +1,351 @@
+//! Finding logged events: by resource, actor, op, source, time range and changed
+//! JSON path, newest or oldest first, a page at a time.
+//!
+//! A query walks the most selective index its filters allow (resource, then
+//! actor, source, op, else time) between its time bounds and checks every other
+//! filter on the entry. A page ends when it is full or after [`SCAN_BUDGET`]
+//! index keys, so a filter that matches little never makes one request slow:
+//! the page then comes back short, with a cursor to go on from.
+//!
+//! Cursors are opaque: the position to continue from and a digest of the filters,
+//! signed with the service's key (HMAC-SHA-256). A cursor that was forged, altered
+//! or made for other filters is refused, never followed.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64;
+use base64::Engine as _;
+use changewire_schemas::{ChangeEvent, Op};
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::log::{entry_key, read_u64, Entry, IndexKind, Provenance, Resource, INDEX, SIZE};
+use crate::runtime::{Store, StoreError};
+
+/// Index keys one page reads at most.
+pub const SCAN_BUDGET: usize = 20_000;
+
+/// What to look for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filters {
+    /// Source name.
+    pub source: Option<String>,
+    /// `group/Kind` or table.
+    pub kind: Option<String>,
+    /// Namespace or schema (empty: cluster-scoped).
+    pub namespace: Option<String>,
+    /// Object name or row key.
+    pub name: Option<String>,
+    /// Actor name.
+    pub actor: Option<String>,
+    /// Operation.
+    pub op: Option<Op>,
+    /// Changed no earlier than this (ms since the epoch).
+    pub from_ms: Option<i64>,
+    /// Changed before this (ms since the epoch).
+    pub to_ms: Option<i64>,
+    /// A changed JSON path, dotted, `*` for any one segment and a trailing `*` for
+    /// anything below (`spec.auth.*`).
+    pub changed: Option<String>,
+    /// Newest first (else oldest first).
+    pub newest_first: bool,
+}
+
+/// One logged event as a query returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Found {
+    /// Its position in the log.
+    pub index: u64,
+    /// The resource it changed.
+    pub resource: Resource,
+    /// Where it was read from.
+    pub provenance: Provenance,
+    /// The event.
+    pub event: ChangeEvent,
+}
+
+/// A page of results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    /// The events found, in the order asked for.
+    pub events: Vec<Found>,
+    /// Where the next page starts, if the index has more.
+    pub next_cursor: Option<String>,
+}
+
+/// Why a query could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The cursor is not one this service made for these filters.
+    #[error("the cursor is invalid, altered, or was made for other filters")]
+    BadCursor,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Runs queries against a store, signing cursors with `cursor_key`.
+pub struct Finder<'a> {
+    store: &'a Store,
+    cursor_key: &'a [u8],
+}
+
+impl<'a> Finder<'a> {
+    /// A finder over `store`.
+    pub fn new(store: &'a Store, cursor_key: &'a [u8]) -> Self {
+        Self { store, cursor_key }
+    }
+
+    /// Up to `limit` events matching `filters`, after `cursor` if given.
+    pub fn find(
+        &self,
+        filters: &Filters,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page, QueryError> {
+        let prefix = index_prefix(filters);
+        let (mut start, mut end) = time_bounds(&prefix, filters);
+        if let Some(cursor) = cursor {
+            let position = self.open_cursor(cursor, filters)?;
+            if filters.newest_first {
+                end = [prefix.as_slice(), &position].concat();
+            } else {
+                start = [prefix.as_slice(), &position, &[0]].concat();
+            }
+        }
+        let mut page = Page {
+            events: Vec::new(),
+            next_cursor: None,
+        };
+        let mut last = None;
+        for (read, entry) in (self.store.range(&start, &end, filters.newest_first)).enumerate() {
+            let (key, _) = entry?;
+            let position = key[prefix.len()..].to_vec();
+            if page.events.len() == limit || read == SCAN_BUDGET {
+                page.next_cursor = last.map(|p: Vec<u8>| self.cursor(&p, filters));
+                return Ok(page);
+            }
+            let index = read_u64(position.get(8..16));
+            if let Some(found) = self.load(index)?.filter(|f| matches(f, filters)) {
+                page.events.push(found);
+            }
+            last = Some(position);
+        }
+        Ok(page)
+    }
+
+    /// The entry at `index`, decoded; `None` when missing or not an event.
+    pub fn load(&self, index: u64) -> Result<Option<Found>, StoreError> {
+        let Some(value) = self.store.get(&entry_key(index))? else {
+            return Ok(None);
+        };
+        let Some(entry) = Entry::decode(&value) else {
+            return Ok(None);
+        };
+        let Ok(event) = serde_json::from_slice::<ChangeEvent>(&entry.payload) else {
+            return Ok(None);
+        };
+        Ok(Some(Found {
+            index,
+            resource: Resource::of(&event, &entry.provenance),
+            provenance: entry.provenance,
+            event,
+        }))
+    }
+
+    /// The log's size.
+    pub fn size(&self) -> Result<u64, StoreError> {
+        Ok(read_u64(self.store.get(SIZE)?.as_deref()))
+    }
+
+    fn cursor(&self, position: &[u8], filters: &Filters) -> String {
+        let body = [position, &filter_digest(filters)].concat();
+        let tag = self.mac(&body);
+        BASE64.encode([body.as_slice(), &tag].concat())
+    }
+
+    fn open_cursor(&self, cursor: &str, filters: &Filters) -> Result<Vec<u8>, QueryError> {
+        let bytes = BASE64.decode(cursor).map_err(|_| QueryError::BadCursor)?;
+        if bytes.len() != 16 + 32 + 32 {
+            return Err(QueryError::BadCursor);
+        }
+        let (body, tag) = bytes.split_at(48);
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.cursor_key).expect("any key length");
+        mac.update(body);
+        mac.verify_slice(tag).map_err(|_| QueryError::BadCursor)?;
+        let (position, digest) = body.split_at(16);
+        if digest != filter_digest(filters) {
+            return Err(QueryError::BadCursor);
+        }
+        Ok(position.to_vec())
+    }
+
+    fn mac(&self, body: &[u8]) -> Vec<u8> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.cursor_key).expect("any key length");
+        mac.update(body);
+        mac.finalize().into_bytes().to_vec()
+    }
+}
+
+/// The index a query walks, with its field.
+fn index_prefix(filters: &Filters) -> Vec<u8> {
+    if let (Some(source), Some(kind), Some(namespace), Some(name)) = (
+        &filters.source,
+        &filters.kind,
+        &filters.namespace,
+        &filters.name,
+    ) {
+        let resource = Resource {
+            source: source.clone(),
+            kind: kind.clone(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+        return IndexKind::Resource.prefix(&resource.index_field());
+    }
+    match (&filters.actor, &filters.source, filters.op) {
+        (Some(actor), _, _) => IndexKind::Actor.prefix(actor.as_bytes()),
+        (None, Some(source), _) => IndexKind::Source.prefix(source.as_bytes()),
+        (None, None, Some(op)) => IndexKind::Op.prefix(op.code().as_bytes()),
+        (None, None, None) => IndexKind::Time.prefix(b""),
+    }
+}
+
+/// The key range of `prefix` between the filters' times.
+fn time_bounds(prefix: &[u8], filters: &Filters) -> (Vec<u8>, Vec<u8>) {
+    let from = filters.from_ms.unwrap_or(0).max(0) as u64;
+    let start = [prefix, &from.to_be_bytes()].concat();
+    let end = match filters.to_ms {
+        Some(to) => [prefix, &(to.max(0) as u64).to_be_bytes()].concat(),
+        None => [prefix, &[0xff; 17]].concat(),
+    };
+    debug_assert!(prefix.starts_with(INDEX));
+    (start, end)
+}
+
+/// Binds a cursor to its filters (and order).
+fn filter_digest(filters: &Filters) -> [u8; 32] {
+    Sha256::digest(format!("{filters:?}").as_bytes()).into()
+}
+
+/// Whether `found` passes every filter.
+fn matches(found: &Found, filters: &Filters) -> bool {
+    let resource = &found.resource;
+    let event = &found.event;
+    let same = |wanted: &Option<String>, value: &str| wanted.as_deref().is_none_or(|w| w == value);
+    same(&filters.source, &resource.source)
+        && same(&filters.kind, &resource.kind)
+        && same(&filters.namespace, &resource.namespace)
+        && same(&filters.name, &resource.name)
+        && filters.op.is_none_or(|op| op == event.op)
+        && (filters.actor.as_deref())
+            .is_none_or(|actor| event.actor.as_ref().is_some_and(|a| a.name == actor))
+        && (filters.changed.as_deref()).is_none_or(|path| changed(event, path))
+}
+
+/// Whether `event` changed a path matching `pattern` (dotted; `*` is one segment,
+/// a trailing `*` anything below). An operation on an enclosing path counts when
+/// its value holds the path (or it removed it); without a diff, creates and
+/// deletes change every path their object has.
+pub fn changed(event: &ChangeEvent, pattern: &str) -> bool {
+    let wanted: Vec<&str> = pattern.split('.').collect();
+    match event.diff.as_ref().and_then(|d| d.as_array()) {
+        Some(operations) => operations.iter().any(|op| touches(op, &wanted)),
+        None => {
+            let object = event.after.as_ref().or(event.before.as_ref());
+            event.op != Op::Update && object.is_some_and(|o| holds(o, &wanted))
+        }
+    }
+}
+
+/// Whether one JSON Patch operation changes something `wanted` matches.
+fn touches(operation: &serde_json::Value, wanted: &[&str]) -> bool {
+    let Some(path) = operation.get("path").and_then(|p| p.as_str()) else {
+        return false;
+    };
+    let segments = json_pointer_segments(path);
+    if path_matches(&segments, wanted) {
+        return true;
+    }
+    let encloses = wanted.len() > segments.len()
+        && (segments.iter().zip(wanted)).all(|(s, w)| *w == "*" || w == s);
+    encloses
+        && operation
+            .get("value")
+            .is_none_or(|value| holds(value, &wanted[segments.len()..]))
+}
+
+/// Whether `value` has something at `wanted`.
+fn holds(value: &serde_json::Value, wanted: &[&str]) -> bool {
+    match wanted.split_first() {
+        None => true,
+        Some((&"*", rest)) => match value {
+            serde_json::Value::Object(map) => map.values().any(|v| holds(v, rest)),
+            serde_json::Value::Array(items) => items.iter().any(|v| holds(v, rest)),
+            _ => false,
+        },
+        Some((segment, rest)) => value.get(*segment).is_some_and(|v| holds(v, rest)),
+    }
+}
+
+fn json_pointer_segments(pointer: &str) -> Vec<String> {
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+fn path_matches(path: &[String], wanted: &[&str]) -> bool {
+    match (wanted.split_first(), path.split_first()) {
+        (Some((&"*", [])), _) => true,
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some((w, rest)), Some((p, path_rest))) => {
+            (*w == "*" || *w == p) && path_matches(path_rest, rest)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn changed_paths_match_with_wildcards() {
+        let path = json_pointer_segments("/spec/auth/mode");
+        assert!(path_matches(&path, &["spec", "auth", "*"]));
+        assert!(path_matches(&path, &["spec", "*", "mode"]));
+        assert!(
+            path_matches(&path, &["spec"]),
+            "a prefix covers what is below"
+        );
+        assert!(!path_matches(&path, &["spec", "rate"]));
+        assert!(!path_matches(
+            &json_pointer_segments("/spec"),
+            &["spec", "auth", "*"]
+        ));
+        let escaped = json_pointer_segments("/metadata/annotations/a~1b");
+        assert!(path_matches(&escaped, &["metadata", "annotations", "a/b"]));
+    }
+
+    #[test]
+    fn updates_match_on_their_diff_and_creates_on_their_object() {
+        let mut event = changewire_schemas::fixtures::kubernetes_create("k8s");
+        event.diff =
+            Some(json!([{"op": "add", "path": "/spec", "value": {"auth": {"mode": "jwt"}}}]));
+        assert!(
+            changed(&event, "spec.auth.*"),
+            "an add of the enclosing object"
+        );
+        assert!(!changed(&event, "spec.rate.*"));
+        event.diff = None;
+        event.after = Some(json!({"spec": {"auth": {"mode": "jwt"}}}));
+        assert!(changed(&event, "spec.auth.*"), "a create without a diff");
+        event.op = Op::Update;
+        event.diff = Some(json!([{"op": "replace", "path": "/spec/rate", "value": 5}]));
+        assert!(changed(&event, "spec.rate"));
+        assert!(!changed(&event, "spec.auth.*"));
+    }
+}
