@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use changewire_consumer::config::ConsumerConfig;
 use changewire_consumer::runtime::{self, RunStats};
+use changewire_consumer::services::audit::cli::AuditCommand;
 use changewire_consumer::services::audit::{self, Audit, AuditConfig};
 use changewire_consumer::services::dedup::{Dedup, DedupConfig};
 use changewire_consumer::services::forward::{Forward, ForwardConfig};
@@ -23,14 +24,25 @@ use clap::Parser;
 )]
 struct Args {
     /// TOML config file; `CHANGEWIRE_<SECTION>__<KEY>` variables override its keys.
-    #[arg(long, short)]
-    config: PathBuf,
+    #[arg(long, short, required = false)]
+    config: Option<PathBuf>,
     /// Validate the config, then exit.
     #[arg(long)]
     check: bool,
     /// Log lines as `text` or `json` (default: `CHANGEWIRE_LOG_FORMAT`, else text).
     #[arg(long, value_name = "text|json")]
     log_format: Option<LogFormat>,
+    /// A tool instead of a service.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Tools.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// The audit log from a terminal: query, history, verify.
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 /// Exit status for configuration errors (distinct from runtime failures).
@@ -38,7 +50,14 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match ConsumerConfig::load(&args.config) {
+    if let Some(Command::Audit(command)) = args.command {
+        return run_tool(audit::cli::run(command));
+    }
+    let Some(path) = args.config else {
+        eprintln!("changewire-consumer: --config <FILE> is required to run a service");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let config = match ConsumerConfig::load(&path) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("changewire-consumer: configuration error: {error}");
@@ -82,6 +101,23 @@ fn main() -> ExitCode {
         }
         Err(error) => {
             tracing::error!(error = %report(error.as_ref()), "stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a tool to its end: exit status 0, 1 when it found a problem or failed.
+fn run_tool(
+    tool: impl std::future::Future<Output = Result<bool, Box<dyn std::error::Error + Send + Sync>>>,
+) -> ExitCode {
+    let outcome = tokio::runtime::Runtime::new()
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| runtime.block_on(tool).map_err(|e| report(e.as_ref())));
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("changewire-consumer: {error}");
             ExitCode::FAILURE
         }
     }

@@ -13,6 +13,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use changewire_schemas::Op;
 use ed25519_dalek::VerifyingKey;
 use serde_json::{json, Value};
@@ -383,6 +385,8 @@ fn inclusion_body(api: &Api, index: u64, size: Option<u64>) -> Result<Value, Fai
     Ok(json!({
         "index": index,
         "tree_size": size,
+        // The stored entry itself, so a client hashes the leaf on its own.
+        "entry": BASE64.encode(&entry),
         "leaf_hash": hex(&leaf_hash(&entry)),
         "path": inclusion_proof(&nodes, index, size)?.iter().map(|h| hex(h)).collect::<Vec<_>>(),
         "root": hex(&root(&nodes, size)?),

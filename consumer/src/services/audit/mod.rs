@@ -6,7 +6,7 @@
 //! - [`head`]: signed tree heads;
 //! - [`query`]: finding events by resource, actor, op, source, time, changed path;
 //! - [`verify`]: recomputing the tree from the store against every signed head;
-//! - [`api`]: the HTTP API over all of it.
+//! - [`api`]: the HTTP API over all of it; [`cli`]: the terminal's view of it.
 //!
 //! The handler appends each new event in the batch's one atomic write (entry,
 //! leaf, completed subtrees, id and index keys, size), so a crash leaves each
@@ -14,6 +14,7 @@
 //! head and emits it to the `heads` Kafka sink.
 
 pub mod api;
+pub mod cli;
 pub mod head;
 pub mod log;
 pub mod merkle;
