@@ -217,6 +217,19 @@ pub trait Handler: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// A record whose value is not an event, with why. By default it goes to the
+    /// DLQ; a handler that keeps such records itself (a quarantine in its state)
+    /// returns `Ok(true)`, and its changes and effects commit with the batch.
+    fn undecodable(
+        &self,
+        record: &Record,
+        reason: &str,
+        context: &mut Context<'_>,
+    ) -> Result<bool, HandlerError> {
+        let _ = (record, reason, context);
+        Ok(false)
+    }
+
     /// This instance takes over `topic`/`partition` from another one, further
     /// along than its own state: drop state scoped to that partition. Called
     /// before the partition's first event; the changes commit with that batch.

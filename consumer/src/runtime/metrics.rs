@@ -21,6 +21,8 @@ pub enum Outcome {
     Duplicate,
     /// Sent to the DLQ.
     DeadLettered,
+    /// Not an event; the handler kept it (a quarantine).
+    Quarantined,
 }
 
 impl Outcome {
@@ -30,6 +32,7 @@ impl Outcome {
             Self::Applied => "applied",
             Self::Duplicate => "duplicate",
             Self::DeadLettered => "dead_lettered",
+            Self::Quarantined => "quarantined",
         }
     }
 }

@@ -80,8 +80,8 @@ impl<H: Handler> Worker<'_, H> {
         let event = match self.codec.decode(&record.payload) {
             Ok(event) => event,
             Err(error) => {
-                self.dead_letter(record, &format!("undecodable: {}", report(&error)), batch);
-                return Ok(());
+                let reason = format!("undecodable: {}", report(&error));
+                return self.undecodable(record, &reason, batch);
             }
         };
         let digest = digest::digest(event.id.as_str());
@@ -180,6 +180,43 @@ impl<H: Handler> Worker<'_, H> {
                 .set_error(Some(format!("retrying {}: {error}", event.id)));
         }
         self.metrics.retries.inc();
+    }
+
+    /// Offers a record that is not an event to the handler; dead-letters it
+    /// unless the handler keeps it.
+    fn undecodable(
+        &mut self,
+        record: &Record,
+        reason: &str,
+        batch: &mut Batch,
+    ) -> Result<(), RuntimeError> {
+        let origin = format!("{}/{}/{}", record.topic, record.partition, record.offset);
+        let mut context = self.context(&batch.changes, origin);
+        let kept = self.handler.undecodable(record, reason, &mut context);
+        let (changes, emitted) = context.finish();
+        match kept {
+            Ok(true) => {
+                batch.changes.extend(changes);
+                batch.emitted.extend(emitted);
+                self.metrics.count(&record.topic, Outcome::Quarantined);
+                batch.done(record);
+            }
+            Ok(false) => self.dead_letter(record, reason, batch),
+            Err(HandlerError::Fatal(error)) => {
+                return Err(RuntimeError::Fatal(format!(
+                    "keeping an undecodable record: {}",
+                    report(error.as_ref())
+                )))
+            }
+            Err(error) => {
+                let reason = format!(
+                    "{reason}; the handler could not keep it: {}",
+                    report(&error)
+                );
+                self.dead_letter(record, &reason, batch);
+            }
+        }
+        Ok(())
     }
 
     /// Commits `record`'s dead letter with the batch; the record is done.

@@ -38,14 +38,20 @@ struct Audit {
 }
 
 /// Writes the service's config; returns its path.
-fn write_config(dir: &Path, stack: &Stack, prefix: &str, topic: &str, port: u16) -> PathBuf {
+fn write_config(
+    dir: &Path,
+    stack: &Stack,
+    (prefix, topic): (&str, &str),
+    port: u16,
+    extra: &str,
+) -> PathBuf {
     let path = dir.join("audit.toml");
     let text = format!(
         "[kafka]\nbrokers = {brokers:?}\n[topics]\nprefix = {prefix:?}\n\
          [service]\nname = \"audit\"\nsubscribe = [{topic:?}]\nstate_dir = {state:?}\n\
          assignment = \"static\"\ntick_interval_ms = 200\nresume_rewind = {RESUME_REWIND}\n\
          [audit]\nsigning_key = {key:?}\nlisten = \"127.0.0.1:{port}\"\n\
-         read_tokens = [{READER:?}]\nadmin_tokens = [{ADMIN:?}]\nmax_page = 500\n",
+         read_tokens = [{READER:?}]\nadmin_tokens = [{ADMIN:?}]\nmax_page = 500\n{extra}\n",
         brokers = stack.kafka_brokers,
         state = dir.join("state"),
         key = BASE64.encode(SEED),
@@ -292,7 +298,7 @@ async fn every_event_is_logged_once_and_answers_come_with_proofs() -> anyhow::Re
     create_topics(&stack, &[&topic], 2).await?;
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let config = write_config(dir.path(), &stack, &prefix, &topic, port);
+    let config = write_config(dir.path(), &stack, (&prefix, &topic), port, "");
     let first = events(0, 100);
     publish(&stack, &topic, &first).await?;
     let audit = Audit::start(&config, port, &dir.path().join("audit.log"))?;
@@ -579,7 +585,7 @@ async fn a_sigkilled_audit_service_logs_each_event_once() -> anyhow::Result<()> 
     create_topics(&stack, &[&topic], 2).await?;
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let config = write_config(dir.path(), &stack, &prefix, &topic, port);
+    let config = write_config(dir.path(), &stack, (&prefix, &topic), port, "");
     let log = dir.path().join("audit.log");
     publish(&stack, &topic, &events(0, EVENTS)).await?;
     for _ in 0..2 {
@@ -624,7 +630,7 @@ async fn tampering_with_the_store_is_found_and_located() -> anyhow::Result<()> {
     create_topics(&stack, &[&topic], 1).await?;
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let config = write_config(dir.path(), &stack, &prefix, &topic, port);
+    let config = write_config(dir.path(), &stack, (&prefix, &topic), port, "");
     publish(&stack, &topic, &events(0, 50)).await?;
     let audit = Audit::start(&config, port, &dir.path().join("audit.log"))?;
     audit.wait_for_head(50).await?;
@@ -743,6 +749,112 @@ fn rewrite_hashes(
         }
     }
     Ok(())
+}
+
+/// Records that are not events, and an event without an id, are quarantined
+/// with why (the log goes on); with `max_entries`, the oldest entries are pruned
+/// while their hashes keep proving: the log verifies, and a consistency proof
+/// from inside the pruned range still links two signed heads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let prefix = unique_name("auq");
+    let topic = format!("{prefix}.k8s.policy.RateLimit");
+    create_topics(&stack, &[&topic], 1).await?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let config = write_config(
+        dir.path(),
+        &stack,
+        (&prefix, &topic),
+        port,
+        "max_entries = 10",
+    );
+    let audit = Audit::start(&config, port, &dir.path().join("audit.log"))?;
+    let all = events(0, 20);
+    publish(&stack, &topic, &all[..5]).await?;
+    audit.wait_for_head(5).await?;
+    let mut nameless = all[5].clone();
+    nameless.id = EventId::from(String::new());
+    let garbage = vec![
+        (b"g1".to_vec(), b"not json".to_vec()),
+        (b"g2".to_vec(), b"{\"id\": 1}".to_vec()),
+        (b"g3".to_vec(), serde_json::to_vec(&nameless)?),
+    ];
+    publish_keyed(&stack, &topic, garbage).await?;
+    publish(&stack, &topic, &all[5..]).await?;
+    let heads = audit.wait_for_head(20).await?;
+
+    let quarantine = audit.read("/v1/quarantine").await?;
+    let reasons: Vec<&str> = quarantine["records"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert_eq!(reasons.len(), 3, "{quarantine}");
+    assert!(
+        reasons.iter().any(|r| r.contains("lacks an id")),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.starts_with("undecodable"))
+            .count(),
+        2,
+        "{reasons:?}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let url = format!("{}/v1/verify", audit.base);
+        let body: Value = audit
+            .http
+            .post(&url)
+            .bearer_auth(ADMIN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if body["report"]["pruned"] == 10 || Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(report["intact"], true, "{report}");
+    assert_eq!(
+        (
+            report["report"]["pruned"].as_u64(),
+            report["report"]["size"].as_u64()
+        ),
+        (Some(10), Some(20))
+    );
+    let kept = all_pages(&audit, "limit=500").await?;
+    let newest: BTreeSet<String> = all[10..].iter().map(|e| e.id.to_string()).collect();
+    assert_eq!(
+        kept.into_iter().collect::<BTreeSet<_>>(),
+        newest,
+        "only the newest 10 are kept"
+    );
+    let (status, _) = audit
+        .get(&format!("/v1/events/{}", all[0].id), Some(READER))
+        .await?;
+    assert_eq!(status, 404, "a pruned event is gone");
+
+    let signed_heads = heads["heads"].as_array().cloned().unwrap_or_default();
+    let root_of = |size: u64| {
+        let head = signed_heads
+            .iter()
+            .find(|h| h["size"].as_u64() == Some(size));
+        unhex(head.and_then(|h| h["root"].as_str()).unwrap_or_default())
+    };
+    let body = audit.read("/v1/proof/consistency?from=5&to=20").await?;
+    assert!(
+        consistent(5, 20, root_of(5), root_of(20), &hashes(&body["proof"])),
+        "{body}"
+    );
+    audit.stop()
 }
 
 /// Complete subtrees as the service stores them, in memory.

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::head::{hex, key_id};
-use super::log::{id_key, read_u64};
+use super::log::{id_key, read_u64, Quarantined, QUARANTINE};
 use super::merkle::{consistency_proof, inclusion_proof, leaf_hash, root};
 use super::query::{Filters, Finder, QueryError};
 use super::verify::{signed_heads, verify};
@@ -155,6 +155,7 @@ pub fn router(config: &AuditConfig, store: Store, key: VerifyingKey) -> Router {
         .route("/v1/proof/inclusion", get(inclusion))
         .route("/v1/proof/consistency", get(consistency))
         .route("/v1/verify", post(verify_log))
+        .route("/v1/quarantine", get(quarantined))
         .route("/openapi.json", get(openapi))
         .with_state(api)
 }
@@ -168,6 +169,7 @@ pub const PATHS: &[&str] = &[
     "/v1/proof/inclusion",
     "/v1/proof/consistency",
     "/v1/verify",
+    "/v1/quarantine",
     "/openapi.json",
 ];
 
@@ -461,6 +463,28 @@ async fn verify_log(State(api): State<Arc<Api>>, headers: HeaderMap) -> Answer {
     Ok(Json(
         json!({ "intact": report.is_intact(), "report": report }),
     ))
+}
+
+async fn quarantined(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Answer {
+    api.authorize(&headers, Role::Read)?;
+    if let Some(unknown) = params.keys().find(|k| k.as_str() != "limit") {
+        return Err(Failure::status(
+            StatusCode::BAD_REQUEST,
+            format!("unknown parameter {unknown:?}; known: limit"),
+        ));
+    }
+    let limit = api.limit(params.get("limit"))?;
+    let end = [QUARANTINE, &[0xff; 9]].concat();
+    let mut records = Vec::new();
+    for entry in api.store.range(QUARANTINE, &end, true).take(limit) {
+        let (_, value) = entry?;
+        records.extend(serde_json::from_slice::<Quarantined>(&value).ok());
+    }
+    Ok(Json(json!({ "records": records })))
 }
 
 async fn openapi() -> impl IntoResponse {

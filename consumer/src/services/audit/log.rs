@@ -12,6 +12,8 @@
 //! | `audit/id/<event id>` | the entry's index |
 //! | `audit/head/<size>` | a signed tree head |
 //! | `audit/x/<index kind><field>\0<time><index>` | empty: the query indexes |
+//! | `audit/pruned` | entries pruned from the start (their hashes stay) |
+//! | `audit/quarantine/<time><topic>\0<partition><offset>` | a record kept out of the log, with why |
 
 use changewire_schemas::{ChangeEvent, Origin};
 use serde::{Deserialize, Serialize};
@@ -30,6 +32,10 @@ pub const ID: &[u8] = b"audit/id/";
 pub const HEAD: &[u8] = b"audit/head/";
 /// Prefix of the query indexes.
 pub const INDEX: &[u8] = b"audit/x/";
+/// Prefix of quarantined records.
+pub const QUARANTINE: &[u8] = b"audit/quarantine/";
+/// Key of the number of entries pruned from the log's start.
+pub const PRUNED: &[u8] = b"audit/pruned";
 
 /// The query indexes, each ordered by change time then log index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,15 +173,64 @@ pub fn append<E>(
     for (level, position, hash) in appended(index, leaf, sibling)? {
         writes.push((node_key(level, position), hash.to_vec()));
     }
+    for key in index_keys(index, event, entry) {
+        writes.push((key, Vec::new()));
+    }
+    Ok(Appended { writes })
+}
+
+/// The query index keys of the entry at `index`.
+pub fn index_keys(index: u64, event: &ChangeEvent, entry: &Entry) -> Vec<Vec<u8>> {
     let suffix = [
         &event.source.ts_ms.max(0).to_be_bytes()[..],
         &index.to_be_bytes()[..],
     ]
     .concat();
-    for (kind, field) in index_fields(event, entry) {
-        writes.push(([kind.prefix(&field), suffix.clone()].concat(), Vec::new()));
+    (index_fields(event, entry).into_iter())
+        .map(|(kind, field)| [kind.prefix(&field), suffix.clone()].concat())
+        .collect()
+}
+
+/// What the indexes need that `event` lacks, if anything: such events are
+/// quarantined, not logged.
+pub fn lacks(event: &ChangeEvent) -> Option<&'static str> {
+    if event.id.as_str().is_empty() {
+        return Some("an id");
     }
-    Ok(Appended { writes })
+    if event.source.name.is_empty() {
+        return Some("a source name");
+    }
+    match &event.source.origin {
+        Origin::Kubernetes(k8s) if k8s.kind.is_empty() || k8s.name.is_empty() => {
+            Some("a kind and an object name")
+        }
+        Origin::Postgresql(pg) if pg.table.is_empty() => Some("a table"),
+        _ => None,
+    }
+}
+
+/// A record kept out of the log, with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    /// Where it was read.
+    pub provenance: Provenance,
+    /// Why it is not in the log.
+    pub reason: String,
+    /// Its value, base64, as read.
+    pub payload: String,
+}
+
+/// The key a quarantined record is kept under: by time, then where it was read.
+pub fn quarantine_key(provenance: &Provenance) -> Vec<u8> {
+    [
+        QUARANTINE,
+        &provenance.logged_ms.to_be_bytes(),
+        provenance.topic.as_bytes(),
+        &[0],
+        &provenance.partition.to_be_bytes(),
+        &provenance.offset.to_be_bytes(),
+    ]
+    .concat()
 }
 
 /// The index fields of an event: every index it belongs to.

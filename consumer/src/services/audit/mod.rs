@@ -6,6 +6,7 @@
 //! - [`head`]: signed tree heads;
 //! - [`query`]: finding events by resource, actor, op, source, time, changed path;
 //! - [`verify`]: recomputing the tree from the store against every signed head;
+//! - [`prune`]: retention, keeping every hash;
 //! - [`api`]: the HTTP API over all of it; [`cli`]: the terminal's view of it.
 //!
 //! The handler appends each new event in the batch's one atomic write (entry,
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod head;
 pub mod log;
 pub mod merkle;
+pub mod prune;
 pub mod query;
 pub mod verify;
 
@@ -29,8 +31,12 @@ use changewire_schemas::ChangeEvent;
 use serde::{Deserialize, Serialize};
 
 use self::head::HeadSigner;
-use self::log::{append, head_key, id_key, node_key, read_u64, Entry, Provenance, SIZE};
+use self::log::{
+    append, head_key, id_key, lacks, node_key, quarantine_key, read_u64, Entry, Provenance,
+    Quarantined, SIZE,
+};
 use self::merkle::{Hash, Nodes};
+use self::prune::{prune, Retention};
 use crate::runtime::sinks::kafka::{KafkaSink, Oversized};
 use crate::runtime::{Context, Effect, Handler, HandlerError, Record, RuntimeConfig, Sinks};
 use crate::runtime::{Store, StoreError};
@@ -63,6 +69,12 @@ pub struct AuditConfig {
     /// The most events one page of a query returns.
     #[serde(default = "default_max_page")]
     pub max_page: usize,
+    /// Prune entries logged longer ago than this (default: keep them).
+    #[serde(default)]
+    pub retention_days: Option<u32>,
+    /// Prune the oldest entries beyond this many (default: keep them).
+    #[serde(default)]
+    pub max_entries: Option<u64>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -81,6 +93,8 @@ impl std::fmt::Debug for AuditConfig {
             .field("admin_tokens", &self.admin_tokens.len())
             .field("heads_topic", &self.heads_topic)
             .field("max_page", &self.max_page)
+            .field("retention_days", &self.retention_days)
+            .field("max_entries", &self.max_entries)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +114,15 @@ impl AuditConfig {
             return Err(ConfigError::invalid("audit.max_page", "must be at least 1"));
         }
         Ok(())
+    }
+
+    /// What the log keeps.
+    pub fn retention(&self) -> Retention {
+        Retention {
+            max_age: (self.retention_days)
+                .map(|d| std::time::Duration::from_secs(u64::from(d) * 86_400)),
+            max_entries: self.max_entries,
+        }
     }
 
     /// The topic heads are published to.
@@ -161,6 +184,7 @@ pub struct Audit {
     signer: HeadSigner,
     heads_topic: String,
     service: String,
+    retention: Retention,
 }
 
 impl Audit {
@@ -180,6 +204,7 @@ impl Audit {
             signer,
             heads_topic: audit.heads_topic(config),
             service: config.service.name.clone(),
+            retention: audit.retention(),
         };
         Ok((handler, Sinks::new().with(HEADS, sink)))
     }
@@ -188,6 +213,30 @@ impl Audit {
     pub fn verifying_key(&self) -> ed25519_dalek::VerifyingKey {
         self.signer.verifying_key()
     }
+}
+
+/// Where `record` was read, logged now.
+fn provenance(record: &Record) -> Provenance {
+    Provenance {
+        topic: record.topic.clone(),
+        partition: record.partition,
+        offset: record.offset,
+        key: (record.key.as_deref()).map(|k| String::from_utf8_lossy(k).into_owned()),
+        logged_ms: now_ms(SystemTime::now()),
+    }
+}
+
+/// Keeps `record` out of the log, with why.
+fn quarantine(context: &mut Context<'_>, record: &Record, reason: &str) {
+    use base64::Engine as _;
+    let kept = Quarantined {
+        provenance: provenance(record),
+        reason: reason.to_owned(),
+        payload: base64::engine::general_purpose::STANDARD.encode(&record.payload),
+    };
+    let value = serde_json::to_vec(&kept).expect("a quarantined record serializes");
+    context.put(quarantine_key(&kept.provenance), value);
+    tracing::warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason, "record quarantined, not logged");
 }
 
 fn now_ms(now: SystemTime) -> u64 {
@@ -202,18 +251,16 @@ impl Handler for Audit {
         record: &Record,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
+        if let Some(missing) = lacks(event) {
+            quarantine(context, record, &format!("the event lacks {missing}"));
+            return Ok(());
+        }
         if context.get(&id_key(event.id.as_str()))?.is_some() {
             return Ok(());
         }
         let index = read_u64(context.get(SIZE)?.as_deref());
         let entry = Entry {
-            provenance: Provenance {
-                topic: record.topic.clone(),
-                partition: record.partition,
-                offset: record.offset,
-                key: (record.key.as_deref()).map(|k| String::from_utf8_lossy(k).into_owned()),
-                logged_ms: now_ms(SystemTime::now()),
-            },
+            provenance: provenance(record),
             payload: record.payload.clone(),
         };
         let appended = {
@@ -228,7 +275,23 @@ impl Handler for Audit {
         Ok(())
     }
 
+    fn undecodable(
+        &self,
+        record: &Record,
+        reason: &str,
+        context: &mut Context<'_>,
+    ) -> Result<bool, HandlerError> {
+        quarantine(context, record, reason);
+        Ok(true)
+    }
+
     async fn tick(&self, now: SystemTime, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        if self.retention.prunes() {
+            let pruned = prune(context, &self.retention, now_ms(now))?;
+            if pruned > 0 {
+                tracing::info!(pruned, "pruned entries past retention (their hashes stay)");
+            }
+        }
         let size = read_u64(context.get(SIZE)?.as_deref());
         if size == 0 || size == read_u64(context.get(LAST_HEAD)?.as_deref()) {
             return Ok(());

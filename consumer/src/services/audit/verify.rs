@@ -12,7 +12,7 @@ use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 
 use super::head::SignedHead;
-use super::log::{entry_key, id_key, node_key, read_u64, Entry, HEAD, SIZE};
+use super::log::{entry_key, id_key, node_key, read_u64, Entry, HEAD, PRUNED, SIZE};
 use super::merkle::{appended, leaf_hash, node_hash, Hash};
 use crate::runtime::{Store, StoreError};
 
@@ -81,6 +81,9 @@ pub struct Report {
     pub heads: usize,
     /// The largest size a valid signed head covers.
     pub signed_size: u64,
+    /// Entries pruned from the start: their stored leaf hashes were checked
+    /// against the heads, their content can no longer be.
+    pub pruned: u64,
     /// The problems, in log order (empty: the log is intact).
     pub problems: Vec<Problem>,
 }
@@ -98,14 +101,16 @@ const MAX_PROBLEMS: usize = 100;
 /// Verifies the log in `store` against heads signed by `key`.
 pub fn verify(store: &Store, key: &VerifyingKey) -> Result<Report, StoreError> {
     let size = read_u64(store.get(SIZE)?.as_deref());
+    let pruned = read_u64(store.get(PRUNED)?.as_deref());
     let heads = signed_heads(store)?;
     let mut report = Report {
         size,
         heads: heads.len(),
         signed_size: 0,
+        pruned,
         problems: Vec::new(),
     };
-    let mut roots = recompute(store, size, &heads, &mut report.problems)?;
+    let mut roots = recompute(store, (pruned, size), &heads, &mut report.problems)?;
     let mut after = 0;
     for head in &heads {
         if !head.is_signed_by(key) {
@@ -145,11 +150,11 @@ pub fn signed_heads(store: &Store) -> Result<Vec<SignedHead>, StoreError> {
     Ok(heads)
 }
 
-/// Recomputes the tree entry by entry, noting problems; returns the recomputed root
-/// at each head's size.
+/// Recomputes the tree entry by entry (from stored leaf hashes below `pruned`),
+/// noting problems; returns the recomputed root at each head's size.
 fn recompute(
     store: &Store,
-    size: u64,
+    (pruned, size): (u64, u64),
     heads: &[SignedHead],
     problems: &mut Vec<Problem>,
 ) -> Result<std::collections::HashMap<u64, Hash>, StoreError> {
@@ -158,11 +163,18 @@ fn recompute(
     // The last complete subtree of each level: the right edge of the tree.
     let mut frontier: Vec<Hash> = Vec::new();
     for index in 0..size {
-        let leaf = match store.get(&entry_key(index))? {
-            Some(value) => {
-                check_entry(store, index, &value, problems)?;
-                leaf_hash(&value)
-            }
+        let stored = if index < pruned {
+            pruned_leaf(store, index)?
+        } else {
+            store
+                .get(&entry_key(index))?
+                .map(|value| {
+                    check_entry(store, index, &value, problems).map(|()| leaf_hash(&value))
+                })
+                .transpose()?
+        };
+        let leaf = match stored {
+            Some(leaf) => leaf,
             None => {
                 problems.push(Problem::Missing { index });
                 // Stands in so later entries still line up.
@@ -185,6 +197,12 @@ fn recompute(
         }
     }
     Ok(roots)
+}
+
+/// The stored hash of a pruned leaf.
+fn pruned_leaf(store: &Store, index: u64) -> Result<Option<Hash>, StoreError> {
+    let value = store.get(&node_key(0, index))?;
+    Ok(value.and_then(|v| Hash::try_from(v.as_slice()).ok()))
 }
 
 /// The root of the tree over `size` leaves from the right edge's subtrees.
