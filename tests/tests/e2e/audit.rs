@@ -283,6 +283,44 @@ fn signed(head: &Value, key: &VerifyingKey) -> bool {
     signature.is_some_and(|s| key.verify(&message, &s).is_ok())
 }
 
+/// A topic, a state directory, a port and the config of one test's service.
+struct Setup {
+    stack: Stack,
+    topic: String,
+    dir: tempfile::TempDir,
+    port: u16,
+    config: PathBuf,
+}
+
+async fn setup(name: &str, partitions: i32, extra: &str) -> anyhow::Result<Setup> {
+    let stack = Stack::from_env();
+    let prefix = unique_name(name);
+    let topic = format!("{prefix}.k8s.policy.RateLimit");
+    create_topics(&stack, &[&topic], partitions).await?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let config = write_config(dir.path(), &stack, (&prefix, &topic), port, extra);
+    Ok(Setup {
+        stack,
+        topic,
+        dir,
+        port,
+        config,
+    })
+}
+
+impl Setup {
+    fn start(&self) -> anyhow::Result<Audit> {
+        Audit::start(&self.config, self.port, &self.dir.path().join("audit.log"))
+    }
+}
+
+/// The root a signed head of `size` carries.
+fn head_root(heads: &[Value], size: u64) -> [u8; 32] {
+    let head = heads.iter().find(|h| h["size"].as_u64() == Some(size));
+    unhex(head.and_then(|h| h["root"].as_str()).unwrap_or_default())
+}
+
 fn hashes(value: &Value) -> Vec<[u8; 32]> {
     let items = value.as_array().into_iter().flatten();
     items.filter_map(|h| h.as_str()).map(unhex).collect()
@@ -292,20 +330,15 @@ fn hashes(value: &Value) -> Vec<[u8; 32]> {
 /// API answers queries, pages, history and proofs; bad input is refused by name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_is_logged_once_and_answers_come_with_proofs() -> anyhow::Result<()> {
-    let stack = Stack::from_env();
-    let prefix = unique_name("au");
-    let topic = format!("{prefix}.k8s.policy.RateLimit");
-    create_topics(&stack, &[&topic], 2).await?;
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let config = write_config(dir.path(), &stack, (&prefix, &topic), port, "");
+    let setup = setup("au", 2, "").await?;
+    let (stack, topic) = (&setup.stack, &setup.topic);
     let first = events(0, 100);
-    publish(&stack, &topic, &first).await?;
-    let audit = Audit::start(&config, port, &dir.path().join("audit.log"))?;
+    publish(stack, topic, &first).await?;
+    let audit = setup.start()?;
     audit.wait_for_head(100).await?;
     let second = events(100, 50);
-    publish(&stack, &topic, &second).await?;
-    publish(&stack, &topic, &first[..10]).await?;
+    publish(stack, topic, &second).await?;
+    publish(stack, topic, &first[..10]).await?;
     let heads = audit.wait_for_head(150).await?;
     let all: Vec<ChangeEvent> = first.into_iter().chain(second).collect();
 
@@ -490,12 +523,7 @@ async fn check_proofs(audit: &Audit, heads: &Value, all: &[ChangeEvent]) -> anyh
     let body = audit
         .read(&format!("/v1/proof/consistency?from={old}&to={new}"))
         .await?;
-    let root_of = |size: u64| {
-        let head = signed_heads
-            .iter()
-            .find(|h| h["size"].as_u64() == Some(size));
-        unhex(head.and_then(|h| h["root"].as_str()).unwrap_or_default())
-    };
+    let root_of = |size: u64| head_root(&signed_heads, size);
     assert!(
         consistent(
             old,
@@ -579,24 +607,18 @@ async fn check_openapi(audit: &Audit) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_audit_service_logs_each_event_once() -> anyhow::Result<()> {
     const EVENTS: u64 = 3000;
-    let stack = Stack::from_env();
-    let prefix = unique_name("auk");
-    let topic = format!("{prefix}.k8s.policy.RateLimit");
-    create_topics(&stack, &[&topic], 2).await?;
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let config = write_config(dir.path(), &stack, (&prefix, &topic), port, "");
-    let log = dir.path().join("audit.log");
-    publish(&stack, &topic, &events(0, EVENTS)).await?;
+    let setup = setup("auk", 2, "").await?;
+    let (stack, topic) = (&setup.stack, &setup.topic);
+    publish(stack, topic, &events(0, EVENTS)).await?;
     for _ in 0..2 {
-        let audit = Audit::start(&config, port, &log)?;
+        let audit = setup.start()?;
         wait_for_some_heads(&audit).await?;
         drop(audit); // SIGKILL mid-ingest
     }
-    let audit = Audit::start(&config, port, &log)?;
+    let audit = setup.start()?;
     audit.wait_for_head(EVENTS).await?;
     audit.stop()?;
-    let store = Store::open(&dir.path().join("state"))?;
+    let store = Store::open(&setup.dir.path().join("state"))?;
     let key = ed25519_dalek::SigningKey::from_bytes(&SEED).verifying_key();
     let report = verify(&store, &key)?;
     assert!(report.is_intact(), "{report:?}");
@@ -624,19 +646,14 @@ async fn wait_for_some_heads(audit: &Audit) -> anyhow::Result<()> {
 /// can tell).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampering_with_the_store_is_found_and_located() -> anyhow::Result<()> {
-    let stack = Stack::from_env();
-    let prefix = unique_name("aut");
-    let topic = format!("{prefix}.k8s.policy.RateLimit");
-    create_topics(&stack, &[&topic], 1).await?;
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let config = write_config(dir.path(), &stack, (&prefix, &topic), port, "");
-    publish(&stack, &topic, &events(0, 50)).await?;
-    let audit = Audit::start(&config, port, &dir.path().join("audit.log"))?;
+    let setup = setup("aut", 1, "").await?;
+    let (stack, topic) = (&setup.stack, &setup.topic);
+    publish(stack, topic, &events(0, 50)).await?;
+    let audit = setup.start()?;
     audit.wait_for_head(50).await?;
     audit.stop()?;
     let key = ed25519_dalek::SigningKey::from_bytes(&SEED).verifying_key();
-    let original = dir.path().join("state");
+    let original = setup.dir.path().join("state");
 
     let changed_byte = tampered(&original, |store| {
         let mut entry = store.get(&entry_key(10))?.unwrap_or_default();
@@ -757,22 +774,11 @@ fn rewrite_hashes(
 /// from inside the pruned range still links two signed heads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::Result<()> {
-    let stack = Stack::from_env();
-    let prefix = unique_name("auq");
-    let topic = format!("{prefix}.k8s.policy.RateLimit");
-    create_topics(&stack, &[&topic], 1).await?;
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let config = write_config(
-        dir.path(),
-        &stack,
-        (&prefix, &topic),
-        port,
-        "max_entries = 10",
-    );
-    let audit = Audit::start(&config, port, &dir.path().join("audit.log"))?;
+    let setup = setup("auq", 1, "max_entries = 10").await?;
+    let (stack, topic) = (&setup.stack, &setup.topic);
+    let audit = setup.start()?;
     let all = events(0, 20);
-    publish(&stack, &topic, &all[..5]).await?;
+    publish(stack, topic, &all[..5]).await?;
     audit.wait_for_head(5).await?;
     let mut nameless = all[5].clone();
     nameless.id = EventId::from(String::new());
@@ -781,8 +787,8 @@ async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::R
         (b"g2".to_vec(), b"{\"id\": 1}".to_vec()),
         (b"g3".to_vec(), serde_json::to_vec(&nameless)?),
     ];
-    publish_keyed(&stack, &topic, garbage).await?;
-    publish(&stack, &topic, &all[5..]).await?;
+    publish_keyed(stack, topic, garbage).await?;
+    publish(stack, topic, &all[5..]).await?;
     let heads = audit.wait_for_head(20).await?;
 
     let quarantine = audit.read("/v1/quarantine").await?;
@@ -843,12 +849,7 @@ async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::R
     assert_eq!(status, 404, "a pruned event is gone");
 
     let signed_heads = heads["heads"].as_array().cloned().unwrap_or_default();
-    let root_of = |size: u64| {
-        let head = signed_heads
-            .iter()
-            .find(|h| h["size"].as_u64() == Some(size));
-        unhex(head.and_then(|h| h["root"].as_str()).unwrap_or_default())
-    };
+    let root_of = |size: u64| head_root(&signed_heads, size);
     let body = audit.read("/v1/proof/consistency?from=5&to=20").await?;
     assert!(
         consistent(5, 20, root_of(5), root_of(20), &hashes(&body["proof"])),
