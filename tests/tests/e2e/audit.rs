@@ -347,7 +347,68 @@ async fn every_event_is_logged_once_and_answers_come_with_proofs() -> anyhow::Re
     check_bad_input(&audit).await?;
     check_proofs(&audit, &heads, &all).await?;
     check_openapi(&audit).await?;
+    check_terminal(&audit)?;
     audit.stop()
+}
+
+/// Runs `changewire-consumer audit ...`; its exit status and standard output.
+fn tool(args: &[&str]) -> anyhow::Result<(i32, String)> {
+    let output = std::process::Command::new(workspace_binary("changewire-consumer")?)
+        .arg("audit")
+        .args(args)
+        .env_remove("CHANGEWIRE_AUDIT_TOKEN")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    Ok((
+        output.status.code().unwrap_or(-1),
+        format!("{stdout}{stderr}"),
+    ))
+}
+
+/// The terminal tools answer from the running service.
+fn check_terminal(audit: &Audit) -> anyhow::Result<()> {
+    let remote = ["--url", audit.base.as_str(), "--token", READER];
+    let (status, table) = tool(
+        &[
+            &["query"][..],
+            &remote,
+            &["--actor", "alice", "--limit", "5"],
+        ]
+        .concat(),
+    )?;
+    assert_eq!(status, 0, "{table}");
+    let rows: Vec<&str> = table.lines().filter(|l| l.contains(" alice ")).collect();
+    assert_eq!(rows.len(), 5, "{table}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("k8s:policy.example.com/RateLimit/prod/")),
+        "{table}"
+    );
+    let (status, history) = tool(
+        &[
+            &["history"][..],
+            &remote,
+            &["k8s", "policy.example.com/RateLimit", "prod", "api"],
+        ]
+        .concat(),
+    )?;
+    assert_eq!(status, 0, "{history}");
+    assert!(
+        history
+            .lines()
+            .any(|l| l.trim_start().starts_with("~ /spec/auth/mode")),
+        "{history}"
+    );
+    let (status, verdict) = tool(&["verify", "--url", &audit.base, "--token", ADMIN])?;
+    assert_eq!(status, 0, "{verdict}");
+    assert!(
+        verdict.contains("intact: every entry matches every signed head"),
+        "{verdict}"
+    );
+    let (status, refused) = tool(&["verify", "--url", &audit.base, "--token", READER])?;
+    assert_eq!(status, 1, "a read token cannot verify: {refused}");
+    Ok(())
 }
 
 async fn check_auth(audit: &Audit) -> anyhow::Result<()> {
@@ -709,6 +770,25 @@ async fn tampering_with_the_store_is_found_and_located() -> anyhow::Result<()> {
         verify(&Store::open(&original)?, &key)?.is_intact(),
         "the original is intact"
     );
+    let config = setup.config.to_str().unwrap_or_default();
+    let (status, verdict) = tool(&["verify", "--config", config])?;
+    assert_eq!(status, 0, "{verdict}");
+    tampered_in_place(&original)?;
+    let (status, verdict) = tool(&["verify", "--config", config])?;
+    assert_eq!(status, 1, "{verdict}");
+    assert!(
+        verdict.contains("NOT INTACT") && verdict.contains("\"index\":3"),
+        "{verdict}"
+    );
+    Ok(())
+}
+
+/// Changes a byte of entry 3 of the store at `path` itself.
+fn tampered_in_place(path: &Path) -> anyhow::Result<()> {
+    let store = Store::open(path)?;
+    let mut entry = store.get(&entry_key(3))?.unwrap_or_default();
+    *entry.last_mut().expect("an entry") ^= 1;
+    store.put_state(&entry_key(3), Some(&entry))?;
     Ok(())
 }
 
