@@ -217,6 +217,14 @@ async fn shipped_config_files_are_valid() -> anyhow::Result<()> {
             "dedup.toml",
             vec![("CHANGEWIRE_SERVICE__STATE_DIR", state_dir.as_str())],
         ),
+        (
+            "changewire-consumer",
+            "audit.toml",
+            vec![
+                ("CHANGEWIRE_SERVICE__STATE_DIR", state_dir.as_str()),
+                ("CHANGEWIRE_AUDIT__READ_TOKENS", "a,b"),
+            ],
+        ),
     ];
     for (binary, file, mut env) in cases {
         env.push(("CHANGEWIRE_KAFKA__BROKERS", stack.kafka_brokers.as_str()));

@@ -57,11 +57,12 @@ pub struct AuditConfig {
     /// Where the query API listens.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Bearer tokens that may query.
-    #[serde(default)]
+    /// Bearer tokens that may query: a list, or one comma-separated string (as
+    /// `CHANGEWIRE_AUDIT__READ_TOKENS` gives it).
+    #[serde(default, deserialize_with = "tokens")]
     pub read_tokens: Vec<String>,
-    /// Bearer tokens that may also verify the store.
-    #[serde(default)]
+    /// Bearer tokens that may also verify the store (same forms).
+    #[serde(default, deserialize_with = "tokens")]
     pub admin_tokens: Vec<String>,
     /// The topic signed heads go to; default `<prefix>.audit.heads`.
     #[serde(default)]
@@ -75,6 +76,24 @@ pub struct AuditConfig {
     /// Prune the oldest entries beyond this many (default: keep them).
     #[serde(default)]
     pub max_entries: Option<u64>,
+}
+
+/// The demo signing key in config/audit.toml: anyone can read it, so heads signed
+/// with it prove nothing, and a service using it says so.
+pub const DEMO_SIGNING_KEY: &str = "ZGVtby1rZXktbm90LWZvci1wcm9kdWN0aW9uLXVzZSE=";
+
+/// Tokens as a list, or as one comma-separated string.
+fn tokens<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Tokens {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Tokens::deserialize(deserializer)? {
+        Tokens::List(list) => list,
+        Tokens::Text(text) => text.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect(),
+    })
 }
 
 fn default_listen() -> SocketAddr {
@@ -193,6 +212,9 @@ impl Audit {
         audit.validate()?;
         let signer = HeadSigner::from_seed(&audit.signing_key)
             .map_err(|e| ConfigError::invalid("audit.signing_key", e.to_string()))?;
+        if audit.signing_key == DEMO_SIGNING_KEY {
+            tracing::warn!("audit.signing_key is the published demo key: anyone can sign heads with it; set CHANGEWIRE_AUDIT__SIGNING_KEY to the base64 of 32 random bytes");
+        }
         tracing::info!(
             key_id = %head::key_id(&signer.verifying_key()),
             public_key = %head::hex(signer.verifying_key().as_bytes()),
