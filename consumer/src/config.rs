@@ -57,6 +57,14 @@ impl ConsumerConfig {
         }
         if let Some(audit) = &self.audit {
             audit.validate()?;
+            // A group could hand a partition to another instance mid-stream and
+            // split one history across two logs.
+            if self.service.assignment != Assignment::Static {
+                return Err(ConfigError::invalid(
+                    "service.assignment",
+                    "the audit service owns its partitions: set assignment = \"static\" (docs/audit.md)",
+                ));
+            }
         }
         Ok(())
     }

@@ -185,6 +185,26 @@ fn consumer_requires_a_subscription() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The audit service refuses what would break its log: a group (partitions could
+/// move between instances), a signing key that is not 32 bytes, no token.
+#[test]
+fn audit_refuses_settings_that_would_break_its_log() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let service = "[kafka]\nbrokers = \"h:1\"\n[service]\nname = \"audit\"\nsubscribe = [\"t\"]\nstate_dir = \"/tmp/x\"\n";
+    let key = "signing_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"";
+    for (settings, named) in [
+        (format!("[audit]\n{key}\nread_tokens = [\"r\"]\n"), "service.assignment"),
+        (format!("assignment = \"static\"\n[audit]\nsigning_key = \"c2hvcnQ=\"\nread_tokens = [\"r\"]\n"), "audit.signing_key"),
+        (format!("assignment = \"static\"\n[audit]\n{key}\n"), "audit.read_tokens"),
+    ] {
+        let config = write_config(dir.path(), &format!("{service}{settings}"));
+        let output = run("changewire-consumer", &config, &[])?;
+        assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{}", stderr(&output));
+        assert!(stderr(&output).contains(named), "{named}: {}", stderr(&output));
+    }
+    Ok(())
+}
+
 /// The files under config/ are what the demo and docker-compose run; with the
 /// overrides docker-compose sets, they must pass `--check`, which reaches Kafka,
 /// PostgreSQL (the stack's demo database) and the API server (a fake one here).

@@ -92,7 +92,12 @@ fn tokens<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Strin
     }
     Ok(match Tokens::deserialize(deserializer)? {
         Tokens::List(list) => list,
-        Tokens::Text(text) => text.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect(),
+        Tokens::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
     })
 }
 

@@ -1,0 +1,334 @@
+//! Audit benchmark:
+//! `cargo run --release -p changewire-tests --bin bench-audit -- [EVENTS]`
+//!
+//! On the local stack (`scripts/stack up`), in one run:
+//! 1. publishes EVENTS Kubernetes change events (default 1,000,000: 1,000
+//!    resources, 50 actors, four ops, a month of change times, every tenth
+//!    changing `spec.auth`) to a 3-partition topic;
+//! 2. times the runtime's plain apply loop over it: the same runtime with a
+//!    handler that applies nothing (reading, decoding, dedup ids, offsets, the
+//!    batch's atomic write);
+//! 3. times the audit service over it (in-process, its own store);
+//! 4. prints both rates and their ratio, the store's size, then the latency
+//!    (p50, p99) of four queries on that store, 200 runs each with varied
+//!    parameters: one resource's history, one actor over a day, one op over a
+//!    day, a changed-path filter over a day.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use changewire_consumer::config::{ConsumerConfig, ServiceConfig};
+use changewire_consumer::runtime::{
+    self, ConsumerMetrics, Context, Handler, HandlerError, Record, Sinks, Store,
+};
+use changewire_consumer::services::audit::query::{Filters, Finder};
+use changewire_consumer::services::audit::{Audit, AuditConfig};
+use changewire_schemas::fixtures::kubernetes_create;
+use changewire_schemas::topic::TopicsConfig;
+use changewire_schemas::{ChangeEvent, Codec, EventId, Op, Origin};
+use changewire_tests::{cpu_time, create_topics, unique_name, Stack};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::json;
+use tokio::sync::watch;
+
+const PARTITIONS: i32 = 3;
+const PUBLISH_CHUNK: u64 = 50_000;
+const RESOURCES: u64 = 1_000;
+const ACTORS: u64 = 50;
+const DAY_MS: i64 = 86_400_000;
+/// Change times start here and spread over 30 days.
+const START_MS: i64 = 1_760_000_000_000;
+const QUERY_RUNS: usize = 200;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let events: u64 = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(1_000_000);
+    ensure!(events > 0, "EVENTS must be positive");
+    let stack = Stack::from_env();
+    let prefix = unique_name("benchau");
+    let topic = format!("{prefix}.k8s.policy.RateLimit");
+    create_topics(&stack, &[&topic], PARTITIONS).await?;
+    let started = Instant::now();
+    let bytes = publish(&stack, &topic, events).await?;
+    println!(
+        "published {events} events ({:.0} MB) in {:.1} s",
+        bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+
+    let plain_state = tempfile::tempdir()?;
+    let cpu = cpu_time("self");
+    let plain = time_run(&stack, &prefix, &topic, plain_state.path(), events, None).await?;
+    let plain_cpu = cpu_time("self") - cpu;
+    let audit_state = tempfile::tempdir()?;
+    let cpu = cpu_time("self");
+    let audit = time_run(
+        &stack,
+        &prefix,
+        &topic,
+        audit_state.path(),
+        events,
+        Some(audit_config()),
+    )
+    .await?;
+    let audit_cpu = cpu_time("self") - cpu;
+
+    let rate = |d: Duration| events as f64 / d.as_secs_f64();
+    println!(
+        "plain apply loop: {:>7.1} s  {:>9.0} events/s  {:>5.1} CPU s",
+        plain.as_secs_f64(),
+        rate(plain),
+        plain_cpu.as_secs_f64()
+    );
+    println!(
+        "audit service:    {:>7.1} s  {:>9.0} events/s  {:>5.1} CPU s",
+        audit.as_secs_f64(),
+        rate(audit),
+        audit_cpu.as_secs_f64()
+    );
+    println!("ratio audit / plain: {:.2}", rate(audit) / rate(plain));
+    let store = Store::open(audit_state.path())?;
+    println!(
+        "audit store on disk: {:.0} MB",
+        store.size_on_disk()? as f64 / 1e6
+    );
+    query_latencies(&store, events)?;
+    Ok(())
+}
+
+/// Event `n` of `events`: one of [`RESOURCES`] RateLimits, by one of [`ACTORS`],
+/// ops in turn, change times spread over 30 days; every tenth changes `spec.auth`.
+fn event(n: u64, events: u64) -> ChangeEvent {
+    let mut event = kubernetes_create("k8s");
+    let resource = n % RESOURCES;
+    event.id = EventId::kubernetes("k8s", &format!("uid-{resource}"), &n.to_string());
+    event.op = [Op::Update, Op::Update, Op::Create, Op::Delete][(n % 4) as usize];
+    event.source.ts_ms = START_MS + (n as i128 * 30 * DAY_MS as i128 / events as i128) as i64;
+    if let Origin::Kubernetes(k8s) = &mut event.source.origin {
+        k8s.name = format!("limit-{resource}");
+        k8s.namespace = Some(format!("team-{}", resource % 20));
+        k8s.resource_version = n.to_string();
+    }
+    if let Some(actor) = event.actor.as_mut() {
+        actor.name = format!("user-{}", n % ACTORS);
+    }
+    let path = if n.is_multiple_of(10) {
+        "/spec/auth/mode"
+    } else {
+        "/spec/rps"
+    };
+    event.diff = Some(json!([{"op": "replace", "path": path, "value": n}]));
+    event
+}
+
+async fn publish(stack: &Stack, topic: &str, events: u64) -> anyhow::Result<u64> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()?;
+    let codec = Codec::json()?;
+    let (mut bytes, mut next) = (0, 0);
+    while next < events {
+        let end = (next + PUBLISH_CHUNK).min(events);
+        let mut acks = Vec::new();
+        for n in next..end {
+            let value = codec.encode(&event(n, events))?;
+            bytes += value.len() as u64;
+            let key = n.to_string();
+            let mut record = FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(value.as_slice());
+            let ack = loop {
+                match producer.send_result(record) {
+                    Ok(ack) => break ack,
+                    Err((_, back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            };
+            acks.push(ack);
+        }
+        for ack in futures::future::join_all(acks).await {
+            ack?.map_err(|(error, _)| error)?;
+        }
+        next = end;
+    }
+    Ok(bytes)
+}
+
+/// The runtime's plain apply loop: a handler that applies nothing.
+struct Nothing;
+
+impl Handler for Nothing {
+    async fn handle(
+        &self,
+        _: &ChangeEvent,
+        _: &Record,
+        _: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+fn audit_config() -> AuditConfig {
+    toml::from_str(&format!(
+        "signing_key = {:?}\nread_tokens = [\"bench\"]\nlisten = \"127.0.0.1:0\"\n",
+        changewire_consumer::services::audit::DEMO_SIGNING_KEY
+    ))
+    .expect("a valid [audit] section")
+}
+
+/// Runs the runtime (audit when `audit` is given, else [`Nothing`]) until it read
+/// every event, then stops it; the time from start to stop.
+async fn time_run(
+    stack: &Stack,
+    prefix: &str,
+    topic: &str,
+    state: &std::path::Path,
+    events: u64,
+    audit: Option<AuditConfig>,
+) -> anyhow::Result<Duration> {
+    let config = ConsumerConfig {
+        kafka: stack.kafka_config(),
+        topics: TopicsConfig {
+            prefix: prefix.to_owned(),
+            ..TopicsConfig::default()
+        },
+        http: None,
+        service: ServiceConfig {
+            group_id: Some(unique_name("benchau")),
+            max_batch: 5_000,
+            resume_rewind: 10_000,
+            tick_interval_ms: Some(1_000),
+            assignment: changewire_consumer::config::Assignment::Static,
+            ..ServiceConfig::new("audit", vec![topic.to_owned()], state.to_owned())
+        },
+        dedup: None,
+        forward: None,
+        audit: audit.clone(),
+    }
+    .runtime();
+    let metrics = Arc::new(ConsumerMetrics::default());
+    let (stop, shutdown) = watch::channel(false);
+    let started = Instant::now();
+    let observed = metrics.clone();
+    let service = match audit {
+        Some(audit) => {
+            runtime::ensure_topic(&config, &audit.heads_topic(&config), 1).await?;
+            let (handler, sinks) = Audit::new(&config, &audit)?;
+            tokio::spawn(async move {
+                runtime::run_observed(&config, handler, sinks, shutdown, observed).await
+            })
+        }
+        None => tokio::spawn(async move {
+            runtime::run_observed(&config, Nothing, Sinks::new(), shutdown, observed).await
+        }),
+    };
+    while metrics.records_read() < events {
+        ensure!(
+            !service.is_finished(),
+            "the service stopped early: {:?}",
+            service.await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true)?;
+    let stats = service.await??;
+    ensure!(
+        stats.applied == events,
+        "applied {} of {events}",
+        stats.applied
+    );
+    Ok(started.elapsed())
+}
+
+/// The filters of a query's `i`-th run.
+type QueryOf = Box<dyn Fn(usize) -> Filters>;
+
+/// p50 and p99 of four queries on the audit store.
+fn query_latencies(store: &Store, events: u64) -> anyhow::Result<()> {
+    let finder = Finder::new(store, b"bench");
+    let day = |i: usize| {
+        let from = START_MS + (i as i64 % 29) * DAY_MS;
+        (Some(from), Some(from + DAY_MS))
+    };
+    let queries: [(&str, QueryOf); 4] = [
+        (
+            "one resource's history",
+            Box::new(|i| Filters {
+                source: Some("k8s".into()),
+                kind: Some("policy.example.com/RateLimit".into()),
+                namespace: Some(format!("team-{}", (i as u64 % RESOURCES) % 20)),
+                name: Some(format!("limit-{}", i as u64 % RESOURCES)),
+                ..Filters::default()
+            }),
+        ),
+        (
+            "one actor over a day",
+            Box::new(move |i| {
+                let (from_ms, to_ms) = day(i);
+                Filters {
+                    actor: Some(format!("user-{}", i as u64 % ACTORS)),
+                    from_ms,
+                    to_ms,
+                    newest_first: true,
+                    ..Filters::default()
+                }
+            }),
+        ),
+        (
+            "one op over a day",
+            Box::new(move |i| {
+                let (from_ms, to_ms) = day(i);
+                Filters {
+                    op: Some(Op::Delete),
+                    from_ms,
+                    to_ms,
+                    newest_first: true,
+                    ..Filters::default()
+                }
+            }),
+        ),
+        (
+            "changed spec.auth.* over a day",
+            Box::new(move |i| {
+                let (from_ms, to_ms) = day(i);
+                Filters {
+                    changed: Some("spec.auth.*".into()),
+                    from_ms,
+                    to_ms,
+                    newest_first: true,
+                    ..Filters::default()
+                }
+            }),
+        ),
+    ];
+    println!("query latency on {events} events, {QUERY_RUNS} runs each, pages of 100:");
+    for (name, filters) in &queries {
+        let mut times = Vec::with_capacity(QUERY_RUNS);
+        let mut found = 0;
+        for i in 0..QUERY_RUNS {
+            let started = Instant::now();
+            found += finder.find(&filters(i), 100, None)?.events.len();
+            times.push(started.elapsed());
+        }
+        times.sort();
+        let percentile = |p: usize| times[(times.len() * p / 100).min(times.len() - 1)];
+        println!(
+            "  {name:<32} p50 {:>7.2} ms  p99 {:>7.2} ms  ({:.0} events per page)",
+            percentile(50).as_secs_f64() * 1e3,
+            percentile(99).as_secs_f64() * 1e3,
+            found as f64 / QUERY_RUNS as f64
+        );
+    }
+    Ok(())
+}
