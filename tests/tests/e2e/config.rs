@@ -193,14 +193,33 @@ fn audit_refuses_settings_that_would_break_its_log() -> anyhow::Result<()> {
     let service = "[kafka]\nbrokers = \"h:1\"\n[service]\nname = \"audit\"\nsubscribe = [\"t\"]\nstate_dir = \"/tmp/x\"\n";
     let key = "signing_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"";
     for (settings, named) in [
-        (format!("[audit]\n{key}\nread_tokens = [\"r\"]\n"), "service.assignment"),
-        (format!("assignment = \"static\"\n[audit]\nsigning_key = \"c2hvcnQ=\"\nread_tokens = [\"r\"]\n"), "audit.signing_key"),
-        (format!("assignment = \"static\"\n[audit]\n{key}\n"), "audit.read_tokens"),
+        (
+            format!("[audit]\n{key}\nread_tokens = [\"r\"]\n"),
+            "service.assignment",
+        ),
+        (
+            "assignment = \"static\"\n[audit]\nsigning_key = \"c2hvcnQ=\"\nread_tokens = [\"r\"]\n"
+                .to_owned(),
+            "audit.signing_key",
+        ),
+        (
+            format!("assignment = \"static\"\n[audit]\n{key}\n"),
+            "audit.read_tokens",
+        ),
     ] {
         let config = write_config(dir.path(), &format!("{service}{settings}"));
         let output = run("changewire-consumer", &config, &[])?;
-        assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{}", stderr(&output));
-        assert!(stderr(&output).contains(named), "{named}: {}", stderr(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(EXIT_CONFIG),
+            "{}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(named),
+            "{named}: {}",
+            stderr(&output)
+        );
     }
     Ok(())
 }
