@@ -487,6 +487,9 @@ fn compose_config(root: &Path) -> anyhow::Result<String> {
             .current_dir(root)
             .env_remove("FORWARD_SECRET")
             .env_remove("FORWARD_URL")
+            .env_remove("AUDIT_SIGNING_KEY")
+            .env_remove("AUDIT_READ_TOKENS")
+            .env_remove("AUDIT_ADMIN_TOKENS")
             .output()
         else {
             continue;
@@ -554,6 +557,6 @@ fn docker_compose_services_pass_their_binarys_check() -> anyhow::Result<()> {
         );
         checked.push(name.as_str());
     }
-    assert_eq!(checked, ["dedup", "forward", "producer"]);
+    assert_eq!(checked, ["audit", "dedup", "forward", "producer"]);
     Ok(())
 }
