@@ -13,6 +13,7 @@ use crate::runtime::RuntimeConfig;
 use crate::services::audit::AuditConfig;
 use crate::services::dedup::DedupConfig;
 use crate::services::forward::ForwardConfig;
+use crate::services::siem::SiemConfig;
 
 /// Everything `changewire-consumer` reads from its config file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +40,9 @@ pub struct ConsumerConfig {
     /// Run the audit service.
     #[serde(default)]
     pub audit: Option<AuditConfig>,
+    /// Run a SIEM feed.
+    #[serde(default)]
+    pub siem: Option<SiemConfig>,
 }
 
 impl ConsumerConfig {
@@ -54,6 +58,9 @@ impl ConsumerConfig {
         self.runtime().validate()?;
         if let Some(forward) = &self.forward {
             forward.validate("forward")?;
+        }
+        if let Some(siem) = &self.siem {
+            siem.validate()?;
         }
         if let Some(audit) = &self.audit {
             audit.validate()?;

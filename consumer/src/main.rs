@@ -10,6 +10,7 @@ use changewire_consumer::services::audit::cli::AuditCommand;
 use changewire_consumer::services::audit::{self, Audit, AuditConfig};
 use changewire_consumer::services::dedup::{Dedup, DedupConfig};
 use changewire_consumer::services::forward::{Forward, ForwardConfig};
+use changewire_consumer::services::siem::{Siem, SiemConfig};
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::diagnostics::LogFormat;
 use changewire_schemas::settings::ConfigError;
@@ -154,17 +155,23 @@ enum Service {
     Dedup(DedupConfig),
     Forward(ForwardConfig),
     Audit(AuditConfig),
+    Siem(SiemConfig),
 }
 
 impl Service {
     fn from_config(config: &ConsumerConfig) -> Result<Self, ConfigError> {
-        match (&config.dedup, &config.forward, &config.audit) {
-            (Some(dedup), None, None) => Ok(Self::Dedup(dedup.clone())),
-            (None, Some(forward), None) => Ok(Self::Forward(forward.clone())),
-            (None, None, Some(audit)) => Ok(Self::Audit(audit.clone())),
+        let sections = [
+            config.dedup.clone().map(Self::Dedup),
+            config.forward.clone().map(Self::Forward),
+            config.audit.clone().map(Self::Audit),
+            config.siem.clone().map(Self::Siem),
+        ];
+        let mut present = sections.into_iter().flatten();
+        match (present.next(), present.next()) {
+            (Some(service), None) => Ok(service),
             _ => Err(ConfigError::invalid(
-                "dedup/forward/audit",
-                "expected exactly one service section: [dedup], [forward] or [audit]",
+                "dedup/forward/audit/siem",
+                "expected exactly one service section: [dedup], [forward], [audit] or [siem]",
             )),
         }
     }
@@ -174,6 +181,7 @@ impl Service {
             Self::Dedup(_) => "dedup",
             Self::Forward(_) => "forward",
             Self::Audit(_) => "audit",
+            Self::Siem(_) => "siem",
         }
     }
 
@@ -193,6 +201,10 @@ impl Service {
                 runtime::run(&config, handler, sinks, shutdown).await?
             }
             Self::Audit(audit) => run_audit(&config, &audit, shutdown).await?,
+            Self::Siem(siem) => {
+                let (handler, sinks) = Siem::new(&siem)?;
+                runtime::run(&config, handler, sinks, shutdown).await?
+            }
         })
     }
 }

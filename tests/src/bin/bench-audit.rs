@@ -215,6 +215,7 @@ async fn time_run(
         dedup: None,
         forward: None,
         audit: audit.clone(),
+        siem: None,
     }
     .runtime();
     let metrics = Arc::new(ConsumerMetrics::default());

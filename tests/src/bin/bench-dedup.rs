@@ -238,6 +238,7 @@ fn dedup_config(stack: &Stack, prefix: &str, raw: &str, state: &std::path::Path)
         dedup: Some(DedupConfig::default()),
         forward: None,
         audit: None,
+        siem: None,
     }
 }
 

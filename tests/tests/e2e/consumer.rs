@@ -52,6 +52,7 @@ pub fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) ->
         dedup: None,
         forward: None,
         audit: None,
+        siem: None,
     }
 }
 

@@ -20,6 +20,7 @@ mod rebalance;
 mod registry;
 mod restart;
 mod server_checks;
+mod siem;
 mod smoke;
 mod sources;
 mod tls;

@@ -73,15 +73,7 @@ impl WebhookConfig {
     /// Checks the URL, the limits and the secret; `section` names the config
     /// section in messages.
     pub fn validate(&self, section: &'static str) -> Result<(), ConfigError> {
-        if !self.url.starts_with("http://") && !self.url.starts_with("https://") {
-            return Err(ConfigError::invalid(
-                section,
-                format!(
-                    "url: expected an http:// or https:// URL, got {:?}",
-                    self.url
-                ),
-            ));
-        }
+        check_http_url(section, &self.url)?;
         if self.timeout_ms == 0 || self.concurrency == 0 {
             return Err(ConfigError::invalid(
                 section,
@@ -103,6 +95,17 @@ impl WebhookConfig {
                 )
             })
     }
+}
+
+/// Refuses a `url` that is not http:// or https://; `section` names it.
+pub(crate) fn check_http_url(section: &'static str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Ok(());
+    }
+    Err(ConfigError::invalid(
+        section,
+        format!("url: expected an http:// or https:// URL, got {url:?}"),
+    ))
 }
 
 /// The `webhook-signature` value for one request.
@@ -190,13 +193,17 @@ fn classify(url: &str, response: &reqwest::Response) -> Result<(), SinkError> {
         return Ok(());
     }
     let error: Box<dyn std::error::Error + Send + Sync> = format!("{url} answered {status}").into();
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    Err(match status {
+    Err(status_error(status, error, retry_after(response)))
+}
+
+/// What a receiver's error status means: down or misconfigured (retried without
+/// end), a server error (transient), or a rejection of what was sent.
+pub(crate) fn status_error(
+    status: StatusCode,
+    error: Box<dyn std::error::Error + Send + Sync>,
+    retry_after: Option<Duration>,
+) -> SinkError {
+    match status {
         StatusCode::UNAUTHORIZED
         | StatusCode::FORBIDDEN
         | StatusCode::NOT_FOUND
@@ -210,7 +217,17 @@ fn classify(url: &str, response: &reqwest::Response) -> Result<(), SinkError> {
         },
         status if status.is_server_error() => SinkError::Transient(error),
         _ => SinkError::Permanent(error),
-    })
+    }
+}
+
+/// The wait a `Retry-After` header asks for (seconds form).
+pub(crate) fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
 }
 
 impl Sink for WebhookSink {

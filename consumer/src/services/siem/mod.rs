@@ -1,0 +1,84 @@
+//! The SIEM feed service: every event in a SIEM's format, delivered to it.
+//!
+//! One feed per service (`[siem]`): its own consumer group, offsets and outbox, so
+//! a SIEM that is down pauses that feed only, loses nothing, and catches up from
+//! the outbox and its offsets when it is back; another feed, or the audit log, is
+//! not held up by it (a sink of the audit service would share the audit outbox's
+//! bound, and one SIEM's outage would end up pausing the log).
+//!
+//! - [`ecs`]: Elastic Common Schema documents;
+//! - transport: an Elasticsearch-compatible `_bulk` endpoint
+//!   ([`crate::runtime::sinks::bulk`]).
+
+pub mod ecs;
+
+use changewire_schemas::settings::ConfigError;
+use changewire_schemas::ChangeEvent;
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::sinks::bulk::{BulkConfig, BulkSink};
+use crate::runtime::{Context, Effect, Handler, HandlerError, Record, Sinks};
+
+/// The name of the feed's sink.
+pub const FEED: &str = "feed";
+
+/// The format events are delivered in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Elastic Common Schema 8.x.
+    #[default]
+    Ecs,
+}
+
+/// The `[siem]` section: one feed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiemConfig {
+    /// The documents' format.
+    #[serde(default)]
+    pub format: Format,
+    /// Deliver to an Elasticsearch-compatible `_bulk` endpoint.
+    pub elasticsearch: BulkConfig,
+}
+
+impl SiemConfig {
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.elasticsearch.validate("siem.elasticsearch")
+    }
+}
+
+/// The SIEM feed handler.
+pub struct Siem {
+    format: Format,
+}
+
+impl Siem {
+    /// The handler and its sink.
+    pub fn new(config: &SiemConfig) -> Result<(Self, Sinks), ConfigError> {
+        let sink = BulkSink::new(&config.elasticsearch, "siem.elasticsearch")?;
+        Ok((
+            Self {
+                format: config.format,
+            },
+            Sinks::new().with(FEED, sink),
+        ))
+    }
+}
+
+impl Handler for Siem {
+    async fn handle(
+        &self,
+        event: &ChangeEvent,
+        _record: &Record,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        let document = match self.format {
+            Format::Ecs => ecs::document(event),
+        };
+        let payload = serde_json::to_vec(&document).map_err(HandlerError::permanent)?;
+        context.emit(FEED, Effect::new(payload))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,346 @@
+//! The SIEM feed against an Elasticsearch-compatible `_bulk` receiver on loopback:
+//! it answers 503 for a while (the feed is SIGKILLed meanwhile), then partial
+//! failures (429 items, and one document it rejects), then OK. Every event arrives
+//! once, the rejected one is in the DLQ with the receiver's reason, and every
+//! document follows the ECS field list shipped in tests/data.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use changewire_consumer::runtime::dlq::headers as dlq_headers;
+use changewire_schemas::{fixtures, ChangeEvent, EventId, Op, Origin};
+use changewire_tests::{create_topics, read_to_end, unique_name, workspace_binary, Stack};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::consumer::{publish_keyed, start_service, terminate};
+
+const EVENTS: u64 = 200;
+const INDEX: &str = "changewire-ecs";
+/// The document the receiver rejects (a mapping conflict, say).
+const POISONED: u64 = 13;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Down,
+    Partial,
+    Up,
+}
+
+/// What the receiver saw and holds.
+struct Receiver {
+    mode: Mode,
+    refused: u64,
+    partial_answers: u64,
+    documents: BTreeMap<String, Value>,
+    malformed: Vec<String>,
+}
+
+type Shared = Arc<Mutex<Receiver>>;
+
+/// Answers one `_bulk` request as the current mode says, checking its shape.
+async fn bulk(State(receiver): State<Shared>, headers: HeaderMap, body: String) -> Response {
+    let mut receiver = receiver.lock().expect("receiver lock");
+    if receiver.mode == Mode::Down {
+        receiver.refused += 1;
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", "1")],
+            "down",
+        )
+            .into_response();
+    }
+    if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/x-ndjson") {
+        receiver.malformed.push("content-type".into());
+        return (StatusCode::BAD_REQUEST, "not ndjson").into_response();
+    }
+    let lines: Vec<&str> = body.lines().collect();
+    let partial = receiver.mode == Mode::Partial;
+    receiver.partial_answers += u64::from(partial);
+    let mut items = Vec::new();
+    for (position, pair) in lines.chunks(2).enumerate() {
+        let action: Value = serde_json::from_str(pair[0]).unwrap_or_default();
+        let document: Value =
+            serde_json::from_str(pair.get(1).copied().unwrap_or("")).unwrap_or_default();
+        let id = action["create"]["_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if action["create"]["_index"] != INDEX || id.is_empty() || !document.is_object() {
+            receiver.malformed.push(pair[0].to_owned());
+            items.push(json!({"create": {"status": 400, "error": {"type": "illegal_argument_exception", "reason": "bad action"}}}));
+            continue;
+        }
+        let event_id = document["event"]["id"].as_str().unwrap_or_default();
+        let status = if event_id.ends_with(&format!(":{POISONED}")) {
+            items.push(json!({"create": {"_id": id, "status": 400, "error": {"type": "mapper_parsing_exception", "reason": "failed to parse field [changewire.after]"}}}));
+            continue;
+        } else if partial && position % 2 == 1 {
+            429
+        } else if receiver.documents.contains_key(&id) {
+            409
+        } else {
+            receiver.documents.insert(id.clone(), document);
+            201
+        };
+        items.push(json!({"create": {"_id": id, "status": status}}));
+    }
+    Json(json!({"took": 1, "errors": true, "items": items})).into_response()
+}
+
+async fn start_receiver(receiver: Shared) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let router = Router::new()
+        .route("/_bulk", post(bulk))
+        .with_state(receiver);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(url)
+}
+
+/// Event `n`: a change of one of four kinds (two of them IAM), by an audited user.
+fn event(n: u64) -> ChangeEvent {
+    let mut event = fixtures::kubernetes_create("prod");
+    event.id = EventId::kubernetes("prod", &format!("uid-{n}"), &n.to_string());
+    event.op = [Op::Create, Op::Update, Op::Delete][(n % 3) as usize];
+    if let Origin::Kubernetes(k8s) = &mut event.source.origin {
+        k8s.kind = ["ConfigMap", "Secret", "RoleBinding", "RateLimit"][(n % 4) as usize].into();
+        k8s.name = format!("object-{n}");
+    }
+    event
+}
+
+async fn wait_until(
+    receiver: &Shared,
+    what: &str,
+    done: impl Fn(&Receiver) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !done(&receiver.lock().expect("receiver lock")) {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ecs_feed_rides_out_an_outage_and_partial_failures_and_loses_nothing(
+) -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let prefix = unique_name("siem");
+    let topic = format!("{prefix}.prod.core.ConfigMap");
+    create_topics(&stack, &[&topic], 2).await?;
+    let records = (0..EVENTS)
+        .map(|n| Ok((n.to_string().into_bytes(), serde_json::to_vec(&event(n))?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    publish_keyed(&stack, &topic, records).await?;
+    let receiver: Shared = Arc::new(Mutex::new(Receiver {
+        mode: Mode::Down,
+        refused: 0,
+        partial_answers: 0,
+        documents: BTreeMap::new(),
+        malformed: Vec::new(),
+    }));
+    let url = start_receiver(receiver.clone()).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("siem.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = {brokers:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+             [topics]\nprefix = {prefix:?}\n[service]\nname = \"siem\"\ngroup_id = {group:?}\n\
+             subscribe = [{topic:?}]\nstate_dir = {state:?}\nresume_rewind = 10000\n\
+             [siem]\nformat = \"ecs\"\n[siem.elasticsearch]\nurl = {url:?}\nindex = {INDEX:?}\nbatch_size = 50\n",
+            brokers = stack.kafka_brokers,
+            group = unique_name("siem"),
+            state = dir.path().join("state"),
+        ),
+    )?;
+    let program = workspace_binary("changewire-consumer")?;
+    let log = dir.path().join("siem.log");
+    let service = start_service(&program, &config, &log)?;
+    wait_until(&receiver, "refused requests", |r| r.refused >= 2).await?;
+    drop(service); // SIGKILL while the receiver is down
+    let refused = receiver.lock().expect("receiver lock").refused;
+    let service = start_service(&program, &config, &log)?;
+    wait_until(&receiver, "refusals after the restart", |r| {
+        r.refused > refused
+    })
+    .await?;
+    receiver.lock().expect("receiver lock").mode = Mode::Partial;
+    wait_until(&receiver, "partial answers", |r| r.partial_answers >= 3).await?;
+    receiver.lock().expect("receiver lock").mode = Mode::Up;
+    let result = check_delivered(&stack, &prefix, &receiver).await;
+    if result.is_err() {
+        eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    terminate(service)?;
+    result
+}
+
+async fn check_delivered(stack: &Stack, prefix: &str, receiver: &Shared) -> anyhow::Result<()> {
+    wait_until(receiver, "every event but the rejected one", |r| {
+        r.documents.len() as u64 == EVENTS - 1
+    })
+    .await?;
+    let (receiver, malformed) = {
+        let receiver = receiver.lock().expect("receiver lock");
+        (receiver.documents.clone(), receiver.malformed.clone())
+    };
+    assert!(
+        malformed.is_empty(),
+        "requests of the wrong shape: {malformed:?}"
+    );
+    let arrived: BTreeSet<String> = (receiver.values())
+        .filter_map(|d| d["event"]["id"].as_str().map(str::to_owned))
+        .collect();
+    let expected: BTreeSet<String> = (0..EVENTS)
+        .filter(|&n| n != POISONED)
+        .map(|n| event(n).id.to_string())
+        .collect();
+    assert_eq!(
+        arrived, expected,
+        "each event once (ids are the idempotency keys)"
+    );
+    let fields = EcsFields::shipped()?;
+    for document in receiver.values() {
+        fields.check(document)?;
+    }
+    let dead = read_to_end(
+        stack,
+        &format!("{prefix}.dlq.siem"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(dead.len(), 1, "only the rejected document is dead-lettered");
+    let reason = dead[0].header(dlq_headers::ERROR).unwrap_or_default();
+    assert!(reason.contains("mapper_parsing_exception"), "{reason}");
+    let key = dead[0]
+        .header(dlq_headers::IDEMPOTENCY_KEY)
+        .unwrap_or_default();
+    assert!(key.starts_with(&event(POISONED).id.to_string()), "{key}");
+    Ok(())
+}
+
+/// The ECS fields and allowed values the tests hold documents to.
+struct EcsFields {
+    types: BTreeMap<String, String>,
+    allowed: BTreeMap<String, Vec<String>>,
+}
+
+impl EcsFields {
+    fn shipped() -> anyhow::Result<Self> {
+        let list: Value = serde_json::from_str(include_str!("../../data/ecs-8.11-fields.json"))?;
+        let map = |v: &Value| -> BTreeMap<String, Value> {
+            v.as_object()
+                .map(|o| o.clone().into_iter().collect())
+                .unwrap_or_default()
+        };
+        Ok(Self {
+            types: (map(&list["fields"]).into_iter())
+                .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_owned()))
+                .collect(),
+            allowed: (map(&list["allowed_values"]).into_iter())
+                .map(|(k, v)| {
+                    (
+                        k,
+                        v.as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|s| s.as_str().map(str::to_owned))
+                            .collect(),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// Every field outside `changewire.*` is an ECS field of its type, with an
+    /// allowed value; the fields every event has are there.
+    fn check(&self, document: &Value) -> anyhow::Result<()> {
+        let mut leaves = Vec::new();
+        flatten("", document, &mut leaves);
+        for (path, value) in &leaves {
+            if path.starts_with("changewire.") {
+                continue;
+            }
+            let Some(kind) = self.types.get(path) else {
+                anyhow::bail!("{path} is not an ECS field: {document}");
+            };
+            let values: Vec<&Value> = match value {
+                Value::Array(items) => items.iter().collect(),
+                other => vec![other],
+            };
+            for value in values {
+                let text = value
+                    .as_str()
+                    .ok_or_else(|| anyhow::anyhow!("{path} is not text: {value}"))?;
+                match kind.as_str() {
+                    "date" => anyhow::ensure!(is_rfc3339(text), "{path}: {text} is not a date"),
+                    "ip" => anyhow::ensure!(text.parse::<IpAddr>().is_ok(), "{path}: {text}"),
+                    _ => {}
+                }
+                if let Some(allowed) = self.allowed.get(path) {
+                    anyhow::ensure!(
+                        allowed.iter().any(|a| a == text),
+                        "{path}: {text} is not an allowed value"
+                    );
+                }
+            }
+        }
+        for required in [
+            "@timestamp",
+            "ecs.version",
+            "event.kind",
+            "event.category",
+            "event.type",
+            "event.id",
+        ] {
+            anyhow::ensure!(
+                leaves.iter().any(|(p, _)| p == required),
+                "{required} missing: {document}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Dotted paths of `value`'s leaves (arrays are leaves), nulls left out.
+fn flatten<'a>(prefix: &str, value: &'a Value, out: &mut Vec<(String, &'a Value)>) {
+    match value {
+        Value::Object(map) => {
+            for (key, inner) in map {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten(&path, inner, out);
+            }
+        }
+        Value::Null => {}
+        leaf => out.push((prefix.to_owned(), leaf)),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn is_rfc3339(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.len() == 24
+        && bytes[10] == b'T'
+        && bytes[23] == b'Z'
+        && text[..4].parse::<u32>().is_ok()
+        && text[5..7]
+            .parse::<u32>()
+            .is_ok_and(|m| (1..=12).contains(&m))
+        && text[8..10]
+            .parse::<u32>()
+            .is_ok_and(|d| (1..=31).contains(&d))
+}
