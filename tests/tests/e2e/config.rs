@@ -258,6 +258,11 @@ async fn shipped_config_files_are_valid() -> anyhow::Result<()> {
         ),
         (
             "changewire-consumer",
+            "siem.toml",
+            vec![("CHANGEWIRE_SERVICE__STATE_DIR", state_dir.as_str())],
+        ),
+        (
+            "changewire-consumer",
             "audit.toml",
             vec![
                 ("CHANGEWIRE_SERVICE__STATE_DIR", state_dir.as_str()),
