@@ -117,6 +117,40 @@ fn event(n: u64) -> ChangeEvent {
     event
 }
 
+/// Writes a feed's config; returns its path.
+fn write_config(
+    dir: &std::path::Path,
+    stack: &Stack,
+    (prefix, topic): (&str, &str),
+    url: &str,
+    format: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let path = dir.join("siem.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[kafka]\nbrokers = {brokers:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+             [topics]\nprefix = {prefix:?}\n[service]\nname = \"siem\"\ngroup_id = {group:?}\n\
+             subscribe = [{topic:?}]\nstate_dir = {state:?}\nresume_rewind = 10000\n\
+             [siem]\nformat = {format:?}\n[siem.elasticsearch]\nurl = {url:?}\nindex = {INDEX:?}\nbatch_size = 50\n",
+            brokers = stack.kafka_brokers,
+            group = unique_name("siem"),
+            state = dir.join("state"),
+        ),
+    )?;
+    Ok(path)
+}
+
+fn receiver(mode: Mode) -> Shared {
+    Arc::new(Mutex::new(Receiver {
+        mode,
+        refused: 0,
+        partial_answers: 0,
+        documents: BTreeMap::new(),
+        malformed: Vec::new(),
+    }))
+}
+
 async fn wait_until(
     receiver: &Shared,
     what: &str,
@@ -141,28 +175,10 @@ async fn the_ecs_feed_rides_out_an_outage_and_partial_failures_and_loses_nothing
         .map(|n| Ok((n.to_string().into_bytes(), serde_json::to_vec(&event(n))?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     publish_keyed(&stack, &topic, records).await?;
-    let receiver: Shared = Arc::new(Mutex::new(Receiver {
-        mode: Mode::Down,
-        refused: 0,
-        partial_answers: 0,
-        documents: BTreeMap::new(),
-        malformed: Vec::new(),
-    }));
+    let receiver = receiver(Mode::Down);
     let url = start_receiver(receiver.clone()).await?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("siem.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kafka]\nbrokers = {brokers:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
-             [topics]\nprefix = {prefix:?}\n[service]\nname = \"siem\"\ngroup_id = {group:?}\n\
-             subscribe = [{topic:?}]\nstate_dir = {state:?}\nresume_rewind = 10000\n\
-             [siem]\nformat = \"ecs\"\n[siem.elasticsearch]\nurl = {url:?}\nindex = {INDEX:?}\nbatch_size = 50\n",
-            brokers = stack.kafka_brokers,
-            group = unique_name("siem"),
-            state = dir.path().join("state"),
-        ),
-    )?;
+    let config = write_config(dir.path(), &stack, (&prefix, &topic), &url, "ecs")?;
     let program = workspace_binary("changewire-consumer")?;
     let log = dir.path().join("siem.log");
     let service = start_service(&program, &config, &log)?;
@@ -226,6 +242,111 @@ async fn check_delivered(stack: &Stack, prefix: &str, receiver: &Shared) -> anyh
         .header(dlq_headers::IDEMPOTENCY_KEY)
         .unwrap_or_default();
     assert!(key.starts_with(&event(POISONED).id.to_string()), "{key}");
+    Ok(())
+}
+
+/// The OCSF feed: audited changes as API Activity, the others (managedFields
+/// actors, table rows) as Entity Management, each checked against the class
+/// attributes shipped in tests/data/ocsf-1.1-classes.json.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ocsf_feed_classifies_changes_by_what_is_known_of_the_actor() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let prefix = unique_name("ocsf");
+    let topic = format!("{prefix}.prod.core.ConfigMap");
+    create_topics(&stack, &[&topic], 1).await?;
+    let mut events: Vec<ChangeEvent> = (0..10).map(event).collect();
+    for n in 10..20 {
+        let mut unaudited = event(n);
+        if let Some(actor) = unaudited.actor.as_mut() {
+            actor.via = changewire_schemas::ActorVia::ManagedFields;
+        }
+        events.push(unaudited);
+    }
+    for n in 20..30 {
+        let mut row = fixtures::postgres_update("shop");
+        row.id = EventId::postgres("shop", 0x100 + n, 1);
+        events.push(row);
+    }
+    let records = (events.iter().enumerate())
+        .map(|(n, e)| Ok((n.to_string().into_bytes(), serde_json::to_vec(e)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    publish_keyed(&stack, &topic, records).await?;
+    let receiver = receiver(Mode::Up);
+    let url = start_receiver(receiver.clone()).await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_config(dir.path(), &stack, (&prefix, &topic), &url, "ocsf")?;
+    let program = workspace_binary("changewire-consumer")?;
+    let service = start_service(&program, &config, &dir.path().join("siem.log"))?;
+    wait_until(&receiver, "every event", |r| {
+        r.documents.len() == events.len()
+    })
+    .await?;
+    terminate(service)?;
+    let classes: Value = serde_json::from_str(include_str!("../../data/ocsf-1.1-classes.json"))?;
+    let documents = receiver.lock().expect("receiver lock").documents.clone();
+    let mut by_class = BTreeMap::<u64, usize>::new();
+    for document in documents.values() {
+        check_ocsf(&classes, document)?;
+        *by_class
+            .entry(document["class_uid"].as_u64().unwrap_or(0))
+            .or_default() += 1;
+    }
+    assert_eq!(by_class, BTreeMap::from([(3004, 20), (6003, 10)]));
+    Ok(())
+}
+
+/// `document` is an event of a class the list has: every attribute known, the
+/// required ones present, the uids consistent.
+fn check_ocsf(classes: &Value, document: &Value) -> anyhow::Result<()> {
+    let class_uid = document["class_uid"].as_u64().unwrap_or(0);
+    let class = &classes["classes"][class_uid.to_string()];
+    anyhow::ensure!(
+        class.is_object(),
+        "class {class_uid} is not in the list: {document}"
+    );
+    let listed = |key: &str| -> Vec<String> {
+        class[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    };
+    for attribute in document.as_object().into_iter().flat_map(|o| o.keys()) {
+        anyhow::ensure!(
+            listed("attributes").contains(attribute),
+            "{attribute} is not an attribute of {class_uid}"
+        );
+    }
+    for required in listed("required") {
+        anyhow::ensure!(
+            !document[&required].is_null(),
+            "{required} missing from {class_uid}: {document}"
+        );
+    }
+    anyhow::ensure!(
+        document["category_uid"] == class["category_uid"],
+        "category of {class_uid}"
+    );
+    let activity = document["activity_id"].as_u64().unwrap_or(u64::MAX);
+    anyhow::ensure!(
+        class["activity_ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id.as_u64() == Some(activity))),
+        "activity {activity} of {class_uid}"
+    );
+    anyhow::ensure!(
+        document["type_uid"].as_u64() == Some(class_uid * 100 + activity),
+        "type_uid"
+    );
+    anyhow::ensure!(
+        document["metadata"]["product"]["vendor_name"].is_string(),
+        "metadata.product.vendor_name"
+    );
+    anyhow::ensure!(
+        document["metadata"]["version"].is_string(),
+        "metadata.version"
+    );
     Ok(())
 }
 

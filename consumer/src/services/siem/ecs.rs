@@ -20,6 +20,7 @@
 use changewire_schemas::{ChangeEvent, Op, Origin};
 use serde_json::{json, Map, Value};
 
+use super::{past_tense, provider};
 use crate::services::time::rfc3339;
 
 /// The ECS version the documents follow.
@@ -110,28 +111,11 @@ fn event_type(op: Op) -> &'static str {
     }
 }
 
-fn past_tense(op: Op) -> &'static str {
-    match op {
-        Op::Create => "created",
-        Op::Update => "updated",
-        Op::Delete => "deleted",
-        Op::Read => "read",
-        Op::Truncate => "truncated",
-    }
-}
-
 /// What changed, by kind: the Kubernetes kind, or the table.
 fn thing(event: &ChangeEvent) -> &str {
     match &event.source.origin {
         Origin::Kubernetes(k8s) => &k8s.kind,
         Origin::Postgresql(pg) => &pg.table,
-    }
-}
-
-fn provider(event: &ChangeEvent) -> &'static str {
-    match event.source.origin {
-        Origin::Kubernetes(_) => "kubernetes",
-        Origin::Postgresql(_) => "postgresql",
     }
 }
 

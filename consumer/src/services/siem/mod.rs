@@ -6,14 +6,15 @@
 //! not held up by it (a sink of the audit service would share the audit outbox's
 //! bound, and one SIEM's outage would end up pausing the log).
 //!
-//! - [`ecs`]: Elastic Common Schema documents;
+//! - [`ecs`]: Elastic Common Schema documents; [`ocsf`]: OCSF events;
 //! - transport: an Elasticsearch-compatible `_bulk` endpoint
 //!   ([`crate::runtime::sinks::bulk`]).
 
 pub mod ecs;
+pub mod ocsf;
 
 use changewire_schemas::settings::ConfigError;
-use changewire_schemas::ChangeEvent;
+use changewire_schemas::{ChangeEvent, Op, Origin};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::sinks::bulk::{BulkConfig, BulkSink};
@@ -29,6 +30,8 @@ pub enum Format {
     /// Elastic Common Schema 8.x.
     #[default]
     Ecs,
+    /// OCSF 1.1: API Activity, or Entity Management.
+    Ocsf,
 }
 
 /// The `[siem]` section: one feed.
@@ -76,9 +79,29 @@ impl Handler for Siem {
     ) -> Result<(), HandlerError> {
         let document = match self.format {
             Format::Ecs => ecs::document(event),
+            Format::Ocsf => ocsf::event(event),
         };
         let payload = serde_json::to_vec(&document).map_err(HandlerError::permanent)?;
         context.emit(FEED, Effect::new(payload))?;
         Ok(())
+    }
+}
+
+/// What happened, as a past tense: `created`, `updated`, ...
+fn past_tense(op: Op) -> &'static str {
+    match op {
+        Op::Create => "created",
+        Op::Update => "updated",
+        Op::Delete => "deleted",
+        Op::Read => "read",
+        Op::Truncate => "truncated",
+    }
+}
+
+/// Where the change came from: `kubernetes` or `postgresql`.
+fn provider(event: &ChangeEvent) -> &'static str {
+    match event.source.origin {
+        Origin::Kubernetes(_) => "kubernetes",
+        Origin::Postgresql(_) => "postgresql",
     }
 }
