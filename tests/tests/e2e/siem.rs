@@ -122,8 +122,8 @@ fn write_config(
     dir: &std::path::Path,
     stack: &Stack,
     (prefix, topic): (&str, &str),
-    url: &str,
     format: &str,
+    transport: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
     let path = dir.join("siem.toml");
     std::fs::write(
@@ -132,13 +132,18 @@ fn write_config(
             "[kafka]\nbrokers = {brokers:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
              [topics]\nprefix = {prefix:?}\n[service]\nname = \"siem\"\ngroup_id = {group:?}\n\
              subscribe = [{topic:?}]\nstate_dir = {state:?}\nresume_rewind = 10000\n\
-             [siem]\nformat = {format:?}\n[siem.elasticsearch]\nurl = {url:?}\nindex = {INDEX:?}\nbatch_size = 50\n",
+             [siem]\nformat = {format:?}\n{transport}\n",
             brokers = stack.kafka_brokers,
             group = unique_name("siem"),
             state = dir.join("state"),
         ),
     )?;
     Ok(path)
+}
+
+/// The `_bulk` transport to `url`.
+fn elasticsearch(url: &str) -> String {
+    format!("[siem.elasticsearch]\nurl = {url:?}\nindex = {INDEX:?}\nbatch_size = 50")
 }
 
 fn receiver(mode: Mode) -> Shared {
@@ -178,7 +183,13 @@ async fn the_ecs_feed_rides_out_an_outage_and_partial_failures_and_loses_nothing
     let receiver = receiver(Mode::Down);
     let url = start_receiver(receiver.clone()).await?;
     let dir = tempfile::tempdir()?;
-    let config = write_config(dir.path(), &stack, (&prefix, &topic), &url, "ecs")?;
+    let config = write_config(
+        dir.path(),
+        &stack,
+        (&prefix, &topic),
+        "ecs",
+        &elasticsearch(&url),
+    )?;
     let program = workspace_binary("changewire-consumer")?;
     let log = dir.path().join("siem.log");
     let service = start_service(&program, &config, &log)?;
@@ -274,7 +285,13 @@ async fn the_ocsf_feed_classifies_changes_by_what_is_known_of_the_actor() -> any
     let receiver = receiver(Mode::Up);
     let url = start_receiver(receiver.clone()).await?;
     let dir = tempfile::tempdir()?;
-    let config = write_config(dir.path(), &stack, (&prefix, &topic), &url, "ocsf")?;
+    let config = write_config(
+        dir.path(),
+        &stack,
+        (&prefix, &topic),
+        "ocsf",
+        &elasticsearch(&url),
+    )?;
     let program = workspace_binary("changewire-consumer")?;
     let service = start_service(&program, &config, &dir.path().join("siem.log"))?;
     wait_until(&receiver, "every event", |r| {
@@ -293,6 +310,72 @@ async fn the_ocsf_feed_classifies_changes_by_what_is_known_of_the_actor() -> any
     }
     assert_eq!(by_class, BTreeMap::from([(3004, 20), (6003, 10)]));
     Ok(())
+}
+
+/// The NDJSON file feed: rotated by size, each event once across the files, with a
+/// SIGKILL mid-stream (the restart finds what was written before it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_feed_rotates_and_writes_each_event_once_across_a_sigkill() -> anyhow::Result<()> {
+    const MANY: u64 = 600;
+    let stack = Stack::from_env();
+    let prefix = unique_name("siemf");
+    let topic = format!("{prefix}.prod.core.ConfigMap");
+    create_topics(&stack, &[&topic], 2).await?;
+    let records = (0..MANY)
+        .map(|n| Ok((n.to_string().into_bytes(), serde_json::to_vec(&event(n))?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    publish_keyed(&stack, &topic, records).await?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("feed").join("ecs.ndjson");
+    let transport = format!("[siem.file]\npath = {path:?}\nmax_bytes = 40000\nkeep = 1000");
+    let config = write_config(dir.path(), &stack, (&prefix, &topic), "ecs", &transport)?;
+    let program = workspace_binary("changewire-consumer")?;
+    let log = dir.path().join("siem.log");
+    let service = start_service(&program, &config, &log)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while feed_lines(&path)?.len() < 100 {
+        anyhow::ensure!(Instant::now() < deadline, "nothing written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(service); // SIGKILL mid-stream
+    let service = start_service(&program, &config, &log)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ids = loop {
+        let lines = feed_lines(&path)?;
+        let ids: Vec<String> = (lines.iter())
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|d| d["event"]["id"].as_str().map(str::to_owned))
+            .collect();
+        if ids.iter().collect::<BTreeSet<_>>().len() as u64 == MANY || Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    terminate(service)?;
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len() as u64, MANY, "every event");
+    assert_eq!(ids.len() as u64, MANY, "each once");
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    assert!(std::path::Path::new(&rotated).exists(), "rotated by size");
+    Ok(())
+}
+
+/// Every line of the feed file and its rotations.
+fn feed_lines(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let mut lines = Vec::new();
+    for n in 0.. {
+        let mut name = path.as_os_str().to_owned();
+        if n > 0 {
+            name.push(format!(".{n}"));
+        }
+        match std::fs::read_to_string(std::path::Path::new(&name)) {
+            Ok(text) => lines.extend(text.lines().map(str::to_owned)),
+            Err(_) if n > 0 => break,
+            Err(_) => {}
+        }
+    }
+    Ok(lines)
 }
 
 /// `document` is an event of a class the list has: every attribute known, the

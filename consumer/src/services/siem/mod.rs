@@ -7,8 +7,8 @@
 //! bound, and one SIEM's outage would end up pausing the log).
 //!
 //! - [`ecs`]: Elastic Common Schema documents; [`ocsf`]: OCSF events;
-//! - transport: an Elasticsearch-compatible `_bulk` endpoint
-//!   ([`crate::runtime::sinks::bulk`]).
+//! - transports: an Elasticsearch-compatible `_bulk` endpoint
+//!   ([`crate::runtime::sinks::bulk`]), an NDJSON file ([`crate::runtime::sinks::file`]).
 
 pub mod ecs;
 pub mod ocsf;
@@ -18,6 +18,7 @@ use changewire_schemas::{ChangeEvent, Op, Origin};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::sinks::bulk::{BulkConfig, BulkSink};
+use crate::runtime::sinks::file::{FileConfig, FileSink};
 use crate::runtime::{Context, Effect, Handler, HandlerError, Record, Sinks};
 
 /// The name of the feed's sink.
@@ -34,7 +35,7 @@ pub enum Format {
     Ocsf,
 }
 
-/// The `[siem]` section: one feed.
+/// The `[siem]` section: one feed, with one transport.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiemConfig {
@@ -42,13 +43,31 @@ pub struct SiemConfig {
     #[serde(default)]
     pub format: Format,
     /// Deliver to an Elasticsearch-compatible `_bulk` endpoint.
-    pub elasticsearch: BulkConfig,
+    #[serde(default)]
+    pub elasticsearch: Option<BulkConfig>,
+    /// Append to an NDJSON file, rotated.
+    #[serde(default)]
+    pub file: Option<FileConfig>,
 }
 
 impl SiemConfig {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.elasticsearch.validate("siem.elasticsearch")
+        self.sink().map(|_| ())
+    }
+
+    /// The feed's sink, for its one transport.
+    fn sink(&self) -> Result<Sinks, ConfigError> {
+        match (&self.elasticsearch, &self.file) {
+            (Some(bulk), None) => {
+                Ok(Sinks::new().with(FEED, BulkSink::new(bulk, "siem.elasticsearch")?))
+            }
+            (None, Some(file)) => Ok(Sinks::new().with(FEED, FileSink::new(file, "siem.file")?)),
+            _ => Err(ConfigError::invalid(
+                "siem",
+                "expected exactly one transport: [siem.elasticsearch] or [siem.file]",
+            )),
+        }
     }
 }
 
@@ -60,13 +79,11 @@ pub struct Siem {
 impl Siem {
     /// The handler and its sink.
     pub fn new(config: &SiemConfig) -> Result<(Self, Sinks), ConfigError> {
-        let sink = BulkSink::new(&config.elasticsearch, "siem.elasticsearch")?;
-        Ok((
-            Self {
-                format: config.format,
-            },
-            Sinks::new().with(FEED, sink),
-        ))
+        let sinks = config.sink()?;
+        let handler = Self {
+            format: config.format,
+        };
+        Ok((handler, sinks))
     }
 }
 
