@@ -130,11 +130,10 @@ fn write_config(
         &path,
         format!(
             "[kafka]\nbrokers = {brokers:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
-             [topics]\nprefix = {prefix:?}\n[service]\nname = \"siem\"\ngroup_id = {group:?}\n\
+             [topics]\nprefix = {prefix:?}\n[service]\nname = \"siem\"\nassignment = \"static\"\n\
              subscribe = [{topic:?}]\nstate_dir = {state:?}\nresume_rewind = 10000\n\
              [siem]\nformat = {format:?}\n{transport}\n",
             brokers = stack.kafka_brokers,
-            group = unique_name("siem"),
             state = dir.join("state"),
         ),
     )?;
@@ -156,6 +155,23 @@ fn receiver(mode: Mode) -> Shared {
     }))
 }
 
+/// A new topic of `partitions` holding events 0..`count`: its prefix and name.
+async fn published(
+    stack: &Stack,
+    name: &str,
+    count: u64,
+    partitions: i32,
+) -> anyhow::Result<(String, String)> {
+    let prefix = unique_name(name);
+    let topic = format!("{prefix}.prod.core.ConfigMap");
+    create_topics(stack, &[&topic], partitions).await?;
+    let records = (0..count)
+        .map(|n| Ok((n.to_string().into_bytes(), serde_json::to_vec(&event(n))?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    publish_keyed(stack, &topic, records).await?;
+    Ok((prefix, topic))
+}
+
 async fn wait_until(
     receiver: &Shared,
     what: &str,
@@ -173,13 +189,7 @@ async fn wait_until(
 async fn the_ecs_feed_rides_out_an_outage_and_partial_failures_and_loses_nothing(
 ) -> anyhow::Result<()> {
     let stack = Stack::from_env();
-    let prefix = unique_name("siem");
-    let topic = format!("{prefix}.prod.core.ConfigMap");
-    create_topics(&stack, &[&topic], 2).await?;
-    let records = (0..EVENTS)
-        .map(|n| Ok((n.to_string().into_bytes(), serde_json::to_vec(&event(n))?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    publish_keyed(&stack, &topic, records).await?;
+    let (prefix, topic) = published(&stack, "siem", EVENTS, 2).await?;
     let receiver = receiver(Mode::Down);
     let url = start_receiver(receiver.clone()).await?;
     let dir = tempfile::tempdir()?;
@@ -318,13 +328,7 @@ async fn the_ocsf_feed_classifies_changes_by_what_is_known_of_the_actor() -> any
 async fn the_file_feed_rotates_and_writes_each_event_once_across_a_sigkill() -> anyhow::Result<()> {
     const MANY: u64 = 600;
     let stack = Stack::from_env();
-    let prefix = unique_name("siemf");
-    let topic = format!("{prefix}.prod.core.ConfigMap");
-    create_topics(&stack, &[&topic], 2).await?;
-    let records = (0..MANY)
-        .map(|n| Ok((n.to_string().into_bytes(), serde_json::to_vec(&event(n))?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    publish_keyed(&stack, &topic, records).await?;
+    let (prefix, topic) = published(&stack, "siemf", MANY, 2).await?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("feed").join("ecs.ndjson");
     let transport = format!("[siem.file]\npath = {path:?}\nmax_bytes = 40000\nkeep = 1000");
@@ -547,4 +551,184 @@ fn is_rfc3339(text: &str) -> bool {
         && text[8..10]
             .parse::<u32>()
             .is_ok_and(|d| (1..=31).contains(&d))
+}
+
+/// A Splunk HTTP Event Collector stand-in: checks the token, the channel and each
+/// envelope, is busy while down, rejects the poisoned event by its number, and
+/// acknowledges indexing on the second poll.
+#[derive(Default)]
+struct Collector {
+    down: bool,
+    busy_answers: u64,
+    /// Event ids indexed, with how many times each came.
+    indexed: BTreeMap<String, u64>,
+    /// Envelope times by event id.
+    times: BTreeMap<String, f64>,
+    next_ack: u64,
+    polls: BTreeMap<u64, u32>,
+    malformed: Vec<String>,
+}
+
+type SharedCollector = Arc<Mutex<Collector>>;
+
+const HEC_TOKEN: &str = "test-token";
+
+async fn collect(
+    State(collector): State<SharedCollector>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let mut collector = collector.lock().expect("collector lock");
+    if headers.get("authorization").and_then(|v| v.to_str().ok())
+        != Some(&format!("Splunk {HEC_TOKEN}"))
+    {
+        collector.malformed.push("authorization".into());
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"text": "Invalid token", "code": 4})),
+        )
+            .into_response();
+    }
+    if headers.get("x-splunk-request-channel").is_none() {
+        collector.malformed.push("channel".into());
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"text": "Data channel is missing", "code": 10})),
+        )
+            .into_response();
+    }
+    if collector.down {
+        collector.busy_answers += 1;
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"text": "Server is busy", "code": 9})),
+        )
+            .into_response();
+    }
+    let envelopes: Vec<Value> = serde_json::Deserializer::from_str(&body)
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
+    for (number, envelope) in envelopes.iter().enumerate() {
+        let shaped = envelope["time"].is_number()
+            && ["host", "source", "sourcetype"]
+                .iter()
+                .all(|f| envelope[*f].is_string())
+            && envelope["index"] == "security"
+            && envelope["event"]["event"]["id"].is_string();
+        if !shaped {
+            collector.malformed.push(envelope.to_string());
+        }
+        let id = envelope["event"]["event"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if id.ends_with(&format!(":{POISONED}")) {
+            let answer =
+                json!({"text": "Invalid data format", "code": 6, "invalidEventNumber": number});
+            return (StatusCode::BAD_REQUEST, Json(answer)).into_response();
+        }
+        *collector.indexed.entry(id.clone()).or_default() += 1;
+        collector
+            .times
+            .insert(id, envelope["time"].as_f64().unwrap_or(-1.0));
+    }
+    collector.next_ack += 1;
+    let ack = collector.next_ack;
+    Json(json!({"text": "Success", "code": 0, "ackId": ack})).into_response()
+}
+
+async fn acknowledge(
+    State(collector): State<SharedCollector>,
+    Json(asked): Json<Value>,
+) -> Response {
+    let mut collector = collector.lock().expect("collector lock");
+    let mut acks = serde_json::Map::new();
+    for ack in asked["acks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+    {
+        let polls = collector.polls.entry(ack).or_default();
+        *polls += 1;
+        acks.insert(ack.to_string(), json!(*polls >= 2));
+    }
+    Json(json!({ "acks": acks })).into_response()
+}
+
+/// The Splunk HEC feed with acknowledgements: busy while the feed is SIGKILLed,
+/// then up; every event indexed, the invalid one dead-lettered with HEC's text,
+/// each envelope's time the change's time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_splunk_feed_waits_for_acknowledgements_and_rides_out_a_busy_collector(
+) -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let (prefix, topic) = published(&stack, "hec", EVENTS, 2).await?;
+    let collector = Arc::new(Mutex::new(Collector {
+        down: true,
+        ..Collector::default()
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let router = Router::new()
+        .route("/services/collector/event", post(collect))
+        .route("/services/collector/ack", post(acknowledge))
+        .with_state(collector.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let dir = tempfile::tempdir()?;
+    let transport = format!(
+        "[siem.splunk]\nurl = {url:?}\ntoken = {HEC_TOKEN:?}\nindex = \"security\"\nuse_ack = true\nbatch_size = 100"
+    );
+    let config = write_config(dir.path(), &stack, (&prefix, &topic), "ecs", &transport)?;
+    let program = workspace_binary("changewire-consumer")?;
+    let log = dir.path().join("siem.log");
+    let busy = |c: &SharedCollector| c.lock().expect("collector lock").busy_answers;
+    let service = start_service(&program, &config, &log)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while busy(&collector) < 2 {
+        anyhow::ensure!(Instant::now() < deadline, "the feed never tried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(service); // SIGKILL while the collector is busy
+    let service = start_service(&program, &config, &log)?;
+    collector.lock().expect("collector lock").down = false;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while (collector.lock().expect("collector lock").indexed.len() as u64) < EVENTS - 1 {
+        anyhow::ensure!(Instant::now() < deadline, "not every event was indexed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    terminate(service)?;
+    let collector = std::mem::take(&mut *collector.lock().expect("collector lock"));
+    assert!(collector.malformed.is_empty(), "{:?}", collector.malformed);
+    let expected: BTreeSet<String> = (0..EVENTS)
+        .filter(|&n| n != POISONED)
+        .map(|n| event(n).id.to_string())
+        .collect();
+    assert_eq!(
+        collector.indexed.keys().cloned().collect::<BTreeSet<_>>(),
+        expected
+    );
+    for n in [0, 42, 199] {
+        let time = collector.times[&event(n).id.to_string()];
+        assert_eq!(
+            (time * 1000.0).round() as i64,
+            event(n).source.ts_ms,
+            "the change's time"
+        );
+    }
+    assert!(
+        collector.polls.values().all(|&p| p >= 2),
+        "delivered only once acknowledged"
+    );
+    let dead = read_to_end(
+        &stack,
+        &format!("{prefix}.dlq.siem"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(dead.len(), 1, "only the invalid event");
+    let reason = dead[0].header(dlq_headers::ERROR).unwrap_or_default();
+    assert!(reason.contains("Invalid data format"), "{reason}");
+    Ok(())
 }

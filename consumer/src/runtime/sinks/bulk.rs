@@ -198,7 +198,7 @@ impl Sink for BulkSink {
 }
 
 /// An error of `error`'s class with `reason` (errors are not `Clone`).
-fn same_class(error: &SinkError, reason: &str) -> SinkError {
+pub(crate) fn same_class(error: &SinkError, reason: &str) -> SinkError {
     let source = reason.to_owned().into();
     match error {
         SinkError::Transient(_) => SinkError::Transient(source),

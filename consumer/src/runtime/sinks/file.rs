@@ -3,7 +3,8 @@
 //!
 //! Rotation renames `<path>` to `<path>.1` (and `.1` to `.2`, ..., keeping `keep`
 //! old files), then starts a new `<path>`. After a crash, effects in doubt whose
-//! event id is already in the current or the last three rotated files count as delivered
+//! event id is already in the files (read newest first, until all are found)
+//! count as delivered
 //! (the event id is the idempotency key's start, and each line names it as
 //! `"id"`), so a restart does not write them twice.
 
@@ -17,9 +18,6 @@ use changewire_schemas::settings::ConfigError;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::{Delivery, Pending, Sink, SinkError, Store};
-
-/// Rotated files read back after a crash, besides the current one.
-const RECONCILE_ROTATED: u32 = 3;
 
 /// A file sink's settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -179,10 +177,25 @@ impl Sink for FileSink {
         _store: &Store,
     ) -> Result<HashSet<String>, SinkError> {
         let path = &self.config.path;
-        let mut written = event_ids(path).map_err(SinkError::unavailable)?;
-        // What was in doubt at a crash was written in its last few chunks.
-        for n in 1..=self.config.keep.min(RECONCILE_ROTATED) {
-            written.extend(event_ids(&rotated(path, n)).map_err(SinkError::unavailable)?);
+        let wanted: HashSet<&str> = in_doubt
+            .iter()
+            .map(|p| event_id(&p.idempotency_key))
+            .collect();
+        // Newest first, until every effect in doubt is found or no file is left.
+        let mut written = HashSet::new();
+        for n in 0..=self.config.keep {
+            let file = if n == 0 {
+                path.clone()
+            } else {
+                rotated(path, n)
+            };
+            if n > 0 && !file.exists() {
+                break;
+            }
+            written.extend(event_ids(&file).map_err(SinkError::unavailable)?);
+            if wanted.iter().all(|id| written.contains(*id)) {
+                break;
+            }
         }
         Ok((in_doubt.iter())
             .map(|p| p.idempotency_key.clone())

@@ -1,9 +1,10 @@
 //! Ready-made sinks: [`kafka::KafkaSink`] (topics, reconciled by reading the
 //! output back), [`webhook::WebhookSink`] (Standard Webhooks) and
-//! [`bulk::BulkSink`] (Elasticsearch-compatible `_bulk`) and [`file::FileSink`]
-//! (NDJSON, rotated).
+//! [`bulk::BulkSink`] (Elasticsearch-compatible `_bulk`), [`hec::HecSink`]
+//! (Splunk HTTP Event Collector) and [`file::FileSink`] (NDJSON, rotated).
 
 pub mod bulk;
 pub mod file;
+pub mod hec;
 pub mod kafka;
 pub mod webhook;

@@ -8,7 +8,8 @@
 //!
 //! - [`ecs`]: Elastic Common Schema documents; [`ocsf`]: OCSF events;
 //! - transports: an Elasticsearch-compatible `_bulk` endpoint
-//!   ([`crate::runtime::sinks::bulk`]), an NDJSON file ([`crate::runtime::sinks::file`]).
+//!   ([`crate::runtime::sinks::bulk`]), a Splunk HTTP Event Collector
+//!   ([`crate::runtime::sinks::hec`]), an NDJSON file ([`crate::runtime::sinks::file`]).
 
 pub mod ecs;
 pub mod ocsf;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::sinks::bulk::{BulkConfig, BulkSink};
 use crate::runtime::sinks::file::{FileConfig, FileSink};
+use crate::runtime::sinks::hec::{HecConfig, HecSink, TIME_HEADER};
 use crate::runtime::{Context, Effect, Handler, HandlerError, Record, Sinks};
 
 /// The name of the feed's sink.
@@ -48,6 +50,9 @@ pub struct SiemConfig {
     /// Append to an NDJSON file, rotated.
     #[serde(default)]
     pub file: Option<FileConfig>,
+    /// Send to a Splunk HTTP Event Collector.
+    #[serde(default)]
+    pub splunk: Option<HecConfig>,
 }
 
 impl SiemConfig {
@@ -58,14 +63,16 @@ impl SiemConfig {
 
     /// The feed's sink, for its one transport.
     fn sink(&self) -> Result<Sinks, ConfigError> {
-        match (&self.elasticsearch, &self.file) {
-            (Some(bulk), None) => {
-                Ok(Sinks::new().with(FEED, BulkSink::new(bulk, "siem.elasticsearch")?))
+        let sinks = Sinks::new();
+        match (&self.elasticsearch, &self.file, &self.splunk) {
+            (Some(bulk), None, None) => {
+                Ok(sinks.with(FEED, BulkSink::new(bulk, "siem.elasticsearch")?))
             }
-            (None, Some(file)) => Ok(Sinks::new().with(FEED, FileSink::new(file, "siem.file")?)),
+            (None, Some(file), None) => Ok(sinks.with(FEED, FileSink::new(file, "siem.file")?)),
+            (None, None, Some(hec)) => Ok(sinks.with(FEED, HecSink::new(hec, "siem.splunk")?)),
             _ => Err(ConfigError::invalid(
                 "siem",
-                "expected exactly one transport: [siem.elasticsearch] or [siem.file]",
+                "expected exactly one transport: [siem.elasticsearch], [siem.file] or [siem.splunk]",
             )),
         }
     }
@@ -99,7 +106,12 @@ impl Handler for Siem {
             Format::Ocsf => ocsf::event(event),
         };
         let payload = serde_json::to_vec(&document).map_err(HandlerError::permanent)?;
-        context.emit(FEED, Effect::new(payload))?;
+        let time = event.source.ts_ms.to_string().into_bytes();
+        let effect = Effect {
+            headers: vec![(TIME_HEADER.to_owned(), Some(time))],
+            ..Effect::new(payload)
+        };
+        context.emit(FEED, effect)?;
         Ok(())
     }
 }
