@@ -193,15 +193,26 @@ fn table_row(found: &Value) -> String {
         event["op"].as_str().unwrap_or("?"),
         event["actor"]["name"].as_str().unwrap_or("-"),
         format!("{}:{name}", resource["source"].as_str().unwrap_or("")),
-        changed_paths(&event["diff"]).join(", ")
+        changed_paths(event).join(", ")
     )
 }
 
-fn changed_paths(diff: &Value) -> Vec<String> {
-    let operations = diff.as_array().into_iter().flatten();
-    operations
-        .filter_map(|op| op["path"].as_str())
-        .map(|p| p.trim_start_matches('/').replace('/', "."))
+/// The paths an event changed: from its diff, or (rows) the columns whose values
+/// differ between `before` and `after`.
+fn changed_paths(event: &Value) -> Vec<String> {
+    if let Some(operations) = event["diff"].as_array() {
+        return (operations.iter())
+            .filter_map(|op| op["path"].as_str())
+            .map(|p| p.trim_start_matches('/').replace('/', "."))
+            .collect();
+    }
+    let (Some(before), Some(after)) = (event["before"].as_object(), event["after"].as_object())
+    else {
+        return Vec::new();
+    };
+    (after.iter())
+        .filter(|(column, value)| before.get(*column) != Some(*value))
+        .map(|(column, _)| column.clone())
         .collect()
 }
 
@@ -364,8 +375,11 @@ mod tests {
         let remove = json!({"op": "remove", "path": "/spec/rps"});
         assert_eq!(diff_line(&remove, true), "\x1b[31m- /spec/rps \x1b[0m");
         assert_eq!(
-            changed_paths(&json!([add, remove])),
+            changed_paths(&json!({"diff": [add, remove]})),
             ["spec.auth", "spec.rps"]
         );
+        let row =
+            json!({"before": {"id": 1, "status": "new"}, "after": {"id": 1, "status": "paid"}});
+        assert_eq!(changed_paths(&row), ["status"]);
     }
 }

@@ -244,16 +244,50 @@ fn matches(found: &Found, filters: &Filters) -> bool {
 
 /// Whether `event` changed a path matching `pattern` (dotted; `*` is one segment,
 /// a trailing `*` anything below). An operation on an enclosing path counts when
-/// its value holds the path (or it removed it); without a diff, creates and
+/// its value holds the path (or it removed it). Without a diff (table rows), an
+/// update changed the paths where `before` and `after` differ, and creates and
 /// deletes change every path their object has.
 pub fn changed(event: &ChangeEvent, pattern: &str) -> bool {
     let wanted: Vec<&str> = pattern.split('.').collect();
-    match event.diff.as_ref().and_then(|d| d.as_array()) {
-        Some(operations) => operations.iter().any(|op| touches(op, &wanted)),
-        None => {
-            let object = event.after.as_ref().or(event.before.as_ref());
-            event.op != Op::Update && object.is_some_and(|o| holds(o, &wanted))
+    if let Some(operations) = event.diff.as_ref().and_then(|d| d.as_array()) {
+        return operations.iter().any(|op| touches(op, &wanted));
+    }
+    match (event.op, &event.before, &event.after) {
+        (Op::Update, Some(before), Some(after)) => differs(before, after, &wanted),
+        (Op::Update, _, _) => false,
+        (_, before, after) => after
+            .as_ref()
+            .or(before.as_ref())
+            .is_some_and(|o| holds(o, &wanted)),
+    }
+}
+
+/// Whether `before` and `after` differ somewhere `wanted` matches.
+fn differs(before: &serde_json::Value, after: &serde_json::Value, wanted: &[&str]) -> bool {
+    let null = serde_json::Value::Null;
+    match wanted.split_first() {
+        None | Some((&"*", [])) => before != after,
+        Some((&"*", rest)) => {
+            let keys = |v: &serde_json::Value| {
+                v.as_object()
+                    .map(|o| o.keys().cloned().collect::<Vec<_>>())
+                    .unwrap_or_default()
+            };
+            let mut all = keys(before);
+            all.extend(keys(after));
+            all.iter().any(|k| {
+                differs(
+                    before.get(k).unwrap_or(&null),
+                    after.get(k).unwrap_or(&null),
+                    rest,
+                )
+            })
         }
+        Some((segment, rest)) => differs(
+            before.get(*segment).unwrap_or(&null),
+            after.get(*segment).unwrap_or(&null),
+            rest,
+        ),
     }
 }
 
@@ -347,5 +381,12 @@ mod tests {
         event.diff = Some(json!([{"op": "replace", "path": "/spec/rate", "value": 5}]));
         assert!(changed(&event, "spec.rate"));
         assert!(!changed(&event, "spec.auth.*"));
+        // A row: no diff, before and after.
+        event.diff = None;
+        event.before = Some(json!({"id": 1, "status": "new", "total": "10.00"}));
+        event.after = Some(json!({"id": 1, "status": "paid", "total": "10.00"}));
+        assert!(changed(&event, "status"));
+        assert!(changed(&event, "*"));
+        assert!(!changed(&event, "total"));
     }
 }
