@@ -39,7 +39,7 @@ impl SecretHasher {
             <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
         mac.update(value.to_string().as_bytes());
         let digest = mac.finalize().into_bytes();
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = changewire_schemas::hex(&digest);
         Json::String(format!("{REDACTED_PREFIX}{hex}"))
     }
 }

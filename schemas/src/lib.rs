@@ -28,3 +28,8 @@ pub use envelope::{
     SnapshotMarker, Source, Transaction,
 };
 pub use topic::TopicNames;
+
+/// Lower-case hex of `bytes` (hashes, keys, raw values in logs and JSON).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

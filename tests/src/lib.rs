@@ -515,3 +515,68 @@ pub fn write_producer_config(
     )?;
     Ok(path)
 }
+
+/// The number of events a benchmark runs: its first argument, else `default`.
+pub fn bench_events(default: u64) -> anyhow::Result<u64> {
+    let events = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(default);
+    anyhow::ensure!(events > 0, "EVENTS must be positive");
+    Ok(events)
+}
+
+/// Publishes `count` events to `topic` for a benchmark (key: the event's number,
+/// value: `value(n)` encoded as JSON), in chunks, waiting while the producer's
+/// queue is full; returns the bytes of the values.
+pub async fn publish_events(
+    stack: &Stack,
+    topic: &str,
+    count: u64,
+    value: impl Fn(u64) -> changewire_schemas::ChangeEvent,
+) -> anyhow::Result<u64> {
+    const CHUNK: u64 = 50_000;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka_brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()?;
+    let codec = changewire_schemas::Codec::json()?;
+    let (mut bytes, mut next) = (0, 0);
+    while next < count {
+        let end = (next + CHUNK).min(count);
+        let mut acks = Vec::new();
+        for n in next..end {
+            let encoded = codec.encode(&value(n))?;
+            bytes += encoded.len() as u64;
+            let key = n.to_string();
+            let record = FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(encoded.as_slice());
+            acks.push(enqueue(&producer, record).await);
+        }
+        for ack in futures::future::join_all(acks).await {
+            ack?.map_err(|(error, _)| error)?;
+        }
+        next = end;
+    }
+    Ok(bytes)
+}
+
+/// Hands `record` to `producer`, waiting while its queue is full.
+pub async fn enqueue(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> rdkafka::producer::DeliveryFuture {
+    loop {
+        match producer.send_result(record) {
+            Ok(ack) => return ack,
+            Err((_, back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}

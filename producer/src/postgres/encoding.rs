@@ -7,6 +7,7 @@
 //! Domains are encoded as their base type, arrays of any element type as nested
 //! JSON arrays.
 
+use changewire_schemas::hex;
 use std::collections::HashMap;
 
 use serde_json::{Number, Value as Json};
@@ -203,10 +204,6 @@ fn depth(value: &Json) -> usize {
         Json::Object(fields) => 1 + deepest(&mut fields.values()),
         _ => 0,
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A parsed array literal: nested arrays of optional element texts.

@@ -16,6 +16,7 @@ use super::CodecError;
 use crate::envelope::{
     Actor, ActorVia, ChangeEvent, EventId, FlatSource, Op, Origin, Source, Transaction,
 };
+use crate::hex;
 use crate::registry::SchemaRegistry;
 
 /// The current envelope schema, as kept in `schemas/avro/change_event.avsc`.
@@ -238,10 +239,6 @@ fn split(bytes: &[u8], at: usize) -> Result<(&[u8], &[u8]), CodecError> {
         return Err(CodecError::Truncated);
     }
     Ok(bytes.split_at(at))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn avro_error(error: apache_avro::Error) -> CodecError {

@@ -26,15 +26,12 @@ use changewire_consumer::services::audit::query::{Filters, Finder};
 use changewire_consumer::services::audit::{Audit, AuditConfig};
 use changewire_schemas::fixtures::kubernetes_create;
 use changewire_schemas::topic::TopicsConfig;
-use changewire_schemas::{ChangeEvent, Codec, EventId, Op, Origin};
-use changewire_tests::{cpu_time, create_topics, unique_name, Stack};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use changewire_schemas::{ChangeEvent, EventId, Op, Origin};
+use changewire_tests::{bench_events, cpu_time, create_topics, publish_events, unique_name, Stack};
 use serde_json::json;
 use tokio::sync::watch;
 
 const PARTITIONS: i32 = 3;
-const PUBLISH_CHUNK: u64 = 50_000;
 const RESOURCES: u64 = 1_000;
 const ACTORS: u64 = 50;
 const DAY_MS: i64 = 86_400_000;
@@ -44,18 +41,13 @@ const QUERY_RUNS: usize = 200;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let events: u64 = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(1_000_000);
-    ensure!(events > 0, "EVENTS must be positive");
+    let events = bench_events(1_000_000)?;
     let stack = Stack::from_env();
     let prefix = unique_name("benchau");
     let topic = format!("{prefix}.k8s.policy.RateLimit");
     create_topics(&stack, &[&topic], PARTITIONS).await?;
     let started = Instant::now();
-    let bytes = publish(&stack, &topic, events).await?;
+    let bytes = publish_events(&stack, &topic, events, |n| event(n, events)).await?;
     println!(
         "published {events} events ({:.0} MB) in {:.1} s",
         bytes as f64 / 1e6,
@@ -125,44 +117,6 @@ fn event(n: u64, events: u64) -> ChangeEvent {
     };
     event.diff = Some(json!([{"op": "replace", "path": path, "value": n}]));
     event
-}
-
-async fn publish(stack: &Stack, topic: &str, events: u64) -> anyhow::Result<u64> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka_brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create()?;
-    let codec = Codec::json()?;
-    let (mut bytes, mut next) = (0, 0);
-    while next < events {
-        let end = (next + PUBLISH_CHUNK).min(events);
-        let mut acks = Vec::new();
-        for n in next..end {
-            let value = codec.encode(&event(n, events))?;
-            bytes += value.len() as u64;
-            let key = n.to_string();
-            let mut record = FutureRecord::to(topic)
-                .key(key.as_bytes())
-                .payload(value.as_slice());
-            let ack = loop {
-                match producer.send_result(record) {
-                    Ok(ack) => break ack,
-                    Err((_, back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            };
-            acks.push(ack);
-        }
-        for ack in futures::future::join_all(acks).await {
-            ack?.map_err(|(error, _)| error)?;
-        }
-        next = end;
-    }
-    Ok(bytes)
 }
 
 /// The runtime's plain apply loop: a handler that applies nothing.

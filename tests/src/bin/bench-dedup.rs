@@ -21,31 +21,28 @@ use changewire_consumer::runtime::{self, ConsumerMetrics, ServiceState, SinkLabe
 use changewire_consumer::services::dedup::{self, Dedup, DedupConfig};
 use changewire_schemas::fixtures::compact_event;
 use changewire_schemas::topic::TopicsConfig;
-use changewire_schemas::{ChangeEvent, Codec};
-use changewire_tests::{cpu_time, create_topics, peak_rss_kib, unique_name, Stack};
+use changewire_schemas::ChangeEvent;
+use changewire_tests::{
+    bench_events, cpu_time, create_topics, enqueue, peak_rss_kib, publish_events, unique_name,
+    Stack,
+};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio::sync::watch;
 
 const PARTITIONS: i32 = 3;
-const PUBLISH_CHUNK: u64 = 50_000;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let events: u64 = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(1_000_000);
-    ensure!(events > 0, "EVENTS must be positive");
+    let events = bench_events(1_000_000)?;
     let stack = Stack::from_env();
     let prefix = unique_name("benchdd");
     let raw = format!("{prefix}.src.public.orders");
     create_topics(&stack, &[&raw], PARTITIONS).await?;
     let started = Instant::now();
-    let input_bytes = publish(&stack, &raw, events).await?;
+    let input_bytes = publish_events(&stack, &raw, events, event).await?;
     println!(
         "published {events} events ({:.0} MB, 10% duplicates) in {:.1} s",
         input_bytes as f64 / 1e6,
@@ -100,32 +97,6 @@ async fn main() -> anyhow::Result<()> {
 /// A compact create event; every tenth repeats the id of an earlier one.
 fn event(i: u64) -> ChangeEvent {
     compact_event(if i % 10 == 9 { i / 10 } else { i - i / 10 })
-}
-
-/// Publishes `events` events in chunks; returns the bytes of their values.
-async fn publish(stack: &Stack, topic: &str, events: u64) -> anyhow::Result<u64> {
-    let producer = producer(stack)?;
-    let codec = Codec::json()?;
-    let mut bytes = 0;
-    let mut next = 0;
-    while next < events {
-        let end = (next + PUBLISH_CHUNK).min(events);
-        let mut acks = Vec::new();
-        for i in next..end {
-            let value = codec.encode(&event(i))?;
-            bytes += value.len() as u64;
-            let key = i.to_string();
-            let record = FutureRecord::to(topic)
-                .key(key.as_bytes())
-                .payload(value.as_slice());
-            acks.push(enqueue(&producer, record).await);
-        }
-        for ack in futures::future::join_all(acks).await {
-            ack?.map_err(|(error, _)| error)?;
-        }
-        next = end;
-    }
-    Ok(bytes)
 }
 
 fn producer(stack: &Stack) -> anyhow::Result<FutureProducer> {
@@ -273,22 +244,6 @@ async fn time_plain_loop(
         ack?.map_err(|(error, _)| error)?;
     }
     Ok(started.elapsed())
-}
-
-/// Hands `record` to the producer, waiting while its queue is full.
-async fn enqueue(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'_, [u8], [u8]>,
-) -> DeliveryFuture {
-    loop {
-        match producer.send_result(record) {
-            Ok(ack) => return ack,
-            Err((_, back)) => {
-                record = back;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-    }
 }
 
 /// Bytes this process caused to be written to storage (`/proc/self/io`).

@@ -26,7 +26,7 @@ use changewire_consumer::services::forward::Forward;
 use changewire_schemas::fixtures::compact_event;
 use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::Codec;
-use changewire_tests::{create_topics, unique_name, Stack};
+use changewire_tests::{bench_events, create_topics, unique_name, Stack};
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -41,12 +41,7 @@ const SECRET_KEY: &[u8] = b"bench-forward-signing-key";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let events: u64 = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(20_000);
-    ensure!(events > 0, "EVENTS must be positive");
+    let events = bench_events(20_000)?;
     let stack = Stack::from_env();
     let received = Arc::new(AtomicU64::new(0));
     let url = start_receiver(received.clone()).await?;

@@ -24,10 +24,8 @@ use changewire_consumer::services::audit::{Audit, AuditConfig, DEMO_SIGNING_KEY}
 use changewire_consumer::services::siem::{self, Siem, SiemConfig};
 use changewire_schemas::fixtures::kubernetes_create;
 use changewire_schemas::topic::TopicsConfig;
-use changewire_schemas::{Codec, EventId};
-use changewire_tests::{create_topics, unique_name, Stack};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use changewire_schemas::{ChangeEvent, EventId};
+use changewire_tests::{bench_events, create_topics, publish_events, unique_name, Stack};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -35,17 +33,12 @@ const PARTITIONS: i32 = 3;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let events: u64 = std::env::args()
-        .nth(1)
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(200_000);
-    ensure!(events > 0, "EVENTS must be positive");
+    let events = bench_events(200_000)?;
     let stack = Stack::from_env();
     let prefix = unique_name("benchsiem");
     let topic = format!("{prefix}.k8s.core.ConfigMap");
     create_topics(&stack, &[&topic], PARTITIONS).await?;
-    publish(&stack, &topic, events).await?;
+    publish_events(&stack, &topic, events, event).await?;
     println!("published {events} events");
 
     let audit = toml::from_str::<AuditConfig>(&format!(
@@ -90,40 +83,6 @@ async fn main() -> anyhow::Result<()> {
             rate(time),
             rate(time) / rate(audit_time)
         );
-    }
-    Ok(())
-}
-
-async fn publish(stack: &Stack, topic: &str, events: u64) -> anyhow::Result<()> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka_brokers)
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create()?;
-    let codec = Codec::json()?;
-    for chunk in (0..events).collect::<Vec<_>>().chunks(50_000) {
-        let mut acks = Vec::new();
-        for &n in chunk {
-            let mut event = kubernetes_create("k8s");
-            event.id = EventId::kubernetes("k8s", &format!("uid-{}", n % 1000), &n.to_string());
-            let value = codec.encode(&event)?;
-            let key = n.to_string();
-            let mut record = FutureRecord::to(topic)
-                .key(key.as_bytes())
-                .payload(value.as_slice());
-            acks.push(loop {
-                match producer.send_result(record) {
-                    Ok(ack) => break ack,
-                    Err((_, back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            });
-        }
-        for ack in futures::future::join_all(acks).await {
-            ack?.map_err(|(error, _)| error)?;
-        }
     }
     Ok(())
 }
@@ -203,6 +162,13 @@ async fn run(
     stop.send(true)?;
     task.await??;
     Ok(elapsed)
+}
+
+/// Event `n`: a change of one of 1,000 objects.
+fn event(n: u64) -> ChangeEvent {
+    let mut event = kubernetes_create("k8s");
+    event.id = EventId::kubernetes("k8s", &format!("uid-{}", n % 1000), &n.to_string());
+    event
 }
 
 async fn serve(router: Router) -> anyhow::Result<SocketAddr> {

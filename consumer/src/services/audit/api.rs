@@ -15,12 +15,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use changewire_schemas::Op;
+use changewire_schemas::http::constant_time_eq;
+use changewire_schemas::{hex, Op};
 use ed25519_dalek::VerifyingKey;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::head::{hex, key_id};
+use super::head::key_id;
 use super::log::{id_key, read_u64, Quarantined, QUARANTINE};
 use super::merkle::{consistency_proof, inclusion_proof, leaf_hash, root};
 use super::query::{Filters, Finder, QueryError};
@@ -226,10 +227,6 @@ impl Api {
             )),
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Reads `GET /v1/events`'s parameters; unknown ones are refused by name.

@@ -4,6 +4,7 @@
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use changewire_schemas::hex;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -37,11 +38,6 @@ fn signed_bytes(size: u64, root: &Hash, timestamp_ms: u64) -> Vec<u8> {
         &timestamp_ms.to_be_bytes(),
     ]
     .concat()
-}
-
-/// Hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads a hex hash; `None` when it is not 64 hex digits.

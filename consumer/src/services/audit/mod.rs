@@ -222,7 +222,7 @@ impl Audit {
         }
         tracing::info!(
             key_id = %head::key_id(&signer.verifying_key()),
-            public_key = %head::hex(signer.verifying_key().as_bytes()),
+            public_key = %changewire_schemas::hex(signer.verifying_key().as_bytes()),
             "audit heads are signed with this key"
         );
         let sink = KafkaSink::new(HEADS, config, Oversized::Reject)
