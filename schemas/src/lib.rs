@@ -9,6 +9,7 @@
 //! - [`backoff`]: the retry delays every part uses;
 //! - [`http`]: the `/metrics` and `/health` endpoints every process serves;
 //! - [`settings`]: the `[kafka]` section and config loading shared by every binary;
+//! - [`time`]: times as people and SIEMs read them;
 //! - `fixtures` (feature `fixtures`): sample events for tests and benchmarks.
 
 pub mod backoff;
@@ -20,6 +21,7 @@ pub mod fixtures;
 pub mod http;
 pub mod registry;
 pub mod settings;
+pub mod time;
 pub mod topic;
 
 pub use codec::{Codec, CodecError, FormatConfig, ValueFormat};

@@ -3,11 +3,9 @@
 //! - [`audit`]: a tamper-evident, queryable log of every event, with proofs;
 //! - [`dedup`]: republishes each distinct event exactly once;
 //! - [`forward`]: POSTs each event to an HTTP endpoint, signed (Standard Webhooks);
-//! - [`siem`]: each event in a SIEM's format, delivered to it;
-//! - [`time`]: times as people and SIEMs read them.
+//! - [`siem`]: each event in a SIEM's format, delivered to it.
 
 pub mod audit;
 pub mod dedup;
 pub mod forward;
 pub mod siem;
-pub mod time;

@@ -135,10 +135,7 @@ impl HecSink {
             .timeout(Duration::from_millis(config.timeout_ms))
             .build()
             .map_err(|e| ConfigError::invalid(section, e.to_string()))?;
-        let host = config.host.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .map_or_else(|_| "changewire".into(), |h| h.trim().to_owned())
-        });
+        let host = config.host.clone().unwrap_or_else(this_host);
         Ok(Self {
             config: config.clone(),
             host,
@@ -245,7 +242,14 @@ impl HecSink {
 }
 
 /// The effect's event time from its header (now when absent).
-fn time_of(pending: &Pending) -> i64 {
+/// This machine's name, or `changewire` when it cannot be read.
+pub(super) fn this_host() -> String {
+    std::fs::read_to_string("/etc/hostname").map_or_else(|_| "changewire".into(), |h| h.trim().to_owned())
+}
+
+/// The event's time (ms since the epoch) an effect carries in [`TIME_HEADER`];
+/// now when it has none.
+pub(super) fn time_of(pending: &Pending) -> i64 {
     (pending.effect.headers.iter())
         .find(|(name, _)| name == TIME_HEADER)
         .and_then(|(_, value)| value.as_deref())

@@ -1,10 +1,12 @@
 //! Ready-made sinks: [`kafka::KafkaSink`] (topics, reconciled by reading the
 //! output back), [`webhook::WebhookSink`] (Standard Webhooks) and
 //! [`bulk::BulkSink`] (Elasticsearch-compatible `_bulk`), [`hec::HecSink`]
-//! (Splunk HTTP Event Collector) and [`file::FileSink`] (NDJSON, rotated).
+//! (Splunk HTTP Event Collector), [`file::FileSink`] (NDJSON, rotated) and
+//! [`syslog::SyslogSink`] (RFC 5424 over TCP or TLS).
 
 pub mod bulk;
 pub mod file;
 pub mod hec;
 pub mod kafka;
+pub mod syslog;
 pub mod webhook;

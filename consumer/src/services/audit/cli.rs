@@ -341,7 +341,7 @@ pub fn parse_time(text: &str, now: i64) -> Result<i64, BoxError> {
 
 /// `ms` since the epoch as `YYYY-MM-DD HH:MM:SS.mmm`, UTC.
 pub fn utc(ms: i64) -> String {
-    let text = crate::services::time::rfc3339(ms);
+    let text = changewire_schemas::time::rfc3339(ms);
     text.trim_end_matches('Z').replacen('T', " ", 1)
 }
 

@@ -21,7 +21,7 @@ use changewire_schemas::{ChangeEvent, Op, Origin};
 use serde_json::{json, Map, Value};
 
 use super::{past_tense, provider};
-use crate::services::time::rfc3339;
+use changewire_schemas::time::rfc3339;
 
 /// The ECS version the documents follow.
 pub const ECS_VERSION: &str = "8.11.0";

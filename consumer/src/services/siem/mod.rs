@@ -6,11 +6,15 @@
 //! not held up by it (a sink of the audit service would share the audit outbox's
 //! bound, and one SIEM's outage would end up pausing the log).
 //!
-//! - [`ecs`]: Elastic Common Schema documents; [`ocsf`]: OCSF events;
+//! - [`ecs`]: Elastic Common Schema documents; [`ocsf`]: OCSF events; [`cef`]:
+//!   ArcSight CEF messages;
 //! - transports: an Elasticsearch-compatible `_bulk` endpoint
 //!   ([`crate::runtime::sinks::bulk`]), a Splunk HTTP Event Collector
-//!   ([`crate::runtime::sinks::hec`]), an NDJSON file ([`crate::runtime::sinks::file`]).
+//!   ([`crate::runtime::sinks::hec`]), an NDJSON file ([`crate::runtime::sinks::file`]),
+//!   a syslog receiver over TCP or TLS ([`crate::runtime::sinks::syslog`]).
+//!   CEF, a line of text, goes to syslog only; JSON formats go anywhere.
 
+pub mod cef;
 pub mod ecs;
 pub mod ocsf;
 
@@ -21,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::runtime::sinks::bulk::{BulkConfig, BulkSink};
 use crate::runtime::sinks::file::{FileConfig, FileSink};
 use crate::runtime::sinks::hec::{HecConfig, HecSink, TIME_HEADER};
+use crate::runtime::sinks::syslog::{SyslogConfig, SyslogSink};
 use crate::runtime::{Context, Effect, Handler, HandlerError, Record, Sinks};
 
 /// The name of the feed's sink.
@@ -35,6 +40,8 @@ pub enum Format {
     Ecs,
     /// OCSF 1.1: API Activity, or Entity Management.
     Ocsf,
+    /// ArcSight Common Event Format 0 (syslog only).
+    Cef,
 }
 
 /// The `[siem]` section: one feed, with one transport.
@@ -53,6 +60,9 @@ pub struct SiemConfig {
     /// Send to a Splunk HTTP Event Collector.
     #[serde(default)]
     pub splunk: Option<HecConfig>,
+    /// Send to a syslog receiver (RFC 5424 over TCP or TLS).
+    #[serde(default)]
+    pub syslog: Option<SyslogConfig>,
 }
 
 impl SiemConfig {
@@ -64,17 +74,35 @@ impl SiemConfig {
     /// The feed's sink, for its one transport.
     fn sink(&self) -> Result<Sinks, ConfigError> {
         let sinks = Sinks::new();
-        match (&self.elasticsearch, &self.file, &self.splunk) {
-            (Some(bulk), None, None) => {
-                Ok(sinks.with(FEED, BulkSink::new(bulk, "siem.elasticsearch")?))
-            }
-            (None, Some(file), None) => Ok(sinks.with(FEED, FileSink::new(file, "siem.file")?)),
-            (None, None, Some(hec)) => Ok(sinks.with(FEED, HecSink::new(hec, "siem.splunk")?)),
-            _ => Err(ConfigError::invalid(
+        let transports = [
+            self.elasticsearch.is_some(),
+            self.file.is_some(),
+            self.splunk.is_some(),
+            self.syslog.is_some(),
+        ];
+        if transports.iter().filter(|t| **t).count() != 1 {
+            return Err(ConfigError::invalid(
                 "siem",
-                "expected exactly one transport: [siem.elasticsearch], [siem.file] or [siem.splunk]",
-            )),
+                "expected exactly one transport: [siem.elasticsearch], [siem.file], [siem.splunk] or [siem.syslog]",
+            ));
         }
+        if self.format == Format::Cef && self.syslog.is_none() {
+            return Err(ConfigError::invalid(
+                "siem.format",
+                "cef is a syslog format: configure [siem.syslog], or use ecs or ocsf",
+            ));
+        }
+        let sinks = if let Some(bulk) = &self.elasticsearch {
+            sinks.with(FEED, BulkSink::new(bulk, "siem.elasticsearch")?)
+        } else if let Some(file) = &self.file {
+            sinks.with(FEED, FileSink::new(file, "siem.file")?)
+        } else if let Some(hec) = &self.splunk {
+            sinks.with(FEED, HecSink::new(hec, "siem.splunk")?)
+        } else {
+            let syslog = self.syslog.as_ref().expect("one transport");
+            sinks.with(FEED, SyslogSink::new(syslog, "siem.syslog")?)
+        };
+        Ok(sinks)
     }
 }
 
@@ -101,11 +129,12 @@ impl Handler for Siem {
         _record: &Record,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
-        let document = match self.format {
-            Format::Ecs => ecs::document(event),
-            Format::Ocsf => ocsf::event(event),
+        let payload = match self.format {
+            Format::Ecs => serde_json::to_vec(&ecs::document(event)),
+            Format::Ocsf => serde_json::to_vec(&ocsf::event(event)),
+            Format::Cef => Ok(cef::message(event).into_bytes()),
         };
-        let payload = serde_json::to_vec(&document).map_err(HandlerError::permanent)?;
+        let payload = payload.map_err(HandlerError::permanent)?;
         let time = event.source.ts_ms.to_string().into_bytes();
         let effect = Effect {
             headers: vec![(TIME_HEADER.to_owned(), Some(time))],
@@ -132,5 +161,21 @@ fn provider(event: &ChangeEvent) -> &'static str {
     match event.source.origin {
         Origin::Kubernetes(_) => "kubernetes",
         Origin::Postgresql(_) => "postgresql",
+    }
+}
+
+/// Who made the change, as far as it is known.
+fn who(event: &ChangeEvent) -> &str {
+    event.actor.as_ref().map_or("someone", |a| a.name.as_str())
+}
+
+/// The changed thing in words: `RateLimit edge/per-ip`, `a row of public.orders`.
+fn entity_name(event: &ChangeEvent) -> String {
+    match &event.source.origin {
+        Origin::Kubernetes(k8s) => match &k8s.namespace {
+            Some(namespace) => format!("{} {namespace}/{}", k8s.kind, k8s.name),
+            None => format!("{} {}", k8s.kind, k8s.name),
+        },
+        Origin::Postgresql(pg) => format!("a row of {}.{}", pg.schema, pg.table),
     }
 }

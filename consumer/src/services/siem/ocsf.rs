@@ -10,7 +10,7 @@
 use changewire_schemas::{ActorVia, ChangeEvent, Op, Origin};
 use serde_json::{json, Value};
 
-use super::{past_tense, provider};
+use super::{entity_name, past_tense, provider, who};
 
 /// The OCSF version the events follow.
 pub const OCSF_VERSION: &str = "1.1.0";
@@ -104,20 +104,6 @@ fn verb(op: Op) -> &'static str {
         Op::Update => "update",
         Op::Delete => "delete",
         Op::Truncate => "truncate",
-    }
-}
-
-fn who(event: &ChangeEvent) -> &str {
-    event.actor.as_ref().map_or("someone", |a| a.name.as_str())
-}
-
-fn entity_name(event: &ChangeEvent) -> String {
-    match &event.source.origin {
-        Origin::Kubernetes(k8s) => match &k8s.namespace {
-            Some(namespace) => format!("{} {namespace}/{}", k8s.kind, k8s.name),
-            None => format!("{} {}", k8s.kind, k8s.name),
-        },
-        Origin::Postgresql(pg) => format!("a row of {}.{}", pg.schema, pg.table),
     }
 }
 
