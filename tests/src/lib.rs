@@ -4,8 +4,10 @@
 //!
 //! Start the stack first (`scripts/stack up`); `scripts/test` does it for you.
 
+pub mod certs;
 pub mod kube_api;
 pub mod servers;
+pub mod syslog;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use crate::certs::{TestCa, Usage};
+
 /// A free loopback port (free when asked; the server binds it right after).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -32,7 +34,7 @@ fn pg_command(bin: &Path, tool: &str) -> Command {
     }
 }
 
-fn run(mut command: Command, what: &str) -> anyhow::Result<()> {
+pub(crate) fn run(mut command: Command, what: &str) -> anyhow::Result<()> {
     let output = command
         .stdin(Stdio::null())
         .output()
@@ -108,7 +110,13 @@ impl PrivatePostgres {
         let mut text = std::fs::read_to_string(&conf)?;
         text.push_str(&settings);
         let ca_file = if tls {
-            let ca = issue_server_certificate(dir.path(), &data)?;
+            let ca = TestCa::new(dir.path())?;
+            ca.issue("server", Usage::Server, &data)?;
+            // PostgreSQL refuses a key others can read.
+            let mut chmod = Command::new("chmod");
+            chmod.arg("600").arg(data.join("server.key"));
+            run(chmod, "chmod")?;
+            let ca = ca.cert;
             // verify-full in pgwire-replication needs a host name: serve `localhost`.
             text.push_str(
                 "listen_addresses = 'localhost'\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
@@ -164,75 +172,6 @@ impl PrivatePostgres {
         }
         run(command, "pg_ctl")
     }
-}
-
-/// Creates a test CA in `dir` and a server certificate for 127.0.0.1 it signs,
-/// written to `data` as server.crt and server.key (PEM, the key PKCS#8).
-/// Returns the CA's path.
-pub fn issue_server_certificate(dir: &Path, data: &Path) -> anyhow::Result<PathBuf> {
-    let ca_key = dir.join("ca.key");
-    let ca = dir.join("ca.crt");
-    let csr = dir.join("server.csr");
-    let ext = dir.join("server.ext");
-    std::fs::write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n\
-         keyUsage=digitalSignature,keyEncipherment\nbasicConstraints=CA:FALSE\n",
-    )?;
-    let openssl = |args: &[&str], paths: &[&Path]| {
-        let mut command = Command::new("openssl");
-        command.args(args);
-        for path in paths {
-            command.arg(path);
-        }
-        run(command, "openssl")
-    };
-    openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=changewire test CA",
-            "-keyout",
-        ],
-        &[&ca_key, Path::new("-out"), &ca],
-    )?;
-    openssl(
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-        ],
-        &[&data.join("server.key"), Path::new("-out"), &csr],
-    )?;
-    openssl(
-        &["x509", "-req", "-days", "2", "-CAcreateserial", "-in"],
-        &[
-            &csr,
-            Path::new("-CA"),
-            &ca,
-            Path::new("-CAkey"),
-            &ca_key,
-            Path::new("-extfile"),
-            &ext,
-            Path::new("-out"),
-            &data.join("server.crt"),
-        ],
-    )?;
-    // PostgreSQL refuses a key others can read.
-    let mut chmod = Command::new("chmod");
-    chmod.arg("600").arg(data.join("server.key"));
-    run(chmod, "chmod")?;
-    Ok(ca)
 }
 
 impl Drop for PrivatePostgres {

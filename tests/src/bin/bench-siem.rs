@@ -8,7 +8,9 @@
 //! 3. times an ECS feed to each transport on loopback until every document is
 //!    delivered: an Elasticsearch-compatible `_bulk` receiver and a Splunk HEC
 //!    receiver with acknowledgements (both in this process, answering at once),
-//!    and an NDJSON file;
+//!    and an NDJSON file; then a CEF feed over syslog (TCP, octet counting) to a
+//!    receiver in this process that reads and drops, and to a real rsyslogd
+//!    writing to a file;
 //! 4. prints events/s per feed and its ratio to the audit ingest.
 
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use changewire_consumer::services::siem::{self, Siem, SiemConfig};
 use changewire_schemas::fixtures::kubernetes_create;
 use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::{ChangeEvent, EventId};
+use changewire_tests::syslog::Rsyslog;
 use changewire_tests::{bench_events, create_topics, publish_events, unique_name, Stack};
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -59,23 +62,43 @@ async fn main() -> anyhow::Result<()> {
             .route("/services/collector/ack", post(hec_ack)),
     )
     .await?;
+    let drain = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let drain_address = drain.local_addr()?;
+    tokio::spawn(drain_syslog(drain));
+    let rsyslog = Rsyslog::start(None)?;
     let dir = tempfile::tempdir()?;
     let feeds = [
         (
             "_bulk (ECS)",
-            format!("[elasticsearch]\nurl = \"http://{bulk}\"\nindex = \"ecs\""),
+            format!("format = \"ecs\"\n[elasticsearch]\nurl = \"http://{bulk}\"\nindex = \"ecs\""),
         ),
         (
             "Splunk HEC (ECS, acks)",
-            format!("[splunk]\nurl = \"http://{hec}\"\ntoken = \"t\"\nuse_ack = true"),
+            format!(
+                "format = \"ecs\"\n[splunk]\nurl = \"http://{hec}\"\ntoken = \"t\"\nuse_ack = true"
+            ),
         ),
         (
             "NDJSON file (ECS)",
-            format!("[file]\npath = {:?}", dir.path().join("ecs.ndjson")),
+            format!(
+                "format = \"ecs\"\n[file]\npath = {:?}",
+                dir.path().join("ecs.ndjson")
+            ),
+        ),
+        (
+            "syslog TCP (CEF)",
+            format!("format = \"cef\"\n[syslog]\naddress = \"{drain_address}\""),
+        ),
+        (
+            "rsyslogd TCP (CEF)",
+            format!(
+                "format = \"cef\"\n[syslog]\naddress = \"127.0.0.1:{}\"",
+                rsyslog.tcp_port
+            ),
         ),
     ];
     for (name, transport) in feeds {
-        let siem: SiemConfig = toml::from_str(&format!("format = \"ecs\"\n{transport}\n"))?;
+        let siem: SiemConfig = toml::from_str(&format!("{transport}\n"))?;
         let time = run(&stack, (&prefix, &topic), events, Service::Siem(siem)).await?;
         println!(
             "{name:<22} {:>7.1} s  {:>9.0} events/s  ratio to the audit ingest {:.2}",
@@ -169,6 +192,13 @@ fn event(n: u64) -> ChangeEvent {
     let mut event = kubernetes_create("k8s");
     event.id = EventId::kubernetes("k8s", &format!("uid-{}", n % 1000), &n.to_string());
     event
+}
+
+/// Reads every syslog connection to the end, dropping what it reads.
+async fn drain_syslog(listener: tokio::net::TcpListener) {
+    while let Ok((mut socket, _)) = listener.accept().await {
+        tokio::spawn(async move { tokio::io::copy(&mut socket, &mut tokio::io::sink()).await });
+    }
 }
 
 async fn serve(router: Router) -> anyhow::Result<SocketAddr> {

@@ -12,8 +12,9 @@ use changewire_producer::kubernetes::{
 };
 use changewire_producer::metrics::ProducerMetrics;
 use changewire_schemas::{ActorVia, ChangeEvent, Codec, Op, Origin, TopicNames};
+use changewire_tests::certs::{TestCa, Usage};
 use changewire_tests::kube_api::{AuditLevel, AuditWebhook, FakeApiServer};
-use changewire_tests::servers::{free_port, issue_server_certificate};
+use changewire_tests::servers::free_port;
 use changewire_tests::{unique_name, Stack, TestConsumer};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -760,7 +761,8 @@ const AUDIT_TOKEN: &str = "audit-webhook-token-for-tests";
 
 fn with_audit(config: &mut KubernetesConfig, wait_ms: u64) -> anyhow::Result<Audited> {
     let certs = tempfile::tempdir()?;
-    let ca = issue_server_certificate(certs.path(), certs.path())?;
+    let ca = TestCa::new(certs.path())?;
+    ca.issue("server", Usage::Server, certs.path())?;
     let port = free_port()?;
     config.audit = Some(AuditConfig {
         listen: format!("127.0.0.1:{port}").parse()?,
@@ -772,7 +774,7 @@ fn with_audit(config: &mut KubernetesConfig, wait_ms: u64) -> anyhow::Result<Aud
     });
     Ok(Audited {
         url: format!("https://127.0.0.1:{port}/audit"),
-        ca_pem: std::fs::read(ca)?,
+        ca_pem: std::fs::read(&ca.cert)?,
         _certs: certs,
     })
 }

@@ -21,6 +21,7 @@ mod registry;
 mod restart;
 mod server_checks;
 mod siem;
+mod siem_syslog;
 mod smoke;
 mod sources;
 mod tls;

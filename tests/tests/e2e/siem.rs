@@ -106,7 +106,7 @@ async fn start_receiver(receiver: Shared) -> anyhow::Result<String> {
 }
 
 /// Event `n`: a change of one of four kinds (two of them IAM), by an audited user.
-fn event(n: u64) -> ChangeEvent {
+pub(crate) fn event(n: u64) -> ChangeEvent {
     let mut event = fixtures::kubernetes_create("prod");
     event.id = EventId::kubernetes("prod", &format!("uid-{n}"), &n.to_string());
     event.op = [Op::Create, Op::Update, Op::Delete][(n % 3) as usize];
@@ -118,7 +118,7 @@ fn event(n: u64) -> ChangeEvent {
 }
 
 /// Writes a feed's config; returns its path.
-fn write_config(
+pub(crate) fn write_config(
     dir: &std::path::Path,
     stack: &Stack,
     (prefix, topic): (&str, &str),
@@ -156,7 +156,7 @@ fn receiver(mode: Mode) -> Shared {
 }
 
 /// A new topic of `partitions` holding events 0..`count`: its prefix and name.
-async fn published(
+pub(crate) async fn published(
     stack: &Stack,
     name: &str,
     count: u64,

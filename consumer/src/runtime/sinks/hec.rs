@@ -244,7 +244,8 @@ impl HecSink {
 /// The effect's event time from its header (now when absent).
 /// This machine's name, or `changewire` when it cannot be read.
 pub(super) fn this_host() -> String {
-    std::fs::read_to_string("/etc/hostname").map_or_else(|_| "changewire".into(), |h| h.trim().to_owned())
+    std::fs::read_to_string("/etc/hostname")
+        .map_or_else(|_| "changewire".into(), |h| h.trim().to_owned())
 }
 
 /// The event's time (ms since the epoch) an effect carries in [`TIME_HEADER`];

@@ -24,7 +24,7 @@ use changewire_schemas::settings::ConfigError;
 use changewire_schemas::time::rfc3339;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio::time::timeout;
@@ -41,9 +41,9 @@ const MIN_MESSAGE_BYTES: usize = 480;
 
 /// Syslog facilities by name, in code order (RFC 5424, 6.2.1).
 const FACILITIES: [&str; 24] = [
-    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
-    "authpriv", "ftp", "ntp", "audit", "alert", "clock", "local0", "local1", "local2", "local3",
-    "local4", "local5", "local6", "local7",
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
+    "ftp", "ntp", "audit", "alert", "clock", "local0", "local1", "local2", "local3", "local4",
+    "local5", "local6", "local7",
 ];
 
 /// Syslog severities by name, in code order.
@@ -82,6 +82,11 @@ pub struct SyslogConfig {
     /// Timeout of connecting (with the TLS handshake) and of each write, in ms.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// After connecting, how long to watch for a receiver that closes the
+    /// connection at once (one refusing the client certificate does so only
+    /// after the handshake) before sending to it, in ms.
+    #[serde(default = "default_refusal_wait_ms")]
+    pub refusal_wait_ms: u64,
 }
 
 /// TLS settings of a syslog sink.
@@ -127,13 +132,20 @@ fn default_timeout_ms() -> u64 {
     10_000
 }
 
+fn default_refusal_wait_ms() -> u64 {
+    200
+}
+
 impl SyslogConfig {
     /// Checks the settings; `section` names them in messages. Returns PRI.
     pub fn validate(&self, section: &'static str) -> Result<u8, ConfigError> {
         let code = |names: &[&str], name: &str, what: &str| {
             let position = names.iter().position(|n| *n == name);
             position.ok_or_else(|| {
-                ConfigError::invalid(section, format!("unknown {what} {name:?}: one of {names:?}"))
+                ConfigError::invalid(
+                    section,
+                    format!("unknown {what} {name:?}: one of {names:?}"),
+                )
             })
         };
         let facility = code(&FACILITIES, &self.facility, "facility")?;
@@ -157,7 +169,9 @@ impl SyslogConfig {
                 "hostname must be printable ASCII without spaces",
             ));
         }
-        if self.max_message_bytes < MIN_MESSAGE_BYTES || self.batch_size == 0 || self.timeout_ms == 0
+        if self.max_message_bytes < MIN_MESSAGE_BYTES
+            || self.batch_size == 0
+            || self.timeout_ms == 0
         {
             return Err(ConfigError::invalid(
                 section,
@@ -203,6 +217,15 @@ pub enum SyslogError {
         #[source]
         source: std::io::Error,
     },
+    /// The receiver closed the connection right after it was opened.
+    #[error("{address} closed the connection at once (does it require a client certificate, or refuse this one?)")]
+    Refused {
+        /// The receiver.
+        address: String,
+        /// The error reading showed, if any.
+        #[source]
+        source: Option<std::io::Error>,
+    },
     /// Connecting or writing took longer than `timeout_ms`.
     #[error("{what} {address} timed out")]
     Timeout {
@@ -212,6 +235,11 @@ pub enum SyslogError {
         address: String,
     },
 }
+
+/// What a connection reads and writes through.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 
 /// A connection to the receiver.
 enum Connection {
@@ -227,7 +255,7 @@ impl Connection {
         }
     }
 
-    fn writer(&mut self) -> &mut (dyn AsyncWrite + Unpin + Send) {
+    fn stream(&mut self) -> &mut dyn Stream {
         match self {
             Self::Plain(stream) => stream,
             Self::Tls(stream) => stream.as_mut(),
@@ -306,6 +334,23 @@ impl SyslogSink {
         Ok(Connection::Tls(Box::new(stream)))
     }
 
+    /// Fails when the receiver closes `connection` within `refusal_wait_ms`.
+    /// Reads (through TLS, which handles the records a receiver may send after
+    /// the handshake); a syslog receiver sends no data of its own.
+    async fn check_kept(&self, connection: &mut Connection) -> Result<(), SyslogError> {
+        let wait = Duration::from_millis(self.config.refusal_wait_ms);
+        let mut buffer = [0u8; 256];
+        let refused = |source| SyslogError::Refused {
+            address: self.config.address.clone(),
+            source,
+        };
+        match timeout(wait, connection.stream().read(&mut buffer)).await {
+            Err(_) | Ok(Ok(1..)) => Ok(()),
+            Ok(Ok(0)) => Err(refused(None)),
+            Ok(Err(error)) => Err(refused(Some(error))),
+        }
+    }
+
     /// The frames of `effects`, one after another.
     fn frames(&self, effects: &[Arc<Pending>]) -> Vec<u8> {
         let mut frames = Vec::new();
@@ -317,7 +362,11 @@ impl SyslogSink {
                 self.hostname,
                 self.config.app_name
             );
-            let message = fit(&header, &pending.effect.payload, self.config.max_message_bytes);
+            let message = fit(
+                &header,
+                &pending.effect.payload,
+                self.config.max_message_bytes,
+            );
             if message.len() < header.len() + pending.effect.payload.len() {
                 tracing::warn!(effect = %pending.idempotency_key, bytes = pending.effect.payload.len(), limit = self.config.max_message_bytes, "syslog message cut to the size limit");
             }
@@ -334,10 +383,12 @@ impl SyslogSink {
             *connection = None;
         }
         if connection.is_none() {
-            *connection = Some(self.connect().await?);
+            let mut opened = self.connect().await?;
+            self.check_kept(&mut opened).await?;
+            *connection = Some(opened);
         }
         let frames = self.frames(effects);
-        let writer = connection.as_mut().expect("connected above").writer();
+        let writer = connection.as_mut().expect("connected above").stream();
         let written = timeout(self.timeout(), async {
             writer.write_all(&frames).await?;
             writer.flush().await
@@ -372,9 +423,14 @@ fn tls_connector(
     let mut builder = native_tls::TlsConnector::builder();
     if let Some(ca_file) = &tls.ca_file {
         let ca = native_tls::Certificate::from_pem(&read(ca_file)?).map_err(|e| {
-            ConfigError::invalid(section, format!("{}: not a PEM certificate: {e}", ca_file.display()))
+            ConfigError::invalid(
+                section,
+                format!("{}: not a PEM certificate: {e}", ca_file.display()),
+            )
         })?;
-        builder.disable_built_in_roots(true).add_root_certificate(ca);
+        builder
+            .disable_built_in_roots(true)
+            .add_root_certificate(ca);
     }
     match (&tls.cert_file, &tls.key_file) {
         (Some(cert), Some(key)) => {
@@ -410,7 +466,11 @@ fn fit(header: &str, payload: &[u8], limit: usize) -> Vec<u8> {
     while keep > 0 && payload.get(keep).is_some_and(|b| b & 0xC0 == 0x80) {
         keep -= 1;
     }
-    let backslashes = payload[..keep].iter().rev().take_while(|b| **b == b'\\').count();
+    let backslashes = payload[..keep]
+        .iter()
+        .rev()
+        .take_while(|b| **b == b'\\')
+        .count();
     keep -= backslashes % 2;
     message.extend_from_slice(&payload[..keep]);
     message.extend_from_slice(TRUNCATED.as_bytes());
@@ -480,12 +540,18 @@ mod tests {
     #[test]
     fn long_messages_are_cut_to_the_limit_with_a_marker() {
         let header = "<133>1 - h a - - - ";
-        assert_eq!(fit(header, b"short", 100), format!("{header}short").into_bytes());
+        assert_eq!(
+            fit(header, b"short", 100),
+            format!("{header}short").into_bytes()
+        );
         let payload = "é".repeat(300);
         let cut = fit(header, payload.as_bytes(), 500);
         assert!(cut.len() <= 500);
         let text = String::from_utf8(cut).expect("cut at a character boundary");
-        assert!(text.starts_with(header) && text.ends_with(TRUNCATED), "{text}");
+        assert!(
+            text.starts_with(header) && text.ends_with(TRUNCATED),
+            "{text}"
+        );
     }
 
     #[test]
@@ -495,7 +561,12 @@ mod tests {
             let cut = fit("", payload.as_bytes(), limit);
             let kept = &cut[..cut.len() - TRUNCATED.len()];
             let trailing = kept.iter().rev().take_while(|b| **b == b'\\').count();
-            assert_eq!(trailing % 2, 0, "limit {limit}: {}", String::from_utf8_lossy(kept));
+            assert_eq!(
+                trailing % 2,
+                0,
+                "limit {limit}: {}",
+                String::from_utf8_lossy(kept)
+            );
             assert!(cut.len() <= limit);
         }
     }

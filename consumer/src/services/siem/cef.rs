@@ -171,7 +171,10 @@ mod tests {
             actor.user_agent = Some("k=v\nnext\\".into());
         }
         let message = message(&event);
-        assert!(message.starts_with("CEF:0|changewire|changewire|"), "{message}");
+        assert!(
+            message.starts_with("CEF:0|changewire|changewire|"),
+            "{message}"
+        );
         assert!(
             message.contains("|a\\|b\\\\c created RateLimit edge/per-ip|3|"),
             "{message}"
@@ -203,7 +206,10 @@ mod tests {
         ] {
             assert!(message.contains(field), "{field} in {message}");
         }
-        assert!(message.contains(&format!(" cs1Label=eventId cs1={} ", event.id.as_str().replace('=', "\\="))));
+        assert!(message.contains(&format!(
+            " cs1Label=eventId cs1={} ",
+            event.id.as_str().replace('=', "\\=")
+        )));
         let diff = message.split(" cs6=").nth(1).expect("cs6 last");
         let diff: serde_json::Value = serde_json::from_str(diff).expect("the diff as JSON");
         assert_eq!(diff, json!(event.diff));

@@ -179,3 +179,34 @@ fn entity_name(event: &ChangeEvent) -> String {
         Origin::Postgresql(pg) => format!("a row of {}.{}", pg.schema, pg.table),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> SiemConfig {
+        serde_json::from_str(text).expect("a [siem] section")
+    }
+
+    #[test]
+    fn a_feed_has_one_transport_and_cef_goes_to_syslog_only() {
+        let syslog = r#""syslog": {"address": "127.0.0.1:601"}"#;
+        let file = r#""file": {"path": "/tmp/feed.ndjson"}"#;
+        assert!(config(&format!(r#"{{"format": "cef", {syslog}}}"#))
+            .validate()
+            .is_ok());
+        assert!(config(&format!(r#"{{"format": "ecs", {syslog}}}"#))
+            .validate()
+            .is_ok());
+        let error = config(&format!(r#"{{"format": "cef", {file}}}"#))
+            .validate()
+            .expect_err("CEF to a file");
+        assert!(error.to_string().contains("[siem.syslog]"), "{error}");
+        let error = config(&format!(r#"{{{syslog}, {file}}}"#))
+            .validate()
+            .expect_err("two transports");
+        assert!(error.to_string().contains("exactly one"), "{error}");
+        let error = config("{}").validate().expect_err("none");
+        assert!(error.to_string().contains("exactly one"), "{error}");
+    }
+}
