@@ -151,20 +151,20 @@ fn check_kafka(config: &ConsumerConfig) -> ExitCode {
 }
 
 /// The service a config selects, by which section it has.
-enum Service {
-    Dedup(DedupConfig),
-    Forward(ForwardConfig),
-    Audit(AuditConfig),
-    Siem(SiemConfig),
+enum Service<'a> {
+    Dedup(&'a DedupConfig),
+    Forward(&'a ForwardConfig),
+    Audit(&'a AuditConfig),
+    Siem(&'a SiemConfig),
 }
 
-impl Service {
-    fn from_config(config: &ConsumerConfig) -> Result<Self, ConfigError> {
+impl<'a> Service<'a> {
+    fn from_config(config: &'a ConsumerConfig) -> Result<Self, ConfigError> {
         let sections = [
-            config.dedup.clone().map(Self::Dedup),
-            config.forward.clone().map(Self::Forward),
-            config.audit.clone().map(Self::Audit),
-            config.siem.clone().map(Self::Siem),
+            config.dedup.as_ref().map(Self::Dedup),
+            config.forward.as_ref().map(Self::Forward),
+            config.audit.as_ref().map(Self::Audit),
+            config.siem.as_ref().map(Self::Siem),
         ];
         let mut present = sections.into_iter().flatten();
         match (present.next(), present.next()) {
@@ -193,16 +193,16 @@ impl Service {
         let config = config.runtime();
         Ok(match self {
             Self::Dedup(dedup) => {
-                let (handler, sinks) = Dedup::new(&config, &dedup)?;
+                let (handler, sinks) = Dedup::new(&config, dedup)?;
                 runtime::run(&config, handler, sinks, shutdown).await?
             }
             Self::Forward(forward) => {
-                let (handler, sinks) = Forward::new(&forward)?;
+                let (handler, sinks) = Forward::new(forward)?;
                 runtime::run(&config, handler, sinks, shutdown).await?
             }
-            Self::Audit(audit) => run_audit(&config, &audit, shutdown).await?,
+            Self::Audit(audit) => run_audit(&config, audit, shutdown).await?,
             Self::Siem(siem) => {
-                let (handler, sinks) = Siem::new(&siem)?;
+                let (handler, sinks) = Siem::new(siem)?;
                 runtime::run(&config, handler, sinks, shutdown).await?
             }
         })

@@ -99,7 +99,13 @@ async fn main() -> anyhow::Result<()> {
     ];
     for (name, transport) in feeds {
         let siem: SiemConfig = toml::from_str(&format!("{transport}\n"))?;
-        let time = run(&stack, (&prefix, &topic), events, Service::Siem(siem)).await?;
+        let time = run(
+            &stack,
+            (&prefix, &topic),
+            events,
+            Service::Siem(Box::new(siem)),
+        )
+        .await?;
         println!(
             "{name:<22} {:>7.1} s  {:>9.0} events/s  ratio to the audit ingest {:.2}",
             time.as_secs_f64(),
@@ -112,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
 
 enum Service {
     Audit(AuditConfig),
-    Siem(SiemConfig),
+    Siem(Box<SiemConfig>),
 }
 
 /// Runs `service` in this process over the topic until it has read every event
