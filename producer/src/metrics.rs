@@ -13,6 +13,26 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// One table's event counters by op, looked up once each: labels are strings, and
+/// building them for every event cost allocations on the hot path.
+#[derive(Debug, Clone, Default)]
+pub struct OpCounters([std::sync::OnceLock<Counter>; 5]);
+
+impl OpCounters {
+    /// The counter of `op`, made by `make` the first time.
+    pub fn get(&self, op: changewire_schemas::Op, make: impl FnOnce() -> Counter) -> &Counter {
+        use changewire_schemas::Op;
+        let slot = match op {
+            Op::Create => 0,
+            Op::Update => 1,
+            Op::Delete => 2,
+            Op::Read => 3,
+            Op::Truncate => 4,
+        };
+        self.0[slot].get_or_init(make)
+    }
+}
+
 /// Labels of the event counters: a PostgreSQL table's or a Kubernetes kind's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub enum EventLabels {
@@ -346,14 +366,14 @@ impl SourceMetrics {
         self.shared.set_error(&self.name, error);
     }
 
-    /// Counts one published event of `table`.
-    pub fn count_table_event(&self, table: String, op: &str) {
+    /// The counter of published events of `table` with `op`.
+    pub fn table_events(&self, table: String, op: &str) -> Counter {
         let labels = EventLabels::Table {
             source: self.name.clone(),
             table,
             op: op.to_owned(),
         };
-        self.shared.events.get_or_create(&labels).inc();
+        self.shared.events.get_or_create(&labels).clone()
     }
 
     /// Counts one published event of `kind`.

@@ -107,6 +107,7 @@ impl Catalog {
             redactor,
             redacted,
             encodings,
+            counters: Default::default(),
         })
     }
 }

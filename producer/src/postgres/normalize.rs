@@ -16,6 +16,7 @@ use serde_json::{Map, Value as Json};
 
 use super::encoding::Encoding;
 use super::pgoutput::{Lsn, Relation, Tuple, Value};
+use crate::metrics::OpCounters;
 use crate::redact::Redactor;
 
 /// Session settings for every connection whose values reach events.
@@ -37,6 +38,8 @@ pub struct Table {
     pub redacted: Vec<bool>,
     /// Per column: how its values become JSON.
     pub encodings: Vec<Encoding>,
+    /// Its published-event counters.
+    pub counters: OpCounters,
 }
 
 impl Table {

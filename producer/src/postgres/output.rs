@@ -75,6 +75,7 @@ impl Output {
 
     /// Counts one event of `table`.
     pub(super) fn count(&self, table: &Table, op: Op) {
-        self.metrics.count_table_event(table.label(), op.code());
+        let counter = (table.counters).get(op, || self.metrics.table_events(table.label(), op.code()));
+        counter.inc();
     }
 }
