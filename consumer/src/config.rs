@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::runtime::config::{Assignment, ServiceConfig};
 use crate::runtime::RuntimeConfig;
+use crate::services::alert::AlertConfig;
 use crate::services::audit::AuditConfig;
 use crate::services::dedup::DedupConfig;
 use crate::services::forward::ForwardConfig;
@@ -43,6 +44,9 @@ pub struct ConsumerConfig {
     /// Run a SIEM feed.
     #[serde(default)]
     pub siem: Option<SiemConfig>,
+    /// Run the alert service.
+    #[serde(default)]
+    pub alert: Option<AlertConfig>,
 }
 
 impl ConsumerConfig {
@@ -61,6 +65,19 @@ impl ConsumerConfig {
         }
         if let Some(siem) = &self.siem {
             siem.validate()?;
+        }
+        if let Some(alert) = &self.alert {
+            let rules = alert.validate()?;
+            // A window counts one actor's or resource's changes across partitions.
+            if AlertConfig::has_windows(&rules)
+                && (self.service.assignment != Assignment::Static
+                    || self.service.tick_interval_ms.is_none())
+            {
+                return Err(ConfigError::invalid(
+                    "service",
+                    "rules with a threshold need assignment = \"static\" and tick_interval_ms (windows close on ticks)",
+                ));
+            }
         }
         if let Some(audit) = &self.audit {
             audit.validate()?;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use changewire_consumer::config::ConsumerConfig;
 use changewire_consumer::runtime::{self, RunStats};
+use changewire_consumer::services::alert::{Alert, AlertConfig};
 use changewire_consumer::services::audit::cli::AuditCommand;
 use changewire_consumer::services::audit::{self, Audit, AuditConfig};
 use changewire_consumer::services::dedup::{Dedup, DedupConfig};
@@ -156,6 +157,7 @@ enum Service<'a> {
     Forward(&'a ForwardConfig),
     Audit(&'a AuditConfig),
     Siem(&'a SiemConfig),
+    Alert(&'a AlertConfig),
 }
 
 impl<'a> Service<'a> {
@@ -165,13 +167,14 @@ impl<'a> Service<'a> {
             config.forward.as_ref().map(Self::Forward),
             config.audit.as_ref().map(Self::Audit),
             config.siem.as_ref().map(Self::Siem),
+            config.alert.as_ref().map(Self::Alert),
         ];
         let mut present = sections.into_iter().flatten();
         match (present.next(), present.next()) {
             (Some(service), None) => Ok(service),
             _ => Err(ConfigError::invalid(
-                "dedup/forward/audit/siem",
-                "expected exactly one service section: [dedup], [forward], [audit] or [siem]",
+                "dedup/forward/audit/siem/alert",
+                "expected exactly one service section: [dedup], [forward], [audit], [siem] or [alert]",
             )),
         }
     }
@@ -182,6 +185,7 @@ impl<'a> Service<'a> {
             Self::Forward(_) => "forward",
             Self::Audit(_) => "audit",
             Self::Siem(_) => "siem",
+            Self::Alert(_) => "alert",
         }
     }
 
@@ -203,6 +207,10 @@ impl<'a> Service<'a> {
             Self::Audit(audit) => run_audit(&config, audit, shutdown).await?,
             Self::Siem(siem) => {
                 let (handler, sinks) = Siem::new(siem)?;
+                runtime::run(&config, handler, sinks, shutdown).await?
+            }
+            Self::Alert(alert) => {
+                let (handler, sinks) = Alert::new(alert)?;
                 runtime::run(&config, handler, sinks, shutdown).await?
             }
         })

@@ -170,6 +170,7 @@ async fn time_run(
         forward: None,
         audit: audit.clone(),
         siem: None,
+        alert: None,
     }
     .runtime();
     let metrics = Arc::new(ConsumerMetrics::default());

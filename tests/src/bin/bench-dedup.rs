@@ -210,6 +210,7 @@ fn dedup_config(stack: &Stack, prefix: &str, raw: &str, state: &std::path::Path)
         forward: None,
         audit: None,
         siem: None,
+        alert: None,
     }
 }
 

@@ -152,6 +152,7 @@ async fn run(
         forward: None,
         audit: None,
         siem: None,
+        alert: None,
     }
     .runtime();
     let metrics = Arc::new(ConsumerMetrics::default());

@@ -53,6 +53,7 @@ pub fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) ->
         forward: None,
         audit: None,
         siem: None,
+        alert: None,
     }
 }
 

@@ -1,0 +1,414 @@
+//! The alert service: rules over change events ([`rules`]), alerts delivered by
+//! the runtime's sinks to Prometheus Alertmanager and a signed webhook.
+//!
+//! For each event every matching rule fires, unless it has a threshold (N
+//! matching events per actor or resource within a window: the window's times are
+//! state, committed with the offsets, so a restart neither resets nor counts a
+//! window twice) or its group fired less than `repeat_interval_s` ago. An alert
+//! goes to the receivers its severity routes to; its effects' idempotency keys
+//! are `<event id>/<receiver>/<n>`, so a restart re-sends none. `tick` resolves
+//! threshold alerts whose window stopped holding (Alertmanager gets `endsAt`).
+
+pub mod rules;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use changewire_schemas::settings::ConfigError;
+use changewire_schemas::time::rfc3339;
+use changewire_schemas::ChangeEvent;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::runtime::sinks::alertmanager::{AlertmanagerConfig, AlertmanagerSink};
+use crate::runtime::sinks::webhook::{WebhookConfig, WebhookSink};
+use crate::runtime::{Context, Effect, Handler, HandlerError, Record, Sinks};
+use rules::{GroupBy, Per, Rule, RulesFile, Severity, Subject};
+
+/// The Alertmanager receiver's sink name.
+pub const ALERTMANAGER: &str = "alertmanager";
+/// The webhook receiver's sink name.
+pub const WEBHOOK: &str = "webhook";
+
+/// State key prefixes: windows' event times, firing threshold alerts, the last
+/// alert per group.
+const WINDOW: &str = "alert/window/";
+const FIRING: &str = "alert/firing/";
+const LAST: &str = "alert/last/";
+
+/// Longest diff excerpt an alert carries, in bytes.
+const EXCERPT: usize = 2000;
+
+/// The `[alert]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// The rules file (YAML).
+    pub rules_file: PathBuf,
+    /// Send alerts to Prometheus Alertmanager.
+    #[serde(default)]
+    pub alertmanager: Option<AlertmanagerConfig>,
+    /// POST alerts, signed (Standard Webhooks).
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
+    /// Receivers per severity (`critical = ["alertmanager"]`); default: every
+    /// configured receiver gets every severity.
+    #[serde(default)]
+    pub routes: BTreeMap<Severity, Vec<String>>,
+    /// An alert without a window resolves in Alertmanager after this long.
+    #[serde(default = "default_resolve_after_s")]
+    pub resolve_after_s: u64,
+    /// A link to the event, `{id}` replaced by its id (the audit API's
+    /// `/v1/events/{id}`, say): Alertmanager's `generatorURL`.
+    #[serde(default)]
+    pub event_url: Option<String>,
+}
+
+fn default_resolve_after_s() -> u64 {
+    3600
+}
+
+impl AlertConfig {
+    /// Checks the receivers and routes, and loads the rules.
+    pub fn validate(&self) -> Result<RulesFile, ConfigError> {
+        let receivers = self.receivers();
+        if receivers.is_empty() {
+            return Err(ConfigError::invalid(
+                "alert",
+                "configure a receiver: [alert.alertmanager] or [alert.webhook]",
+            ));
+        }
+        for (severity, names) in &self.routes {
+            if let Some(name) = names.iter().find(|n| !receivers.contains(&n.as_str())) {
+                return Err(ConfigError::invalid(
+                    "alert.routes",
+                    format!("{}: {name:?} is not a configured receiver ({receivers:?})", severity.as_str()),
+                ));
+            }
+        }
+        RulesFile::load(&self.rules_file).map_err(|e| ConfigError::invalid("alert.rules_file", e.to_string()))
+    }
+
+    fn receivers(&self) -> Vec<&'static str> {
+        let mut receivers = Vec::new();
+        if self.alertmanager.is_some() {
+            receivers.push(ALERTMANAGER);
+        }
+        if self.webhook.is_some() {
+            receivers.push(WEBHOOK);
+        }
+        receivers
+    }
+
+    /// Whether a rule needs windows (and so ticks and one owner per partition).
+    pub fn has_windows(rules: &RulesFile) -> bool {
+        rules.rules.iter().any(|r| r.threshold.is_some())
+    }
+}
+
+/// The alert handler.
+pub struct Alert {
+    rules: RulesFile,
+    routes: BTreeMap<Severity, Vec<String>>,
+    resolve_after_s: u64,
+    event_url: Option<String>,
+}
+
+impl Alert {
+    /// The handler with its rules, and its sinks.
+    pub fn new(config: &AlertConfig) -> Result<(Self, Sinks), ConfigError> {
+        let rules = config.validate()?;
+        let mut sinks = Sinks::new();
+        if let Some(alertmanager) = &config.alertmanager {
+            sinks = sinks.with(ALERTMANAGER, AlertmanagerSink::new(alertmanager, "alert.alertmanager")?);
+        }
+        if let Some(webhook) = &config.webhook {
+            sinks = sinks.with(WEBHOOK, WebhookSink::new(webhook, "alert.webhook")?);
+        }
+        let receivers: Vec<String> = config.receivers().into_iter().map(String::from).collect();
+        let routes = [Severity::Critical, Severity::Warning, Severity::Info]
+            .into_iter()
+            .map(|s| (s, config.routes.get(&s).cloned().unwrap_or_else(|| receivers.clone())))
+            .collect();
+        tracing::info!(rules = rules.rules.len(), file = %config.rules_file.display(), "alert rules loaded");
+        let handler = Self {
+            rules,
+            routes,
+            resolve_after_s: config.resolve_after_s,
+            event_url: config.event_url.clone(),
+        };
+        Ok((handler, sinks))
+    }
+
+    /// Sends `alert` of `rule` to the receivers of its severity.
+    fn send(&self, rule: &Rule, alert: &Fired, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        for receiver in &self.routes[&rule.severity] {
+            let payload = if receiver == ALERTMANAGER {
+                alert.alertmanager()
+            } else {
+                alert.message.clone()
+            };
+            let effect = Effect {
+                key: Some(alert.group_key.clone().into_bytes()),
+                ..Effect::new(serde_json::to_vec(&payload).map_err(HandlerError::permanent)?)
+            };
+            context.emit(receiver, effect)?;
+        }
+        Ok(())
+    }
+
+    /// Counts `event` in `rule`'s window; whether the threshold is newly reached,
+    /// and the count.
+    fn count_in_window(
+        rule: &Rule,
+        event: &ChangeEvent,
+        window_key: &str,
+        context: &mut Context<'_>,
+    ) -> Result<Option<usize>, HandlerError> {
+        let threshold = rule.threshold.as_ref().expect("a windowed rule");
+        let key = format!("{WINDOW}{window_key}");
+        let mut times = decode_times(context.get(key.as_bytes())?.as_deref());
+        let since = event.source.ts_ms - threshold.within_s as i64 * 1000;
+        times.retain(|t| *t > since);
+        times.push(event.source.ts_ms);
+        context.put(key.into_bytes(), encode_times(&times));
+        let firing = format!("{FIRING}{window_key}");
+        if times.len() < threshold.count as usize || context.get(firing.as_bytes())?.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(times.len()))
+    }
+}
+
+/// An alert about to be sent: the webhook's message and what Alertmanager needs.
+struct Fired {
+    message: Value,
+    labels: BTreeMap<String, String>,
+    starts_at: String,
+    ends_at: Option<String>,
+    generator_url: Option<String>,
+    group_key: String,
+}
+
+impl Fired {
+    fn alertmanager(&self) -> Value {
+        let message = &self.message;
+        let mut annotations = json!({
+            "summary": message["summary"],
+            "description": message["reasons"].as_array().map(|r| r.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")),
+            "actor": message["actor"]["name"],
+            "resource": message["resource"],
+            "event_id": message["event_id"],
+            "diff": message["diff_excerpt"],
+        });
+        if let Some(runbook) = message["runbook_url"].as_str() {
+            annotations["runbook_url"] = json!(runbook);
+        }
+        let annotations: serde_json::Map<String, Value> = (annotations.as_object().into_iter().flatten())
+            .filter_map(|(k, v)| match v {
+                Value::String(s) => Some((k.clone(), json!(s))),
+                Value::Null => None,
+                other => Some((k.clone(), json!(other.to_string()))),
+            })
+            .collect();
+        let mut alert = json!({
+            "labels": self.labels,
+            "annotations": annotations,
+            "startsAt": self.starts_at,
+        });
+        if let Some(ends_at) = &self.ends_at {
+            alert["endsAt"] = json!(ends_at);
+        }
+        if let Some(url) = &self.generator_url {
+            alert["generatorURL"] = json!(url);
+        }
+        alert
+    }
+}
+
+fn now_ms(now: SystemTime) -> i64 {
+    now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn encode_times(times: &[i64]) -> Vec<u8> {
+    times.iter().flat_map(|t| t.to_be_bytes()).collect()
+}
+
+fn decode_times(bytes: Option<&[u8]>) -> Vec<i64> {
+    (bytes.unwrap_or_default().chunks_exact(8))
+        .map(|c| i64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// `summary` with `{actor}`, `{resource}`, ... filled in.
+fn fill(template: &str, values: &[(&str, &str)]) -> String {
+    values.iter().fold(template.to_owned(), |text, (name, value)| text.replace(&format!("{{{name}}}"), value))
+}
+
+/// The start of `event`'s diff (or row change), at most [`EXCERPT`] bytes.
+fn excerpt(event: &ChangeEvent) -> String {
+    let shown = match (&event.diff, &event.before, &event.after) {
+        (Some(diff), _, _) => diff.to_string(),
+        (None, Some(before), Some(after)) => json!({"before": before, "after": after}).to_string(),
+        (None, before, after) => after.as_ref().or(before.as_ref()).map(Value::to_string).unwrap_or_default(),
+    };
+    if shown.len() <= EXCERPT {
+        return shown;
+    }
+    let mut cut = EXCERPT;
+    while !shown.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}...", &shown[..cut])
+}
+
+impl Alert {
+    /// The alert `rule` raises for `event`.
+    fn fired(&self, rule: &Rule, event: &ChangeEvent, reasons: Vec<String>, count: Option<usize>, now: i64) -> Fired {
+        let subject = Subject::of(event);
+        let resource = subject.resource();
+        let actor = event.actor.as_ref().map_or("someone", |a| a.name.as_str());
+        let op = event.op.code();
+        let count_text = count.map(|c| c.to_string()).unwrap_or_default();
+        let summary = rule.summary.as_deref().map_or_else(
+            || format!("{}: {actor} changed {resource}", rule.name),
+            |t| fill(t, &[("actor", actor), ("resource", &resource), ("op", op), ("rule", &rule.name), ("source", subject.source), ("count", &count_text)]),
+        );
+        let group_key = group_key(rule, event, &subject);
+        let mut labels: BTreeMap<String, String> = rule.labels.clone();
+        labels.insert("alertname".into(), rule.name.clone());
+        labels.insert("severity".into(), rule.severity.as_str().into());
+        for part in &rule.group_by {
+            let (name, value) = match part {
+                GroupBy::Rule => continue,
+                GroupBy::Actor => ("actor", actor.to_owned()),
+                GroupBy::Resource => ("resource", resource.clone()),
+                GroupBy::Namespace => ("namespace", subject.namespace.to_owned()),
+                GroupBy::Source => ("source", subject.source.to_owned()),
+            };
+            labels.insert(name.into(), value);
+        }
+        let message = json!({
+            "status": "firing",
+            "rule": rule.name,
+            "severity": rule.severity.as_str(),
+            "summary": summary,
+            "runbook_url": rule.runbook_url,
+            "labels": labels,
+            "group_key": group_key,
+            "event_id": event.id.as_str(),
+            "at": rfc3339(event.source.ts_ms),
+            "op": op,
+            "source": subject.source,
+            "resource": resource,
+            "actor": event.actor,
+            "reasons": reasons,
+            "count": count,
+            "diff_excerpt": excerpt(event),
+        });
+        Fired {
+            message,
+            labels,
+            starts_at: rfc3339(event.source.ts_ms),
+            ends_at: Some(rfc3339(now + self.resolve_after_s as i64 * 1000)),
+            generator_url: self.event_url.as_ref().map(|u| u.replace("{id}", event.id.as_str())),
+            group_key,
+        }
+    }
+}
+
+/// The group key of `rule`'s alert for `event`: its `group_by` parts.
+fn group_key(rule: &Rule, event: &ChangeEvent, subject: &Subject<'_>) -> String {
+    let actor = event.actor.as_ref().map_or("", |a| a.name.as_str());
+    let parts: Vec<String> = (rule.group_by.iter())
+        .map(|part| match part {
+            GroupBy::Rule => rule.name.clone(),
+            GroupBy::Actor => actor.to_owned(),
+            GroupBy::Resource => subject.resource(),
+            GroupBy::Namespace => subject.namespace.to_owned(),
+            GroupBy::Source => subject.source.to_owned(),
+        })
+        .collect();
+    parts.join("|")
+}
+
+/// The window `rule` counts `event` in.
+fn window_key(rule: &Rule, event: &ChangeEvent, per: Per) -> String {
+    let value = match per {
+        Per::Actor => event.actor.as_ref().map_or(String::new(), |a| a.name.clone()),
+        Per::Resource => Subject::of(event).resource(),
+    };
+    format!("{}/{value}", rule.name)
+}
+
+impl Handler for Alert {
+    async fn handle(
+        &self,
+        event: &ChangeEvent,
+        _record: &Record,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        let now = now_ms(SystemTime::now());
+        for rule in &self.rules.rules {
+            let Some(mut reasons) = rule.matches(event) else {
+                continue;
+            };
+            let mut count = None;
+            if let Some(threshold) = &rule.threshold {
+                let window = window_key(rule, event, threshold.per);
+                let Some(reached) = Self::count_in_window(rule, event, &window, context)? else {
+                    continue;
+                };
+                reasons.push(format!("{reached} matching changes within {} s", threshold.within_s));
+                count = Some((reached, window));
+            }
+            let fired = self.fired(rule, event, reasons, count.as_ref().map(|c| c.0), now);
+            if let Some((_, window)) = &count {
+                let firing = serde_json::to_vec(&fired.alertmanager()).map_err(HandlerError::permanent)?;
+                context.put(format!("{FIRING}{window}").into_bytes(), firing);
+            }
+            if rule.repeat_interval_s > 0 {
+                let last_key = format!("{LAST}{}/{}", rule.name, fired.group_key);
+                let last = decode_times(context.get(last_key.as_bytes())?.as_deref());
+                if last.first().is_some_and(|t| event.source.ts_ms - t < rule.repeat_interval_s as i64 * 1000) {
+                    continue;
+                }
+                context.put(last_key.into_bytes(), encode_times(&[event.source.ts_ms]));
+            }
+            self.send(rule, &fired, context)?;
+        }
+        Ok(())
+    }
+
+    async fn tick(&self, now: SystemTime, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        let now = now_ms(now);
+        for (key, value) in context.scan_committed(FIRING.as_bytes())? {
+            let window = String::from_utf8_lossy(&key[FIRING.len()..]).into_owned();
+            let Some(rule) = (self.rules.rules.iter()).find(|r| window.starts_with(&format!("{}/", r.name))) else {
+                context.remove(key);
+                continue;
+            };
+            let threshold = rule.threshold.as_ref().expect("firing: a windowed rule");
+            let times = decode_times(context.get(format!("{WINDOW}{window}").as_bytes())?.as_deref());
+            let since = now - threshold.within_s as i64 * 1000;
+            if times.iter().filter(|t| **t > since).count() >= threshold.count as usize {
+                continue;
+            }
+            let mut resolved: Value = serde_json::from_slice(&value).unwrap_or_default();
+            resolved["endsAt"] = json!(rfc3339(now));
+            context.remove(key);
+            context.remove(format!("{WINDOW}{window}").into_bytes());
+            for receiver in &self.routes[&rule.severity] {
+                let payload = if receiver == ALERTMANAGER {
+                    resolved.clone()
+                } else {
+                    json!({"status": "resolved", "rule": rule.name, "labels": resolved["labels"], "ended_at": rfc3339(now)})
+                };
+                let effect = Effect::new(serde_json::to_vec(&payload).map_err(HandlerError::permanent)?);
+                context.emit(receiver, effect)?;
+            }
+        }
+        Ok(())
+    }
+}
