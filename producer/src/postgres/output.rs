@@ -75,7 +75,8 @@ impl Output {
 
     /// Counts one event of `table`.
     pub(super) fn count(&self, table: &Table, op: Op) {
-        let counter = (table.counters).get(op, || self.metrics.table_events(table.label(), op.code()));
+        let counter =
+            (table.counters).get(op, || self.metrics.table_events(table.label(), op.code()));
         counter.inc();
     }
 }

@@ -1,6 +1,7 @@
 //! changewire end-to-end tests: one binary, real PostgreSQL and a real Kafka-API broker
 //! (start them with `scripts/stack up`; `scripts/test` does everything).
 
+mod alert;
 mod audit;
 mod config;
 mod consumer;

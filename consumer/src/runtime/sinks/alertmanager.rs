@@ -49,7 +49,10 @@ impl std::fmt::Debug for AlertmanagerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AlertmanagerConfig")
             .field("url", &self.url)
-            .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("batch_size", &self.batch_size)
             .finish_non_exhaustive()
     }
@@ -91,7 +94,10 @@ impl AlertmanagerSink {
         }
         body.push(b']');
         let url = format!("{}/api/v2/alerts", self.config.url.trim_end_matches('/'));
-        let mut request = self.http.post(&url).header("content-type", "application/json");
+        let mut request = self
+            .http
+            .post(&url)
+            .header("content-type", "application/json");
         if let Some(token) = &self.config.bearer_token {
             request = request.bearer_auth(token);
         }
@@ -141,7 +147,9 @@ impl Sink for AlertmanagerSink {
         match self.post(effects).await {
             Ok(()) => effects.iter().map(|_| Delivery::Delivered).collect(),
             // One refused alert fails the whole request: find it.
-            Err(failure) if failure.status == Some(StatusCode::BAD_REQUEST) && effects.len() > 1 => {
+            Err(failure)
+                if failure.status == Some(StatusCode::BAD_REQUEST) && effects.len() > 1 =>
+            {
                 let mut deliveries = Vec::with_capacity(effects.len());
                 for pending in effects {
                     deliveries.push(match self.post(std::slice::from_ref(pending)).await {
@@ -151,7 +159,10 @@ impl Sink for AlertmanagerSink {
                 }
                 deliveries
             }
-            Err(failure) => effects.iter().map(|_| Delivery::Failed(failure.error())).collect(),
+            Err(failure) => effects
+                .iter()
+                .map(|_| Delivery::Failed(failure.error()))
+                .collect(),
         }
     }
 

@@ -83,11 +83,15 @@ impl AlertConfig {
             if let Some(name) = names.iter().find(|n| !receivers.contains(&n.as_str())) {
                 return Err(ConfigError::invalid(
                     "alert.routes",
-                    format!("{}: {name:?} is not a configured receiver ({receivers:?})", severity.as_str()),
+                    format!(
+                        "{}: {name:?} is not a configured receiver ({receivers:?})",
+                        severity.as_str()
+                    ),
                 ));
             }
         }
-        RulesFile::load(&self.rules_file).map_err(|e| ConfigError::invalid("alert.rules_file", e.to_string()))
+        RulesFile::load(&self.rules_file)
+            .map_err(|e| ConfigError::invalid("alert.rules_file", e.to_string()))
     }
 
     fn receivers(&self) -> Vec<&'static str> {
@@ -121,7 +125,10 @@ impl Alert {
         let rules = config.validate()?;
         let mut sinks = Sinks::new();
         if let Some(alertmanager) = &config.alertmanager {
-            sinks = sinks.with(ALERTMANAGER, AlertmanagerSink::new(alertmanager, "alert.alertmanager")?);
+            sinks = sinks.with(
+                ALERTMANAGER,
+                AlertmanagerSink::new(alertmanager, "alert.alertmanager")?,
+            );
         }
         if let Some(webhook) = &config.webhook {
             sinks = sinks.with(WEBHOOK, WebhookSink::new(webhook, "alert.webhook")?);
@@ -129,7 +136,16 @@ impl Alert {
         let receivers: Vec<String> = config.receivers().into_iter().map(String::from).collect();
         let routes = [Severity::Critical, Severity::Warning, Severity::Info]
             .into_iter()
-            .map(|s| (s, config.routes.get(&s).cloned().unwrap_or_else(|| receivers.clone())))
+            .map(|s| {
+                (
+                    s,
+                    config
+                        .routes
+                        .get(&s)
+                        .cloned()
+                        .unwrap_or_else(|| receivers.clone()),
+                )
+            })
             .collect();
         tracing::info!(rules = rules.rules.len(), file = %config.rules_file.display(), "alert rules loaded");
         let handler = Self {
@@ -142,7 +158,12 @@ impl Alert {
     }
 
     /// Sends `alert` of `rule` to the receivers of its severity.
-    fn send(&self, rule: &Rule, alert: &Fired, context: &mut Context<'_>) -> Result<(), HandlerError> {
+    fn send(
+        &self,
+        rule: &Rule,
+        alert: &Fired,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
         for receiver in &self.routes[&rule.severity] {
             let payload = if receiver == ALERTMANAGER {
                 alert.alertmanager()
@@ -205,13 +226,14 @@ impl Fired {
         if let Some(runbook) = message["runbook_url"].as_str() {
             annotations["runbook_url"] = json!(runbook);
         }
-        let annotations: serde_json::Map<String, Value> = (annotations.as_object().into_iter().flatten())
-            .filter_map(|(k, v)| match v {
-                Value::String(s) => Some((k.clone(), json!(s))),
-                Value::Null => None,
-                other => Some((k.clone(), json!(other.to_string()))),
-            })
-            .collect();
+        let annotations: serde_json::Map<String, Value> =
+            (annotations.as_object().into_iter().flatten())
+                .filter_map(|(k, v)| match v {
+                    Value::String(s) => Some((k.clone(), json!(s))),
+                    Value::Null => None,
+                    other => Some((k.clone(), json!(other.to_string()))),
+                })
+                .collect();
         let mut alert = json!({
             "labels": self.labels,
             "annotations": annotations,
@@ -228,7 +250,8 @@ impl Fired {
 }
 
 fn now_ms(now: SystemTime) -> i64 {
-    now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    now.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn encode_times(times: &[i64]) -> Vec<u8> {
@@ -243,7 +266,11 @@ fn decode_times(bytes: Option<&[u8]>) -> Vec<i64> {
 
 /// `summary` with `{actor}`, `{resource}`, ... filled in.
 fn fill(template: &str, values: &[(&str, &str)]) -> String {
-    values.iter().fold(template.to_owned(), |text, (name, value)| text.replace(&format!("{{{name}}}"), value))
+    values
+        .iter()
+        .fold(template.to_owned(), |text, (name, value)| {
+            text.replace(&format!("{{{name}}}"), value)
+        })
 }
 
 /// The start of `event`'s diff (or row change), at most [`EXCERPT`] bytes.
@@ -251,7 +278,11 @@ fn excerpt(event: &ChangeEvent) -> String {
     let shown = match (&event.diff, &event.before, &event.after) {
         (Some(diff), _, _) => diff.to_string(),
         (None, Some(before), Some(after)) => json!({"before": before, "after": after}).to_string(),
-        (None, before, after) => after.as_ref().or(before.as_ref()).map(Value::to_string).unwrap_or_default(),
+        (None, before, after) => after
+            .as_ref()
+            .or(before.as_ref())
+            .map(Value::to_string)
+            .unwrap_or_default(),
     };
     if shown.len() <= EXCERPT {
         return shown;
@@ -265,7 +296,14 @@ fn excerpt(event: &ChangeEvent) -> String {
 
 impl Alert {
     /// The alert `rule` raises for `event`.
-    fn fired(&self, rule: &Rule, event: &ChangeEvent, reasons: Vec<String>, count: Option<usize>, now: i64) -> Fired {
+    fn fired(
+        &self,
+        rule: &Rule,
+        event: &ChangeEvent,
+        reasons: Vec<String>,
+        count: Option<usize>,
+        now: i64,
+    ) -> Fired {
         let subject = Subject::of(event);
         let resource = subject.resource();
         let actor = event.actor.as_ref().map_or("someone", |a| a.name.as_str());
@@ -273,7 +311,19 @@ impl Alert {
         let count_text = count.map(|c| c.to_string()).unwrap_or_default();
         let summary = rule.summary.as_deref().map_or_else(
             || format!("{}: {actor} changed {resource}", rule.name),
-            |t| fill(t, &[("actor", actor), ("resource", &resource), ("op", op), ("rule", &rule.name), ("source", subject.source), ("count", &count_text)]),
+            |t| {
+                fill(
+                    t,
+                    &[
+                        ("actor", actor),
+                        ("resource", &resource),
+                        ("op", op),
+                        ("rule", &rule.name),
+                        ("source", subject.source),
+                        ("count", &count_text),
+                    ],
+                )
+            },
         );
         let group_key = group_key(rule, event, &subject);
         let mut labels: BTreeMap<String, String> = rule.labels.clone();
@@ -312,7 +362,10 @@ impl Alert {
             labels,
             starts_at: rfc3339(event.source.ts_ms),
             ends_at: Some(rfc3339(now + self.resolve_after_s as i64 * 1000)),
-            generator_url: self.event_url.as_ref().map(|u| u.replace("{id}", event.id.as_str())),
+            generator_url: self
+                .event_url
+                .as_ref()
+                .map(|u| u.replace("{id}", event.id.as_str())),
             group_key,
         }
     }
@@ -336,7 +389,10 @@ fn group_key(rule: &Rule, event: &ChangeEvent, subject: &Subject<'_>) -> String 
 /// The window `rule` counts `event` in.
 fn window_key(rule: &Rule, event: &ChangeEvent, per: Per) -> String {
     let value = match per {
-        Per::Actor => event.actor.as_ref().map_or(String::new(), |a| a.name.clone()),
+        Per::Actor => event
+            .actor
+            .as_ref()
+            .map_or(String::new(), |a| a.name.clone()),
         Per::Resource => Subject::of(event).resource(),
     };
     format!("{}/{value}", rule.name)
@@ -360,18 +416,25 @@ impl Handler for Alert {
                 let Some(reached) = Self::count_in_window(rule, event, &window, context)? else {
                     continue;
                 };
-                reasons.push(format!("{reached} matching changes within {} s", threshold.within_s));
+                reasons.push(format!(
+                    "{reached} matching changes within {} s",
+                    threshold.within_s
+                ));
                 count = Some((reached, window));
             }
             let fired = self.fired(rule, event, reasons, count.as_ref().map(|c| c.0), now);
             if let Some((_, window)) = &count {
-                let firing = serde_json::to_vec(&fired.alertmanager()).map_err(HandlerError::permanent)?;
+                let firing =
+                    serde_json::to_vec(&fired.alertmanager()).map_err(HandlerError::permanent)?;
                 context.put(format!("{FIRING}{window}").into_bytes(), firing);
             }
             if rule.repeat_interval_s > 0 {
                 let last_key = format!("{LAST}{}/{}", rule.name, fired.group_key);
                 let last = decode_times(context.get(last_key.as_bytes())?.as_deref());
-                if last.first().is_some_and(|t| event.source.ts_ms - t < rule.repeat_interval_s as i64 * 1000) {
+                if last
+                    .first()
+                    .is_some_and(|t| event.source.ts_ms - t < rule.repeat_interval_s as i64 * 1000)
+                {
                     continue;
                 }
                 context.put(last_key.into_bytes(), encode_times(&[event.source.ts_ms]));
@@ -385,12 +448,18 @@ impl Handler for Alert {
         let now = now_ms(now);
         for (key, value) in context.scan_committed(FIRING.as_bytes())? {
             let window = String::from_utf8_lossy(&key[FIRING.len()..]).into_owned();
-            let Some(rule) = (self.rules.rules.iter()).find(|r| window.starts_with(&format!("{}/", r.name))) else {
+            let Some(rule) =
+                (self.rules.rules.iter()).find(|r| window.starts_with(&format!("{}/", r.name)))
+            else {
                 context.remove(key);
                 continue;
             };
             let threshold = rule.threshold.as_ref().expect("firing: a windowed rule");
-            let times = decode_times(context.get(format!("{WINDOW}{window}").as_bytes())?.as_deref());
+            let times = decode_times(
+                context
+                    .get(format!("{WINDOW}{window}").as_bytes())?
+                    .as_deref(),
+            );
             let since = now - threshold.within_s as i64 * 1000;
             if times.iter().filter(|t| **t > since).count() >= threshold.count as usize {
                 continue;
@@ -405,7 +474,8 @@ impl Handler for Alert {
                 } else {
                     json!({"status": "resolved", "rule": rule.name, "labels": resolved["labels"], "ended_at": rfc3339(now)})
                 };
-                let effect = Effect::new(serde_json::to_vec(&payload).map_err(HandlerError::permanent)?);
+                let effect =
+                    Effect::new(serde_json::to_vec(&payload).map_err(HandlerError::permanent)?);
                 context.emit(receiver, effect)?;
             }
         }

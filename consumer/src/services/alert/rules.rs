@@ -247,7 +247,9 @@ pub struct Hours {
 }
 
 fn weekdays() -> Vec<String> {
-    ["mon", "tue", "wed", "thu", "fri"].map(String::from).to_vec()
+    ["mon", "tue", "wed", "thu", "fri"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn utc() -> String {
@@ -315,10 +317,16 @@ impl RulesFile {
                 }
             }
             if let Some(hours) = &rule.conditions.outside_hours {
-                hours.check().map_err(|reason| invalid("match.outside_hours", reason))?;
+                hours
+                    .check()
+                    .map_err(|reason| invalid("match.outside_hours", reason))?;
             }
             for transition in &rule.conditions.transitions {
-                let given = [transition.from.is_some() || transition.to.is_some(), transition.decreased, transition.increased];
+                let given = [
+                    transition.from.is_some() || transition.to.is_some(),
+                    transition.decreased,
+                    transition.increased,
+                ];
                 if given.iter().filter(|g| **g).count() != 1 {
                     return Err(invalid(
                         "match.transitions",
@@ -362,7 +370,9 @@ impl Hours {
         let day = DAYS[local.weekday().to_monday_zero_offset() as usize];
         let minute = local.hour() as u32 * 60 + local.minute() as u32;
         let (from, to) = (Self::minutes(&self.from), Self::minutes(&self.to));
-        let within = from.zip(to).is_some_and(|(from, to)| from <= minute && minute < to);
+        let within = from
+            .zip(to)
+            .is_some_and(|(from, to)| from <= minute && minute < to);
         !(self.days.iter().any(|d| d == day) && within)
     }
 }
@@ -426,7 +436,8 @@ impl Rule {
     pub fn matches(&self, event: &ChangeEvent) -> Option<Reasons> {
         let c = &self.conditions;
         let subject = Subject::of(event);
-        let listed = |list: &[String], value: &str| list.is_empty() || list.iter().any(|v| v == value);
+        let listed =
+            |list: &[String], value: &str| list.is_empty() || list.iter().any(|v| v == value);
         let named = c.names.is_empty() || c.names.iter().any(|p| glob(p, &subject.name));
         if !(listed(&c.sources, subject.source)
             && listed(&c.kinds, subject.kind)
@@ -454,7 +465,10 @@ impl Rule {
             if !hours.outside(event.source.ts_ms) {
                 return None;
             }
-            reasons.push(format!("outside {}-{} {}", hours.from, hours.to, hours.timezone));
+            reasons.push(format!(
+                "outside {}-{} {}",
+                hours.from, hours.to, hours.timezone
+            ));
         }
         Some(reasons)
     }
@@ -465,7 +479,8 @@ impl ActorCondition {
         let name = event.actor.as_ref().map(|a| a.name.as_str());
         let groups: &[String] = event.actor.as_ref().map_or(&[], |a| &a.groups);
         let in_group = |list: &[String]| groups.iter().any(|g| list.contains(g));
-        let ok = (self.any_of.is_empty() || name.is_some_and(|n| self.any_of.iter().any(|a| a == n)))
+        let ok = (self.any_of.is_empty()
+            || name.is_some_and(|n| self.any_of.iter().any(|a| a == n)))
             && name.is_none_or(|n| !self.not_in.iter().any(|a| a == n))
             && (self.groups_in.is_empty() || in_group(&self.groups_in))
             && !in_group(&self.groups_not_in);
@@ -478,7 +493,10 @@ impl Transition {
     fn happened(&self, event: &ChangeEvent) -> Option<String> {
         let at = |object: &Option<Value>| {
             let value = object.as_ref()?;
-            self.path.split('.').try_fold(value, |v, segment| v.get(segment)).cloned()
+            self.path
+                .split('.')
+                .try_fold(value, |v, segment| v.get(segment))
+                .cloned()
         };
         let (before, after) = (at(&event.before), at(&event.after));
         if before == after {
@@ -523,4 +541,196 @@ pub fn glob(pattern: &str, text: &str) -> bool {
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use changewire_schemas::fixtures;
+    use serde_json::json;
+
+    use super::*;
+
+    fn rule(yaml: &str) -> Rule {
+        let file = RulesFile::parse(
+            &format!("rules:\n- name: r\n  severity: warning\n{yaml}"),
+            "test.yaml",
+        )
+        .expect("a valid rule");
+        file.rules.into_iter().next().expect("one rule")
+    }
+
+    /// A RateLimit update by bob (group ops) whose `spec.auth.required` went
+    /// from true to false and `spec.rps` from 100 to 50.
+    fn weakened() -> ChangeEvent {
+        let mut event = fixtures::kubernetes_create("prod");
+        event.op = Op::Update;
+        event.before = Some(json!({"spec": {"auth": {"required": true}, "rps": 100}}));
+        event.after = Some(json!({"spec": {"auth": {"required": false}, "rps": 50}}));
+        event.diff = Some(json!([
+            {"op": "replace", "path": "/spec/auth/required", "value": false},
+            {"op": "replace", "path": "/spec/rps", "value": 50}
+        ]));
+        event
+    }
+
+    #[test]
+    fn subject_conditions_fire_and_near_misses_do_not() {
+        let event = weakened();
+        for (yaml, fires) in [
+            ("  match: {sources: [prod]}", true),
+            ("  match: {sources: [staging]}", false),
+            ("  match: {kinds: [RateLimit], namespaces: [edge]}", true),
+            (
+                "  match: {kinds: [RateLimit], namespaces: [default]}",
+                false,
+            ),
+            ("  match: {names: [\"per-*\"]}", true),
+            ("  match: {names: [\"*-host\"]}", false),
+            ("  match: {ops: [update, delete]}", true),
+            ("  match: {ops: [create]}", false),
+        ] {
+            assert_eq!(rule(yaml).matches(&event).is_some(), fires, "{yaml}");
+        }
+    }
+
+    #[test]
+    fn changed_paths_and_transitions_say_what_matched() {
+        let event = weakened();
+        let reasons = rule("  match: {changed: [\"spec.auth.*\", \"metadata.labels.*\"]}")
+            .matches(&event)
+            .expect("spec.auth changed");
+        assert_eq!(reasons, ["changed spec.auth.*"]);
+        assert!(rule("  match: {changed: [\"spec.tls.*\"]}")
+            .matches(&event)
+            .is_none());
+        let transition =
+            "  match:\n    transitions: [{path: spec.auth.required, from: true, to: false}]";
+        assert_eq!(
+            rule(transition).matches(&event).expect("true -> false"),
+            ["spec.auth.required: true -> false"]
+        );
+        let back = "  match:\n    transitions: [{path: spec.auth.required, from: false, to: true}]";
+        assert!(rule(back).matches(&event).is_none(), "the other direction");
+        let down = "  match:\n    transitions: [{path: spec.rps, decreased: true}]";
+        assert_eq!(
+            rule(down).matches(&event).expect("100 -> 50"),
+            ["spec.rps: 100 -> 50"]
+        );
+        let up = "  match:\n    transitions: [{path: spec.rps, increased: true}]";
+        assert!(rule(up).matches(&event).is_none(), "it went down");
+    }
+
+    #[test]
+    fn actor_conditions_use_names_and_groups() {
+        let event = weakened();
+        for (yaml, fires) in [
+            ("  match: {actor: {in: [bob]}}", true),
+            ("  match: {actor: {in: [alice]}}", false),
+            ("  match: {actor: {not_in: [ci-bot]}}", true),
+            ("  match: {actor: {not_in: [bob]}}", false),
+            ("  match: {actor: {groups_in: [ops]}}", true),
+            ("  match: {actor: {groups_not_in: [ops]}}", false),
+        ] {
+            assert_eq!(rule(yaml).matches(&event).is_some(), fires, "{yaml}");
+        }
+        let mut unknown = weakened();
+        unknown.actor = None;
+        assert!(rule("  match: {actor: {not_in: [bob]}}")
+            .matches(&unknown)
+            .is_some());
+        assert!(rule("  match: {actor: {in: [bob]}}")
+            .matches(&unknown)
+            .is_none());
+    }
+
+    #[test]
+    fn hours_are_local_to_the_time_zone() {
+        // 2025-11-22T00:00Z: a Saturday; 01:00 on Saturday in Berlin.
+        let event = weakened();
+        let weekday_hours = "  match:\n    outside_hours: {from: \"08:00\", to: \"18:00\", timezone: Europe/Berlin}";
+        assert!(
+            rule(weekday_hours).matches(&event).is_some(),
+            "a Saturday night"
+        );
+        let every_day = "  match:\n    outside_hours: {from: \"00:30\", to: \"02:00\", days: [sat], timezone: Europe/Berlin}";
+        assert!(
+            rule(every_day).matches(&event).is_none(),
+            "01:00 in Berlin is inside"
+        );
+        let utc = "  match:\n    outside_hours: {from: \"00:30\", to: \"02:00\", days: [sat]}";
+        assert!(rule(utc).matches(&event).is_some(), "00:00 UTC is outside");
+    }
+
+    #[test]
+    fn rows_match_by_table_schema_and_changed_columns() {
+        let row = fixtures::postgres_update("shop");
+        let Origin::Postgresql(pg) = &row.source.origin else {
+            panic!("a row");
+        };
+        let (table, schema) = (pg.table.clone(), pg.schema.clone());
+        let yaml = format!("  match: {{kinds: [{table}], namespaces: [{schema}], changed: [status], names: [\"7\"]}}");
+        assert!(rule(&yaml).matches(&row).is_some());
+        assert!(rule("  match: {changed: [total]}").matches(&row).is_none());
+    }
+
+    #[test]
+    fn odd_events_do_not_match_and_do_not_panic() {
+        let mut event = weakened();
+        event.before = None;
+        event.after = Some(json!("not an object"));
+        event.diff = Some(json!({"not": "a patch"}));
+        let transition = "  match:\n    transitions: [{path: spec.rps, decreased: true}]";
+        assert!(rule(transition).matches(&event).is_none());
+        assert!(rule("  match: {changed: [\"spec.*\"]}")
+            .matches(&event)
+            .is_none());
+    }
+
+    #[test]
+    fn bad_rules_name_the_rule_field_and_line() {
+        let error = RulesFile::parse("rules:\n- name: a\n  severity: urgent\n", "r.yaml")
+            .expect_err("severity");
+        let text = error.to_string();
+        assert!(
+            text.contains("severity") && text.contains("line 3"),
+            "{text}"
+        );
+        let error = RulesFile::parse(
+            "rules:\n- name: a\n  severity: info\n  match: {kinds: [A], colour: red}\n",
+            "r.yaml",
+        )
+        .expect_err("unknown field");
+        assert!(error.to_string().contains("colour"), "{error}");
+        let error = RulesFile::parse(
+            "rules:\n- name: a\n  severity: info\n  threshold: {count: 1, within_s: 60, per: actor}\n",
+            "r.yaml",
+        )
+        .expect_err("count 1");
+        assert!(
+            error.to_string().contains("rule \"a\": threshold"),
+            "{error}"
+        );
+        let error = RulesFile::parse(
+            "rules:\n- name: a\n  severity: info\n  match:\n    outside_hours: {from: \"8\", to: \"18:00\"}\n",
+            "r.yaml",
+        )
+        .expect_err("hour format");
+        assert!(error.to_string().contains("match.outside_hours"), "{error}");
+        let error = RulesFile::parse(
+            "rules:\n- name: a\n  severity: info\n- name: a\n  severity: info\n",
+            "r.yaml",
+        )
+        .expect_err("duplicate names");
+        assert!(error.to_string().contains("unique"), "{error}");
+    }
+
+    #[test]
+    fn globs_match_runs_of_characters() {
+        assert!(glob("prod-*", "prod-api"));
+        assert!(glob("*-api", "prod-api"));
+        assert!(glob("p*d*i", "prod-api"));
+        assert!(!glob("prod-*", "staging-api"));
+        assert!(!glob("a*a", "a"));
+        assert!(glob("exact", "exact") && !glob("exact", "exactly"));
+    }
 }

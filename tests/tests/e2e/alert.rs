@@ -1,0 +1,318 @@
+//! The alert service against a real Prometheus Alertmanager (checked through its
+//! own API and its webhook notification) and a webhook receiver that refuses at
+//! first and checks every Standard Webhooks signature.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use changewire_schemas::{fixtures, ChangeEvent, EventId, Op, Origin};
+use changewire_tests::alertmanager::Alertmanager;
+use changewire_tests::servers::free_port;
+use changewire_tests::{create_topics, unique_name, workspace_binary, Stack};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::consumer::{publish_keyed, start_service, terminate};
+use crate::forward::{header, signed, KEY};
+use crate::rebalance::wait_for_metric;
+
+const RULES: &str = r#"
+rules:
+- name: auth-weakened
+  severity: critical
+  match:
+    kinds: [RateLimit]
+    transitions: [{path: spec.auth.required, from: true, to: false}]
+  summary: "{actor} turned off auth on {resource}"
+  runbook_url: https://runbooks.example.com/auth
+  labels: {team: edge}
+- name: secret-burst
+  severity: warning
+  match: {kinds: [Secret], ops: [update]}
+  threshold: {count: 3, within_s: 20, per: actor}
+  group_by: [rule, actor]
+"#;
+
+/// What the receivers saw.
+#[derive(Default)]
+struct Seen {
+    /// Webhook requests refused so far (the first two are).
+    refused: u32,
+    bad_signatures: u32,
+    /// Accepted webhook messages by webhook-id.
+    messages: BTreeMap<String, Value>,
+    /// Alertmanager's notifications.
+    notifications: Vec<Value>,
+}
+
+type Shared = Arc<Mutex<Seen>>;
+
+async fn hook(State(seen): State<Shared>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let mut seen = seen.lock().expect("seen lock");
+    if !signed(&headers, &body) {
+        seen.bad_signatures += 1;
+        return StatusCode::UNAUTHORIZED;
+    }
+    if seen.refused < 2 {
+        seen.refused += 1;
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let message = serde_json::from_slice(&body).unwrap_or_default();
+    seen.messages
+        .insert(header(&headers, "webhook-id").to_owned(), message);
+    StatusCode::OK
+}
+
+async fn notified(State(seen): State<Shared>, body: Bytes) -> StatusCode {
+    let notification = serde_json::from_slice(&body).unwrap_or_default();
+    seen.lock()
+        .expect("seen lock")
+        .notifications
+        .push(notification);
+    StatusCode::OK
+}
+
+async fn until(seen: &Shared, what: &str, done: impl Fn(&Seen) -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !done(&seen.lock().expect("seen lock")) {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A RateLimit update of `name` whose auth went from `before` to `after`.
+fn auth_change(n: u64, name: &str, before: bool, after: bool) -> ChangeEvent {
+    let mut event = fixtures::kubernetes_create("prod");
+    event.id = EventId::kubernetes("prod", &format!("uid-{name}"), &n.to_string());
+    event.op = Op::Update;
+    event.source.ts_ms = now_ms();
+    if let Origin::Kubernetes(k8s) = &mut event.source.origin {
+        k8s.name = name.into();
+    }
+    event.before = Some(json!({"spec": {"auth": {"required": before}}}));
+    event.after = Some(json!({"spec": {"auth": {"required": after}}}));
+    event.diff = Some(json!([{"op": "replace", "path": "/spec/auth/required", "value": after}]));
+    event
+}
+
+/// Secret update `n` by mallory, now.
+fn secret_update(n: u64) -> ChangeEvent {
+    let mut event = fixtures::kubernetes_create("prod");
+    event.id = EventId::kubernetes("prod", "uid-secret", &n.to_string());
+    event.op = Op::Update;
+    event.source.ts_ms = now_ms();
+    if let Origin::Kubernetes(k8s) = &mut event.source.origin {
+        k8s.kind = "Secret".into();
+        k8s.name = "db-password".into();
+    }
+    if let Some(actor) = &mut event.actor {
+        actor.name = "mallory".into();
+    }
+    event
+}
+
+async fn publish(
+    stack: &Stack,
+    topic: &str,
+    events: &[ChangeEvent],
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    let records = events
+        .iter()
+        .map(|e| Ok((e.id.as_str().as_bytes().to_vec(), serde_json::to_vec(e)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    publish_keyed(stack, topic, records).await
+}
+
+/// A rule on a value's transition fires to Alertmanager and a near miss does not;
+/// a burst window filled across a SIGKILL fires once, through a webhook that
+/// refuses at first, and resolves when the window stops holding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_fire_to_alertmanager_and_a_webhook_across_a_sigkill() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let seen = Shared::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .route("/am", post(notified))
+        .with_state(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let alertmanager = Alertmanager::start(&format!("{base}/am")).await?;
+
+    let topic = unique_name("alert-in");
+    create_topics(&stack, &[&topic], 2).await?;
+    let dir = tempfile::tempdir()?;
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, RULES)?;
+    let name = unique_name("alert");
+    let http_port = free_port()?;
+    let config = dir.path().join("alert.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = {brokers:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+             [topics]\nprefix = {prefix:?}\n[service]\nname = {name:?}\nassignment = \"static\"\n\
+             subscribe = [{topic:?}]\nstate_dir = {state:?}\ntick_interval_ms = 500\n\
+             [http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+             [alert]\nrules_file = {rules:?}\nevent_url = \"https://audit.example.com/v1/events/{{id}}\"\n\
+             [alert.routes]\ncritical = [\"alertmanager\"]\nwarning = [\"webhook\"]\n\
+             [alert.alertmanager]\nurl = {am:?}\n\
+             [alert.webhook]\nurl = \"{base}/hook\"\nsecret = \"whsec_{secret}\"\n",
+            brokers = stack.kafka_brokers,
+            prefix = unique_name("alertp"),
+            state = dir.path().join("state"),
+            am = alertmanager.url,
+            secret = STANDARD.encode(KEY),
+        ),
+    )?;
+    let program = workspace_binary("changewire-consumer")?;
+    let log = dir.path().join("alert.log");
+
+    let weakened = auth_change(1, "per-ip", true, false);
+    let near_miss = auth_change(2, "per-host", false, true);
+    let first = [
+        weakened.clone(),
+        near_miss,
+        secret_update(1),
+        secret_update(2),
+    ];
+    publish(&stack, &topic, &first).await?;
+    let service = start_service(&program, &config, &log)?;
+    let handled = wait_for_metric(
+        http_port,
+        "changewire_consumer_records_total",
+        "",
+        first.len() as u64,
+    )
+    .await;
+    if handled.is_err() {
+        eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    handled?;
+    drop(service); // SIGKILL with two of the burst's three changes counted
+    let service = start_service(&program, &config, &log)?;
+    publish(&stack, &topic, &[secret_update(3)]).await?;
+    let firing = |s: &Seen| {
+        s.messages
+            .values()
+            .filter(|m| m["status"] == "firing")
+            .count()
+    };
+    until(&seen, "the burst alert", |s| firing(s) >= 1).await?;
+    publish(&stack, &topic, &[secret_update(4)]).await?;
+    until(&seen, "the burst alert resolved", |s| {
+        s.messages.values().any(|m| m["status"] == "resolved")
+    })
+    .await?;
+    let result = check(&seen, &alertmanager, &weakened).await;
+    if result.is_err() {
+        eprintln!(
+            "{}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            alertmanager.log()
+        );
+    }
+    terminate(service)?;
+    result
+}
+
+async fn check(
+    seen: &Shared,
+    alertmanager: &Alertmanager,
+    weakened: &ChangeEvent,
+) -> anyhow::Result<()> {
+    {
+        let seen = seen.lock().expect("seen lock");
+        assert_eq!(seen.bad_signatures, 0, "every request signed");
+        assert_eq!(seen.refused, 2, "the first two were refused, then retried");
+        let firing: Vec<&Value> = seen
+            .messages
+            .values()
+            .filter(|m| m["status"] == "firing")
+            .collect();
+        assert_eq!(firing.len(), 1, "the burst fired once: {firing:?}");
+        let burst = firing[0];
+        assert_eq!(burst["rule"], "secret-burst");
+        assert_eq!(
+            burst["count"], 3,
+            "the window kept its count across the SIGKILL"
+        );
+        assert_eq!(burst["actor"]["name"], "mallory");
+        assert_eq!(burst["labels"]["actor"], "mallory");
+        assert_eq!(burst["resource"], "Secret edge/db-password");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let alert = loop {
+        let alerts = alertmanager.alerts().await?;
+        let ours: Vec<Value> = alerts
+            .into_iter()
+            .filter(|a| a["labels"]["alertname"] == "auth-weakened")
+            .collect();
+        if !ours.is_empty() {
+            assert_eq!(ours.len(), 1, "the near miss raised nothing: {ours:?}");
+            break ours[0].clone();
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "Alertmanager never held the alert"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(alert["labels"]["severity"], "critical");
+    assert_eq!(alert["labels"]["team"], "edge");
+    assert_eq!(alert["labels"]["resource"], "RateLimit edge/per-ip");
+    let annotations = &alert["annotations"];
+    assert_eq!(
+        annotations["summary"],
+        "bob turned off auth on RateLimit edge/per-ip"
+    );
+    assert_eq!(annotations["actor"], "bob");
+    assert_eq!(annotations["event_id"], weakened.id.as_str());
+    assert_eq!(
+        annotations["runbook_url"],
+        "https://runbooks.example.com/auth"
+    );
+    let description = annotations["description"].as_str().unwrap_or_default();
+    assert!(
+        description.contains("spec.auth.required: true -> false"),
+        "{description}"
+    );
+    assert!(annotations["diff"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("/spec/auth/required"));
+    let url = alert["generatorURL"].as_str().unwrap_or_default();
+    assert!(url.ends_with(weakened.id.as_str()), "{url}");
+    until(seen, "Alertmanager's notification", |s| {
+        s.notifications.iter().any(|n| {
+            (n["alerts"].as_array().into_iter().flatten())
+                .any(|a| a["labels"]["alertname"] == "auth-weakened")
+        })
+    })
+    .await?;
+    let names: BTreeSet<String> = (seen.lock().expect("seen lock").notifications.iter())
+        .flat_map(|n| n["alerts"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["labels"]["alertname"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["auth-weakened".to_owned()]),
+        "only critical goes to Alertmanager"
+    );
+    Ok(())
+}
