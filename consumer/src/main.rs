@@ -211,6 +211,7 @@ impl<'a> Service<'a> {
             }
             Self::Alert(alert) => {
                 let (handler, sinks) = Alert::new(alert)?;
+                tokio::spawn(handler.rules_watcher());
                 runtime::run(&config, handler, sinks, shutdown).await?
             }
         })

@@ -316,3 +316,121 @@ async fn check(
     );
     Ok(())
 }
+
+/// Writes a webhook-only alert config for `rules`; returns its path.
+fn webhook_config(
+    dir: &std::path::Path,
+    stack: &Stack,
+    topic: &str,
+    rules: &std::path::Path,
+    url: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let config = dir.join("alert.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = {brokers:?}\n[topics]\nprefix = {prefix:?}\n\
+             [service]\nname = {name:?}\nsubscribe = [{topic:?}]\nstate_dir = {state:?}\n\
+             [alert]\nrules_file = {rules:?}\n[alert.webhook]\nurl = {url:?}\nsecret = \"whsec_{secret}\"\n",
+            brokers = stack.kafka_brokers,
+            prefix = unique_name("alertr"),
+            name = unique_name("alertr"),
+            state = dir.join("state"),
+            secret = STANDARD.encode(KEY),
+        ),
+    )?;
+    Ok(config)
+}
+
+fn rule_for(name: &str, pattern: &str) -> String {
+    format!("rules:\n- name: {name}\n  severity: warning\n  match: {{kinds: [RateLimit], names: [\"{pattern}\"]}}\n")
+}
+
+/// Waits until the service's log says `text`.
+async fn logged(log: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the log never said {text:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// A bad rules file at start stops the service with exit 2 naming the rule's
+/// field and line; a bad reload keeps the rules in force, a good one replaces them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_reload_on_change_and_a_bad_file_keeps_the_rules_in_force() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let seen = Shared::default();
+    seen.lock().expect("seen lock").refused = 2;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let topic = unique_name("alert-reload");
+    create_topics(&stack, &[&topic], 1).await?;
+    let dir = tempfile::tempdir()?;
+    let rules = dir.path().join("rules.yaml");
+    let config = webhook_config(dir.path(), &stack, &topic, &rules, &url)?;
+    let program = workspace_binary("changewire-consumer")?;
+
+    std::fs::write(&rules, "rules:\n- name: broken\n  severity: urgent\n")?;
+    let output = std::process::Command::new(&program)
+        .arg("--config")
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("severity") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+
+    std::fs::write(&rules, rule_for("first", "a-*"))?;
+    let log = dir.path().join("alert.log");
+    let service = start_service(&program, &config, &log)?;
+    let fired = |rule: &'static str| {
+        move |s: &Seen| s.messages.values().filter(|m| m["rule"] == rule).count()
+    };
+    publish(&stack, &topic, &[auth_change(1, "a-1", true, false)]).await?;
+    until(&seen, "the first rule's alert", |s| fired("first")(s) == 1).await?;
+
+    std::fs::write(
+        &rules,
+        "rules:\n- name: first\n  severity: warning\n  match: {kinds: RateLimit}\n",
+    )?;
+    logged(&log, "alert rules not reloaded").await?;
+    publish(&stack, &topic, &[auth_change(2, "a-2", true, false)]).await?;
+    until(&seen, "the first rule, still in force", |s| {
+        fired("first")(s) == 2
+    })
+    .await?;
+
+    std::fs::write(&rules, rule_for("second", "b-*"))?;
+    logged(&log, "alert rules reloaded").await?;
+    publish(
+        &stack,
+        &topic,
+        &[
+            auth_change(3, "a-3", true, false),
+            auth_change(4, "b-1", true, false),
+        ],
+    )
+    .await?;
+    until(&seen, "the second rule's alert", |s| {
+        fired("second")(s) == 1
+    })
+    .await?;
+    terminate(service)?;
+    assert_eq!(
+        fired("first")(&seen.lock().expect("seen lock")),
+        2,
+        "the replaced rule no longer fires"
+    );
+    Ok(())
+}

@@ -13,7 +13,10 @@ pub mod rules;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use changewire_schemas::diagnostics::report;
 
 use changewire_schemas::settings::ConfigError;
 use changewire_schemas::time::rfc3339;
@@ -111,9 +114,16 @@ impl AlertConfig {
     }
 }
 
+/// The rules in force, swapped whole by a reload.
+type LiveRules = Arc<RwLock<Arc<RulesFile>>>;
+
+/// How often the rules file's modification time is checked.
+const RELOAD_CHECK: Duration = Duration::from_secs(2);
+
 /// The alert handler.
 pub struct Alert {
-    rules: RulesFile,
+    rules: LiveRules,
+    rules_file: PathBuf,
     routes: BTreeMap<Severity, Vec<String>>,
     resolve_after_s: u64,
     event_url: Option<String>,
@@ -149,12 +159,53 @@ impl Alert {
             .collect();
         tracing::info!(rules = rules.rules.len(), file = %config.rules_file.display(), "alert rules loaded");
         let handler = Self {
-            rules,
+            rules: Arc::new(RwLock::new(Arc::new(rules))),
+            rules_file: config.rules_file.clone(),
             routes,
             resolve_after_s: config.resolve_after_s,
             event_url: config.event_url.clone(),
         };
         Ok((handler, sinks))
+    }
+
+    /// The rules in force now.
+    fn rules(&self) -> Arc<RulesFile> {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reloads the rules file on SIGHUP and when it changes (checked every
+    /// [`RELOAD_CHECK`]); a file that does not load leaves the rules in force and
+    /// says why. Runs until the process ends: spawn it.
+    pub fn rules_watcher(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (path, rules) = (self.rules_file.clone(), self.rules.clone());
+        async move {
+            let modified = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            let mut seen = modified(&path);
+            let mut hangup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut check = tokio::time::interval(RELOAD_CHECK);
+            loop {
+                tokio::select! {
+                    Some(()) = async { hangup.as_mut()?.recv().await } => {}
+                    _ = check.tick() => {
+                        let now = modified(&path);
+                        if now == seen {
+                            continue;
+                        }
+                        seen = now;
+                    }
+                }
+                match RulesFile::load(&path) {
+                    Ok(loaded) => {
+                        tracing::info!(rules = loaded.rules.len(), file = %path.display(), "alert rules reloaded");
+                        *rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
+                    }
+                    Err(error) => {
+                        tracing::error!(error = %report(&error), "alert rules not reloaded; the previous rules stay in force")
+                    }
+                }
+            }
+        }
     }
 
     /// Sends `alert` of `rule` to the receivers of its severity.
@@ -406,7 +457,8 @@ impl Handler for Alert {
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
         let now = now_ms(SystemTime::now());
-        for rule in &self.rules.rules {
+        let rules = self.rules();
+        for rule in &rules.rules {
             let Some(mut reasons) = rule.matches(event) else {
                 continue;
             };
@@ -446,10 +498,11 @@ impl Handler for Alert {
 
     async fn tick(&self, now: SystemTime, context: &mut Context<'_>) -> Result<(), HandlerError> {
         let now = now_ms(now);
+        let rules = self.rules();
         for (key, value) in context.scan_committed(FIRING.as_bytes())? {
             let window = String::from_utf8_lossy(&key[FIRING.len()..]).into_owned();
             let Some(rule) =
-                (self.rules.rules.iter()).find(|r| window.starts_with(&format!("{}/", r.name)))
+                (rules.rules.iter()).find(|r| window.starts_with(&format!("{}/", r.name)))
             else {
                 context.remove(key);
                 continue;
