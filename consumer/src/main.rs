@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use changewire_consumer::config::ConsumerConfig;
 use changewire_consumer::runtime::{self, RunStats};
-use changewire_consumer::services::alert::{Alert, AlertConfig};
+use changewire_consumer::services::alert::dry_run::AlertCommand;
+use changewire_consumer::services::alert::{self, Alert, AlertConfig};
 use changewire_consumer::services::audit::cli::AuditCommand;
 use changewire_consumer::services::audit::{self, Audit, AuditConfig};
 use changewire_consumer::services::dedup::{Dedup, DedupConfig};
@@ -45,6 +46,9 @@ enum Command {
     /// The audit log from a terminal: query, history, verify.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Alert rules from a terminal: dry-run.
+    #[command(subcommand)]
+    Alert(AlertCommand),
 }
 
 /// Exit status for configuration errors (distinct from runtime failures).
@@ -52,8 +56,10 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Command::Audit(command)) = args.command {
-        return run_tool(audit::cli::run(command));
+    match args.command {
+        Some(Command::Audit(command)) => return run_tool(audit::cli::run(command)),
+        Some(Command::Alert(command)) => return run_tool(alert::dry_run::run(command)),
+        None => {}
     }
     let Some(path) = args.config else {
         eprintln!("changewire-consumer: --config <FILE> is required to run a service");

@@ -331,7 +331,7 @@ fn webhook_config(
         format!(
             "[kafka]\nbrokers = {brokers:?}\n[topics]\nprefix = {prefix:?}\n\
              [service]\nname = {name:?}\nsubscribe = [{topic:?}]\nstate_dir = {state:?}\n\
-             [alert]\nrules_file = {rules:?}\n[alert.webhook]\nurl = {url:?}\nsecret = \"whsec_{secret}\"\n",
+             assignment = \"static\"\ntick_interval_ms = 500\n[alert]\nrules_file = {rules:?}\n[alert.webhook]\nurl = {url:?}\nsecret = \"whsec_{secret}\"\n",
             brokers = stack.kafka_brokers,
             prefix = unique_name("alertr"),
             name = unique_name("alertr"),
@@ -432,5 +432,80 @@ async fn rules_reload_on_change_and_a_bad_file_keeps_the_rules_in_force() -> any
         2,
         "the replaced rule no longer fires"
     );
+    Ok(())
+}
+
+/// `alert dry-run` over a file of events and over a topic says which rules fire
+/// and why: the transition once, the near miss not, the burst once at its third
+/// change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_says_which_rules_would_fire_on_a_file_and_a_topic() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let dir = tempfile::tempdir()?;
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, RULES)?;
+    let weakened = auth_change(1, "per-ip", true, false);
+    let mut events = vec![weakened.clone(), auth_change(2, "per-host", false, true)];
+    events.extend((1..=4).map(secret_update));
+    let start = now_ms();
+    for (n, event) in events.iter_mut().enumerate() {
+        event.source.ts_ms = start + n as i64; // the changes' order
+    }
+    let file = dir.path().join("events.ndjson");
+    let lines: Vec<String> = events
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<_, _>>()?;
+    std::fs::write(&file, lines.join("\n") + "\nnot an event\n")?;
+    let topic = unique_name("alert-dry");
+    create_topics(&stack, &[&topic], 2).await?;
+    publish(&stack, &topic, &events).await?;
+    let config = webhook_config(
+        dir.path(),
+        &stack,
+        &topic,
+        &rules,
+        "http://127.0.0.1:9/hook",
+    )?;
+    let program = workspace_binary("changewire-consumer")?;
+    for source in [
+        ["--events", file.to_str().unwrap_or_default()],
+        ["--topic", topic.as_str()],
+    ] {
+        let output = std::process::Command::new(&program)
+            .args(["alert", "dry-run", "--json", "--config"])
+            .arg(&config)
+            .args(source)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        let fired: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        let rules: Vec<&str> = fired.iter().filter_map(|f| f["rule"].as_str()).collect();
+        let mut sorted = rules.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            ["auth-weakened", "secret-burst"],
+            "{source:?}: {fired:?}"
+        );
+        let auth = fired
+            .iter()
+            .find(|f| f["rule"] == "auth-weakened")
+            .expect("fired");
+        assert_eq!(auth["event_id"], weakened.id.as_str());
+        let burst = fired
+            .iter()
+            .find(|f| f["rule"] == "secret-burst")
+            .expect("fired");
+        assert_eq!(
+            burst["event_id"],
+            secret_update(3).id.as_str(),
+            "at the third change"
+        );
+        assert!(stderr.contains("6 events read"), "{stderr}");
+    }
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! are `<event id>/<receiver>/<n>`, so a restart re-sends none. `tick` resolves
 //! threshold alerts whose window stopped holding (Alertmanager gets `endsAt`).
 
+pub mod dry_run;
 pub mod rules;
 
 use std::collections::BTreeMap;
@@ -240,10 +241,8 @@ impl Alert {
     ) -> Result<Option<usize>, HandlerError> {
         let threshold = rule.threshold.as_ref().expect("a windowed rule");
         let key = format!("{WINDOW}{window_key}");
-        let mut times = decode_times(context.get(key.as_bytes())?.as_deref());
-        let since = event.source.ts_ms - threshold.within_s as i64 * 1000;
-        times.retain(|t| *t > since);
-        times.push(event.source.ts_ms);
+        let times = decode_times(context.get(key.as_bytes())?.as_deref());
+        let times = in_window(times, event.source.ts_ms, threshold.within_s);
         context.put(key.into_bytes(), encode_times(&times));
         let firing = format!("{FIRING}{window_key}");
         if times.len() < threshold.count as usize || context.get(firing.as_bytes())?.is_some() {
@@ -303,6 +302,15 @@ impl Fired {
 fn now_ms(now: SystemTime) -> i64 {
     now.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A window's times once an event at `at` joined it: those within `within_s`
+/// before it, and it.
+fn in_window(mut times: Vec<i64>, at: i64, within_s: u64) -> Vec<i64> {
+    let since = at - within_s as i64 * 1000;
+    times.retain(|t| *t > since);
+    times.push(at);
+    times
 }
 
 fn encode_times(times: &[i64]) -> Vec<u8> {
