@@ -237,6 +237,10 @@ async fn shipped_config_files_are_valid() -> anyhow::Result<()> {
     let state_dir = state.path().to_string_lossy().into_owned();
     let demo_db = demo_database_url(&stack);
     let api_url = fake.url();
+    let rules = config_dir
+        .join("alert-rules.yaml")
+        .to_string_lossy()
+        .into_owned();
     let cases = [
         (
             "changewire-producer",
@@ -260,6 +264,14 @@ async fn shipped_config_files_are_valid() -> anyhow::Result<()> {
             "changewire-consumer",
             "siem.toml",
             vec![("CHANGEWIRE_SERVICE__STATE_DIR", state_dir.as_str())],
+        ),
+        (
+            "changewire-consumer",
+            "alert.toml",
+            vec![
+                ("CHANGEWIRE_SERVICE__STATE_DIR", state_dir.as_str()),
+                ("CHANGEWIRE_ALERT__RULES_FILE", rules.as_str()),
+            ],
         ),
         (
             "changewire-consumer",

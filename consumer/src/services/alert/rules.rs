@@ -25,7 +25,7 @@ pub enum RulesError {
     },
     /// The YAML does not parse into rules (the message names the field, line
     /// and column).
-    #[error("rules file {path}: {source}")]
+    #[error("rules file {path}")]
     Parse {
         /// The file.
         path: String,
@@ -690,7 +690,7 @@ mod tests {
     fn bad_rules_name_the_rule_field_and_line() {
         let error = RulesFile::parse("rules:\n- name: a\n  severity: urgent\n", "r.yaml")
             .expect_err("severity");
-        let text = error.to_string();
+        let text = changewire_schemas::diagnostics::report(&error);
         assert!(
             text.contains("severity") && text.contains("line 3"),
             "{text}"
@@ -700,7 +700,8 @@ mod tests {
             "r.yaml",
         )
         .expect_err("unknown field");
-        assert!(error.to_string().contains("colour"), "{error}");
+        let text = changewire_schemas::diagnostics::report(&error);
+        assert!(text.contains("colour"), "{text}");
         let error = RulesFile::parse(
             "rules:\n- name: a\n  severity: info\n  threshold: {count: 1, within_s: 60, per: actor}\n",
             "r.yaml",
