@@ -5,6 +5,7 @@
 //! Start the stack first (`scripts/stack up`); `scripts/test` does it for you.
 
 pub mod alertmanager;
+pub mod bench;
 pub mod certs;
 pub mod kube_api;
 pub mod servers;

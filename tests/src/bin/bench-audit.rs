@@ -14,24 +14,20 @@
 //!    parameters: one resource's history, one actor over a day, one op over a
 //!    day, a changed-path filter over a day.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use changewire_consumer::config::{ConsumerConfig, ServiceConfig};
-use changewire_consumer::runtime::{
-    self, ConsumerMetrics, Context, Handler, HandlerError, Record, Sinks, Store,
-};
+use changewire_consumer::runtime::{self, Sinks, Store};
 use changewire_consumer::services::audit::query::{Filters, Finder};
 use changewire_consumer::services::audit::{Audit, AuditConfig};
 use changewire_schemas::fixtures::kubernetes_create;
-use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::{ChangeEvent, EventId, Op, Origin};
-use changewire_tests::{bench_events, cpu_time, create_topics, publish_events, unique_name, Stack};
+use changewire_tests::bench::{
+    owning_partitions, published_topic, runtime_config, time_handler, Nothing,
+};
+use changewire_tests::{bench_events, cpu_time, Stack};
 use serde_json::json;
-use tokio::sync::watch;
 
-const PARTITIONS: i32 = 3;
 const RESOURCES: u64 = 1_000;
 const ACTORS: u64 = 50;
 const DAY_MS: i64 = 86_400_000;
@@ -43,11 +39,12 @@ const QUERY_RUNS: usize = 200;
 async fn main() -> anyhow::Result<()> {
     let events = bench_events(1_000_000)?;
     let stack = Stack::from_env();
-    let prefix = unique_name("benchau");
-    let topic = format!("{prefix}.k8s.policy.RateLimit");
-    create_topics(&stack, &[&topic], PARTITIONS).await?;
     let started = Instant::now();
-    let bytes = publish_events(&stack, &topic, events, |n| event(n, events)).await?;
+    let (prefix, topic, bytes) =
+        published_topic(&stack, "benchau", "k8s.policy.RateLimit", events, |n| {
+            event(n, events)
+        })
+        .await?;
     println!(
         "published {events} events ({:.0} MB) in {:.1} s",
         bytes as f64 / 1e6,
@@ -119,20 +116,6 @@ fn event(n: u64, events: u64) -> ChangeEvent {
     event
 }
 
-/// The runtime's plain apply loop: a handler that applies nothing.
-struct Nothing;
-
-impl Handler for Nothing {
-    async fn handle(
-        &self,
-        _: &ChangeEvent,
-        _: &Record,
-        _: &mut Context<'_>,
-    ) -> Result<(), HandlerError> {
-        Ok(())
-    }
-}
-
 fn audit_config() -> AuditConfig {
     toml::from_str(&format!(
         "signing_key = {:?}\nread_tokens = [\"bench\"]\nlisten = \"127.0.0.1:0\"\n",
@@ -151,60 +134,17 @@ async fn time_run(
     events: u64,
     audit: Option<AuditConfig>,
 ) -> anyhow::Result<Duration> {
-    let config = ConsumerConfig {
-        kafka: stack.kafka_config(),
-        topics: TopicsConfig {
-            prefix: prefix.to_owned(),
-            ..TopicsConfig::default()
-        },
-        http: None,
-        service: ServiceConfig {
-            group_id: Some(unique_name("benchau")),
-            max_batch: 5_000,
-            resume_rewind: 10_000,
-            tick_interval_ms: Some(1_000),
-            assignment: changewire_consumer::config::Assignment::Static,
-            ..ServiceConfig::new("audit", vec![topic.to_owned()], state.to_owned())
-        },
-        dedup: None,
-        forward: None,
-        audit: audit.clone(),
-        siem: None,
-        alert: None,
-    }
-    .runtime();
-    let metrics = Arc::new(ConsumerMetrics::default());
-    let (stop, shutdown) = watch::channel(false);
-    let started = Instant::now();
-    let observed = metrics.clone();
-    let service = match audit {
+    let config = owning_partitions(runtime_config(stack, prefix, "audit", topic, state));
+    let (elapsed, applied) = match audit {
         Some(audit) => {
             runtime::ensure_topic(&config, &audit.heads_topic(&config), 1).await?;
             let (handler, sinks) = Audit::new(&config, &audit)?;
-            tokio::spawn(async move {
-                runtime::run_observed(&config, handler, sinks, shutdown, observed).await
-            })
+            time_handler(config, handler, sinks, events, |_| true).await?
         }
-        None => tokio::spawn(async move {
-            runtime::run_observed(&config, Nothing, Sinks::new(), shutdown, observed).await
-        }),
+        None => time_handler(config, Nothing, Sinks::new(), events, |_| true).await?,
     };
-    while metrics.records_read() < events {
-        ensure!(
-            !service.is_finished(),
-            "the service stopped early: {:?}",
-            service.await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.send(true)?;
-    let stats = service.await??;
-    ensure!(
-        stats.applied == events,
-        "applied {} of {events}",
-        stats.applied
-    );
-    Ok(started.elapsed())
+    ensure!(applied == events, "applied {applied} of {events}");
+    Ok(elapsed)
 }
 
 /// The filters of a query's `i`-th run.

@@ -14,34 +14,26 @@
 //! 4. prints events/s per feed and its ratio to the audit ingest.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::ensure;
 use axum::routing::post;
 use axum::{Json, Router};
-use changewire_consumer::config::{Assignment, ConsumerConfig, ServiceConfig};
 use changewire_consumer::runtime::{self, ConsumerMetrics, SinkLabel};
 use changewire_consumer::services::audit::{Audit, AuditConfig, DEMO_SIGNING_KEY};
 use changewire_consumer::services::siem::{self, Siem, SiemConfig};
 use changewire_schemas::fixtures::kubernetes_create;
-use changewire_schemas::topic::TopicsConfig;
 use changewire_schemas::{ChangeEvent, EventId};
+use changewire_tests::bench::{owning_partitions, published_topic, runtime_config, time_handler};
 use changewire_tests::syslog::Rsyslog;
-use changewire_tests::{bench_events, create_topics, publish_events, unique_name, Stack};
+use changewire_tests::{bench_events, Stack};
 use serde_json::{json, Value};
-use tokio::sync::watch;
-
-const PARTITIONS: i32 = 3;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let events = bench_events(200_000)?;
     let stack = Stack::from_env();
-    let prefix = unique_name("benchsiem");
-    let topic = format!("{prefix}.k8s.core.ConfigMap");
-    create_topics(&stack, &[&topic], PARTITIONS).await?;
-    publish_events(&stack, &topic, events, event).await?;
+    let (prefix, topic, _) =
+        published_topic(&stack, "benchsiem", "k8s.core.ConfigMap", events, event).await?;
     println!("published {events} events");
 
     let audit = toml::from_str::<AuditConfig>(&format!(
@@ -130,67 +122,23 @@ async fn run(
     service: Service,
 ) -> anyhow::Result<Duration> {
     let state = tempfile::tempdir()?;
-    let config = ConsumerConfig {
-        kafka: stack.kafka_config(),
-        topics: TopicsConfig {
-            prefix: prefix.to_owned(),
-            ..TopicsConfig::default()
-        },
-        http: None,
-        service: ServiceConfig {
-            max_batch: 5_000,
-            resume_rewind: 10_000,
-            tick_interval_ms: Some(1_000),
-            assignment: Assignment::Static,
-            ..ServiceConfig::new(
-                &unique_name("bench"),
-                vec![topic.to_owned()],
-                state.path().to_owned(),
-            )
-        },
-        dedup: None,
-        forward: None,
-        audit: None,
-        siem: None,
-        alert: None,
-    }
-    .runtime();
-    let metrics = Arc::new(ConsumerMetrics::default());
-    let (stop, shutdown) = watch::channel(false);
-    let observed = metrics.clone();
-    let started = Instant::now();
+    let config = owning_partitions(runtime_config(stack, prefix, "siem", topic, state.path()));
     let feed = SinkLabel {
         sink: siem::FEED.into(),
     };
-    let delivered = |m: &ConsumerMetrics| m.effects_delivered.get_or_create(&feed).get();
-    let (task, needs_delivery) = match service {
+    let delivered =
+        move |m: &ConsumerMetrics| m.effects_delivered.get_or_create(&feed).get() >= events;
+    let (elapsed, _) = match service {
         Service::Audit(audit) => {
             runtime::ensure_topic(&config, &audit.heads_topic(&config), 1).await?;
             let (handler, sinks) = Audit::new(&config, &audit)?;
-            let task = tokio::spawn(async move {
-                runtime::run_observed(&config, handler, sinks, shutdown, observed).await
-            });
-            (task, false)
+            time_handler(config, handler, sinks, events, |_| true).await?
         }
         Service::Siem(siem) => {
             let (handler, sinks) = Siem::new(&siem)?;
-            let task = tokio::spawn(async move {
-                runtime::run_observed(&config, handler, sinks, shutdown, observed).await
-            });
-            (task, true)
+            time_handler(config, handler, sinks, events, delivered).await?
         }
     };
-    while metrics.records_read() < events || (needs_delivery && delivered(&metrics) < events) {
-        ensure!(
-            !task.is_finished(),
-            "the service stopped early: {:?}",
-            task.await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = started.elapsed();
-    stop.send(true)?;
-    task.await??;
     Ok(elapsed)
 }
 

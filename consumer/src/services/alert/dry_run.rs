@@ -89,8 +89,9 @@ struct Report {
 
 impl Report {
     fn evaluate(&mut self, rules: &RulesFile, event: &ChangeEvent, json: bool) {
+        let subject = Subject::of(event);
         for rule in &rules.rules {
-            let Some(mut reasons) = rule.matches(event) else {
+            let Some(mut reasons) = rule.matches(event, &subject) else {
                 continue;
             };
             if let Some(threshold) = &rule.threshold {
@@ -119,7 +120,6 @@ impl Report {
                 ));
             }
             *self.fired.entry(rule.name.clone()).or_default() += 1;
-            let subject = Subject::of(event);
             let actor = event.actor.as_ref().map_or("someone", |a| a.name.as_str());
             if json {
                 let line = serde_json::json!({

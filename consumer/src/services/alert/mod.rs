@@ -466,8 +466,9 @@ impl Handler for Alert {
     ) -> Result<(), HandlerError> {
         let now = now_ms(SystemTime::now());
         let rules = self.rules();
+        let subject = Subject::of(event);
         for rule in &rules.rules {
-            let Some(mut reasons) = rule.matches(event) else {
+            let Some(mut reasons) = rule.matches(event, &subject) else {
                 continue;
             };
             let mut count = None;

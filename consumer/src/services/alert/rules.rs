@@ -432,10 +432,10 @@ fn row_name(event: &ChangeEvent) -> String {
 pub type Reasons = Vec<String>;
 
 impl Rule {
-    /// Whether `event` matches; why, if it does.
-    pub fn matches(&self, event: &ChangeEvent) -> Option<Reasons> {
+    /// Whether `event`, about `subject` (its [`Subject::of`], made once for all
+    /// rules), matches; why, if it does.
+    pub fn matches(&self, event: &ChangeEvent, subject: &Subject<'_>) -> Option<Reasons> {
         let c = &self.conditions;
-        let subject = Subject::of(event);
         let listed =
             |list: &[String], value: &str| list.is_empty() || list.iter().any(|v| v == value);
         let named = c.names.is_empty() || c.names.iter().any(|p| glob(p, &subject.name));
@@ -589,7 +589,11 @@ mod tests {
             ("  match: {ops: [update, delete]}", true),
             ("  match: {ops: [create]}", false),
         ] {
-            assert_eq!(rule(yaml).matches(&event).is_some(), fires, "{yaml}");
+            assert_eq!(
+                rule(yaml).matches(&event, &Subject::of(&event)).is_some(),
+                fires,
+                "{yaml}"
+            );
         }
     }
 
@@ -597,27 +601,37 @@ mod tests {
     fn changed_paths_and_transitions_say_what_matched() {
         let event = weakened();
         let reasons = rule("  match: {changed: [\"spec.auth.*\", \"metadata.labels.*\"]}")
-            .matches(&event)
+            .matches(&event, &Subject::of(&event))
             .expect("spec.auth changed");
         assert_eq!(reasons, ["changed spec.auth.*"]);
         assert!(rule("  match: {changed: [\"spec.tls.*\"]}")
-            .matches(&event)
+            .matches(&event, &Subject::of(&event))
             .is_none());
         let transition =
             "  match:\n    transitions: [{path: spec.auth.required, from: true, to: false}]";
         assert_eq!(
-            rule(transition).matches(&event).expect("true -> false"),
+            rule(transition)
+                .matches(&event, &Subject::of(&event))
+                .expect("true -> false"),
             ["spec.auth.required: true -> false"]
         );
         let back = "  match:\n    transitions: [{path: spec.auth.required, from: false, to: true}]";
-        assert!(rule(back).matches(&event).is_none(), "the other direction");
+        assert!(
+            rule(back).matches(&event, &Subject::of(&event)).is_none(),
+            "the other direction"
+        );
         let down = "  match:\n    transitions: [{path: spec.rps, decreased: true}]";
         assert_eq!(
-            rule(down).matches(&event).expect("100 -> 50"),
+            rule(down)
+                .matches(&event, &Subject::of(&event))
+                .expect("100 -> 50"),
             ["spec.rps: 100 -> 50"]
         );
         let up = "  match:\n    transitions: [{path: spec.rps, increased: true}]";
-        assert!(rule(up).matches(&event).is_none(), "it went down");
+        assert!(
+            rule(up).matches(&event, &Subject::of(&event)).is_none(),
+            "it went down"
+        );
     }
 
     #[test]
@@ -631,15 +645,19 @@ mod tests {
             ("  match: {actor: {groups_in: [ops]}}", true),
             ("  match: {actor: {groups_not_in: [ops]}}", false),
         ] {
-            assert_eq!(rule(yaml).matches(&event).is_some(), fires, "{yaml}");
+            assert_eq!(
+                rule(yaml).matches(&event, &Subject::of(&event)).is_some(),
+                fires,
+                "{yaml}"
+            );
         }
         let mut unknown = weakened();
         unknown.actor = None;
         assert!(rule("  match: {actor: {not_in: [bob]}}")
-            .matches(&unknown)
+            .matches(&unknown, &Subject::of(&unknown))
             .is_some());
         assert!(rule("  match: {actor: {in: [bob]}}")
-            .matches(&unknown)
+            .matches(&unknown, &Subject::of(&unknown))
             .is_none());
     }
 
@@ -649,16 +667,23 @@ mod tests {
         let event = weakened();
         let weekday_hours = "  match:\n    outside_hours: {from: \"08:00\", to: \"18:00\", timezone: Europe/Berlin}";
         assert!(
-            rule(weekday_hours).matches(&event).is_some(),
+            rule(weekday_hours)
+                .matches(&event, &Subject::of(&event))
+                .is_some(),
             "a Saturday night"
         );
         let every_day = "  match:\n    outside_hours: {from: \"00:30\", to: \"02:00\", days: [sat], timezone: Europe/Berlin}";
         assert!(
-            rule(every_day).matches(&event).is_none(),
+            rule(every_day)
+                .matches(&event, &Subject::of(&event))
+                .is_none(),
             "01:00 in Berlin is inside"
         );
         let utc = "  match:\n    outside_hours: {from: \"00:30\", to: \"02:00\", days: [sat]}";
-        assert!(rule(utc).matches(&event).is_some(), "00:00 UTC is outside");
+        assert!(
+            rule(utc).matches(&event, &Subject::of(&event)).is_some(),
+            "00:00 UTC is outside"
+        );
     }
 
     #[test]
@@ -669,8 +694,10 @@ mod tests {
         };
         let (table, schema) = (pg.table.clone(), pg.schema.clone());
         let yaml = format!("  match: {{kinds: [{table}], namespaces: [{schema}], changed: [status], names: [\"7\"]}}");
-        assert!(rule(&yaml).matches(&row).is_some());
-        assert!(rule("  match: {changed: [total]}").matches(&row).is_none());
+        assert!(rule(&yaml).matches(&row, &Subject::of(&row)).is_some());
+        assert!(rule("  match: {changed: [total]}")
+            .matches(&row, &Subject::of(&row))
+            .is_none());
     }
 
     #[test]
@@ -680,9 +707,11 @@ mod tests {
         event.after = Some(json!("not an object"));
         event.diff = Some(json!({"not": "a patch"}));
         let transition = "  match:\n    transitions: [{path: spec.rps, decreased: true}]";
-        assert!(rule(transition).matches(&event).is_none());
+        assert!(rule(transition)
+            .matches(&event, &Subject::of(&event))
+            .is_none());
         assert!(rule("  match: {changed: [\"spec.*\"]}")
-            .matches(&event)
+            .matches(&event, &Subject::of(&event))
             .is_none());
     }
 
