@@ -216,8 +216,15 @@ impl<'a> Service<'a> {
                 runtime::run(&config, handler, sinks, shutdown).await?
             }
             Self::Alert(alert) => {
-                let (handler, sinks) = Alert::new(alert)?;
+                let (handler, sinks) = Alert::new(alert, &config.service.state_dir)?;
                 tokio::spawn(handler.rules_watcher());
+                if let Some(listen) = alert.listen {
+                    let listener = tokio::net::TcpListener::bind(listen).await?;
+                    tracing::info!(listen = %listener.local_addr()?, "serving the silences API");
+                    let router =
+                        alert::silences::router(handler.silences(), alert.api_tokens.clone());
+                    tokio::spawn(changewire_schemas::http::serve(listener, router));
+                }
                 runtime::run(&config, handler, sinks, shutdown).await?
             }
         })

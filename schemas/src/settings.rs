@@ -343,6 +343,26 @@ impl Provider for &Environment {
     }
 }
 
+/// Bearer tokens as a list, or as one comma-separated string (as an environment
+/// override gives them); use with `#[serde(default, deserialize_with = "tokens")]`.
+pub fn tokens<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Tokens {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Tokens::deserialize(deserializer)? {
+        Tokens::List(list) => list,
+        Tokens::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
         &topic,
         alert_state.path(),
     ));
-    let (handler, sinks) = Alert::new(&alert)?;
+    let (handler, sinks) = Alert::new(&alert, alert_state.path())?;
     let label = SinkLabel {
         sink: ALERTMANAGER.into(),
     };

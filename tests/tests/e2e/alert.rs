@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use axum::Router;
+use axum::{Json, Router};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use changewire_schemas::{fixtures, ChangeEvent, EventId, Op, Origin};
@@ -507,5 +507,175 @@ async fn dry_run_says_which_rules_would_fire_on_a_file_and_a_topic() -> anyhow::
         );
         assert!(stderr.contains("6 events read"), "{stderr}");
     }
+    Ok(())
+}
+
+/// What a Slack-compatible receiver saw: message texts; the first request is
+/// answered 429.
+#[derive(Default)]
+struct SlackSeen {
+    throttled: bool,
+    texts: Vec<String>,
+}
+
+async fn slack(
+    State(seen): State<Arc<Mutex<SlackSeen>>>,
+    Json(body): Json<Value>,
+) -> impl axum::response::IntoResponse {
+    let mut seen = seen.lock().expect("slack lock");
+    if !seen.throttled {
+        seen.throttled = true;
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "rate_limited",
+        );
+    }
+    seen.texts
+        .push(body["text"].as_str().unwrap_or_default().to_owned());
+    (StatusCode::OK, [("retry-after", "0")], "ok")
+}
+
+async fn until_slack(
+    seen: &Arc<Mutex<SlackSeen>>,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done(&seen.lock().expect("slack lock").texts) {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Slack messages (after a 429), an `info` digest, and silences through the
+/// authenticated API: a silenced rule sends nothing until its silence is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_digest_and_silences() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let seen = Arc::new(Mutex::new(SlackSeen::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/services/T/B/X", listener.local_addr()?);
+    let app = Router::new()
+        .route("/services/T/B/X", post(slack))
+        .with_state(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let topic = unique_name("alert-slack");
+    create_topics(&stack, &[&topic], 1).await?;
+    let dir = tempfile::tempdir()?;
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        [
+            rule_for("loud", "a-*"),
+            rule_for("muted", "m-*").replace("rules:\n", ""),
+            rule_for("fyi", "i-*")
+                .replace("rules:\n", "")
+                .replace("warning", "info"),
+        ]
+        .concat(),
+    )?;
+    let api_port = free_port()?;
+    let config = dir.path().join("alert.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = {brokers:?}\n[topics]\nprefix = {prefix:?}\n\
+             [service]\nname = {name:?}\nsubscribe = [{topic:?}]\nstate_dir = {state:?}\n\
+             assignment = \"static\"\ntick_interval_ms = 300\n\
+             [alert]\nrules_file = {rules:?}\nlisten = \"127.0.0.1:{api_port}\"\napi_tokens = \"t1, t2\"\n\
+             [alert.routes]\nwarning = [\"slack\"]\ninfo = [\"digest\"]\n\
+             [alert.slack]\nurl = {url:?}\n[alert.digest]\nto = \"slack\"\ninterval_s = 2\n",
+            brokers = stack.kafka_brokers,
+            prefix = unique_name("alerts"),
+            name = unique_name("alerts"),
+            state = dir.path().join("state"),
+        ),
+    )?;
+    let program = workspace_binary("changewire-consumer")?;
+    let log = dir.path().join("alert.log");
+    let service = start_service(&program, &config, &log)?;
+    let api = format!("http://127.0.0.1:{api_port}/v1/silences");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        match http
+            .post(&api)
+            .json(&json!({"matchers": {"alertname": "muted"}, "duration_s": 3600}))
+            .send()
+            .await
+        {
+            Ok(response) => break response.status(),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    assert_eq!(
+        refused,
+        reqwest::StatusCode::UNAUTHORIZED,
+        "a token is needed"
+    );
+    let created: Value = http
+        .post(&api)
+        .bearer_auth("t2")
+        .json(&json!({"matchers": {"alertname": "muted"}, "duration_s": 3600, "comment": "maintenance", "created_by": "ops"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = created["id"].as_str().unwrap_or_default().to_owned();
+
+    let events: Vec<ChangeEvent> = ["a-1", "m-1", "i-1", "i-2"]
+        .iter()
+        .enumerate()
+        .map(|(n, name)| auth_change(n as u64, name, true, false))
+        .collect();
+    publish(&stack, &topic, &events).await?;
+    until_slack(&seen, "the loud alert and the digest", |texts| {
+        texts.iter().any(|t| t.contains("[warning] loud"))
+            && texts
+                .iter()
+                .any(|t| t.contains("changewire digest: 2 alerts"))
+    })
+    .await?;
+    let listed: Value = http
+        .get(&api)
+        .bearer_auth("t1")
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(listed["silences"][0]["comment"], "maintenance");
+    let deleted = http
+        .delete(format!("{api}/{id}"))
+        .bearer_auth("t1")
+        .send()
+        .await?
+        .status();
+    assert_eq!(deleted, reqwest::StatusCode::NO_CONTENT);
+    publish(&stack, &topic, &[auth_change(9, "m-2", true, false)]).await?;
+    until_slack(&seen, "the muted rule after its silence", |texts| {
+        texts.iter().any(|t| t.contains("[warning] muted"))
+    })
+    .await?;
+    terminate(service)?;
+    let texts = seen.lock().expect("slack lock").texts.clone();
+    let muted: Vec<&String> = texts.iter().filter(|t| t.contains("muted")).collect();
+    assert_eq!(muted.len(), 1, "m-1 came while silenced: {texts:?}");
+    assert!(
+        muted[0].contains("m-2") || muted[0].contains("uid-m-2"),
+        "{}",
+        muted[0]
+    );
+    let digest = texts
+        .iter()
+        .find(|t| t.contains("digest"))
+        .expect("a digest");
+    assert_eq!(digest.matches("[info] fyi").count(), 2, "{digest}");
     Ok(())
 }

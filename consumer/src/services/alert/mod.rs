@@ -11,6 +11,7 @@
 
 pub mod dry_run;
 pub mod rules;
+pub mod silences;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,20 +27,29 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::runtime::sinks::alertmanager::{AlertmanagerConfig, AlertmanagerSink};
+use crate::runtime::sinks::slack::{SlackConfig, SlackSink};
 use crate::runtime::sinks::webhook::{WebhookConfig, WebhookSink};
 use crate::runtime::{Context, Effect, Handler, HandlerError, Record, Sinks};
 use rules::{GroupBy, Per, Rule, RulesFile, Severity, Subject};
+use silences::Silences;
 
 /// The Alertmanager receiver's sink name.
 pub const ALERTMANAGER: &str = "alertmanager";
 /// The webhook receiver's sink name.
 pub const WEBHOOK: &str = "webhook";
+/// The Slack receiver's sink name.
+pub const SLACK: &str = "slack";
+/// The digest: a route to it collects alerts for a periodic summary.
+pub const DIGEST: &str = "digest";
 
 /// State key prefixes: windows' event times, firing threshold alerts, the last
 /// alert per group.
 const WINDOW: &str = "alert/window/";
 const FIRING: &str = "alert/firing/";
 const LAST: &str = "alert/last/";
+/// Alerts waiting for the digest, and when the last digest went out.
+const DIGESTED: &str = "alert/digest/entry/";
+const DIGEST_SENT: &str = "alert/digest/sent";
 
 /// Longest diff excerpt an alert carries, in bytes.
 const EXCERPT: usize = 2000;
@@ -56,6 +66,18 @@ pub struct AlertConfig {
     /// POST alerts, signed (Standard Webhooks).
     #[serde(default)]
     pub webhook: Option<WebhookConfig>,
+    /// Post alerts to a Slack-compatible incoming webhook.
+    #[serde(default)]
+    pub slack: Option<SlackConfig>,
+    /// Collect the alerts routed to `digest` and send a summary periodically.
+    #[serde(default)]
+    pub digest: Option<DigestConfig>,
+    /// Where the silences API listens; not served when absent.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Bearer tokens of the silences API: a list, or one comma-separated string.
+    #[serde(default, deserialize_with = "changewire_schemas::settings::tokens")]
+    pub api_tokens: Vec<String>,
     /// Receivers per severity (`critical = ["alertmanager"]`); default: every
     /// configured receiver gets every severity.
     #[serde(default)]
@@ -73,6 +95,28 @@ fn default_resolve_after_s() -> u64 {
     3600
 }
 
+/// The `[alert.digest]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DigestConfig {
+    /// The receiver the summary goes to (`slack`, `webhook`).
+    pub to: String,
+    /// Seconds between summaries.
+    #[serde(default = "default_digest_interval_s")]
+    pub interval_s: u64,
+    /// Most alerts listed in one summary (the rest are counted).
+    #[serde(default = "default_digest_lines")]
+    pub max_lines: usize,
+}
+
+fn default_digest_interval_s() -> u64 {
+    86_400
+}
+
+fn default_digest_lines() -> usize {
+    100
+}
+
 impl AlertConfig {
     /// Checks the receivers and routes, and loads the rules.
     pub fn validate(&self) -> Result<RulesFile, ConfigError> {
@@ -80,22 +124,40 @@ impl AlertConfig {
         if receivers.is_empty() {
             return Err(ConfigError::invalid(
                 "alert",
-                "configure a receiver: [alert.alertmanager] or [alert.webhook]",
+                "configure a receiver: [alert.alertmanager], [alert.webhook] or [alert.slack]",
             ));
         }
+        if self.listen.is_some() && self.api_tokens.is_empty() {
+            return Err(ConfigError::invalid(
+                "alert.api_tokens",
+                "the silences API (alert.listen) needs at least one bearer token",
+            ));
+        }
+        if let Some(digest) = &self.digest {
+            if !receivers.contains(&digest.to.as_str()) || digest.interval_s == 0 {
+                return Err(ConfigError::invalid(
+                    "alert.digest",
+                    format!(
+                        "to must name a configured receiver ({receivers:?}); interval_s at least 1"
+                    ),
+                ));
+            }
+        }
+        let routable =
+            |name: &str| receivers.contains(&name) || (name == DIGEST && self.digest.is_some());
         for (severity, names) in &self.routes {
-            if let Some(name) = names.iter().find(|n| !receivers.contains(&n.as_str())) {
+            if let Some(name) = names.iter().find(|n| !routable(n)) {
                 return Err(ConfigError::invalid(
                     "alert.routes",
                     format!(
-                        "{}: {name:?} is not a configured receiver ({receivers:?})",
+                        "{}: {name:?} is not a configured receiver ({receivers:?}, or digest with [alert.digest])",
                         severity.as_str()
                     ),
                 ));
             }
         }
         RulesFile::load(&self.rules_file)
-            .map_err(|e| ConfigError::invalid("alert.rules_file", e.to_string()))
+            .map_err(|e| ConfigError::invalid("alert.rules_file", report(&e)))
     }
 
     fn receivers(&self) -> Vec<&'static str> {
@@ -105,6 +167,9 @@ impl AlertConfig {
         }
         if self.webhook.is_some() {
             receivers.push(WEBHOOK);
+        }
+        if self.slack.is_some() {
+            receivers.push(SLACK);
         }
         receivers
     }
@@ -128,12 +193,25 @@ pub struct Alert {
     routes: BTreeMap<Severity, Vec<String>>,
     resolve_after_s: u64,
     event_url: Option<String>,
+    digest: Option<DigestConfig>,
+    silences: Arc<Silences>,
 }
 
 impl Alert {
-    /// The handler with its rules, and its sinks.
-    pub fn new(config: &AlertConfig) -> Result<(Self, Sinks), ConfigError> {
+    /// The handler with its rules and the silences kept in `state_dir`, and its
+    /// sinks.
+    pub fn new(
+        config: &AlertConfig,
+        state_dir: &std::path::Path,
+    ) -> Result<(Self, Sinks), ConfigError> {
         let rules = config.validate()?;
+        let silences_file = state_dir.join("alert-silences.json");
+        let silences = std::fs::create_dir_all(state_dir)
+            .and_then(|()| Silences::open(silences_file.clone()))
+            .map_err(|e| {
+                let shown = silences_file.display();
+                ConfigError::invalid("service.state_dir", format!("cannot read {shown}: {e}"))
+            })?;
         let mut sinks = Sinks::new();
         if let Some(alertmanager) = &config.alertmanager {
             sinks = sinks.with(
@@ -143,6 +221,9 @@ impl Alert {
         }
         if let Some(webhook) = &config.webhook {
             sinks = sinks.with(WEBHOOK, WebhookSink::new(webhook, "alert.webhook")?);
+        }
+        if let Some(slack) = &config.slack {
+            sinks = sinks.with(SLACK, SlackSink::new(slack, "alert.slack")?);
         }
         let receivers: Vec<String> = config.receivers().into_iter().map(String::from).collect();
         let routes = [Severity::Critical, Severity::Warning, Severity::Info]
@@ -165,8 +246,45 @@ impl Alert {
             routes,
             resolve_after_s: config.resolve_after_s,
             event_url: config.event_url.clone(),
+            digest: config.digest.clone(),
+            silences: Arc::new(silences),
         };
         Ok((handler, sinks))
+    }
+
+    /// Sends the digest of the alerts collected since the last one, once its
+    /// interval has passed.
+    fn send_digest(&self, now: i64, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        let Some(digest) = &self.digest else {
+            return Ok(());
+        };
+        let last = decode_times(context.get(DIGEST_SENT.as_bytes())?.as_deref());
+        let Some(&sent) = last.first() else {
+            context.put(DIGEST_SENT.as_bytes().to_vec(), encode_times(&[now]));
+            return Ok(());
+        };
+        if now - sent < digest.interval_s as i64 * 1000 {
+            return Ok(());
+        }
+        let entries = context.scan_committed(DIGESTED.as_bytes())?;
+        context.put(DIGEST_SENT.as_bytes().to_vec(), encode_times(&[now]));
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let lines: Vec<String> = (entries.iter())
+            .map(|(_, line)| String::from_utf8_lossy(line).into_owned())
+            .collect();
+        for (key, _) in entries {
+            context.remove(key);
+        }
+        let payload = if digest.to == SLACK {
+            json!({ "text": digest_text(&lines, sent, digest.max_lines) })
+        } else {
+            json!({ "status": "digest", "since": rfc3339(sent), "until": rfc3339(now), "alerts": lines })
+        };
+        let effect = Effect::new(serde_json::to_vec(&payload).map_err(HandlerError::permanent)?);
+        context.emit(&digest.to, effect)?;
+        Ok(())
     }
 
     /// The rules in force now.
@@ -209,18 +327,37 @@ impl Alert {
         }
     }
 
-    /// Sends `alert` of `rule` to the receivers of its severity.
+    /// The silences this handler honours (for the API).
+    pub fn silences(&self) -> Arc<Silences> {
+        self.silences.clone()
+    }
+
+    /// Sends `alert` of `rule` to the receivers of its severity, unless a
+    /// silence matches it.
     fn send(
         &self,
         rule: &Rule,
         alert: &Fired,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
+        if let Some(silence) = self
+            .silences
+            .silencing(&alert.labels, now_ms(SystemTime::now()))
+        {
+            tracing::info!(rule = %rule.name, event = %alert.message["event_id"], silence, "alert silenced");
+            return Ok(());
+        }
         for receiver in &self.routes[&rule.severity] {
-            let payload = if receiver == ALERTMANAGER {
-                alert.alertmanager()
-            } else {
-                alert.message.clone()
+            let payload = match receiver.as_str() {
+                ALERTMANAGER => alert.alertmanager(),
+                SLACK => json!({ "text": slack_text(&alert.message) }),
+                DIGEST => {
+                    let at = alert.message["at"].as_str().unwrap_or_default();
+                    let key = format!("{DIGESTED}{at}/{}", alert.group_key);
+                    context.put(key.into_bytes(), slack_line(&alert.message).into_bytes());
+                    continue;
+                }
+                _ => alert.message.clone(),
             };
             let effect = Effect {
                 key: Some(alert.group_key.clone().into_bytes()),
@@ -302,6 +439,57 @@ impl Fired {
 fn now_ms(now: SystemTime) -> i64 {
     now.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Escapes `&`, `<` and `>` as Slack's message formatting asks.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// One line naming an alert: severity, rule, summary.
+fn slack_line(message: &Value) -> String {
+    let field = |name: &str| message[name].as_str().unwrap_or_default();
+    slack_escape(&format!(
+        "[{}] {}: {}",
+        field("severity"),
+        field("rule"),
+        field("summary")
+    ))
+}
+
+/// A Slack message of an alert: its line, why it matched, the event.
+fn slack_text(message: &Value) -> String {
+    let mut text = format!("*{}*", slack_line(message));
+    for reason in (message["reasons"].as_array().into_iter().flatten()).filter_map(Value::as_str) {
+        text += &format!("\n• {}", slack_escape(reason));
+    }
+    text += &format!(
+        "\nevent `{}` at {}",
+        slack_escape(message["event_id"].as_str().unwrap_or_default()),
+        message["at"].as_str().unwrap_or_default()
+    );
+    if let Some(runbook) = message["runbook_url"].as_str() {
+        text += &format!("\nrunbook: {runbook}");
+    }
+    text
+}
+
+/// A digest's Slack text: how many, since when, at most `max_lines` of them.
+fn digest_text(lines: &[String], since: i64, max_lines: usize) -> String {
+    let mut text = format!(
+        "*changewire digest: {} alerts since {}*",
+        lines.len(),
+        rfc3339(since)
+    );
+    for line in lines.iter().take(max_lines) {
+        text += &format!("\n• {line}");
+    }
+    if lines.len() > max_lines {
+        text += &format!("\n… and {} more", lines.len() - max_lines);
+    }
+    text
 }
 
 /// A window's times once an event at `at` joined it: those within `within_s`
@@ -507,6 +695,7 @@ impl Handler for Alert {
 
     async fn tick(&self, now: SystemTime, context: &mut Context<'_>) -> Result<(), HandlerError> {
         let now = now_ms(now);
+        self.send_digest(now, context)?;
         let rules = self.rules();
         for (key, value) in context.scan_committed(FIRING.as_bytes())? {
             let window = String::from_utf8_lossy(&key[FIRING.len()..]).into_owned();
@@ -531,7 +720,11 @@ impl Handler for Alert {
             context.remove(key);
             context.remove(format!("{WINDOW}{window}").into_bytes());
             for receiver in &self.routes[&rule.severity] {
-                let payload = if receiver == ALERTMANAGER {
+                let payload = if receiver == DIGEST {
+                    continue;
+                } else if receiver == SLACK {
+                    json!({ "text": slack_escape(&format!("[resolved] {}: {window}", rule.name)) })
+                } else if receiver == ALERTMANAGER {
                     resolved.clone()
                 } else {
                     json!({"status": "resolved", "rule": rule.name, "labels": resolved["labels"], "ended_at": rfc3339(now)})

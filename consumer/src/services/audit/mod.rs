@@ -59,10 +59,10 @@ pub struct AuditConfig {
     pub listen: SocketAddr,
     /// Bearer tokens that may query: a list, or one comma-separated string (as
     /// `CHANGEWIRE_AUDIT__READ_TOKENS` gives it).
-    #[serde(default, deserialize_with = "tokens")]
+    #[serde(default, deserialize_with = "changewire_schemas::settings::tokens")]
     pub read_tokens: Vec<String>,
     /// Bearer tokens that may also verify the store (same forms).
-    #[serde(default, deserialize_with = "tokens")]
+    #[serde(default, deserialize_with = "changewire_schemas::settings::tokens")]
     pub admin_tokens: Vec<String>,
     /// The topic signed heads go to; default `<prefix>.audit.heads`.
     #[serde(default)]
@@ -81,25 +81,6 @@ pub struct AuditConfig {
 /// The demo signing key in config/audit.toml: anyone can read it, so heads signed
 /// with it prove nothing, and a service using it says so.
 pub const DEMO_SIGNING_KEY: &str = "ZGVtby1rZXktbm90LWZvci1wcm9kdWN0aW9uLXVzZSE=";
-
-/// Tokens as a list, or as one comma-separated string.
-fn tokens<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Tokens {
-        List(Vec<String>),
-        Text(String),
-    }
-    Ok(match Tokens::deserialize(deserializer)? {
-        Tokens::List(list) => list,
-        Tokens::Text(text) => text
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    })
-}
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9470))
