@@ -230,6 +230,13 @@ pub trait Handler: Send + Sync + 'static {
         Ok(false)
     }
 
+    /// The metrics the runtime reports into and serves on `/metrics`. A handler
+    /// that counts things of its own returns the ones it counts into; by
+    /// default, new ones.
+    fn metrics(&self) -> std::sync::Arc<super::ConsumerMetrics> {
+        std::sync::Arc::default()
+    }
+
     /// This instance takes over `topic`/`partition` from another one, further
     /// along than its own state: drop state scoped to that partition. Called
     /// before the partition's first event; the changes commit with that batch.

@@ -55,6 +55,15 @@ pub struct TopicPartition {
     pub partition: i32,
 }
 
+/// Labels of a service's own counts: what happened, and to what.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandlerEvent {
+    /// What happened (`fired`, `silenced`, ...).
+    pub event: String,
+    /// To what (a rule's name, say).
+    pub detail: String,
+}
+
 /// Labels of per-sink metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabel {
@@ -135,6 +144,9 @@ pub struct ConsumerMetrics {
     pub outbox_full: Gauge,
     /// Subscribed partitions no member of the group owns.
     pub unowned_partitions: Gauge,
+    /// What the service itself counts (the alert service: alerts fired,
+    /// silenced, held back, and events a rule could not evaluate, per rule).
+    pub handler_events: Family<HandlerEvent, Counter>,
     status: Status<ServiceState>,
     /// When the worker loop last went round (milliseconds since start of the
     /// process's clock); 0 before it started.
@@ -166,6 +178,7 @@ impl Default for ConsumerMetrics {
             dead_lettered_effects: Counter::default(),
             outbox_full: Gauge::default(),
             unowned_partitions: Gauge::default(),
+            handler_events: Family::default(),
             status: Status::new(ServiceState::Starting),
             heartbeat: AtomicU64::new(0),
             problems: Mutex::default(),
@@ -246,6 +259,11 @@ impl Default for ConsumerMetrics {
             "unowned_partitions",
             "Subscribed partitions no member of the group owns",
             metrics.unowned_partitions.clone(),
+        );
+        registry.register(
+            "handler_events",
+            "What the service itself counts, by event and detail",
+            metrics.handler_events.clone(),
         );
         Self {
             registry,

@@ -65,7 +65,7 @@ pub use config::{Assignment as AssignmentMode, RuntimeConfig, ServiceConfig};
 pub use handler::{Context, Handler, HandlerError, Record};
 use ids::ProcessedIds;
 pub use kafka::{client_config, ensure_topic};
-pub use metrics::{ConsumerMetrics, Outcome, ServiceState, SinkLabel};
+pub use metrics::{ConsumerMetrics, HandlerEvent, Outcome, ServiceState, SinkLabel};
 use outbox::Outbox;
 pub use outbox::{Effect, Pending};
 pub use shutdown::stop_on_signals;
@@ -190,7 +190,7 @@ pub async fn run_on<H: Handler>(
     sinks: Sinks,
     shutdown: watch::Receiver<bool>,
 ) -> Result<RunStats, RuntimeError> {
-    let metrics = Arc::new(ConsumerMetrics::default());
+    let metrics = handler.metrics();
     let server = match &config.http {
         Some(http) => {
             let listener = tokio::net::TcpListener::bind(http.listen)

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::consumer::{publish_keyed, start_service, terminate};
 use crate::forward::{header, signed, KEY};
-use crate::rebalance::wait_for_metric;
+use crate::rebalance::{metric, wait_for_metric};
 
 const RULES: &str = r#"
 rules:
@@ -219,7 +219,19 @@ async fn rules_fire_to_alertmanager_and_a_webhook_across_a_sigkill() -> anyhow::
         s.messages.values().any(|m| m["status"] == "resolved")
     })
     .await?;
-    let result = check(&seen, &alertmanager, &weakened).await;
+    let mut result = check(&seen, &alertmanager, &weakened).await;
+    if result.is_ok() {
+        let counted = "changewire_consumer_handler_events_total";
+        let fired = metric(
+            http_port,
+            counted,
+            "event=\"fired\",detail=\"secret-burst\"",
+        )
+        .await?;
+        result = (fired == 1)
+            .then_some(())
+            .ok_or_else(|| anyhow::anyhow!("/metrics counts {fired} burst alerts, not 1"));
+    }
     if result.is_err() {
         eprintln!(
             "{}\n{}",
@@ -549,8 +561,9 @@ async fn until_slack(
     Ok(())
 }
 
-/// Slack messages (after a 429), an `info` digest, and silences through the
-/// authenticated API: a silenced rule sends nothing until its silence is removed.
+/// Slack messages (after a 429), an `info` digest, a repeat interval per group,
+/// and silences through the authenticated API: a silenced rule sends nothing
+/// until its silence is removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slack_digest_and_silences() -> anyhow::Result<()> {
     let stack = Stack::from_env();
@@ -573,6 +586,8 @@ async fn slack_digest_and_silences() -> anyhow::Result<()> {
             rule_for("fyi", "i-*")
                 .replace("rules:\n", "")
                 .replace("warning", "info"),
+            rule_for("once", "r-*").replace("rules:\n", "")
+                + "  group_by: [rule]\n  repeat_interval_s: 3600\n",
         ]
         .concat(),
     )?;
@@ -629,7 +644,7 @@ async fn slack_digest_and_silences() -> anyhow::Result<()> {
         .await?;
     let id = created["id"].as_str().unwrap_or_default().to_owned();
 
-    let events: Vec<ChangeEvent> = ["a-1", "m-1", "i-1", "i-2"]
+    let events: Vec<ChangeEvent> = ["a-1", "m-1", "i-1", "i-2", "r-1", "r-2"]
         .iter()
         .enumerate()
         .map(|(n, name)| auth_change(n as u64, name, true, false))
@@ -671,6 +686,14 @@ async fn slack_digest_and_silences() -> anyhow::Result<()> {
         muted[0].contains("m-2") || muted[0].contains("uid-m-2"),
         "{}",
         muted[0]
+    );
+    let once = texts
+        .iter()
+        .filter(|t| t.contains("[warning] once"))
+        .count();
+    assert_eq!(
+        once, 1,
+        "one group, one alert within repeat_interval_s: {texts:?}"
     );
     let digest = texts
         .iter()

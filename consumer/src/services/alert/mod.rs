@@ -29,7 +29,9 @@ use serde_json::{json, Value};
 use crate::runtime::sinks::alertmanager::{AlertmanagerConfig, AlertmanagerSink};
 use crate::runtime::sinks::slack::{SlackConfig, SlackSink};
 use crate::runtime::sinks::webhook::{WebhookConfig, WebhookSink};
-use crate::runtime::{Context, Effect, Handler, HandlerError, Record, Sinks};
+use crate::runtime::{
+    ConsumerMetrics, Context, Effect, Handler, HandlerError, HandlerEvent, Record, Sinks,
+};
 use rules::{GroupBy, Per, Rule, RulesFile, Severity, Subject};
 use silences::Silences;
 
@@ -195,6 +197,7 @@ pub struct Alert {
     event_url: Option<String>,
     digest: Option<DigestConfig>,
     silences: Arc<Silences>,
+    metrics: Arc<ConsumerMetrics>,
 }
 
 impl Alert {
@@ -248,6 +251,7 @@ impl Alert {
             event_url: config.event_url.clone(),
             digest: config.digest.clone(),
             silences: Arc::new(silences),
+            metrics: Arc::default(),
         };
         Ok((handler, sinks))
     }
@@ -327,6 +331,14 @@ impl Alert {
         }
     }
 
+    fn count(&self, event: &str, rule: &str) {
+        let labels = HandlerEvent {
+            event: event.to_owned(),
+            detail: rule.to_owned(),
+        };
+        self.metrics.handler_events.get_or_create(&labels).inc();
+    }
+
     /// The silences this handler honours (for the API).
     pub fn silences(&self) -> Arc<Silences> {
         self.silences.clone()
@@ -345,8 +357,10 @@ impl Alert {
             .silencing(&alert.labels, now_ms(SystemTime::now()))
         {
             tracing::info!(rule = %rule.name, event = %alert.message["event_id"], silence, "alert silenced");
+            self.count("silenced", &rule.name);
             return Ok(());
         }
+        self.count("fired", &rule.name);
         for receiver in &self.routes[&rule.severity] {
             let payload = match receiver.as_str() {
                 ALERTMANAGER => alert.alertmanager(),
@@ -657,6 +671,12 @@ impl Handler for Alert {
         let subject = Subject::of(event);
         for rule in &rules.rules {
             let Some(mut reasons) = rule.matches(event, &subject) else {
+                if let Some(lack) = rule.unevaluable(event) {
+                    if rule.concerns(event, &subject) {
+                        tracing::debug!(rule = %rule.name, event = %event.id, lack, "rule cannot evaluate the event");
+                        self.count("unevaluable", &rule.name);
+                    }
+                }
                 continue;
             };
             let mut count = None;
@@ -684,6 +704,7 @@ impl Handler for Alert {
                     .first()
                     .is_some_and(|t| event.source.ts_ms - t < rule.repeat_interval_s as i64 * 1000)
                 {
+                    self.count("held_back", &rule.name);
                     continue;
                 }
                 context.put(last_key.into_bytes(), encode_times(&[event.source.ts_ms]));
@@ -691,6 +712,13 @@ impl Handler for Alert {
             self.send(rule, &fired, context)?;
         }
         Ok(())
+    }
+
+    /// The runtime's metrics, and per rule the alerts `fired`, `silenced`,
+    /// `held_back` (by `repeat_interval_s`) and the events it found
+    /// `unevaluable`.
+    fn metrics(&self) -> Arc<ConsumerMetrics> {
+        self.metrics.clone()
     }
 
     async fn tick(&self, now: SystemTime, context: &mut Context<'_>) -> Result<(), HandlerError> {

@@ -435,18 +435,10 @@ impl Rule {
     /// Whether `event`, about `subject` (its [`Subject::of`], made once for all
     /// rules), matches; why, if it does.
     pub fn matches(&self, event: &ChangeEvent, subject: &Subject<'_>) -> Option<Reasons> {
-        let c = &self.conditions;
-        let listed =
-            |list: &[String], value: &str| list.is_empty() || list.iter().any(|v| v == value);
-        let named = c.names.is_empty() || c.names.iter().any(|p| glob(p, &subject.name));
-        if !(listed(&c.sources, subject.source)
-            && listed(&c.kinds, subject.kind)
-            && listed(&c.namespaces, subject.namespace)
-            && named
-            && (c.ops.is_empty() || c.ops.iter().any(|o| o.is(event.op))))
-        {
+        if !self.concerns(event, subject) {
             return None;
         }
+        let c = &self.conditions;
         let mut reasons = Vec::new();
         if !c.changed.is_empty() {
             let hit: Vec<&String> = c.changed.iter().filter(|p| changed(event, p)).collect();
@@ -471,6 +463,47 @@ impl Rule {
             ));
         }
         Some(reasons)
+    }
+}
+
+impl Rule {
+    /// Whether `event` is about what the rule watches: its source, kind,
+    /// namespace, name and op.
+    pub fn concerns(&self, event: &ChangeEvent, subject: &Subject<'_>) -> bool {
+        let c = &self.conditions;
+        let listed =
+            |list: &[String], value: &str| list.is_empty() || list.iter().any(|v| v == value);
+        listed(&c.sources, subject.source)
+            && listed(&c.kinds, subject.kind)
+            && listed(&c.namespaces, subject.namespace)
+            && (c.names.is_empty() || c.names.iter().any(|p| glob(p, &subject.name)))
+            && (c.ops.is_empty() || c.ops.iter().any(|o| o.is(event.op)))
+    }
+
+    /// What `event` lacks that a condition needs, if anything: such an event
+    /// does not match and is counted, not taken for a near miss.
+    pub fn unevaluable(&self, event: &ChangeEvent) -> Option<&'static str> {
+        let c = &self.conditions;
+        let object = |v: &Option<Value>| v.as_ref().is_some_and(Value::is_object);
+        let rows = object(&event.before) && object(&event.after);
+        if !c.transitions.is_empty() && !rows {
+            return Some("transitions need a before and an after");
+        }
+        if !c.changed.is_empty()
+            && event.diff.is_none()
+            && event.before.is_none()
+            && event.after.is_none()
+        {
+            return Some("changed needs a diff or a row");
+        }
+        let named = c
+            .actor
+            .as_ref()
+            .is_some_and(|a| !a.any_of.is_empty() || !a.groups_in.is_empty());
+        if named && event.actor.is_none() {
+            return Some("actor conditions need an actor");
+        }
+        None
     }
 }
 
@@ -698,6 +731,28 @@ mod tests {
         assert!(rule("  match: {changed: [total]}")
             .matches(&row, &Subject::of(&row))
             .is_none());
+    }
+
+    #[test]
+    fn events_lacking_what_a_condition_needs_are_unevaluable() {
+        let transition = rule("  match:\n    transitions: [{path: spec.rps, decreased: true}]");
+        let mut created = weakened();
+        created.before = None;
+        assert_eq!(
+            transition.unevaluable(&created),
+            Some("transitions need a before and an after")
+        );
+        assert_eq!(transition.unevaluable(&weakened()), None);
+        let actor = rule("  match: {actor: {in: [bob]}}");
+        let mut anonymous = weakened();
+        anonymous.actor = None;
+        assert!(actor.unevaluable(&anonymous).is_some());
+        assert_eq!(
+            rule("  match: {actor: {not_in: [bob]}}").unevaluable(&anonymous),
+            None
+        );
+        let kinds = rule("  match: {kinds: [Secret]}");
+        assert!(!kinds.concerns(&weakened(), &Subject::of(&weakened())));
     }
 
     #[test]
