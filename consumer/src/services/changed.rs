@@ -5,32 +5,57 @@
 
 use changewire_schemas::{ChangeEvent, Op};
 
+/// A dotted path pattern split into its segments once (`spec.auth.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern(Vec<String>);
+
+impl PathPattern {
+    /// `pattern`'s segments.
+    pub fn parse(pattern: &str) -> Self {
+        Self(pattern.split('.').map(str::to_owned).collect())
+    }
+}
+
 /// Whether `event` changed a path matching `pattern` (dotted; `*` is one segment,
 /// a trailing `*` anything below). An operation on an enclosing path counts when
 /// its value holds the path (or it removed it). Without a diff (table rows), an
 /// update changed the paths where `before` and `after` differ, and creates and
 /// deletes change every path their object has.
 pub fn changed(event: &ChangeEvent, pattern: &str) -> bool {
-    let wanted: Vec<&str> = pattern.split('.').collect();
+    changed_at(event, &PathPattern::parse(pattern))
+}
+
+/// [`changed`] with a pattern split once, for patterns tried on many events.
+pub fn changed_at(event: &ChangeEvent, pattern: &PathPattern) -> bool {
+    let wanted = pattern.0.as_slice();
     if let Some(operations) = event.diff.as_ref().and_then(|d| d.as_array()) {
-        return operations.iter().any(|op| touches(op, &wanted));
+        return operations.iter().any(|op| touches(op, wanted));
     }
     match (event.op, &event.before, &event.after) {
-        (Op::Update, Some(before), Some(after)) => differs(before, after, &wanted),
+        (Op::Update, Some(before), Some(after)) => differs(before, after, wanted),
         (Op::Update, _, _) => false,
         (_, before, after) => after
             .as_ref()
             .or(before.as_ref())
-            .is_some_and(|o| holds(o, &wanted)),
+            .is_some_and(|o| holds(o, wanted)),
     }
 }
 
+/// The first segment of `wanted`, and the rest.
+fn first<S: AsRef<str>>(wanted: &[S]) -> Option<(&str, &[S])> {
+    wanted.split_first().map(|(w, rest)| (w.as_ref(), rest))
+}
+
 /// Whether `before` and `after` differ somewhere `wanted` matches.
-fn differs(before: &serde_json::Value, after: &serde_json::Value, wanted: &[&str]) -> bool {
+fn differs<S: AsRef<str>>(
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+    wanted: &[S],
+) -> bool {
     let null = serde_json::Value::Null;
-    match wanted.split_first() {
-        None | Some((&"*", [])) => before != after,
-        Some((&"*", rest)) => {
+    match first(wanted) {
+        None | Some(("*", [])) => before != after,
+        Some(("*", rest)) => {
             let keys = |v: &serde_json::Value| {
                 v.as_object()
                     .map(|o| o.keys().cloned().collect::<Vec<_>>())
@@ -47,15 +72,15 @@ fn differs(before: &serde_json::Value, after: &serde_json::Value, wanted: &[&str
             })
         }
         Some((segment, rest)) => differs(
-            before.get(*segment).unwrap_or(&null),
-            after.get(*segment).unwrap_or(&null),
+            before.get(segment).unwrap_or(&null),
+            after.get(segment).unwrap_or(&null),
             rest,
         ),
     }
 }
 
 /// Whether one JSON Patch operation changes something `wanted` matches.
-fn touches(operation: &serde_json::Value, wanted: &[&str]) -> bool {
+fn touches<S: AsRef<str>>(operation: &serde_json::Value, wanted: &[S]) -> bool {
     let Some(path) = operation.get("path").and_then(|p| p.as_str()) else {
         return false;
     };
@@ -64,7 +89,7 @@ fn touches(operation: &serde_json::Value, wanted: &[&str]) -> bool {
         return true;
     }
     let encloses = wanted.len() > segments.len()
-        && (segments.iter().zip(wanted)).all(|(s, w)| *w == "*" || w == s);
+        && (segments.iter().zip(wanted)).all(|(s, w)| w.as_ref() == "*" || w.as_ref() == s);
     encloses
         && operation
             .get("value")
@@ -72,15 +97,15 @@ fn touches(operation: &serde_json::Value, wanted: &[&str]) -> bool {
 }
 
 /// Whether `value` has something at `wanted`.
-fn holds(value: &serde_json::Value, wanted: &[&str]) -> bool {
-    match wanted.split_first() {
+fn holds<S: AsRef<str>>(value: &serde_json::Value, wanted: &[S]) -> bool {
+    match first(wanted) {
         None => true,
-        Some((&"*", rest)) => match value {
+        Some(("*", rest)) => match value {
             serde_json::Value::Object(map) => map.values().any(|v| holds(v, rest)),
             serde_json::Value::Array(items) => items.iter().any(|v| holds(v, rest)),
             _ => false,
         },
-        Some((segment, rest)) => value.get(*segment).is_some_and(|v| holds(v, rest)),
+        Some((segment, rest)) => value.get(segment).is_some_and(|v| holds(v, rest)),
     }
 }
 
@@ -92,13 +117,12 @@ fn json_pointer_segments(pointer: &str) -> Vec<String> {
         .collect()
 }
 
-fn path_matches(path: &[String], wanted: &[&str]) -> bool {
-    match (wanted.split_first(), path.split_first()) {
-        (Some((&"*", [])), _) => true,
-        (None, _) => true,
+fn path_matches<S: AsRef<str>>(path: &[String], wanted: &[S]) -> bool {
+    match (first(wanted), path.split_first()) {
+        (Some(("*", [])), _) | (None, _) => true,
         (Some(_), None) => false,
         (Some((w, rest)), Some((p, path_rest))) => {
-            (*w == "*" || *w == p) && path_matches(path_rest, rest)
+            (w == "*" || w == p) && path_matches(path_rest, rest)
         }
     }
 }

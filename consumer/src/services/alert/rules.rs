@@ -9,7 +9,7 @@ use changewire_schemas::{ChangeEvent, Op, Origin};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::services::changed::changed;
+use crate::services::changed::{changed_at, PathPattern};
 
 /// Why a rules file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +152,9 @@ pub struct Conditions {
     /// Dotted paths (`spec.auth.*`), any of which changed.
     #[serde(default)]
     pub changed: Vec<String>,
+    /// `changed`, split once when the file is read.
+    #[serde(skip)]
+    changed_at: Vec<PathPattern>,
     /// Value changes, all of which happened.
     #[serde(default)]
     pub transitions: Vec<Transition>,
@@ -293,10 +296,18 @@ impl RulesFile {
 
     /// Parses and checks `text`; `path` names it in messages.
     pub fn parse(text: &str, path: &str) -> Result<Self, RulesError> {
-        let file: Self = serde_norway::from_str(text).map_err(|source| RulesError::Parse {
+        let mut file: Self = serde_norway::from_str(text).map_err(|source| RulesError::Parse {
             path: path.to_owned(),
             source,
         })?;
+        for rule in &mut file.rules {
+            let conditions = &mut rule.conditions;
+            conditions.changed_at = conditions
+                .changed
+                .iter()
+                .map(|p| PathPattern::parse(p))
+                .collect();
+        }
         let mut names = std::collections::HashSet::new();
         for rule in &file.rules {
             let invalid = |field, reason: String| RulesError::Invalid {
@@ -441,7 +452,15 @@ impl Rule {
         let c = &self.conditions;
         let mut reasons = Vec::new();
         if !c.changed.is_empty() {
-            let hit: Vec<&String> = c.changed.iter().filter(|p| changed(event, p)).collect();
+            // Split when the file was read; a rule made otherwise splits here.
+            let split = |i: usize, text: &str| match c.changed_at.get(i) {
+                Some(pattern) => changed_at(event, pattern),
+                None => changed_at(event, &PathPattern::parse(text)),
+            };
+            let hit: Vec<&String> = (c.changed.iter().enumerate())
+                .filter(|(i, text)| split(*i, text))
+                .map(|(_, text)| text)
+                .collect();
             if hit.is_empty() {
                 return None;
             }
