@@ -27,10 +27,8 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::webhook::{check_http_url, retry_after, status_error};
+use super::{this_host, time_of};
 use crate::runtime::{Delivery, Pending, Sink, SinkError, Store};
-
-/// The header the event's time (ms since the epoch) travels in.
-pub const TIME_HEADER: &str = "changewire-time-ms";
 
 /// How often indexing acknowledgements are polled.
 const ACK_POLL: Duration = Duration::from_millis(200);
@@ -242,26 +240,6 @@ impl HecSink {
 }
 
 /// The effect's event time from its header (now when absent).
-/// This machine's name, or `changewire` when it cannot be read.
-pub(super) fn this_host() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map_or_else(|_| "changewire".into(), |h| h.trim().to_owned())
-}
-
-/// The event's time (ms since the epoch) an effect carries in [`TIME_HEADER`];
-/// now when it has none.
-pub(super) fn time_of(pending: &Pending) -> i64 {
-    (pending.effect.headers.iter())
-        .find(|(name, _)| name == TIME_HEADER)
-        .and_then(|(_, value)| value.as_deref())
-        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64)
-        })
-}
-
 /// HEC indexed the events before `invalid`, rejected that one, and did not look
 /// at the rest.
 fn partly_indexed(count: usize, invalid: usize, answer: &Value) -> Vec<Delivery> {

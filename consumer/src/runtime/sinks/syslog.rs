@@ -30,7 +30,7 @@ use tokio::sync::Mutex;
 use tokio::time::timeout;
 use tokio_native_tls::TlsStream;
 
-use super::hec::time_of;
+use super::{this_host, time_of};
 use crate::runtime::{Delivery, Pending, Sink, SinkError, Store};
 
 /// What ends a message cut to the size limit.
@@ -296,7 +296,7 @@ impl SyslogSink {
         };
         Ok(Self {
             pri,
-            hostname: (config.hostname.clone()).unwrap_or_else(super::hec::this_host),
+            hostname: (config.hostname.clone()).unwrap_or_else(this_host),
             tls,
             config: config.clone(),
             connection: Mutex::new(None),

@@ -95,7 +95,7 @@ impl Report {
                 continue;
             };
             if let Some(threshold) = &rule.threshold {
-                let key = window_key(rule, event, threshold.per);
+                let key = window_key(rule, event, &subject, threshold.per);
                 let times = self.windows.entry(key.clone()).or_default();
                 *times = in_window(
                     std::mem::take(times),

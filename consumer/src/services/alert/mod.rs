@@ -361,20 +361,35 @@ impl Alert {
             return Ok(());
         }
         self.count("fired", &rule.name);
-        for receiver in &self.routes[&rule.severity] {
-            let payload = match receiver.as_str() {
-                ALERTMANAGER => alert.alertmanager(),
-                SLACK => json!({ "text": slack_text(&alert.message) }),
-                DIGEST => {
-                    let at = alert.message["at"].as_str().unwrap_or_default();
-                    let key = format!("{DIGESTED}{at}/{}", alert.group_key);
-                    context.put(key.into_bytes(), slack_line(&alert.message).into_bytes());
-                    continue;
-                }
-                _ => alert.message.clone(),
+        if self.routes[&rule.severity].iter().any(|r| r == DIGEST) {
+            let at = alert.message["at"].as_str().unwrap_or_default();
+            let key = format!("{DIGESTED}{at}/{}", alert.group_key);
+            context.put(key.into_bytes(), slack_line(&alert.message).into_bytes());
+        }
+        let key = Some(alert.group_key.as_str());
+        self.emit_routed(rule.severity, key, context, |receiver| match receiver {
+            ALERTMANAGER => Some(alert.alertmanager()),
+            SLACK => Some(json!({ "text": slack_text(&alert.message) })),
+            DIGEST => None,
+            _ => Some(alert.message.clone()),
+        })
+    }
+
+    /// Emits, to each receiver `severity` routes to, the payload `payload_for`
+    /// makes for it (none: that receiver gets nothing).
+    fn emit_routed(
+        &self,
+        severity: Severity,
+        key: Option<&str>,
+        context: &mut Context<'_>,
+        payload_for: impl Fn(&str) -> Option<Value>,
+    ) -> Result<(), HandlerError> {
+        for receiver in &self.routes[&severity] {
+            let Some(payload) = payload_for(receiver) else {
+                continue;
             };
             let effect = Effect {
-                key: Some(alert.group_key.clone().into_bytes()),
+                key: key.map(|k| k.as_bytes().to_vec()),
                 ..Effect::new(serde_json::to_vec(&payload).map_err(HandlerError::permanent)?)
             };
             context.emit(receiver, effect)?;
@@ -647,14 +662,14 @@ fn group_key(rule: &Rule, event: &ChangeEvent, subject: &Subject<'_>) -> String 
     parts.join("|")
 }
 
-/// The window `rule` counts `event` in.
-fn window_key(rule: &Rule, event: &ChangeEvent, per: Per) -> String {
+/// The window `rule` counts `event` (about `subject`) in.
+fn window_key(rule: &Rule, event: &ChangeEvent, subject: &Subject<'_>, per: Per) -> String {
     let value = match per {
         Per::Actor => event
             .actor
             .as_ref()
             .map_or(String::new(), |a| a.name.clone()),
-        Per::Resource => Subject::of(event).resource(),
+        Per::Resource => subject.resource(),
     };
     format!("{}/{value}", rule.name)
 }
@@ -681,7 +696,7 @@ impl Handler for Alert {
             };
             let mut count = None;
             if let Some(threshold) = &rule.threshold {
-                let window = window_key(rule, event, threshold.per);
+                let window = window_key(rule, event, &subject, threshold.per);
                 let Some(reached) = Self::count_in_window(rule, event, &window, context)? else {
                     continue;
                 };
@@ -747,20 +762,13 @@ impl Handler for Alert {
             resolved["endsAt"] = json!(rfc3339(now));
             context.remove(key);
             context.remove(format!("{WINDOW}{window}").into_bytes());
-            for receiver in &self.routes[&rule.severity] {
-                let payload = if receiver == DIGEST {
-                    continue;
-                } else if receiver == SLACK {
-                    json!({ "text": slack_escape(&format!("[resolved] {}: {window}", rule.name)) })
-                } else if receiver == ALERTMANAGER {
-                    resolved.clone()
-                } else {
-                    json!({"status": "resolved", "rule": rule.name, "labels": resolved["labels"], "ended_at": rfc3339(now)})
-                };
-                let effect =
-                    Effect::new(serde_json::to_vec(&payload).map_err(HandlerError::permanent)?);
-                context.emit(receiver, effect)?;
-            }
+            let ended_at = rfc3339(now);
+            self.emit_routed(rule.severity, None, context, |receiver| match receiver {
+                DIGEST => None,
+                SLACK => Some(json!({ "text": slack_escape(&format!("[resolved] {}: {window}", rule.name)) })),
+                ALERTMANAGER => Some(resolved.clone()),
+                _ => Some(json!({"status": "resolved", "rule": rule.name, "labels": resolved["labels"], "ended_at": ended_at})),
+            })?;
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! Alert rules: the YAML file's shape, its checks, and what one event matches.
 //! Pure: no state, no I/O beyond reading the file; windows live in
-//! [`super::window`].
+//! the handler ([`super::Alert`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::sinks::bulk::{BulkConfig, BulkSink};
 use crate::runtime::sinks::file::{FileConfig, FileSink};
-use crate::runtime::sinks::hec::{HecConfig, HecSink, TIME_HEADER};
+use crate::runtime::sinks::hec::{HecConfig, HecSink};
 use crate::runtime::sinks::syslog::{SyslogConfig, SyslogSink};
+use crate::runtime::sinks::TIME_HEADER;
 use crate::runtime::{Context, Effect, Handler, HandlerError, Record, Sinks};
 
 /// The name of the feed's sink.
