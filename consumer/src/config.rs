@@ -14,6 +14,7 @@ use crate::services::alert::AlertConfig;
 use crate::services::audit::AuditConfig;
 use crate::services::dedup::DedupConfig;
 use crate::services::forward::ForwardConfig;
+use crate::services::gateway::GatewayConfig;
 use crate::services::siem::SiemConfig;
 
 /// Everything `changewire-consumer` reads from its config file.
@@ -47,6 +48,9 @@ pub struct ConsumerConfig {
     /// Run the alert service.
     #[serde(default)]
     pub alert: Option<AlertConfig>,
+    /// Run the gateway service.
+    #[serde(default)]
+    pub gateway: Option<GatewayConfig>,
 }
 
 impl ConsumerConfig {
@@ -76,6 +80,19 @@ impl ConsumerConfig {
                 return Err(ConfigError::invalid(
                     "service",
                     "rules with a threshold need assignment = \"static\" and tick_interval_ms (windows close on ticks)",
+                ));
+            }
+        }
+        if let Some(gateway) = &self.gateway {
+            gateway.validate()?;
+            // Every replica applies every change: none may miss a partition.
+            if self.service.assignment != Assignment::Static
+                || self.service.partitions.is_some()
+                || self.service.tick_interval_ms.is_none()
+            {
+                return Err(ConfigError::invalid(
+                    "service",
+                    "the gateway service reads every partition itself and debounces on ticks: set assignment = \"static\", no partitions list, and tick_interval_ms (docs/gateway.md)",
                 ));
             }
         }

@@ -8,6 +8,7 @@ use changewire_consumer::config::ConsumerConfig;
 use changewire_consumer::runtime::{self, RunStats};
 use changewire_consumer::services::alert::dry_run::AlertCommand;
 use changewire_consumer::services::alert::{self, Alert, AlertConfig};
+use changewire_consumer::services::gateway::{self, Gateway, GatewayConfig};
 use changewire_consumer::services::audit::cli::AuditCommand;
 use changewire_consumer::services::audit::{self, Audit, AuditConfig};
 use changewire_consumer::services::dedup::{Dedup, DedupConfig};
@@ -164,6 +165,7 @@ enum Service<'a> {
     Audit(&'a AuditConfig),
     Siem(&'a SiemConfig),
     Alert(&'a AlertConfig),
+    Gateway(&'a GatewayConfig),
 }
 
 impl<'a> Service<'a> {
@@ -174,13 +176,14 @@ impl<'a> Service<'a> {
             config.audit.as_ref().map(Self::Audit),
             config.siem.as_ref().map(Self::Siem),
             config.alert.as_ref().map(Self::Alert),
+            config.gateway.as_ref().map(Self::Gateway),
         ];
         let mut present = sections.into_iter().flatten();
         match (present.next(), present.next()) {
             (Some(service), None) => Ok(service),
             _ => Err(ConfigError::invalid(
-                "dedup/forward/audit/siem/alert",
-                "expected exactly one service section: [dedup], [forward], [audit], [siem] or [alert]",
+                "dedup/forward/audit/siem/alert/gateway",
+                "expected exactly one service section: [dedup], [forward], [audit], [siem], [alert] or [gateway]",
             )),
         }
     }
@@ -192,6 +195,7 @@ impl<'a> Service<'a> {
             Self::Audit(_) => "audit",
             Self::Siem(_) => "siem",
             Self::Alert(_) => "alert",
+            Self::Gateway(_) => "gateway",
         }
     }
 
@@ -227,8 +231,34 @@ impl<'a> Service<'a> {
                 }
                 runtime::run(&config, handler, sinks, shutdown).await?
             }
+            Self::Gateway(gateway) => run_gateway(&config, gateway, shutdown).await?,
         })
     }
+}
+
+/// The gateway service, with its status API on the store the runtime writes.
+async fn run_gateway(
+    config: &runtime::RuntimeConfig,
+    gateway: &GatewayConfig,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<RunStats, Box<dyn std::error::Error + Send + Sync>> {
+    let store = runtime::open_store(config)?;
+    runtime::ensure_topic(config, &gateway.status_topic(config), 1).await?;
+    let (handler, sinks) = Gateway::new(config, gateway)?;
+    let api = match gateway.listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            tracing::info!(listen = %listener.local_addr()?, "serving the gateway status API");
+            let router = gateway::status::router(store.clone(), gateway.api_tokens.clone());
+            Some(tokio::spawn(changewire_schemas::http::serve(listener, router)))
+        }
+        None => None,
+    };
+    let result = runtime::run_on(config, store, handler, sinks, shutdown).await;
+    if let Some(api) = api {
+        api.abort();
+    }
+    Ok(result?)
 }
 
 /// The audit service: its query API on the store the runtime writes.

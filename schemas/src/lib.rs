@@ -2,6 +2,7 @@
 //! anyone writing their own consumer:
 //!
 //! - [`envelope`]: [`ChangeEvent`] and its parts (a Debezium-compatible envelope);
+//! - [`gateway`]: the gateway resources (`Route`, policies, `ModelRoute`);
 //! - [`topic`]: topic names derived from one prefix;
 //! - [`codec`]: JSON and Avro value codecs (the `.avsc` files live in `schemas/avro/`);
 //! - [`registry`]: the Confluent schema-registry client used by the Avro codec;
@@ -18,6 +19,7 @@ pub mod diagnostics;
 pub mod envelope;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
+pub mod gateway;
 pub mod http;
 pub mod registry;
 pub mod settings;

@@ -1,0 +1,270 @@
+//! Applying plans to a gateway: the [`Applier`] seam (nginx and Caddy implement
+//! it) and [`GatewaySink`], the runtime sink that drives one.
+//!
+//! The handler emits a plan (the whole desired state) or a drift check; the sink
+//! applies the newest plan of each chunk (a burst gives one apply, and applies to
+//! one gateway never overlap: a sink delivers one chunk at a time), keeps the
+//! plan it applied, and writes the outcome to the store under
+//! `gateway/outcome/`, where the handler's next tick publishes it.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::desired::{Plan, Rejection, ResourceId};
+use crate::runtime::{Store, StoreError};
+use crate::runtime::{Delivery, Pending, Sink, SinkError};
+
+/// Outcomes waiting for the handler, by gateway and time.
+pub(super) const OUTCOME: &str = "gateway/outcome/";
+/// The plan each gateway last applied.
+const APPLIED: &str = "gateway/applied/";
+
+/// Why an apply ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The desired state changed.
+    Change,
+    /// A periodic comparison of the running gateway with the desired state.
+    DriftCheck,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApplyResult {
+    /// The gateway runs the new config.
+    Applied,
+    /// It already ran it: nothing was touched.
+    Unchanged,
+    /// It ran something else (edited by hand, restarted on an old config): the
+    /// desired config was applied again.
+    DriftRepaired,
+    /// The new config failed once live; the last good one was restored.
+    RolledBack,
+    /// The gateway refused every candidate; it keeps the config it had.
+    Failed,
+}
+
+/// The outcome of one apply, as published to the status topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The gateway (its sink name: `nginx`, `caddy`).
+    pub gateway: String,
+    /// The plan's generation.
+    pub generation: u64,
+    /// Why it ran.
+    pub trigger: Trigger,
+    /// What it did.
+    pub result: ApplyResult,
+    /// Details: the validator's or the probe's message.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Resources now served.
+    pub served: Vec<ResourceId>,
+    /// Resources the gateway refused, with its reason (left out; the others
+    /// are served).
+    pub rejected: Vec<Rejection>,
+    /// A digest of the config now running.
+    pub config: String,
+    /// When it finished (ms since the epoch).
+    pub at_ms: i64,
+    /// How long it took.
+    pub took_ms: u64,
+}
+
+/// What an [`Applier`] reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// What it did.
+    pub result: ApplyResult,
+    /// Details.
+    pub message: Option<String>,
+    /// Resources it left out, with why.
+    pub rejected: Vec<Rejection>,
+    /// A digest of the config now running.
+    pub config: String,
+}
+
+/// Why an apply could not be carried out at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The gateway cannot be reached or run (admin API down, binary missing):
+    /// retried without end.
+    #[error("gateway unavailable: {0}")]
+    Unavailable(String),
+    /// Local files cannot be written: retried without end too, since every
+    /// later plan would fail the same way.
+    #[error("cannot write the gateway's files")]
+    Io(#[source] std::io::Error),
+}
+
+/// A gateway that takes whole plans.
+pub trait Applier: Send + Sync + 'static {
+    /// Makes the gateway serve `plan` (when `trigger` is a drift check, only if
+    /// it serves something else). Idempotent: a plan the gateway already serves
+    /// changes nothing.
+    fn apply(
+        &self,
+        plan: &Plan,
+        trigger: Trigger,
+    ) -> impl Future<Output = Result<Applied, ApplyError>> + Send;
+}
+
+/// What the handler emits to a gateway sink.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// Serve this plan.
+    Apply(Plan),
+    /// Compare the gateway with the last plan applied; re-apply on drift.
+    CheckDrift,
+}
+
+/// API keys mounted as files: `<dir>/<namespace>/<secret>/<key>`, one key per
+/// line. Secret values are redacted before they reach Kafka, so keys never
+/// travel in events: they are mounted where the gateway runs.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    /// The directory; no keys can be read when absent.
+    pub dir: Option<PathBuf>,
+}
+
+impl Secrets {
+    /// The keys of `namespace`'s Secret `name`, entry `key`.
+    pub fn api_keys(&self, namespace: &str, name: &str, key: &str) -> Result<Vec<String>, String> {
+        let dir = self.dir.as_ref().ok_or_else(|| {
+            "API keys need gateway.secrets_dir (where Secrets are mounted)".to_owned()
+        })?;
+        let path = dir.join(namespace).join(name).join(key);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read the keys of Secret {namespace}/{name} ({}): {e}", path.display()))?;
+        let keys: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let printable = |k: &String| {
+            k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._~+/=".contains(c))
+        };
+        if keys.is_empty() || !keys.iter().all(printable) {
+            return Err(format!(
+                "Secret {namespace}/{name} key {key}: one or more API keys, one per line, of letters, digits and -._~+/="
+            ));
+        }
+        Ok(keys)
+    }
+}
+
+/// Delivers [`Order`]s to one gateway.
+pub struct GatewaySink<A> {
+    name: String,
+    applier: A,
+}
+
+impl<A: Applier> GatewaySink<A> {
+    /// A sink named `name` (the gateway's name in outcomes) over `applier`.
+    pub fn new(name: &str, applier: A) -> Self {
+        Self {
+            name: name.to_owned(),
+            applier,
+        }
+    }
+
+    /// The plan to apply for `orders` (the newest plan; a drift check alone
+    /// checks the last one applied), and why.
+    fn plan_for(&self, orders: &[Order], store: &Store) -> Result<Option<(Plan, Trigger)>, StoreError> {
+        if let Some(plan) = orders.iter().rev().find_map(|o| match o {
+            Order::Apply(plan) => Some(plan.clone()),
+            Order::CheckDrift => None,
+        }) {
+            return Ok(Some((plan, Trigger::Change)));
+        }
+        let applied = store.get(format!("{APPLIED}{}", self.name).as_bytes())?;
+        Ok(applied
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .map(|plan| (plan, Trigger::DriftCheck)))
+    }
+
+    async fn run(&self, orders: &[Order], store: &Store) -> Result<(), SinkError> {
+        let Some((plan, trigger)) = self.plan_for(orders, store).map_err(SinkError::unavailable)? else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let applied = self
+            .applier
+            .apply(&plan, trigger)
+            .await
+            .map_err(SinkError::unavailable)?;
+        if trigger == Trigger::DriftCheck && applied.result == ApplyResult::Unchanged {
+            return Ok(());
+        }
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let rejected_ids: Vec<&ResourceId> = applied.rejected.iter().map(|r| &r.resource).collect();
+        let served = match applied.result {
+            ApplyResult::Failed | ApplyResult::RolledBack => Vec::new(),
+            _ => (plan.resources.iter())
+                .map(|(id, _)| id.clone())
+                .filter(|id| !rejected_ids.contains(&id))
+                .collect(),
+        };
+        let outcome = Outcome {
+            gateway: self.name.clone(),
+            generation: plan.generation,
+            trigger,
+            result: applied.result,
+            message: applied.message,
+            served,
+            rejected: applied.rejected,
+            config: applied.config,
+            at_ms,
+            took_ms: started.elapsed().as_millis() as u64,
+        };
+        tracing::info!(gateway = %self.name, generation = plan.generation, result = ?outcome.result, rejected = outcome.rejected.len(), took_ms = outcome.took_ms, "gateway apply");
+        let stored = |e: StoreError| SinkError::Fatal(Box::new(e));
+        if !matches!(outcome.result, ApplyResult::Failed | ApplyResult::RolledBack) {
+            let plan = serde_json::to_vec(&plan).map_err(|e| SinkError::Fatal(Box::new(e)))?;
+            store
+                .put_state(format!("{APPLIED}{}", self.name).as_bytes(), Some(&plan))
+                .map_err(stored)?;
+        }
+        let key = format!("{OUTCOME}{}/{:020}", self.name, now_nanos());
+        let value = serde_json::to_vec(&outcome).map_err(|e| SinkError::Fatal(Box::new(e)))?;
+        store.put_state(key.as_bytes(), Some(&value)).map_err(stored)
+    }
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+impl<A: Applier> Sink for GatewaySink<A> {
+    async fn deliver(&self, effects: &[Arc<Pending>], store: &Store) -> Vec<Delivery> {
+        let orders: Result<Vec<Order>, _> = effects
+            .iter()
+            .map(|p| serde_json::from_slice(&p.effect.payload))
+            .collect();
+        let result = match orders {
+            Ok(orders) => self.run(&orders, store).await,
+            Err(error) => Err(SinkError::Permanent(Box::new(error))),
+        };
+        match result {
+            Ok(()) => effects.iter().map(|_| Delivery::Delivered).collect(),
+            Err(error) => {
+                let mut deliveries = vec![Delivery::Failed(error)];
+                deliveries.extend(effects.iter().skip(1).map(|_| Delivery::NotAttempted));
+                deliveries
+            }
+        }
+    }
+}
