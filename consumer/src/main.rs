@@ -8,11 +8,11 @@ use changewire_consumer::config::ConsumerConfig;
 use changewire_consumer::runtime::{self, RunStats};
 use changewire_consumer::services::alert::dry_run::AlertCommand;
 use changewire_consumer::services::alert::{self, Alert, AlertConfig};
-use changewire_consumer::services::gateway::{self, Gateway, GatewayConfig};
 use changewire_consumer::services::audit::cli::AuditCommand;
 use changewire_consumer::services::audit::{self, Audit, AuditConfig};
 use changewire_consumer::services::dedup::{Dedup, DedupConfig};
 use changewire_consumer::services::forward::{Forward, ForwardConfig};
+use changewire_consumer::services::gateway::{self, Gateway, GatewayConfig};
 use changewire_consumer::services::siem::{Siem, SiemConfig};
 use changewire_schemas::diagnostics::report;
 use changewire_schemas::diagnostics::LogFormat;
@@ -250,7 +250,9 @@ async fn run_gateway(
             let listener = tokio::net::TcpListener::bind(listen).await?;
             tracing::info!(listen = %listener.local_addr()?, "serving the gateway status API");
             let router = gateway::status::router(store.clone(), gateway.api_tokens.clone());
-            Some(tokio::spawn(changewire_schemas::http::serve(listener, router)))
+            Some(tokio::spawn(changewire_schemas::http::serve(
+                listener, router,
+            )))
         }
         None => None,
     };

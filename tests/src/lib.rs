@@ -7,6 +7,7 @@
 pub mod alertmanager;
 pub mod bench;
 pub mod certs;
+pub mod gateway;
 pub mod kube_api;
 pub mod servers;
 pub mod syslog;

@@ -211,6 +211,7 @@ fn dedup_config(stack: &Stack, prefix: &str, raw: &str, state: &std::path::Path)
         audit: None,
         siem: None,
         alert: None,
+        gateway: None,
     }
 }
 

@@ -54,6 +54,7 @@ pub fn service_config(stack: &Stack, prefix: &str, topic: &str, state: &Path) ->
         audit: None,
         siem: None,
         alert: None,
+        gateway: None,
     }
 }
 

@@ -9,6 +9,7 @@ mod crash;
 mod dedup;
 mod effects;
 mod forward;
+mod gateway;
 mod kube_recovery;
 mod kubernetes;
 mod large;

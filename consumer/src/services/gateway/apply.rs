@@ -15,8 +15,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::desired::{Plan, Rejection, ResourceId};
-use crate::runtime::{Store, StoreError};
 use crate::runtime::{Delivery, Pending, Sink, SinkError};
+use crate::runtime::{Store, StoreError};
 
 /// Outcomes waiting for the handler, by gateway and time.
 pub(super) const OUTCOME: &str = "gateway/outcome/";
@@ -141,8 +141,12 @@ impl Secrets {
             "API keys need gateway.secrets_dir (where Secrets are mounted)".to_owned()
         })?;
         let path = dir.join(namespace).join(name).join(key);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read the keys of Secret {namespace}/{name} ({}): {e}", path.display()))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "cannot read the keys of Secret {namespace}/{name} ({}): {e}",
+                path.display()
+            )
+        })?;
         let keys: Vec<String> = text
             .lines()
             .map(str::trim)
@@ -179,7 +183,11 @@ impl<A: Applier> GatewaySink<A> {
 
     /// The plan to apply for `orders` (the newest plan; a drift check alone
     /// checks the last one applied), and why.
-    fn plan_for(&self, orders: &[Order], store: &Store) -> Result<Option<(Plan, Trigger)>, StoreError> {
+    fn plan_for(
+        &self,
+        orders: &[Order],
+        store: &Store,
+    ) -> Result<Option<(Plan, Trigger)>, StoreError> {
         if let Some(plan) = orders.iter().rev().find_map(|o| match o {
             Order::Apply(plan) => Some(plan.clone()),
             Order::CheckDrift => None,
@@ -193,7 +201,10 @@ impl<A: Applier> GatewaySink<A> {
     }
 
     async fn run(&self, orders: &[Order], store: &Store) -> Result<(), SinkError> {
-        let Some((plan, trigger)) = self.plan_for(orders, store).map_err(SinkError::unavailable)? else {
+        let Some((plan, trigger)) = self
+            .plan_for(orders, store)
+            .map_err(SinkError::unavailable)?
+        else {
             return Ok(());
         };
         let started = Instant::now();
@@ -230,7 +241,10 @@ impl<A: Applier> GatewaySink<A> {
         };
         tracing::info!(gateway = %self.name, generation = plan.generation, result = ?outcome.result, rejected = outcome.rejected.len(), took_ms = outcome.took_ms, "gateway apply");
         let stored = |e: StoreError| SinkError::Fatal(Box::new(e));
-        if !matches!(outcome.result, ApplyResult::Failed | ApplyResult::RolledBack) {
+        if !matches!(
+            outcome.result,
+            ApplyResult::Failed | ApplyResult::RolledBack
+        ) {
             let plan = serde_json::to_vec(&plan).map_err(|e| SinkError::Fatal(Box::new(e)))?;
             store
                 .put_state(format!("{APPLIED}{}", self.name).as_bytes(), Some(&plan))
@@ -238,7 +252,9 @@ impl<A: Applier> GatewaySink<A> {
         }
         let key = format!("{OUTCOME}{}/{:020}", self.name, now_nanos());
         let value = serde_json::to_vec(&outcome).map_err(|e| SinkError::Fatal(Box::new(e)))?;
-        store.put_state(key.as_bytes(), Some(&value)).map_err(stored)
+        store
+            .put_state(key.as_bytes(), Some(&value))
+            .map_err(stored)
     }
 }
 

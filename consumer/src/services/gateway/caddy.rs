@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use super::apply::{ApplyError, ApplyResult, Applied, Applier, Secrets, Trigger};
+use super::apply::{Applied, Applier, ApplyError, ApplyResult, Secrets, Trigger};
 use super::desired::{Plan, Rejection, ResourceId};
 use super::nginx::render::{DIGEST_HEADER, HEALTH_PATH};
 
@@ -72,7 +72,10 @@ impl CaddyGateway {
     /// The gateway `config` describes; API keys are read from `secrets`.
     pub fn new(config: &CaddyConfig, secrets: Secrets) -> Result<Self, ConfigError> {
         if !config.admin_url.starts_with("http://") && !config.admin_url.starts_with("https://") {
-            return Err(ConfigError::invalid("gateway.caddy.admin_url", "an http:// or https:// URL"));
+            return Err(ConfigError::invalid(
+                "gateway.caddy.admin_url",
+                "an http:// or https:// URL",
+            ));
         }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -92,10 +95,19 @@ impl CaddyGateway {
 
     /// Caddy's running config and its ETag.
     async fn running(&self) -> Result<(Value, String), ApplyError> {
-        let unavailable = |e: reqwest::Error| ApplyError::Unavailable(format!("Caddy's admin API: {e}"));
-        let response = self.http.get(self.url("/config/")).send().await.map_err(unavailable)?;
+        let unavailable =
+            |e: reqwest::Error| ApplyError::Unavailable(format!("Caddy's admin API: {e}"));
+        let response = self
+            .http
+            .get(self.url("/config/"))
+            .send()
+            .await
+            .map_err(unavailable)?;
         if !response.status().is_success() {
-            return Err(ApplyError::Unavailable(format!("Caddy's admin API answered {}", response.status())));
+            return Err(ApplyError::Unavailable(format!(
+                "Caddy's admin API answered {}",
+                response.status()
+            )));
         }
         let body = response.bytes().await.map_err(unavailable)?;
         let etag = format!("\"/config/ {:x}\"", fnv1a32(&body));
@@ -121,7 +133,12 @@ impl CaddyGateway {
             200..=299 => Ok(()),
             412 => Err(Pushed::Overtaken),
             400..=499 => Err(Pushed::Refused(body.trim().to_owned())),
-            _ => return Err(ApplyError::Unavailable(format!("Caddy answered {status}: {}", body.trim()))),
+            _ => {
+                return Err(ApplyError::Unavailable(format!(
+                    "Caddy answered {status}: {}",
+                    body.trim()
+                )))
+            }
         })
     }
 
@@ -130,14 +147,18 @@ impl CaddyGateway {
         let deadline = Instant::now() + Duration::from_millis(self.config.probe_timeout_ms);
         loop {
             let answered = match self.http.get(&url).send().await {
-                Ok(r) => (r.headers().get(DIGEST_HEADER)).is_some_and(|v| v.as_bytes() == digest.as_bytes()),
+                Ok(r) => (r.headers().get(DIGEST_HEADER))
+                    .is_some_and(|v| v.as_bytes() == digest.as_bytes()),
                 Err(_) => false,
             };
             if answered {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(format!("the health route did not answer config {digest} within {} ms", self.config.probe_timeout_ms));
+                return Err(format!(
+                    "the health route did not answer config {digest} within {} ms",
+                    self.config.probe_timeout_ms
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -162,33 +183,65 @@ impl Applier for CaddyGateway {
             let rendered = render(&plan, &self.config, &self.secrets, running.get("admin"));
             if running == rendered.config {
                 refused.extend(rendered.rejected);
-                return Ok(Applied { result: ApplyResult::Unchanged, message: None, rejected: refused, config: rendered.digest });
+                return Ok(Applied {
+                    result: ApplyResult::Unchanged,
+                    message: None,
+                    rejected: refused,
+                    config: rendered.digest,
+                });
             }
             match self.push(&rendered.config, &etag).await? {
                 Ok(()) => {
                     refused.extend(rendered.rejected);
                     if let Err(why) = self.probe(&rendered.digest).await {
-                        return Ok(Applied { result: ApplyResult::Failed, message: Some(why), rejected: refused, config: rendered.digest });
+                        return Ok(Applied {
+                            result: ApplyResult::Failed,
+                            message: Some(why),
+                            rejected: refused,
+                            config: rendered.digest,
+                        });
                     }
                     let drifted = trigger == Trigger::DriftCheck && !running.is_null();
                     return Ok(Applied {
-                        result: if drifted { ApplyResult::DriftRepaired } else { ApplyResult::Applied },
-                        message: drifted.then(|| "the running config differed from the desired one".to_owned()),
+                        result: if drifted {
+                            ApplyResult::DriftRepaired
+                        } else {
+                            ApplyResult::Applied
+                        },
+                        message: drifted
+                            .then(|| "the running config differed from the desired one".to_owned()),
                         rejected: refused,
                         config: rendered.digest,
                     });
                 }
                 Err(Pushed::Overtaken) if races < MAX_RACES => races += 1,
                 Err(Pushed::Overtaken) => {
-                    return Ok(failed("another client kept changing Caddy's config".into(), refused));
+                    return Ok(failed(
+                        "another client kept changing Caddy's config".into(),
+                        refused,
+                    ));
                 }
                 Err(Pushed::Refused(message)) => {
-                    let owner = route_number(&message).and_then(|n| rendered.owners.get(n)).cloned();
+                    let owner = route_number(&message)
+                        .and_then(|n| rendered.owners.get(n))
+                        .cloned();
                     let Some(owner) = owner.filter(|_| refused.len() < MAX_REFUSED) else {
-                        return Ok(failed(format!("Caddy refused the config (it keeps the one it had): {message}"), refused));
+                        return Ok(failed(
+                            format!(
+                                "Caddy refused the config (it keeps the one it had): {message}"
+                            ),
+                            refused,
+                        ));
                     };
-                    refused.push(Rejection { resource: owner.clone(), reason: format!("Caddy: {message}") });
-                    let rest = plan.resources.into_iter().filter(|(id, _)| *id != owner).collect();
+                    refused.push(Rejection {
+                        resource: owner.clone(),
+                        reason: format!("Caddy: {message}"),
+                    });
+                    let rest = plan
+                        .resources
+                        .into_iter()
+                        .filter(|(id, _)| *id != owner)
+                        .collect();
                     let (replanned, dangling) = Plan::from_resources(plan.generation, rest);
                     refused.extend(dangling);
                     plan = replanned;
@@ -199,20 +252,30 @@ impl Applier for CaddyGateway {
 }
 
 fn failed(message: String, rejected: Vec<Rejection>) -> Applied {
-    Applied { result: ApplyResult::Failed, message: Some(message), rejected, config: String::new() }
+    Applied {
+        result: ApplyResult::Failed,
+        message: Some(message),
+        rejected,
+        config: String::new(),
+    }
 }
 
 /// The route number in a refusal (`... route 3: ...`).
 fn route_number(message: &str) -> Option<usize> {
     message.match_indices("route ").find_map(|(at, found)| {
         let rest = &message[at + found.len()..];
-        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
     })
 }
 
 /// FNV-1a, 32 bits: how Caddy tags a config (its ETag).
 fn fnv1a32(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5, |hash, &b| (hash ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    bytes.iter().fold(0x811c_9dc5, |hash, &b| {
+        (hash ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// The plan as Caddy's config; `admin` is kept as Caddy runs it.
@@ -248,13 +311,28 @@ fn render(plan: &Plan, config: &CaddyConfig, secrets: &Secrets, admin: Option<&V
             _ => {}
         }
     }
-    let is_closed = |id: &ResourceId| closed.iter().any(|((k, n, m), _)| *k == id.kind && *n == id.namespace && *m == id.name);
+    let is_closed = |id: &ResourceId| {
+        closed
+            .iter()
+            .any(|((k, n, m), _)| *k == id.kind && *n == id.namespace && *m == id.name)
+    };
     for (id, _) in plan.resources.iter().filter(|(id, _)| is_closed(id)) {
-        let reason = closed.iter().find(|((k, n, m), _)| *k == id.kind && *n == id.namespace && *m == id.name).map(|(_, r)| r.clone()).unwrap_or_default();
-        rejected.push(Rejection { resource: id.clone(), reason });
+        let reason = closed
+            .iter()
+            .find(|((k, n, m), _)| *k == id.kind && *n == id.namespace && *m == id.name)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default();
+        rejected.push(Rejection {
+            resource: id.clone(),
+            reason,
+        });
     }
     let refused: Vec<&ResourceId> = rejected.iter().map(|r| &r.resource).collect();
-    let served: Vec<&(ResourceId, GatewaySpec)> = plan.resources.iter().filter(|(id, _)| !refused.contains(&id)).collect();
+    let served: Vec<&(ResourceId, GatewaySpec)> = plan
+        .resources
+        .iter()
+        .filter(|(id, _)| !refused.contains(&id))
+        .collect();
     let named_hosts: Vec<String> = {
         let mut hosts: Vec<String> = served
             .iter()
@@ -298,12 +376,23 @@ fn render(plan: &Plan, config: &CaddyConfig, secrets: &Secrets, admin: Option<&V
         }}})
     };
     let digest = super::digest_of(apps("").to_string().as_bytes());
-    let admin = admin.cloned().unwrap_or_else(|| json!({"listen": admin_listen(&config.admin_url)}));
-    Rendered { config: json!({"admin": admin, "apps": apps(&digest)}), digest, owners, rejected }
+    let admin = admin
+        .cloned()
+        .unwrap_or_else(|| json!({"listen": admin_listen(&config.admin_url)}));
+    Rendered {
+        config: json!({"admin": admin, "apps": apps(&digest)}),
+        digest,
+        owners,
+        rejected,
+    }
 }
 
 fn admin_listen(url: &str) -> String {
-    url.split("://").nth(1).unwrap_or(url).trim_end_matches('/').to_owned()
+    url.split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .trim_end_matches('/')
+        .to_owned()
 }
 
 fn precedence(spec: &GatewaySpec) -> (u8, std::cmp::Reverse<usize>) {
@@ -327,7 +416,11 @@ fn host_matcher(hosts: &[String], named: &[String], matcher: &mut serde_json::Ma
     }
 }
 
-fn route_entries(route: &RouteSpec, named: &[String], guard: Option<&(String, Vec<String>)>) -> Vec<Value> {
+fn route_entries(
+    route: &RouteSpec,
+    named: &[String],
+    guard: Option<&(String, Vec<String>)>,
+) -> Vec<Value> {
     let mut matcher = serde_json::Map::new();
     host_matcher(&route.hosts, named, &mut matcher);
     let value = &route.path.value;
@@ -350,9 +443,13 @@ fn route_entries(route: &RouteSpec, named: &[String], guard: Option<&(String, Ve
     }
     let mut handle = Vec::new();
     let mut headers = serde_json::Map::new();
-    for (field, rewrite) in [("request", &route.request_headers), ("response", &route.response_headers)] {
+    for (field, rewrite) in [
+        ("request", &route.request_headers),
+        ("response", &route.response_headers),
+    ] {
         if let Some(rewrite) = rewrite {
-            let set: BTreeMap<&String, Vec<&String>> = rewrite.set.iter().map(|(k, v)| (k, vec![v])).collect();
+            let set: BTreeMap<&String, Vec<&String>> =
+                rewrite.set.iter().map(|(k, v)| (k, vec![v])).collect();
             headers.insert(field.into(), json!({"set": set, "delete": rewrite.remove}));
         }
     }
@@ -360,10 +457,16 @@ fn route_entries(route: &RouteSpec, named: &[String], guard: Option<&(String, Ve
         headers.insert("handler".into(), json!("headers"));
         handle.push(Value::Object(headers));
     }
-    let upstreams = weighted(route.upstreams.iter().map(|u| (u.target.as_str(), u.weight)));
+    let upstreams = weighted(
+        route
+            .upstreams
+            .iter()
+            .map(|u| (u.target.as_str(), u.weight)),
+    );
     let attempts = route.retries.as_ref().map_or(1, |r| r.attempts);
     let mut proxy = json!({"handler": "reverse_proxy", "upstreams": upstreams,
-        "load_balancing": {"selection_policy": {"policy": "round_robin"}, "retries": attempts - 1}});
+        "load_balancing": {"selection_policy": {"policy": "round_robin"}, "retries": attempts - 1},
+        "health_checks": passive()});
     if let Some(timeouts) = &route.timeouts {
         let mut transport = json!({"protocol": "http"});
         if let Some(ms) = timeouts.connect_ms {
@@ -378,22 +481,40 @@ fn route_entries(route: &RouteSpec, named: &[String], guard: Option<&(String, Ve
     guarded(Value::Object(matcher), handle, guard)
 }
 
-fn model_entries(model: &ModelRouteSpec, named: &[String], guard: Option<&(String, Vec<String>)>) -> Vec<Value> {
+fn model_entries(
+    model: &ModelRouteSpec,
+    named: &[String],
+    guard: Option<&(String, Vec<String>)>,
+) -> Vec<Value> {
     let mut matcher = serde_json::Map::new();
     host_matcher(&model.hosts, named, &mut matcher);
     matcher.insert("path".into(), json!([format!("{}*", model.path)]));
     matcher.insert("header".into(), json!({"X-Model": [model.model]}));
     let mut providers: Vec<_> = model.providers.iter().collect();
     providers.sort_by_key(|p| (p.priority, std::cmp::Reverse(p.weight)));
-    let upstreams: Vec<Value> = providers.iter().map(|p| json!({"dial": p.target})).collect();
+    let upstreams: Vec<Value> = providers
+        .iter()
+        .map(|p| json!({"dial": p.target}))
+        .collect();
     let proxy = json!({"handler": "reverse_proxy", "upstreams": upstreams,
-        "load_balancing": {"selection_policy": {"policy": "first"}, "retries": providers.len() - 1}});
+        "load_balancing": {"selection_policy": {"policy": "first"}, "retries": providers.len() - 1},
+        "health_checks": passive()});
     guarded(Value::Object(matcher), vec![proxy], guard)
+}
+
+/// Passive health checks: an upstream that failed is skipped for a while, so a
+/// retry goes to another one (without them `first` picks the same again).
+fn passive() -> Value {
+    json!({"passive": {"fail_duration": "10s", "max_fails": 1}})
 }
 
 /// The route's entries: with an API-key policy, first one answering 401 to a
 /// request without a known key.
-fn guarded(matcher: Value, handle: Vec<Value>, guard: Option<&(String, Vec<String>)>) -> Vec<Value> {
+fn guarded(
+    matcher: Value,
+    handle: Vec<Value>,
+    guard: Option<&(String, Vec<String>)>,
+) -> Vec<Value> {
     let mut entries = Vec::new();
     if let Some((header, keys)) = guard {
         // `not` negates any of its sets: neither an excluded host nor a known key.
@@ -414,12 +535,18 @@ fn weighted<'a>(targets: impl Iterator<Item = (&'a str, u32)>) -> Vec<Value> {
     let divisor = targets.iter().fold(0, |g, (_, w)| gcd(g, *w)).max(1);
     targets
         .iter()
-        .flat_map(|(target, weight)| std::iter::repeat_n(json!({"dial": target}), (weight / divisor) as usize))
+        .flat_map(|(target, weight)| {
+            std::iter::repeat_n(json!({"dial": target}), (weight / divisor) as usize)
+        })
         .collect()
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 #[cfg(test)]
@@ -433,7 +560,10 @@ mod tests {
         let mut with_newline = body.to_vec();
         with_newline.push(b'\n');
         assert_eq!(format!("{:x}", fnv1a32(&with_newline)), "767af58a");
-        assert_eq!(route_number("provision http: server s: setting up route matchers: route 12: bad"), Some(12));
+        assert_eq!(
+            route_number("provision http: server s: setting up route matchers: route 12: bad"),
+            Some(12)
+        );
         assert_eq!(weighted([("a:1", 30), ("b:1", 10)].into_iter()).len(), 4);
     }
 }

@@ -95,6 +95,10 @@ pub struct Stored {
     /// Uids of deleted incarnations: their replayed changes are stale.
     #[serde(default)]
     pub dead_uids: Vec<String>,
+    /// When this incarnation was first taken (ms since the epoch, the change's
+    /// time): the older resource wins a conflict.
+    #[serde(default)]
+    pub since_ms: i64,
 }
 
 /// Most deleted incarnations remembered per resource.
@@ -109,6 +113,8 @@ pub struct Change {
     pub version: Version,
     /// The new spec (`Err`: why it cannot be read); none for a delete.
     pub spec: Option<Result<GatewaySpec, String>>,
+    /// When it was made (the source's time, ms since the epoch).
+    pub at_ms: i64,
 }
 
 /// Why an event is not a change to a gateway resource this service takes.
@@ -128,7 +134,10 @@ pub fn change_of(event: &ChangeEvent, group: &str) -> Result<Change, NotAChange>
     match &event.source.origin {
         Origin::Kubernetes(origin) => {
             if origin.group != group {
-                return Err(NotAChange::Ignored(format!("{} is not in {group}", origin.group)));
+                return Err(NotAChange::Ignored(format!(
+                    "{} is not in {group}",
+                    origin.group
+                )));
             }
             if origin.status_only {
                 return Err(NotAChange::Ignored("a status-only update".into()));
@@ -156,7 +165,12 @@ pub fn change_of(event: &ChangeEvent, group: &str) -> Result<Change, NotAChange>
                     .ok_or_else(|| "the object has no spec".to_owned())?;
                 GatewaySpec::from_spec(&origin.kind, spec)
             });
-            Ok(Change { id, version, spec })
+            Ok(Change {
+                id,
+                version,
+                spec,
+                at_ms: event.source.ts_ms,
+            })
         }
         Origin::Postgresql(origin) => {
             let row = event
@@ -189,7 +203,12 @@ pub fn change_of(event: &ChangeEvent, group: &str) -> Result<Change, NotAChange>
                     .ok_or_else(|| "the row has no `spec` column".to_owned())?;
                 GatewaySpec::from_spec("Route", spec)
             });
-            Ok(Change { id, version, spec })
+            Ok(Change {
+                id,
+                version,
+                spec,
+                at_ms: event.source.ts_ms,
+            })
         }
     }
 }
@@ -200,7 +219,7 @@ pub enum Taken {
     /// The change is older than what is stored (or replays it): nothing changes.
     Stale,
     /// Stored: the new record, and whether the desired state changed.
-    Stored(Stored, bool),
+    Stored(Box<Stored>, bool),
 }
 
 /// Takes `change` (its spec already checked) over `stored`. A refused spec
@@ -226,12 +245,17 @@ pub fn take(stored: Option<&Stored>, change: &Change, accepted: Option<GatewaySp
         (Some(_), None) => previous.clone(),
     };
     let changed = spec != previous;
+    let since_ms = match stored {
+        Some(stored) if previous.is_some() && stored.since_ms > 0 => stored.since_ms,
+        _ => change.at_ms,
+    };
     let record = Stored {
         version: change.version.clone(),
         spec,
         dead_uids,
+        since_ms,
     };
-    Taken::Stored(record, changed)
+    Taken::Stored(Box::new(record), changed)
 }
 
 fn is_stale(stored: &Stored, version: &Version, delete: bool) -> bool {
@@ -329,7 +353,10 @@ fn check_route(route: &RouteSpec, limits: &Limits) -> Result<(), String> {
                 ));
             }
         }
-        rewrite.remove.iter().try_for_each(|n| check_header_name(n))?;
+        rewrite
+            .remove
+            .iter()
+            .try_for_each(|n| check_header_name(n))?;
     }
     Ok(())
 }
@@ -428,7 +455,10 @@ fn check_path(path: &PathMatch) -> Result<(), String> {
     match path.kind {
         PathKind::Exact | PathKind::PathPrefix => {
             let printable = path.value.chars().all(|c| c.is_ascii_graphic());
-            if !path.value.starts_with('/') || !printable || path.value.contains(['{', '}', ';', '"', '\\']) {
+            if !path.value.starts_with('/')
+                || !printable
+                || path.value.contains(['{', '}', ';', '"', '\\'])
+            {
                 return Err(format!(
                     "path {:?} must start with / and have no spaces, quotes, braces, ; or \\",
                     path.value
@@ -504,6 +534,9 @@ fn in_network(address: IpAddr, network: IpAddr, bits: u32) -> bool {
     bits == 0 || (address >> shift) == (network >> shift)
 }
 
+/// Who serves each (host, path): the route, and the model when a ModelRoute.
+type PathOwners = BTreeMap<(String, PathMatch), Vec<(ResourceId, Option<String>)>>;
+
 /// A resource left out of a plan, with why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejection {
@@ -524,25 +557,29 @@ pub struct Plan {
 
 impl Plan {
     /// The plan of `generation` from every stored resource (each accepted
-    /// alone), and the ones left out because they do not fit with the others.
-    /// Earlier ids win conflicts, so the outcome does not depend on event order.
+    /// alone), oldest first, and the ones left out because they do not fit
+    /// with the others: as in Gateway API, the older resource wins a conflict,
+    /// so a new route never takes traffic from one already served.
     pub fn from_resources(
         generation: u64,
-        resources: BTreeMap<ResourceId, GatewaySpec>,
+        resources: Vec<(ResourceId, GatewaySpec)>,
     ) -> (Self, Vec<Rejection>) {
         let mut rejected = Vec::new();
         // (host, path) to the route serving it, and the model when a ModelRoute.
-        let mut taken: BTreeMap<(String, PathMatch), Vec<(ResourceId, Option<String>)>> =
-            BTreeMap::new();
+        let mut taken: PathOwners = BTreeMap::new();
         let mut names: BTreeMap<(String, String, String), ResourceId> = BTreeMap::new();
         let mut kept = Vec::new();
-        let (routes, policies): (Vec<_>, Vec<_>) = resources
-            .into_iter()
-            .partition(|(_, spec)| matches!(spec, GatewaySpec::Route(_) | GatewaySpec::ModelRoute(_)));
+        let (routes, policies): (Vec<_>, Vec<_>) = resources.into_iter().partition(|(_, spec)| {
+            matches!(spec, GatewaySpec::Route(_) | GatewaySpec::ModelRoute(_))
+        });
         for (id, spec) in routes {
             let named = (id.kind.clone(), id.namespace.clone(), id.name.clone());
             if let Some(other) = names.get(&named) {
-                rejected.push(conflict(&id, other, "has the same kind, namespace and name"));
+                rejected.push(conflict(
+                    &id,
+                    other,
+                    "has the same kind, namespace and name",
+                ));
                 continue;
             }
             let (claims, model) = path_claims(&spec);
@@ -572,7 +609,11 @@ impl Plan {
                 GatewaySpec::AuthPolicy(p) => &p.target_ref,
                 _ => unreachable!("routes were partitioned out"),
             };
-            let named = (target.kind.clone(), id.namespace.clone(), target.name.clone());
+            let named = (
+                target.kind.clone(),
+                id.namespace.clone(),
+                target.name.clone(),
+            );
             if !names.contains_key(&named) {
                 rejected.push(Rejection {
                     resource: id.clone(),

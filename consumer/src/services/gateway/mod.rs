@@ -128,7 +128,8 @@ impl GatewayConfig {
                 "the status API (gateway.listen) needs at least one bearer token",
             ));
         }
-        if self.debounce_ms == 0 || self.max_delay_ms < self.debounce_ms || self.drift_check_s == 0 {
+        if self.debounce_ms == 0 || self.max_delay_ms < self.debounce_ms || self.drift_check_s == 0
+        {
             return Err(ConfigError::invalid(
                 "gateway",
                 "debounce_ms at least 1, max_delay_ms at least debounce_ms, drift_check_s at least 1",
@@ -195,7 +196,10 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, HandlerError> {
 
 impl Gateway {
     /// The handler and its sinks: one per configured gateway, and the status topic.
-    pub fn new(config: &RuntimeConfig, gateway: &GatewayConfig) -> Result<(Self, Sinks), ConfigError> {
+    pub fn new(
+        config: &RuntimeConfig,
+        gateway: &GatewayConfig,
+    ) -> Result<(Self, Sinks), ConfigError> {
         gateway.validate()?;
         let secrets = Secrets {
             dir: gateway.secrets_dir.clone(),
@@ -232,13 +236,26 @@ impl Gateway {
     }
 
     /// Records a resource's status and publishes it.
-    fn report(&self, status: ResourceStatus, context: &mut Context<'_>) -> Result<(), HandlerError> {
+    fn report(
+        &self,
+        status: ResourceStatus,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
         let key = format!("{STATUS}{}", status.resource.key());
         context.put(key.into_bytes(), encode(&status)?);
-        self.publish(&status.resource.to_string(), &serde_json::json!({"resource": status}), context)
+        self.publish(
+            &status.resource.to_string(),
+            &serde_json::json!({"resource": status}),
+            context,
+        )
     }
 
-    fn publish(&self, key: &str, record: &serde_json::Value, context: &mut Context<'_>) -> Result<(), HandlerError> {
+    fn publish(
+        &self,
+        key: &str,
+        record: &serde_json::Value,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
         let effect = Effect {
             destination: Some(self.status_topic.clone()),
             key: Some(key.as_bytes().to_vec()),
@@ -256,7 +273,11 @@ impl Gateway {
     }
 
     /// Keeps `id` in the index exactly when it has a spec.
-    fn update_index(id: &ResourceId, has_spec: bool, context: &mut Context<'_>) -> Result<(), HandlerError> {
+    fn update_index(
+        id: &ResourceId,
+        has_spec: bool,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
         let mut index = Self::index(context)?;
         let position = index.binary_search(id);
         match (position, has_spec) {
@@ -275,7 +296,10 @@ impl Gateway {
             Some(bytes) => decode::<Dirty>(DIRTY, &bytes)?.first_ms,
             None => at_ms,
         };
-        let dirty = Dirty { first_ms, last_ms: at_ms };
+        let dirty = Dirty {
+            first_ms,
+            last_ms: at_ms,
+        };
         context.put(DIRTY.as_bytes().to_vec(), encode(&dirty)?);
         Ok(())
     }
@@ -287,21 +311,43 @@ impl Gateway {
             Some(bytes) => decode::<u64>(GENERATION, &bytes)? + 1,
             None => 1,
         };
-        let mut resources = std::collections::BTreeMap::new();
+        let mut resources = Vec::new();
         for id in Self::index(context)? {
             let key = format!("{RESOURCE}{}", id.key());
             let Some(bytes) = context.get(key.as_bytes())? else {
                 continue;
             };
-            if let Some(spec) = decode::<Stored>(&key, &bytes)?.spec {
-                resources.insert(id, spec);
+            let stored: Stored = decode(&key, &bytes)?;
+            if let Some(spec) = stored.spec {
+                resources.push((stored.since_ms, id, spec));
             }
         }
+        resources.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let resources = resources
+            .into_iter()
+            .map(|(_, id, spec)| (id, spec))
+            .collect();
         let (plan, rejected) = Plan::from_resources(generation, resources);
-        tracing::info!(generation, resources = plan.resources.len(), rejected = rejected.len(), "gateway plan");
+        tracing::info!(
+            generation,
+            resources = plan.resources.len(),
+            rejected = rejected.len(),
+            "gateway plan"
+        );
         for rejection in rejected {
-            let status = ResourceStatus::new(rejection.resource, ResourceState::Rejected, Some(rejection.reason), now);
-            self.report(ResourceStatus { generation: Some(generation), ..status }, context)?;
+            let status = ResourceStatus::new(
+                rejection.resource,
+                ResourceState::Rejected,
+                Some(rejection.reason),
+                now,
+            );
+            self.report(
+                ResourceStatus {
+                    generation: Some(generation),
+                    ..status
+                },
+                context,
+            )?;
         }
         context.put(GENERATION.as_bytes().to_vec(), encode(&generation)?);
         context.remove(DIRTY.as_bytes().to_vec());
@@ -326,18 +372,37 @@ impl Gateway {
             context.remove(key.clone());
             let shown = String::from_utf8_lossy(&key).into_owned();
             let outcome: Outcome = decode(&shown, &bytes)?;
-            self.count("apply", &format!("{}:{:?}", outcome.gateway, outcome.result));
+            self.count(
+                "apply",
+                &format!("{}:{:?}", outcome.gateway, outcome.result),
+            );
             for id in &outcome.served {
                 let status = ResourceStatus::programmed(id.clone(), &outcome);
                 let key = format!("{STATUS}{}", id.key());
                 context.put(key.into_bytes(), encode(&status)?);
             }
             for rejection in &outcome.rejected {
-                let status = ResourceStatus::new(rejection.resource.clone(), ResourceState::Rejected, Some(format!("{}: {}", outcome.gateway, rejection.reason)), outcome.at_ms);
-                self.report(ResourceStatus { generation: Some(outcome.generation), gateway: Some(outcome.gateway.clone()), ..status }, context)?;
+                let status = ResourceStatus::new(
+                    rejection.resource.clone(),
+                    ResourceState::Rejected,
+                    Some(format!("{}: {}", outcome.gateway, rejection.reason)),
+                    outcome.at_ms,
+                );
+                self.report(
+                    ResourceStatus {
+                        generation: Some(outcome.generation),
+                        gateway: Some(outcome.gateway.clone()),
+                        ..status
+                    },
+                    context,
+                )?;
             }
             context.put(format!("{LAST}{}", outcome.gateway).into_bytes(), bytes);
-            self.publish(&outcome.gateway, &serde_json::json!({"apply": outcome}), context)?;
+            self.publish(
+                &outcome.gateway,
+                &serde_json::json!({"apply": outcome}),
+                context,
+            )?;
         }
         Ok(())
     }
@@ -378,7 +443,7 @@ impl Handler for Gateway {
                 self.count("stale", &change.id.kind);
                 return Ok(());
             }
-            Taken::Stored(record, changed) => (record, changed),
+            Taken::Stored(record, changed) => (*record, changed),
         };
         let now = now_ms(SystemTime::now());
         Self::update_index(&change.id, record.spec.is_some(), context)?;
@@ -390,7 +455,12 @@ impl Handler for Gateway {
             (Some(reason), _) => {
                 tracing::warn!(resource = %change.id, reason, "gateway resource refused");
                 self.count("refused", &change.id.kind);
-                ResourceStatus::new(change.id, ResourceState::Rejected, Some(reason.clone()), now)
+                ResourceStatus::new(
+                    change.id,
+                    ResourceState::Rejected,
+                    Some(reason.clone()),
+                    now,
+                )
             }
             (None, None) => ResourceStatus::new(change.id, ResourceState::Deleted, None, now),
             (None, Some(_)) => {
@@ -431,4 +501,3 @@ impl Handler for Gateway {
         self.metrics.clone()
     }
 }
-

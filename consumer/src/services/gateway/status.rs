@@ -60,7 +60,12 @@ pub struct ResourceStatus {
 
 impl ResourceStatus {
     /// A status without a gateway or generation.
-    pub fn new(resource: ResourceId, state: ResourceState, reason: Option<String>, at_ms: i64) -> Self {
+    pub fn new(
+        resource: ResourceId,
+        state: ResourceState,
+        reason: Option<String>,
+        at_ms: i64,
+    ) -> Self {
         Self {
             resource,
             state,
@@ -97,25 +102,48 @@ pub fn router(store: Store, tokens: Vec<String>) -> Router {
         .with_state(api)
 }
 
-fn refuse(status: StatusCode, reason: &str) -> Response {
-    (status, Json(json!({ "error": reason }))).into_response()
+/// A request refused, with why: a JSON error.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn refuse(status: StatusCode, reason: &str) -> Refusal {
+    Refusal(status, reason.to_owned())
 }
 
 impl Api {
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Response> {
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), Refusal> {
         let token = (headers.get(header::AUTHORIZATION))
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match token {
-            None => Err(refuse(StatusCode::UNAUTHORIZED, "a bearer token is required")),
-            Some(token) if (self.tokens.iter()).any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) => Ok(()),
-            Some(_) => Err(refuse(StatusCode::FORBIDDEN, "the bearer token is not accepted")),
+            None => Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "a bearer token is required",
+            )),
+            Some(token)
+                if (self.tokens.iter())
+                    .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err(refuse(
+                StatusCode::FORBIDDEN,
+                "the bearer token is not accepted",
+            )),
         }
     }
 
-    fn values(&self, prefix: &str) -> Result<Vec<Value>, Response> {
+    fn values(&self, prefix: &str) -> Result<Vec<Value>, Refusal> {
         let entries = self.store.scan(prefix.as_bytes()).map_err(|e| {
-            refuse(StatusCode::INTERNAL_SERVER_ERROR, &format!("the store cannot be read: {e}"))
+            refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("the store cannot be read: {e}"),
+            )
         })?;
         Ok(entries
             .into_iter()
@@ -126,11 +154,13 @@ impl Api {
 
 async fn all(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
     if let Err(refused) = api.authorize(&headers) {
-        return refused;
+        return refused.into_response();
     }
     match (api.values(STATUS), api.values(LAST)) {
-        (Ok(resources), Ok(applies)) => Json(json!({ "resources": resources, "gateways": applies })).into_response(),
-        (Err(e), _) | (_, Err(e)) => e,
+        (Ok(resources), Ok(applies)) => {
+            Json(json!({ "resources": resources, "gateways": applies })).into_response()
+        }
+        (Err(e), _) | (_, Err(e)) => e.into_response(),
     }
 }
 
@@ -140,20 +170,26 @@ async fn one(
     headers: HeaderMap,
 ) -> Response {
     if let Err(refused) = api.authorize(&headers) {
-        return refused;
+        return refused.into_response();
     }
     let statuses = match api.values(STATUS) {
         Ok(statuses) => statuses,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     let matching: Vec<Value> = (statuses.into_iter())
         .filter(|s| {
             let id = &s["resource"];
-            id["kind"] == kind.as_str() && id["namespace"] == namespace.as_str() && id["name"] == name.as_str()
+            id["kind"] == kind.as_str()
+                && id["namespace"] == namespace.as_str()
+                && id["name"] == name.as_str()
         })
         .collect();
     if matching.is_empty() {
-        return refuse(StatusCode::NOT_FOUND, &format!("no status for {kind}/{namespace}/{name}"));
+        return refuse(
+            StatusCode::NOT_FOUND,
+            &format!("no status for {kind}/{namespace}/{name}"),
+        )
+        .into_response();
     }
     Json(json!({ "statuses": matching })).into_response()
 }

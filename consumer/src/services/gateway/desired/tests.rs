@@ -42,12 +42,13 @@ fn k8s(uid: &str, generation: i64, spec: Option<GatewaySpec>) -> Change {
             generation,
         },
         spec: spec.map(Ok),
+        at_ms: generation,
     }
 }
 
 fn stored(taken: Taken) -> Stored {
     match taken {
-        Taken::Stored(stored, _) => stored,
+        Taken::Stored(stored, _) => *stored,
         Taken::Stale => panic!("unexpectedly stale"),
     }
 }
@@ -55,7 +56,11 @@ fn stored(taken: Taken) -> Stored {
 #[test]
 fn older_generations_replays_and_dead_incarnations_are_stale() {
     let (v1, v2) = (route(&[], "/a"), route(&[], "/b"));
-    let first = stored(take(None, &k8s("u1", 1, Some(v1.clone())), Some(v1.clone())));
+    let first = stored(take(
+        None,
+        &k8s("u1", 1, Some(v1.clone())),
+        Some(v1.clone()),
+    ));
     let second = stored(take(
         Some(&first),
         &k8s("u1", 2, Some(v2.clone())),
@@ -70,12 +75,19 @@ fn older_generations_replays_and_dead_incarnations_are_stale() {
     let deleted = stored(take(Some(&second), &k8s("u1", 2, None), None));
     assert_eq!(deleted.spec, None);
     assert_eq!(
-        take(Some(&deleted), &k8s("u1", 3, Some(v1.clone())), Some(v1.clone())),
+        take(
+            Some(&deleted),
+            &k8s("u1", 3, Some(v1.clone())),
+            Some(v1.clone())
+        ),
         Taken::Stale,
         "a change of a deleted incarnation"
     );
     let reborn = take(Some(&deleted), &k8s("u2", 1, Some(v1.clone())), Some(v1));
-    assert!(matches!(reborn, Taken::Stored(_, true)), "a new uid is a new object");
+    assert!(
+        matches!(reborn, Taken::Stored(_, true)),
+        "a new uid is a new object"
+    );
 }
 
 #[test]
@@ -84,6 +96,7 @@ fn rows_order_by_lsn_then_position_in_the_transaction() {
         id: id("Route", "shop"),
         version: Version::Postgres { lsn, order },
         spec: Some(Ok(route(&[], "/a"))),
+        at_ms: 1,
     };
     let spec = Some(route(&[], "/a"));
     let first = stored(take(None, &row(100, 2), spec.clone()));
@@ -97,13 +110,19 @@ fn rows_order_by_lsn_then_position_in_the_transaction() {
         spec: None,
         ..row(120, 1)
     };
-    assert!(matches!(take(Some(&first), &delete, None), Taken::Stored(s, true) if s.spec.is_none()));
+    assert!(
+        matches!(take(Some(&first), &delete, None), Taken::Stored(s, true) if s.spec.is_none())
+    );
 }
 
 #[test]
 fn a_refused_spec_moves_the_version_on_and_keeps_the_last_accepted_one() {
     let good = route(&[], "/a");
-    let first = stored(take(None, &k8s("u1", 1, Some(good.clone())), Some(good.clone())));
+    let first = stored(take(
+        None,
+        &k8s("u1", 1, Some(good.clone())),
+        Some(good.clone()),
+    ));
     let mut bad = k8s("u1", 2, None);
     bad.spec = Some(Err("invalid".into()));
     let Taken::Stored(kept, changed) = take(Some(&first), &bad, None) else {
@@ -131,22 +150,46 @@ fn specs_are_checked_alone_with_reasons() {
         for (key, value) in patch.as_object().expect("an object") {
             spec[key] = value.clone();
         }
-        check_alone(&GatewaySpec::from_spec("Route", spec).expect("parses"), &limits)
+        check_alone(
+            &GatewaySpec::from_spec("Route", spec).expect("parses"),
+            &limits,
+        )
     };
     assert_eq!(with(json!({})), Ok(()));
     let shop = json!([{"target": "shop.team.svc.cluster.local:8080"}]);
     assert_eq!(with(json!({"upstreams": shop})), Ok(()));
     let cases = [
-        (json!({"path": {"type": "RegularExpression", "value": "^/(a"}}), "invalid regular expression"),
-        (json!({"upstreams": [{"target": "192.168.1.1:80"}]}), "not among the allowed upstreams"),
-        (json!({"upstreams": [{"target": "evil.cluster.local:80"}]}), "not among the allowed upstreams"),
-        (json!({"upstreams": [{"target": "10.0.0.1"}]}), "not host:port"),
+        (
+            json!({"path": {"type": "RegularExpression", "value": "^/(a"}}),
+            "invalid regular expression",
+        ),
+        (
+            json!({"upstreams": [{"target": "192.168.1.1:80"}]}),
+            "not among the allowed upstreams",
+        ),
+        (
+            json!({"upstreams": [{"target": "evil.cluster.local:80"}]}),
+            "not among the allowed upstreams",
+        ),
+        (
+            json!({"upstreams": [{"target": "10.0.0.1"}]}),
+            "not host:port",
+        ),
         (json!({"upstreams": []}), "at least one"),
-        (json!({"path": {"type": "Exact", "value": "/a;b"}}), "must start with /"),
+        (
+            json!({"path": {"type": "Exact", "value": "/a;b"}}),
+            "must start with /",
+        ),
         (json!({"hosts": ["bad host"]}), "is not a host name"),
         (json!({"methods": ["get"]}), "not an HTTP method"),
-        (json!({"requestHeaders": {"set": {"X-A": "a\nb"}}}), "control character"),
-        (json!({"upstreams": [{"target": "10.0.0.1:80", "weight": 0}]}), "1 to 1000"),
+        (
+            json!({"requestHeaders": {"set": {"X-A": "a\nb"}}}),
+            "control character",
+        ),
+        (
+            json!({"upstreams": [{"target": "10.0.0.1:80", "weight": 0}]}),
+            "1 to 1000",
+        ),
     ];
     for (patch, reason) in cases {
         let error = with(patch.clone()).expect_err(&patch.to_string());
@@ -175,14 +218,24 @@ fn a_plan_leaves_out_conflicts_and_dangling_policies_and_keeps_the_rest() {
         (id("ModelRoute", "llama"), model("/llm/", "llama")),
         (id("ModelRoute", "mistral"), model("/llm/", "mistral")),
         (id("ModelRoute", "llama-again"), model("/llm/", "llama")),
-        (id("RateLimitPolicy", "limit-a"), policy("RateLimitPolicy", "a")),
-        (id("RateLimitPolicy", "limit-a2"), policy("RateLimitPolicy", "a")),
+        (
+            id("RateLimitPolicy", "limit-a"),
+            policy("RateLimitPolicy", "a"),
+        ),
+        (
+            id("RateLimitPolicy", "limit-a2"),
+            policy("RateLimitPolicy", "a"),
+        ),
         (id("AuthPolicy", "auth-a"), policy("AuthPolicy", "a")),
         (id("AuthPolicy", "auth-gone"), policy("AuthPolicy", "gone")),
         (id("AuthPolicy", "auth-b"), policy("AuthPolicy", "b")),
     ]);
-    let (plan, rejected) = Plan::from_resources(7, resources);
-    let served: Vec<String> = plan.resources.iter().map(|(id, _)| id.name.clone()).collect();
+    let (plan, rejected) = Plan::from_resources(7, resources.into_iter().collect());
+    let served: Vec<String> = plan
+        .resources
+        .iter()
+        .map(|(id, _)| id.name.clone())
+        .collect();
     assert_eq!(
         served,
         ["auth-a", "gpt", "llama", "mistral", "limit-a", "a", "c"],
@@ -192,13 +245,31 @@ fn a_plan_leaves_out_conflicts_and_dangling_policies_and_keeps_the_rest() {
         .into_iter()
         .map(|r| (r.resource.name, r.reason))
         .collect();
-    assert!(reasons["b"].contains("conflicts with Route/team/a"), "{reasons:?}");
+    assert!(
+        reasons["b"].contains("conflicts with Route/team/a"),
+        "{reasons:?}"
+    );
     assert!(reasons["llama-again"].contains("conflicts with ModelRoute/team/llama"));
     assert!(reasons["limit-a2"].contains("another RateLimitPolicy"));
     assert!(reasons["auth-gone"].contains("does not exist"));
     assert!(reasons["auth-b"].contains("does not exist or is not served"));
     assert!(reasons["d"].contains("conflicts with ModelRoute/team/gpt"));
     assert_eq!(reasons.len(), 6);
+}
+
+#[test]
+fn the_older_of_two_conflicting_routes_keeps_its_traffic() {
+    let (older, newer) = (id("Route", "zeta"), id("Route", "alpha"));
+    let resources = vec![
+        (older.clone(), route(&[], "/api")),
+        (newer, route(&[], "/api")),
+    ];
+    let (plan, rejected) = Plan::from_resources(1, resources);
+    assert_eq!(plan.resources.len(), 1);
+    assert_eq!(plan.resources[0].0, older);
+    assert!(rejected[0]
+        .reason
+        .contains("conflicts with Route/team/zeta"));
 }
 
 #[test]
@@ -211,7 +282,10 @@ fn events_of_both_producers_read_as_changes() {
     event.after = Some(json!({"metadata": {"generation": 4},
         "spec": {"path": {"type": "Exact", "value": "/x"}, "upstreams": [{"target": "127.0.0.1:1"}]}}));
     let change = change_of(&event, changewire_schemas::gateway::GROUP).expect("a change");
-    assert!(matches!(change.version, Version::Kubernetes { generation: 4, .. }));
+    assert!(matches!(
+        change.version,
+        Version::Kubernetes { generation: 4, .. }
+    ));
     assert!(matches!(change.spec, Some(Ok(GatewaySpec::Route(_)))));
     assert!(matches!(
         change_of(&event, "other.example.com"),
@@ -225,5 +299,7 @@ fn events_of_both_producers_read_as_changes() {
     assert_eq!(change.id.to_string(), "Route/team/shop (postgres)");
     assert!(matches!(&change.spec, Some(Err(e)) if e.contains("unknown field `bad`")));
     row.after = Some(json!({"id": 1}));
-    assert!(matches!(change_of(&row, "any"), Err(NotAChange::Invalid(e)) if e.contains("no text column `name`")));
+    assert!(
+        matches!(change_of(&row, "any"), Err(NotAChange::Invalid(e)) if e.contains("no text column `name`"))
+    );
 }

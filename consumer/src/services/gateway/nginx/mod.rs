@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 use tokio::time::Instant;
 
-use super::apply::{ApplyError, ApplyResult, Applied, Applier, Secrets, Trigger};
+use super::apply::{Applied, Applier, ApplyError, ApplyResult, Secrets, Trigger};
 use super::desired::{Plan, Rejection};
 use render::{render, Layout, Rendered, DIGEST_HEADER, HEALTH_PATH};
 
@@ -68,7 +68,8 @@ pub struct NginxGateway {
 impl NginxGateway {
     /// The gateway `config` describes; API keys are read from `secrets`.
     pub fn new(config: &NginxConfig, secrets: Secrets) -> Result<Self, ConfigError> {
-        let invalid = |e: &dyn std::fmt::Display| ConfigError::invalid("gateway.nginx", e.to_string());
+        let invalid =
+            |e: &dyn std::fmt::Display| ConfigError::invalid("gateway.nginx", e.to_string());
         for dir in ["empty", "tmp"] {
             std::fs::create_dir_all(config.dir.join(dir)).map_err(|e| invalid(&e))?;
         }
@@ -129,7 +130,10 @@ impl NginxGateway {
 
     /// Renders `plan` and has `nginx -t` check it, leaving out each resource it
     /// refuses; the accepted candidate (written), and every resource left out.
-    async fn checked_candidate(&self, plan: &Plan) -> Result<Result<(Rendered, Vec<Rejection>), String>, ApplyError> {
+    async fn checked_candidate(
+        &self,
+        plan: &Plan,
+    ) -> Result<Result<(Rendered, Vec<Rejection>), String>, ApplyError> {
         let mut plan = plan.clone();
         let mut refused = Vec::new();
         loop {
@@ -144,17 +148,29 @@ impl NginxGateway {
             };
             let line = complaint
                 .rsplit_once("nginx.conf.candidate:")
-                .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok());
+                .and_then(|(_, rest)| {
+                    rest.split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse()
+                        .ok()
+                });
             let owner = line.and_then(|l| rendered.owner(l)).cloned();
             let Some(owner) = owner.filter(|_| refused.len() < MAX_REFUSED) else {
                 return Ok(Err(format!("nginx -t refused the config: {complaint}")));
             };
-            let reason = format!("nginx -t: {}", complaint.replace(&*self.candidate().to_string_lossy(), "nginx.conf"));
+            let reason = format!(
+                "nginx -t: {}",
+                complaint.replace(&*self.candidate().to_string_lossy(), "nginx.conf")
+            );
             refused.push(Rejection {
                 resource: owner.clone(),
                 reason,
             });
-            let rest = plan.resources.into_iter().filter(|(id, _)| *id != owner).collect();
+            let rest = plan
+                .resources
+                .into_iter()
+                .filter(|(id, _)| *id != owner)
+                .collect();
             let (replanned, dangling) = Plan::from_resources(plan.generation, rest);
             refused.extend(dangling);
             plan = replanned;
@@ -180,7 +196,10 @@ impl NginxGateway {
                 Err(error) => format!("{url}: {error}"),
             };
             if Instant::now() >= deadline {
-                return Err(format!("the health route did not answer config {digest} within {} ms ({last})", self.config.probe_timeout_ms));
+                return Err(format!(
+                    "the health route did not answer config {digest} within {} ms ({last})",
+                    self.config.probe_timeout_ms
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -217,7 +236,9 @@ impl NginxGateway {
                     .to_owned();
                 match self.probe(&digest).await {
                     Ok(()) => format!("{why}; rolled back to config {digest}"),
-                    Err(e) => format!("{why}; rolled back to config {digest}, which is not answering either: {e}"),
+                    Err(e) => format!(
+                        "{why}; rolled back to config {digest}, which is not answering either: {e}"
+                    ),
                 }
             }
             None => format!("{why}; there was no earlier config to roll back to"),
@@ -246,7 +267,9 @@ impl Applier for NginxGateway {
             }
         };
         let live = std::fs::read_to_string(self.live()).ok();
-        if live.as_deref() == Some(rendered.text.as_str()) && self.probe_once(&rendered.digest).await {
+        if live.as_deref() == Some(rendered.text.as_str())
+            && self.probe_once(&rendered.digest).await
+        {
             return Ok(Applied {
                 result: ApplyResult::Unchanged,
                 message: None,
@@ -266,9 +289,14 @@ impl Applier for NginxGateway {
         if let Err(why) = self.probe(&rendered.digest).await {
             return self.roll_back(why).await;
         }
-        let message = drifted.then(|| "the running config differed from the desired one".to_owned());
+        let message =
+            drifted.then(|| "the running config differed from the desired one".to_owned());
         Ok(Applied {
-            result: if drifted { ApplyResult::DriftRepaired } else { ApplyResult::Applied },
+            result: if drifted {
+                ApplyResult::DriftRepaired
+            } else {
+                ApplyResult::Applied
+            },
             message,
             rejected,
             config: rendered.digest,

@@ -95,6 +95,11 @@ struct Guards<'a> {
     auth: Option<(usize, &'a AuthPolicySpec, Vec<String>)>,
 }
 
+/// A route's (kind, namespace, name).
+type Target<'a> = (&'a str, &'a str, &'a str);
+/// Each route's policies.
+type GuardMap<'a> = BTreeMap<Target<'a>, Guards<'a>>;
+
 /// A route-like resource and its place in the plan (names its blocks).
 struct Served<'a> {
     index: usize,
@@ -144,14 +149,20 @@ pub fn render(plan: &Plan, layout: &Layout, secrets: &Secrets) -> Rendered {
         out.line(1, "server {");
         let default_server = if default { " default_server" } else { "" };
         out.line(2, format!("listen {}{default_server};", layout.listen));
-        out.line(2, format!("server_name {};", if default { "_" } else { host.as_str() }));
+        out.line(
+            2,
+            format!("server_name {};", if default { "_" } else { host.as_str() }),
+        );
         for (served, route) in routes.iter().filter(|(_, r)| serves(&r.hosts, &host)) {
             out.owned(served.id, |out| route_locations(out, served, route));
         }
         for ((group_host, path), group) in &model_groups {
             if *group_host == host {
                 out.line(2, format!("location ^~ {path} {{"));
-                out.line(3, format!("if ($cw_g{group} = \"\") {{ return 404 \"unknown model\\n\"; }}"));
+                out.line(
+                    3,
+                    format!("if ($cw_g{group} = \"\") {{ return 404 \"unknown model\\n\"; }}"),
+                );
                 out.line(3, format!("rewrite ^ $cw_g{group}$uri last;"));
                 out.line(2, "}");
             }
@@ -176,26 +187,43 @@ pub fn render(plan: &Plan, layout: &Layout, secrets: &Secrets) -> Rendered {
 /// Each route's policies by the route's (kind, namespace, name); API-key
 /// policies whose keys cannot be read are refused, and so are their routes:
 /// a route is never served without the policy meant to guard it.
-fn guards<'a>(
-    plan: &'a Plan,
-    secrets: &Secrets,
-) -> (BTreeMap<(&'a str, &'a str, &'a str), Guards<'a>>, Vec<Rejection>) {
+fn guards<'a>(plan: &'a Plan, secrets: &Secrets) -> (GuardMap<'a>, Vec<Rejection>) {
     let mut guards: BTreeMap<_, Guards<'a>> = BTreeMap::new();
     let mut rejected = Vec::new();
     let mut closed = Vec::new();
     for (index, (id, spec)) in plan.resources.iter().enumerate() {
         let (target, entry) = match spec {
             GatewaySpec::RateLimitPolicy(policy) => {
-                let target = (policy.target_ref.kind.as_str(), id.namespace.as_str(), policy.target_ref.name.as_str());
-                (target, Some(Ok(Guards { limit: Some((index, policy)), auth: None })))
+                let target = (
+                    policy.target_ref.kind.as_str(),
+                    id.namespace.as_str(),
+                    policy.target_ref.name.as_str(),
+                );
+                (
+                    target,
+                    Some(Ok(Guards {
+                        limit: Some((index, policy)),
+                        auth: None,
+                    })),
+                )
             }
             GatewaySpec::AuthPolicy(policy) => {
-                let target = (policy.target_ref.kind.as_str(), id.namespace.as_str(), policy.target_ref.name.as_str());
+                let target = (
+                    policy.target_ref.kind.as_str(),
+                    id.namespace.as_str(),
+                    policy.target_ref.name.as_str(),
+                );
                 let keys = policy.api_keys.as_ref().map_or_else(
                     || Err("no apiKeys".to_owned()),
                     |k| secrets.api_keys(&id.namespace, &k.secret_ref.name, &k.secret_ref.key),
                 );
-                (target, Some(keys.map(|keys| Guards { limit: None, auth: Some((index, policy, keys)) })))
+                (
+                    target,
+                    Some(keys.map(|keys| Guards {
+                        limit: None,
+                        auth: Some((index, policy, keys)),
+                    })),
+                )
             }
             _ => continue,
         };
@@ -208,18 +236,31 @@ fn guards<'a>(
                 }
             }
             Some(Err(reason)) => {
-                rejected.push(Rejection { resource: id.clone(), reason: reason.clone() });
-                closed.push((target, format!("its AuthPolicy {} cannot be applied ({reason}); not served without it", id.name)));
+                rejected.push(Rejection {
+                    resource: id.clone(),
+                    reason: reason.clone(),
+                });
+                closed.push((
+                    target,
+                    format!(
+                        "its AuthPolicy {} cannot be applied ({reason}); not served without it",
+                        id.name
+                    ),
+                ));
             }
             None => {}
         }
     }
     for ((kind, namespace, name), reason) in closed {
-        let route = plan.resources.iter().find(|(id, _)| {
-            id.kind == kind && id.namespace == namespace && id.name == name
-        });
+        let route = plan
+            .resources
+            .iter()
+            .find(|(id, _)| id.kind == kind && id.namespace == namespace && id.name == name);
         if let Some((id, _)) = route {
-            rejected.push(Rejection { resource: id.clone(), reason });
+            rejected.push(Rejection {
+                resource: id.clone(),
+                reason,
+            });
         }
     }
     (guards, rejected)
@@ -227,7 +268,10 @@ fn guards<'a>(
 
 fn header(out: &mut Out, layout: &Layout) {
     let dir = layout.dir.display();
-    out.line(0, "# Rendered by changewire's gateway service: edits are reverted (drift repair).");
+    out.line(
+        0,
+        "# Rendered by changewire's gateway service: edits are reverted (drift repair).",
+    );
     out.line(0, format!("# config {PLACEHOLDER}"));
     out.line(0, "worker_processes 1;");
     out.line(0, format!("pid {dir}/nginx.pid;"));
@@ -252,7 +296,12 @@ fn route_servers(route: &RouteSpec) -> Vec<String> {
 }
 
 fn model_servers(model: &ModelRouteSpec) -> Vec<String> {
-    let first = model.providers.iter().map(|p| p.priority).min().unwrap_or(0);
+    let first = model
+        .providers
+        .iter()
+        .map(|p| p.priority)
+        .min()
+        .unwrap_or(0);
     (model.providers.iter())
         .map(|p| {
             let backup = if p.priority > first { " backup" } else { "" };
@@ -280,7 +329,10 @@ fn guard_blocks(out: &mut Out, guards: &Guards<'_>) {
         let key = match &policy.key.header {
             // Requests without the header count by address, not as unlimited.
             Some(header) => {
-                out.line(1, format!("map {} $cw_k{index} {{", header_variable(header)));
+                out.line(
+                    1,
+                    format!("map {} $cw_k{index} {{", header_variable(header)),
+                );
                 out.line(2, "\"\" $binary_remote_addr;");
                 out.line(2, format!("default {};", header_variable(header)));
                 out.line(1, "}");
@@ -292,11 +344,23 @@ fn guard_blocks(out: &mut Out, guards: &Guards<'_>) {
             RatePeriod::Second => "s",
             RatePeriod::Minute => "m",
         };
-        out.line(1, format!("limit_req_zone {key} zone=cw_l{index}:1m rate={}r/{per};", policy.requests));
+        out.line(
+            1,
+            format!(
+                "limit_req_zone {key} zone=cw_l{index}:1m rate={}r/{per};",
+                policy.requests
+            ),
+        );
     }
     if let Some((index, policy, keys)) = &guards.auth {
-        let header = policy.api_keys.as_ref().map_or("X-Api-Key", |k| k.header.as_str());
-        out.line(1, format!("map {} $cw_a{index} {{", header_variable(header)));
+        let header = policy
+            .api_keys
+            .as_ref()
+            .map_or("X-Api-Key", |k| k.header.as_str());
+        out.line(
+            1,
+            format!("map {} $cw_a{index} {{", header_variable(header)),
+        );
         out.line(2, "default 0;");
         for key in keys {
             out.line(2, format!("\"{key}\" 1;"));
@@ -307,8 +371,17 @@ fn guard_blocks(out: &mut Out, guards: &Guards<'_>) {
 
 fn model_limit_block(out: &mut Out, index: usize, model: &ModelRouteSpec) {
     if let Some(rpm) = model.limits.as_ref().and_then(|l| l.requests_per_minute) {
-        out.line(1, format!("map $http_x_model $cw_mk{index} {{ default \"\"; \"{0}\" \"{0}\"; }}", model.model));
-        out.line(1, format!("limit_req_zone $cw_mk{index} zone=cw_ml{index}:1m rate={rpm}r/m;"));
+        out.line(
+            1,
+            format!(
+                "map $http_x_model $cw_mk{index} {{ default \"\"; \"{0}\" \"{0}\"; }}",
+                model.model
+            ),
+        );
+        out.line(
+            1,
+            format!("limit_req_zone $cw_mk{index} zone=cw_ml{index}:1m rate={rpm}r/m;"),
+        );
     }
 }
 
@@ -381,7 +454,10 @@ fn route_locations(out: &mut Out, served: &Served<'_>, route: &RouteSpec) {
         out.line(2, format!("location {head} {{"));
         if !route.methods.is_empty() {
             let methods = route.methods.join("|");
-            out.line(3, format!("if ($request_method !~ ^({methods})$) {{ return 405; }}"));
+            out.line(
+                3,
+                format!("if ($request_method !~ ^({methods})$) {{ return 405; }}"),
+            );
         }
         guard_lines(out, &served.guards);
         proxy_lines(out, route);
@@ -392,10 +468,18 @@ fn route_locations(out: &mut Out, served: &Served<'_>, route: &RouteSpec) {
 
 fn guard_lines(out: &mut Out, guards: &Guards<'_>) {
     if let Some((index, _, _)) = &guards.auth {
-        out.line(3, format!("if ($cw_a{index} = 0) {{ return 401 \"missing or unknown API key\\n\"; }}"));
+        out.line(
+            3,
+            format!("if ($cw_a{index} = 0) {{ return 401 \"missing or unknown API key\\n\"; }}"),
+        );
     }
     if let Some((index, policy)) = guards.limit {
-        out.line(3, format!("limit_req zone=cw_l{index} burst={} nodelay;", policy.burst));
+        // nginx refuses `burst=0`: no burst is written as none.
+        let burst = match policy.burst {
+            0 => String::new(),
+            burst => format!(" burst={burst}"),
+        };
+        out.line(3, format!("limit_req zone=cw_l{index}{burst} nodelay;"));
     }
 }
 
@@ -429,9 +513,16 @@ fn proxy_lines(out: &mut Out, route: &RouteSpec) {
     }
     match &route.retries {
         Some(retries) => {
-            let on_5xx = if retries.on_5xx { " http_500 http_502 http_503 http_504" } else { "" };
+            let on_5xx = if retries.on_5xx {
+                " http_500 http_502 http_503 http_504"
+            } else {
+                ""
+            };
             out.line(3, format!("proxy_next_upstream error timeout{on_5xx};"));
-            out.line(3, format!("proxy_next_upstream_tries {};", retries.attempts));
+            out.line(
+                3,
+                format!("proxy_next_upstream_tries {};", retries.attempts),
+            );
         }
         None => out.line(3, "proxy_next_upstream off;"),
     }
@@ -442,16 +533,27 @@ fn model_location(out: &mut Out, served: &Served<'_>, model: &ModelRouteSpec) {
     out.line(2, format!("location ^~ /__cw_m{index}/ {{"));
     out.line(3, "internal;");
     guard_lines(out, &served.guards);
-    if model.limits.as_ref().and_then(|l| l.requests_per_minute).is_some() {
-        out.line(3, format!("limit_req zone=cw_ml{index} burst=0 nodelay;"));
+    if model
+        .limits
+        .as_ref()
+        .and_then(|l| l.requests_per_minute)
+        .is_some()
+    {
+        out.line(3, format!("limit_req zone=cw_ml{index} nodelay;"));
     }
     out.line(3, format!("rewrite ^/__cw_m{index}(/.*)$ $1 break;"));
     out.line(3, "proxy_set_header Host $host;");
     out.line(3, "proxy_set_header Connection \"\";");
     // Fall back to the next provider on errors and 5xx, POSTs included (a
     // completion request is not applied twice by a provider that failed it).
-    out.line(3, "proxy_next_upstream error timeout http_500 http_502 http_503 http_504 non_idempotent;");
-    out.line(3, format!("proxy_next_upstream_tries {};", model.providers.len()));
+    out.line(
+        3,
+        "proxy_next_upstream error timeout http_500 http_502 http_503 http_504 non_idempotent;",
+    );
+    out.line(
+        3,
+        format!("proxy_next_upstream_tries {};", model.providers.len()),
+    );
     out.line(3, format!("proxy_pass http://cw_m{index};"));
     out.line(2, "}");
 }
@@ -461,7 +563,10 @@ fn health_server(out: &mut Out, layout: &Layout) {
     out.line(2, format!("listen {};", layout.health_listen));
     out.line(2, format!("location = {HEALTH_PATH} {{"));
     out.line(3, "default_type text/plain;");
-    out.line(3, format!("add_header {DIGEST_HEADER} {PLACEHOLDER} always;"));
+    out.line(
+        3,
+        format!("add_header {DIGEST_HEADER} {PLACEHOLDER} always;"),
+    );
     out.line(3, format!("return 200 \"{PLACEHOLDER}\\n\";"));
     out.line(2, "}");
     out.line(1, "}");
