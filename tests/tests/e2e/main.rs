@@ -10,6 +10,7 @@ mod dedup;
 mod effects;
 mod forward;
 mod gateway;
+mod gateway_sources;
 mod kube_recovery;
 mod kubernetes;
 mod large;
