@@ -14,8 +14,6 @@ use axum::Router;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::servers::free_port;
-
 /// An upstream server on loopback: answers every request with its name (and
 /// the status it is told), counting requests.
 pub struct Upstream {
@@ -172,10 +170,12 @@ pub struct Caddy {
 }
 
 impl Caddy {
-    /// Starts Caddy with an empty config (admin API only) and waits for it.
-    pub async fn start() -> anyhow::Result<Self> {
+    /// Starts Caddy with an empty config (admin API only, on the first port;
+    /// the gateway config will serve traffic and health on the others) and
+    /// waits for it.
+    pub async fn start([admin, listen, health]: [u16; 3]) -> anyhow::Result<Self> {
         let home = tempfile::tempdir()?;
-        let admin = format!("127.0.0.1:{}", free_port()?);
+        let admin = format!("127.0.0.1:{admin}");
         let config = home.path().join("caddy.json");
         let initial = json!({"admin": {"listen": admin, "config": {"persist": false}}});
         std::fs::write(&config, initial.to_string())?;
@@ -192,8 +192,8 @@ impl Caddy {
             .context("starting caddy (apt-get install caddy)")?;
         let caddy = Self {
             admin_url: format!("http://{admin}"),
-            listen: format!("127.0.0.1:{}", free_port()?),
-            health_listen: format!("127.0.0.1:{}", free_port()?),
+            listen: format!("127.0.0.1:{listen}"),
+            health_listen: format!("127.0.0.1:{health}"),
             child,
             _home: home,
         };

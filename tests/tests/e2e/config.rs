@@ -224,6 +224,46 @@ fn audit_refuses_settings_that_would_break_its_log() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The gateway service refuses what cannot work: a group (a replica would miss
+/// partitions), no gateway, a status API without tokens, a typo in a section.
+#[test]
+fn gateway_refuses_settings_that_cannot_work() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let service = "[kafka]\nbrokers = \"h:1\"\n[service]\nname = \"gw\"\nsubscribe = [\"t\"]\nstate_dir = \"/tmp/x\"\n";
+    let nginx = "[gateway.nginx]\ndir = \"/tmp/gw\"\nlisten = \"127.0.0.1:1\"\nhealth_listen = \"127.0.0.1:2\"\n";
+    let ticking = "assignment = \"static\"\ntick_interval_ms = 100\n";
+    for (settings, named) in [
+        (
+            format!("[gateway]\n{nginx}"),
+            "the gateway service reads every partition",
+        ),
+        (format!("{ticking}[gateway]\n"), "configure a gateway"),
+        (
+            format!("{ticking}[gateway]\nlisten = \"127.0.0.1:3\"\n{nginx}"),
+            "gateway.api_tokens",
+        ),
+        (
+            format!("{ticking}[gateway]\n{nginx}port = 80\n"),
+            "gateway.nginx.port",
+        ),
+    ] {
+        let config = write_config(dir.path(), &format!("{service}{settings}"));
+        let output = run("changewire-consumer", &config, &[])?;
+        assert_eq!(
+            output.status.code(),
+            Some(EXIT_CONFIG),
+            "{}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(named),
+            "{named}: {}",
+            stderr(&output)
+        );
+    }
+    Ok(())
+}
+
 /// The files under config/ are what the demo and docker-compose run; with the
 /// overrides docker-compose sets, they must pass `--check`, which reaches Kafka,
 /// PostgreSQL (the stack's demo database) and the API server (a fake one here).
@@ -272,6 +312,11 @@ async fn shipped_config_files_are_valid() -> anyhow::Result<()> {
                 ("CHANGEWIRE_SERVICE__STATE_DIR", state_dir.as_str()),
                 ("CHANGEWIRE_ALERT__RULES_FILE", rules.as_str()),
             ],
+        ),
+        (
+            "changewire-consumer",
+            "gateway.toml",
+            vec![("CHANGEWIRE_SERVICE__STATE_DIR", state_dir.as_str())],
         ),
         (
             "changewire-consumer",

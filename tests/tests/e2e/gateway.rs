@@ -10,7 +10,7 @@ use changewire_consumer::services::gateway::GatewayConfig;
 use changewire_schemas::gateway::{GROUP, VERSION};
 use changewire_schemas::{fixtures, ChangeEvent, EventId, Op, Origin};
 use changewire_tests::gateway::{eventually, request, Caddy, NginxDir, Upstream};
-use changewire_tests::servers::free_port;
+use changewire_tests::servers::free_ports;
 use changewire_tests::{create_topics, unique_name, workspace_binary, Stack, TestConsumer};
 use serde_json::{json, Value};
 
@@ -90,62 +90,63 @@ pub(crate) fn gateway_config(
     Ok(config)
 }
 
-/// The nginx section for `dir`, listening on fresh ports: the section and the
-/// traffic URL.
-fn nginx_section(dir: &NginxDir) -> anyhow::Result<(String, String)> {
-    let (listen, health) = (free_port()?, free_port()?);
+/// The nginx section for `dir`, listening on fresh ports: the section, the
+/// traffic URL, and one more free port (for the status API).
+fn nginx_section(dir: &NginxDir) -> anyhow::Result<(String, String, u16)> {
+    let [listen, health, spare] = free_ports()?;
     let section = format!(
         "[nginx]\ndir = \"{}\"\nlisten = \"127.0.0.1:{listen}\"\nhealth_listen = \"127.0.0.1:{health}\"\n",
         dir.path().display()
     );
-    Ok((section, format!("http://127.0.0.1:{listen}")))
+    Ok((section, format!("http://127.0.0.1:{listen}"), spare))
 }
 
-/// Statuses from the status API, by resource name.
-async fn statuses(client: &reqwest::Client, api: &str) -> anyhow::Result<Vec<Value>> {
-    let body: Value = client
-        .get(format!("{api}/v1/status"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await?
-        .json()
-        .await?;
-    Ok(body["resources"].as_array().cloned().unwrap_or_default())
+/// The status API of a running gateway service, and its log (shown when a
+/// wait fails).
+struct StatusApi {
+    client: reqwest::Client,
+    url: String,
+    log: std::path::PathBuf,
 }
 
-async fn state_of(
-    client: &reqwest::Client,
-    api: &str,
-    name: &str,
-) -> anyhow::Result<(String, String)> {
-    let all = statuses(client, api).await?;
-    let found = all.iter().find(|s| s["resource"]["name"] == name);
-    Ok(found.map_or((String::new(), String::new()), |s| {
-        (
-            s["state"].as_str().unwrap_or_default().to_owned(),
-            s["reason"].as_str().unwrap_or_default().to_owned(),
+impl StatusApi {
+    /// `name`'s state and reason now (empty when it has no status).
+    async fn state_of(&self, name: &str) -> anyhow::Result<(String, String)> {
+        let body: Value = (self.client.get(format!("{}/v1/status", self.url)))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let all = body["resources"].as_array().cloned().unwrap_or_default();
+        let found = all.iter().find(|s| s["resource"]["name"] == name);
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        Ok(found
+            .map(|s| (text(&s["state"]), text(&s["reason"])))
+            .unwrap_or_default())
+    }
+
+    /// Waits until `name` is in `state`; its reason.
+    async fn wait_for(&self, name: &str, state: &str) -> anyhow::Result<String> {
+        let mut reason = String::new();
+        let waited = eventually(
+            &format!("{name} {state}"),
+            Duration::from_secs(60),
+            async || {
+                let (now, why) = self.state_of(name).await?;
+                reason = why;
+                Ok(now == state)
+            },
         )
-    }))
-}
-
-async fn wait_for_state(
-    client: &reqwest::Client,
-    api: &str,
-    name: &str,
-    state: &str,
-) -> anyhow::Result<String> {
-    let mut reason = String::new();
-    eventually(
-        &format!("{name} {state}"),
-        Duration::from_secs(60),
-        async || {
-            let (now, why) = state_of(client, api, name).await?;
-            reason = why;
-            Ok(now == state)
-        },
-    )
-    .await?;
-    Ok(reason)
+        .await;
+        if let Err(error) = waited {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!("{error}; the service's log ends:\n{}", tail.join("\n"));
+        }
+        Ok(reason)
+    }
 }
 
 /// Shares of `count` GETs of `path` on `host` by the body (the upstream's name).
@@ -198,8 +199,7 @@ async fn nginx_serves_routes_policies_and_model_fallbacks_and_refuses_bad_resour
     );
     failing.answer(503);
     let nginx = NginxDir::new()?;
-    let (section, url) = nginx_section(&nginx)?;
-    let api_port = free_port()?;
+    let (section, url, api_port) = nginx_section(&nginx)?;
     let api = format!("http://127.0.0.1:{api_port}");
     let gateway = format!(
         "debounce_ms = 100\ndrift_check_s = 1\nsecrets_dir = \"{}\"\nlisten = \"127.0.0.1:{api_port}\"\napi_tokens = [\"{TOKEN}\"]\n{section}",
@@ -276,7 +276,12 @@ async fn nginx_serves_routes_policies_and_model_fallbacks_and_refuses_bad_resour
     publish(&stack, &topic, &events).await?;
 
     let client = reqwest::Client::new();
-    wait_for_state(&client, &api, "shop", "Programmed").await?;
+    let status = StatusApi {
+        client: client.clone(),
+        url: api.clone(),
+        log,
+    };
+    status.wait_for("shop", "Programmed").await?;
     let clash = resource(
         "Route",
         "clash",
@@ -285,7 +290,7 @@ async fn nginx_serves_routes_policies_and_model_fallbacks_and_refuses_bad_resour
         route(&["shop.test"], "/api", &[(&b, 1)]),
     );
     publish(&stack, &topic, &[clash]).await?;
-    let clash = wait_for_state(&client, &api, "clash", "Rejected").await?;
+    let clash = status.wait_for("clash", "Rejected").await?;
     assert!(
         clash.contains("conflicts with Route/team/shop"),
         "the older route keeps its traffic: {clash}"
@@ -381,9 +386,9 @@ async fn nginx_serves_routes_policies_and_model_fallbacks_and_refuses_bad_resour
         404
     );
 
-    let regex = wait_for_state(&client, &api, "bad-regex", "Rejected").await?;
+    let regex = status.wait_for("bad-regex", "Rejected").await?;
     assert!(regex.contains("invalid regular expression"), "{regex}");
-    let unknown = wait_for_state(&client, &api, "unknown-upstream", "Rejected").await?;
+    let unknown = status.wait_for("unknown-upstream", "Rejected").await?;
     assert!(
         unknown.contains("nginx -t") && unknown.contains("host not found"),
         "{unknown}"
@@ -450,7 +455,7 @@ async fn nginx_serves_routes_policies_and_model_fallbacks_and_refuses_bad_resour
         Some(&8),
         "the stale change was a no-op"
     );
-    let policy = wait_for_state(&client, &api, "keys", "Rejected").await?;
+    let policy = status.wait_for("keys", "Rejected").await?;
     assert!(
         policy.contains("does not exist"),
         "a policy whose route is gone: {policy}"
@@ -493,7 +498,7 @@ async fn sigkills_during_applies_leave_nginx_on_a_valid_config_and_the_next_star
     create_topics(&stack, &[&topic], 1).await?;
     let upstream = Upstream::start("up").await?;
     let nginx = NginxDir::new()?;
-    let (section, url) = nginx_section(&nginx)?;
+    let (section, url, _) = nginx_section(&nginx)?;
     let gateway = format!("debounce_ms = 20\nmax_delay_ms = 50\n{section}");
     let config = gateway_config(&stack, &prefix, &[&topic], state.path(), &gateway)?;
     let path = write_config(state.path(), "gateway", &config)?;
@@ -569,10 +574,10 @@ async fn caddy_takes_routes_through_its_admin_api_and_refuses_what_it_cannot_enf
     keys_dir(secrets.path())?;
     let topic = format!("{prefix}.k8s.gateway");
     create_topics(&stack, &[&topic], 1).await?;
-    let caddy = Caddy::start().await?;
+    let [admin, listen, health, api_port, closed] = free_ports()?;
+    let caddy = Caddy::start([admin, listen, health]).await?;
     let (a, b) = (Upstream::start("a").await?, Upstream::start("b").await?);
     let healthy = Upstream::start("healthy").await?;
-    let api_port = free_port()?;
     let api = format!("http://127.0.0.1:{api_port}");
     let gateway = format!(
         "debounce_ms = 100\ndrift_check_s = 1\nsecrets_dir = \"{}\"\nlisten = \"127.0.0.1:{api_port}\"\napi_tokens = [\"{TOKEN}\"]\n[caddy]\nadmin_url = \"{}\"\nlisten = \"{}\"\nhealth_listen = \"{}\"\n",
@@ -580,12 +585,9 @@ async fn caddy_takes_routes_through_its_admin_api_and_refuses_what_it_cannot_enf
     );
     let config = gateway_config(&stack, &prefix, &[&topic], state.path(), &gateway)?;
     let path = write_config(state.path(), "gateway", &config)?;
-    let service = start_service(
-        &workspace_binary("changewire-consumer")?,
-        &path,
-        &state.path().join("gateway.log"),
-    )?;
-    let closed = format!("127.0.0.1:{}", free_port()?);
+    let log = state.path().join("gateway.log");
+    let service = start_service(&workspace_binary("changewire-consumer")?, &path, &log)?;
+    let closed = format!("127.0.0.1:{closed}");
     publish(&stack, &topic, &[
         resource("Route", "shop", 1, Op::Create, route(&["shop.test"], "/api", &[(&a, 3), (&b, 1)])),
         resource("Route", "private", 1, Op::Create, route(&[], "/private", &[(&b, 1)])),
@@ -595,7 +597,12 @@ async fn caddy_takes_routes_through_its_admin_api_and_refuses_what_it_cannot_enf
             {"name": "down", "target": closed, "priority": 0}, {"name": "up", "target": healthy.target, "priority": 1}]})),
     ]).await?;
     let client = reqwest::Client::new();
-    wait_for_state(&client, &api, "shop", "Programmed").await?;
+    let status = StatusApi {
+        client: client.clone(),
+        url: api.clone(),
+        log,
+    };
+    status.wait_for("shop", "Programmed").await?;
     let url = format!("http://{}", caddy.listen);
     let shares = spread(&client, &url, "shop.test", "/api/x", 200).await?;
     assert_eq!(
@@ -631,7 +638,7 @@ async fn caddy_takes_routes_through_its_admin_api_and_refuses_what_it_cannot_enf
         (200, "healthy".into()),
         "falls back past a provider that refuses connections"
     );
-    let limit = wait_for_state(&client, &api, "limit", "Rejected").await?;
+    let limit = status.wait_for("limit", "Rejected").await?;
     assert!(limit.contains("caddy-ratelimit"), "{limit}");
 
     // Someone replaces Caddy's config by hand: the drift check puts it back.
@@ -660,6 +667,105 @@ async fn caddy_takes_routes_through_its_admin_api_and_refuses_what_it_cannot_enf
         .0,
         200
     );
+    terminate(service)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reload_nginx_does_not_take_is_rolled_back_and_repaired_later() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let (prefix, state) = (unique_name("gwr"), tempfile::tempdir()?);
+    let topic = format!("{prefix}.k8s.gateway");
+    create_topics(&stack, &[&topic], 1).await?;
+    let (a, b) = (Upstream::start("a").await?, Upstream::start("b").await?);
+    let nginx = NginxDir::new()?;
+    let (section, url, _) = nginx_section(&nginx)?;
+    let section = section.replace("[nginx]\n", "[nginx]\nprobe_timeout_ms = 1000\n");
+    let gateway = format!("debounce_ms = 50\ndrift_check_s = 2\n{section}");
+    let config = gateway_config(&stack, &prefix, &[&topic], state.path(), &gateway)?;
+    let path = write_config(state.path(), "gateway", &config)?;
+    let service = start_service(
+        &workspace_binary("changewire-consumer")?,
+        &path,
+        &state.path().join("gateway.log"),
+    )?;
+    let client = reqwest::Client::new();
+    publish(
+        &stack,
+        &topic,
+        &[resource(
+            "Route",
+            "shop",
+            1,
+            Op::Create,
+            route(&[], "/shop", &[(&a, 1)]),
+        )],
+    )
+    .await?;
+    eventually("shop served by a", Duration::from_secs(60), async || {
+        Ok(request(&client, "GET", &format!("{url}/shop"), &[])
+            .await
+            .is_ok_and(|r| r == (200, "a".into())))
+    })
+    .await?;
+    let served = std::fs::read_to_string(nginx.config())?;
+
+    // A stopped master takes no reload: the probe never sees the new config.
+    let master = std::fs::read_to_string(nginx.path().join("nginx.pid"))?
+        .trim()
+        .to_owned();
+    std::process::Command::new("kill")
+        .args(["-STOP", &master])
+        .status()?;
+    publish(
+        &stack,
+        &topic,
+        &[resource(
+            "Route",
+            "shop",
+            2,
+            Op::Update,
+            route(&[], "/shop", &[(&b, 1)]),
+        )],
+    )
+    .await?;
+    let consumer = TestConsumer::from_beginning(&stack, &format!("{prefix}.gateway.status"))?;
+    let mut outcome = Value::Null;
+    let rolled_back = consumer
+        .read_until(Duration::from_secs(60), |record| {
+            outcome = (record.value.as_deref())
+                .and_then(|v| serde_json::from_slice(v).ok())
+                .unwrap_or_default();
+            outcome["apply"]["result"] == "rolled_back"
+        })
+        .await?;
+    std::process::Command::new("kill")
+        .args(["-CONT", &master])
+        .status()?;
+    assert!(rolled_back, "a rolled_back outcome");
+    let message = outcome["apply"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let served_digest = served
+        .lines()
+        .nth(1)
+        .and_then(|l| l.strip_prefix("# config "))
+        .unwrap_or("?");
+    assert!(
+        message.contains("did not answer config")
+            && message.contains(&format!("rolled back to config {served_digest}")),
+        "{message}"
+    );
+    assert!(nginx.live_config_is_valid()?);
+
+    // Once nginx answers again, the drift check applies the desired config.
+    eventually("shop served by b", Duration::from_secs(60), async || {
+        Ok(request(&client, "GET", &format!("{url}/shop"), &[])
+            .await
+            .is_ok_and(|r| r == (200, "b".into())))
+    })
+    .await?;
     terminate(service)?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use changewire_tests::gateway::{eventually, request, NginxDir, Upstream};
 use changewire_tests::kube_api::FakeApiServer;
-use changewire_tests::servers::free_port;
+use changewire_tests::servers::free_ports;
 use changewire_tests::{unique_name, workspace_binary, Stack, TestConsumer};
 use figment::providers::{Format, Yaml};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
@@ -75,11 +75,11 @@ async fn routes_from_a_postgres_table_and_from_custom_resources_reach_nginx() ->
         TestConsumer::once_created(&stack, topic, Duration::from_secs(30)).await?;
     }
     let nginx = NginxDir::new()?;
-    let listen = free_port()?;
+    let [listen, health] = free_ports()?;
     let gateway = format!(
         "debounce_ms = 50\n[nginx]\ndir = \"{}\"\nlisten = \"127.0.0.1:{listen}\"\nhealth_listen = \"127.0.0.1:{}\"\n",
         nginx.path().display(),
-        free_port()?
+        health
     );
     let service_config = gateway_config(
         &stack,

@@ -3,8 +3,8 @@
 //!
 //! The handler emits a plan (the whole desired state) or a drift check; the sink
 //! applies the newest plan of each chunk (a burst gives one apply, and applies to
-//! one gateway never overlap: a sink delivers one chunk at a time), keeps the
-//! plan it applied, and writes the outcome to the store under
+//! one gateway never overlap: a sink delivers one chunk at a time), keeps that
+//! plan for drift checks, and writes the outcome to the store under
 //! `gateway/outcome/`, where the handler's next tick publishes it.
 
 use std::future::Future;
@@ -20,8 +20,9 @@ use crate::runtime::{Store, StoreError};
 
 /// Outcomes waiting for the handler, by gateway and time.
 pub(super) const OUTCOME: &str = "gateway/outcome/";
-/// The plan each gateway last applied.
-const APPLIED: &str = "gateway/applied/";
+/// The newest plan each gateway was asked to serve (drift checks apply it again,
+/// so a plan that was rolled back is retried).
+const PLAN: &str = "gateway/plan/";
 
 /// Why an apply ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,30 +182,33 @@ impl<A: Applier> GatewaySink<A> {
         }
     }
 
-    /// The plan to apply for `orders` (the newest plan; a drift check alone
-    /// checks the last one applied), and why.
+    /// The plan to apply for `orders` (the newest plan, kept; a drift check
+    /// alone checks the newest one kept), and why.
     fn plan_for(
         &self,
         orders: &[Order],
         store: &Store,
-    ) -> Result<Option<(Plan, Trigger)>, StoreError> {
+    ) -> Result<Option<(Plan, Trigger)>, SinkError> {
+        let stored = |e: StoreError| SinkError::Fatal(Box::new(e));
+        let key = format!("{PLAN}{}", self.name);
         if let Some(plan) = orders.iter().rev().find_map(|o| match o {
             Order::Apply(plan) => Some(plan.clone()),
             Order::CheckDrift => None,
         }) {
+            let bytes = serde_json::to_vec(&plan).map_err(|e| SinkError::Fatal(Box::new(e)))?;
+            store
+                .put_state(key.as_bytes(), Some(&bytes))
+                .map_err(stored)?;
             return Ok(Some((plan, Trigger::Change)));
         }
-        let applied = store.get(format!("{APPLIED}{}", self.name).as_bytes())?;
+        let applied = store.get(key.as_bytes()).map_err(stored)?;
         Ok(applied
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .map(|plan| (plan, Trigger::DriftCheck)))
     }
 
     async fn run(&self, orders: &[Order], store: &Store) -> Result<(), SinkError> {
-        let Some((plan, trigger)) = self
-            .plan_for(orders, store)
-            .map_err(SinkError::unavailable)?
-        else {
+        let Some((plan, trigger)) = self.plan_for(orders, store)? else {
             return Ok(());
         };
         let started = Instant::now();
@@ -241,15 +245,6 @@ impl<A: Applier> GatewaySink<A> {
         };
         tracing::info!(gateway = %self.name, generation = plan.generation, result = ?outcome.result, rejected = outcome.rejected.len(), took_ms = outcome.took_ms, "gateway apply");
         let stored = |e: StoreError| SinkError::Fatal(Box::new(e));
-        if !matches!(
-            outcome.result,
-            ApplyResult::Failed | ApplyResult::RolledBack
-        ) {
-            let plan = serde_json::to_vec(&plan).map_err(|e| SinkError::Fatal(Box::new(e)))?;
-            store
-                .put_state(format!("{APPLIED}{}", self.name).as_bytes(), Some(&plan))
-                .map_err(stored)?;
-        }
         let key = format!("{OUTCOME}{}/{:020}", self.name, now_nanos());
         let value = serde_json::to_vec(&outcome).map_err(|e| SinkError::Fatal(Box::new(e)))?;
         store
