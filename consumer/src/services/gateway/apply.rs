@@ -126,6 +126,68 @@ pub enum Order {
     CheckDrift,
 }
 
+/// Asks a gateway's health route which config its workers run (the rendered
+/// config answers its digest in a header).
+pub struct HealthProbe {
+    url: String,
+    http: reqwest::Client,
+    timeout: std::time::Duration,
+}
+
+impl HealthProbe {
+    /// A probe of the health route on `listen`, waiting up to `timeout_ms`.
+    pub fn new(listen: std::net::SocketAddr, timeout_ms: u64) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(2))
+            // A pooled connection may stay with an old worker after a reload.
+            .pool_max_idle_per_host(0)
+            .build()?;
+        Ok(Self {
+            url: format!("http://{listen}{HEALTH_PATH}"),
+            http,
+            timeout: std::time::Duration::from_millis(timeout_ms),
+        })
+    }
+
+    /// Whether the workers run config `digest` now; what they run if not.
+    pub async fn serves(&self, digest: &str) -> Result<(), String> {
+        let response =
+            (self.http.get(&self.url).send().await).map_err(|e| format!("{}: {e}", self.url))?;
+        let running = (response.headers().get(DIGEST_HEADER))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if running == digest {
+            Ok(())
+        } else {
+            Err(format!("it runs config {running:?}"))
+        }
+    }
+
+    /// Asks until the workers run config `digest`, or says why not once the
+    /// time is up.
+    pub async fn wait_for(&self, digest: &str) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let last = match self.serves(digest).await {
+                Ok(()) => return Ok(()),
+                Err(last) => last,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "the health route did not answer config {digest} within {} ms ({last})",
+                    self.timeout.as_millis()
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The path of the health route every rendered config serves.
+pub const HEALTH_PATH: &str = "/changewire-health";
+/// The response header carrying the running config's digest.
+pub const DIGEST_HEADER: &str = "x-changewire-config";
+
 /// API keys mounted as files: `<dir>/<namespace>/<secret>/<key>`, one key per
 /// line. Secret values are redacted before they reach Kafka, so keys never
 /// travel in events: they are mounted where the gateway runs.
@@ -243,7 +305,7 @@ impl<A: Applier> GatewaySink<A> {
             at_ms,
             took_ms: started.elapsed().as_millis() as u64,
         };
-        tracing::info!(gateway = %self.name, generation = plan.generation, result = ?outcome.result, rejected = outcome.rejected.len(), took_ms = outcome.took_ms, "gateway apply");
+        tracing::info!(gateway = %self.name, generation = plan.generation, result = ?outcome.result, message = outcome.message.as_deref().unwrap_or_default(), rejected = outcome.rejected.len(), took_ms = outcome.took_ms, "gateway apply");
         let stored = |e: StoreError| SinkError::Fatal(Box::new(e));
         let key = format!("{OUTCOME}{}/{:020}", self.name, now_nanos());
         let value = serde_json::to_vec(&outcome).map_err(|e| SinkError::Fatal(Box::new(e)))?;

@@ -20,11 +20,12 @@ use changewire_schemas::gateway::{GatewaySpec, ModelRouteSpec, PathKind, RouteSp
 use changewire_schemas::settings::ConfigError;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
-use super::apply::{Applied, Applier, ApplyError, ApplyResult, Secrets, Trigger};
+use super::apply::{
+    Applied, Applier, ApplyError, ApplyResult, HealthProbe, Secrets, Trigger, DIGEST_HEADER,
+    HEALTH_PATH,
+};
 use super::desired::{Plan, Rejection, ResourceId};
-use super::nginx::render::{DIGEST_HEADER, HEALTH_PATH};
 
 /// Most resources left out of one apply on Caddy's word, and most retries of a
 /// push another client's change overtook.
@@ -57,6 +58,7 @@ pub struct CaddyGateway {
     config: CaddyConfig,
     secrets: Secrets,
     http: reqwest::Client,
+    probe: HealthProbe,
 }
 
 /// A rendered config: the JSON, its digest, and which resource each route of
@@ -82,10 +84,13 @@ impl CaddyGateway {
             .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| ConfigError::invalid("gateway.caddy", e.to_string()))?;
+        let probe = HealthProbe::new(config.health_listen, config.probe_timeout_ms)
+            .map_err(|e| ConfigError::invalid("gateway.caddy", e.to_string()))?;
         Ok(Self {
             config: config.clone(),
             secrets,
             http,
+            probe,
         })
     }
 
@@ -110,7 +115,7 @@ impl CaddyGateway {
             )));
         }
         let body = response.bytes().await.map_err(unavailable)?;
-        let etag = format!("\"/config/ {:x}\"", fnv1a32(&body));
+        let etag = etag_of(&body);
         let config = serde_json::from_slice(&body).unwrap_or(Value::Null);
         Ok((config, etag))
     }
@@ -140,28 +145,6 @@ impl CaddyGateway {
                 )))
             }
         })
-    }
-
-    async fn probe(&self, digest: &str) -> Result<(), String> {
-        let url = format!("http://{}{HEALTH_PATH}", self.config.health_listen);
-        let deadline = Instant::now() + Duration::from_millis(self.config.probe_timeout_ms);
-        loop {
-            let answered = match self.http.get(&url).send().await {
-                Ok(r) => (r.headers().get(DIGEST_HEADER))
-                    .is_some_and(|v| v.as_bytes() == digest.as_bytes()),
-                Err(_) => false,
-            };
-            if answered {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the health route did not answer config {digest} within {} ms",
-                    self.config.probe_timeout_ms
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 }
 
@@ -193,7 +176,7 @@ impl Applier for CaddyGateway {
             match self.push(&rendered.config, &etag).await? {
                 Ok(()) => {
                     refused.extend(rendered.rejected);
-                    if let Err(why) = self.probe(&rendered.digest).await {
+                    if let Err(why) = self.probe.wait_for(&rendered.digest).await {
                         return Ok(Applied {
                             result: ApplyResult::Failed,
                             message: Some(why),
@@ -271,7 +254,13 @@ fn route_number(message: &str) -> Option<usize> {
     })
 }
 
-/// FNV-1a, 32 bits: how Caddy tags a config (its ETag).
+/// Caddy's ETag of the config `body` it served at `/config/`: the FNV-1a hash
+/// as eight hex digits.
+fn etag_of(body: &[u8]) -> String {
+    format!("\"/config/ {:08x}\"", fnv1a32(body))
+}
+
+/// FNV-1a, 32 bits.
 fn fnv1a32(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5, |hash, &b| {
         (hash ^ u32::from(b)).wrapping_mul(0x0100_0193)
@@ -559,7 +548,12 @@ mod tests {
         let body = br#"{"admin":{"listen":"127.0.0.1:22019"},"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:28080"],"routes":[{"handle":[{"body":"hi","handler":"static_response"}]}]}}}}}"#;
         let mut with_newline = body.to_vec();
         with_newline.push(b'\n');
-        assert_eq!(format!("{:x}", fnv1a32(&with_newline)), "767af58a");
+        assert_eq!(etag_of(&with_newline), "\"/config/ 767af58a\"");
+        assert_eq!(
+            etag_of(b"{\"n\":2}\n"),
+            "\"/config/ 03b9f683\"",
+            "leading zeros kept"
+        );
         assert_eq!(
             route_number("provision http: server s: setting up route matchers: route 12: bad"),
             Some(12)

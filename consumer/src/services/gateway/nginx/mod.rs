@@ -9,16 +9,14 @@
 pub mod render;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use changewire_schemas::settings::ConfigError;
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
-use tokio::time::Instant;
 
-use super::apply::{Applied, Applier, ApplyError, ApplyResult, Secrets, Trigger};
+use super::apply::{Applied, Applier, ApplyError, ApplyResult, HealthProbe, Secrets, Trigger};
 use super::desired::{Plan, Rejection};
-use render::{render, Layout, Rendered, DIGEST_HEADER, HEALTH_PATH};
+use render::{render, Layout, Rendered};
 
 /// Most resources left out of one apply on `nginx -t`'s word.
 const MAX_REFUSED: usize = 20;
@@ -62,7 +60,9 @@ pub struct NginxGateway {
     config: NginxConfig,
     layout: Layout,
     secrets: Secrets,
-    http: reqwest::Client,
+    probe: HealthProbe,
+    /// The text of the config this process last saw the workers serve.
+    served: std::sync::Mutex<Option<String>>,
 }
 
 impl NginxGateway {
@@ -73,11 +73,7 @@ impl NginxGateway {
         for dir in ["empty", "tmp"] {
             std::fs::create_dir_all(config.dir.join(dir)).map_err(|e| invalid(&e))?;
         }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            // A pooled connection may stay with an old worker after a reload.
-            .pool_max_idle_per_host(0)
-            .build()
+        let probe = HealthProbe::new(config.health_listen, config.probe_timeout_ms)
             .map_err(|e| invalid(&e))?;
         let layout = Layout {
             listen: config.listen.clone(),
@@ -88,7 +84,8 @@ impl NginxGateway {
             config: config.clone(),
             layout,
             secrets,
-            http,
+            probe,
+            served: std::sync::Mutex::default(),
         })
     }
 
@@ -177,34 +174,6 @@ impl NginxGateway {
         }
     }
 
-    /// Asks the health route until it answers `digest` or the probe time is up;
-    /// the digest it last answered.
-    async fn probe(&self, digest: &str) -> Result<(), String> {
-        let url = format!("http://{}{HEALTH_PATH}", self.config.health_listen);
-        let deadline = Instant::now() + Duration::from_millis(self.config.probe_timeout_ms);
-        loop {
-            let last = match self.http.get(&url).send().await {
-                Ok(response) => {
-                    let running = (response.headers().get(DIGEST_HEADER))
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    if running == digest {
-                        return Ok(());
-                    }
-                    format!("it runs config {running:?}")
-                }
-                Err(error) => format!("{url}: {error}"),
-            };
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the health route did not answer config {digest} within {} ms ({last})",
-                    self.config.probe_timeout_ms
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Has the running nginx load the live config, starting nginx if it is not
     /// running.
     async fn reload(&self) -> Result<(), ApplyError> {
@@ -234,7 +203,7 @@ impl NginxGateway {
                     .and_then(|l| l.strip_prefix("# config "))
                     .unwrap_or_default()
                     .to_owned();
-                match self.probe(&digest).await {
+                match self.probe.wait_for(&digest).await {
                     Ok(()) => format!("{why}; rolled back to config {digest}"),
                     Err(e) => format!(
                         "{why}; rolled back to config {digest}, which is not answering either: {e}"
@@ -268,7 +237,7 @@ impl Applier for NginxGateway {
         };
         let live = std::fs::read_to_string(self.live()).ok();
         if live.as_deref() == Some(rendered.text.as_str())
-            && self.probe_once(&rendered.digest).await
+            && self.probe.serves(&rendered.digest).await.is_ok()
         {
             return Ok(Applied {
                 result: ApplyResult::Unchanged,
@@ -279,16 +248,24 @@ impl Applier for NginxGateway {
         }
         let drifted = live.is_some() && trigger == Trigger::DriftCheck;
         if let Some(live) = &live {
-            // Only a config nginx accepts is worth going back to.
-            if self.nginx(&["-t", "-q"], &self.live()).await?.is_ok() {
+            // Only a config nginx accepts is worth going back to; the one this
+            // process saw served needs no second check.
+            let known = self
+                .served
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_deref()
+                == Some(live.as_str());
+            if known || self.nginx(&["-t", "-q"], &self.live()).await?.is_ok() {
                 std::fs::write(self.last_good(), live).map_err(ApplyError::Io)?;
             }
         }
         std::fs::rename(self.candidate(), self.live()).map_err(ApplyError::Io)?;
         self.reload().await?;
-        if let Err(why) = self.probe(&rendered.digest).await {
+        if let Err(why) = self.probe.wait_for(&rendered.digest).await {
             return self.roll_back(why).await;
         }
+        *self.served.lock().unwrap_or_else(|e| e.into_inner()) = Some(rendered.text);
         let message =
             drifted.then(|| "the running config differed from the desired one".to_owned());
         Ok(Applied {
@@ -301,16 +278,5 @@ impl Applier for NginxGateway {
             rejected,
             config: rendered.digest,
         })
-    }
-}
-
-impl NginxGateway {
-    /// Whether the workers answer `digest` now.
-    async fn probe_once(&self, digest: &str) -> bool {
-        let url = format!("http://{}{HEALTH_PATH}", self.config.health_listen);
-        let Ok(response) = self.http.get(&url).send().await else {
-            return false;
-        };
-        (response.headers().get(DIGEST_HEADER)).is_some_and(|v| v.as_bytes() == digest.as_bytes())
     }
 }

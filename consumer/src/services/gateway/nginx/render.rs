@@ -23,7 +23,7 @@ use changewire_schemas::gateway::{
     RouteSpec,
 };
 
-use crate::services::gateway::apply::Secrets;
+use crate::services::gateway::apply::{Secrets, DIGEST_HEADER, HEALTH_PATH};
 use crate::services::gateway::desired::{Plan, Rejection, ResourceId};
 
 /// Where the rendered config listens and keeps its files.
@@ -37,10 +37,6 @@ pub struct Layout {
     pub dir: PathBuf,
 }
 
-/// The path of the health route.
-pub const HEALTH_PATH: &str = "/changewire-health";
-/// The response header carrying the config's digest.
-pub const DIGEST_HEADER: &str = "x-changewire-config";
 const PLACEHOLDER: &str = "@CHANGEWIRE_DIGEST@";
 
 /// A rendered config.
