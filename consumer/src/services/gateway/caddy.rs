@@ -540,7 +540,134 @@ fn gcd(a: u32, b: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use changewire_schemas::gateway::GatewaySpec;
+
     use super::*;
+    use crate::services::gateway::desired::Definer;
+
+    fn id(kind: &str, name: &str) -> ResourceId {
+        ResourceId {
+            definer: Definer::Kubernetes,
+            kind: kind.into(),
+            namespace: "team".into(),
+            name: name.into(),
+        }
+    }
+
+    fn spec(kind: &str, spec: Value) -> GatewaySpec {
+        GatewaySpec::from_spec(kind, spec).expect("a spec")
+    }
+
+    #[test]
+    fn a_plan_renders_ordered_routes_host_exclusions_key_checks_and_refusals() {
+        let keys = tempfile::tempdir().expect("a directory");
+        std::fs::create_dir_all(keys.path().join("team/keys")).expect("created");
+        std::fs::write(keys.path().join("team/keys/keys"), "k1\n").expect("written");
+        let resources = vec![
+            (
+                id("AuthPolicy", "auth"),
+                spec(
+                    "AuthPolicy",
+                    json!({"targetRef": {"kind": "Route", "name": "open"},
+                "apiKeys": {"secretRef": {"name": "keys", "key": "keys"}}}),
+                ),
+            ),
+            (
+                id("ModelRoute", "limited"),
+                spec(
+                    "ModelRoute",
+                    json!({"model": "m", "limits": {"requestsPerMinute": 5},
+                "providers": [{"name": "p", "target": "127.0.0.1:1"}]}),
+                ),
+            ),
+            (
+                id("RateLimitPolicy", "limit"),
+                spec(
+                    "RateLimitPolicy",
+                    json!({"targetRef": {"kind": "Route", "name": "shop"},
+                "requests": 1, "per": "Second"}),
+                ),
+            ),
+            (
+                id("Route", "open"),
+                spec(
+                    "Route",
+                    json!({"path": {"type": "PathPrefix", "value": "/open"},
+                "upstreams": [{"target": "127.0.0.1:2", "weight": 2}, {"target": "127.0.0.1:3", "weight": 4}]}),
+                ),
+            ),
+            (
+                id("Route", "shop"),
+                spec(
+                    "Route",
+                    json!({"hosts": ["shop.test"], "path": {"type": "Exact", "value": "/cart"},
+                "upstreams": [{"target": "127.0.0.1:4"}]}),
+                ),
+            ),
+        ];
+        let plan = Plan {
+            generation: 1,
+            resources,
+        };
+        let config = CaddyConfig {
+            admin_url: "http://127.0.0.1:2019".into(),
+            listen: "127.0.0.1:8080".into(),
+            health_listen: "127.0.0.1:8081".parse().expect("an address"),
+            probe_timeout_ms: 1000,
+        };
+        let secrets = Secrets {
+            dir: Some(keys.path().to_path_buf()),
+        };
+        let rendered = render(&plan, &config, &secrets, None);
+        let refused: Vec<&str> = rendered
+            .rejected
+            .iter()
+            .map(|r| r.resource.name.as_str())
+            .collect();
+        assert_eq!(
+            refused,
+            ["limited", "limit"],
+            "what stock Caddy cannot enforce"
+        );
+        let routes = &rendered.config["apps"]["http"]["servers"][SERVER]["routes"];
+        let owners: Vec<&str> = rendered.owners.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(
+            owners,
+            ["shop", "open", "open"],
+            "exact paths first; a guarded route has two entries"
+        );
+        assert_eq!(
+            routes[0]["match"][0],
+            json!({"host": ["shop.test"], "path": ["/cart"]})
+        );
+        assert_eq!(
+            routes[1]["match"][0]["not"],
+            json!([{"host": ["shop.test"]}, {"header": {"X-Api-Key": ["k1"]}}]),
+            "refused: not a named host's request, and without a known key"
+        );
+        assert_eq!(routes[1]["handle"][0]["status_code"], 401);
+        assert_eq!(routes[2]["match"][0]["path"], json!(["/open", "/open/*"]));
+        let dials: Vec<&Value> = (routes[2]["handle"][0]["upstreams"]
+            .as_array()
+            .expect("upstreams")
+            .iter())
+        .map(|u| &u["dial"])
+        .collect();
+        assert_eq!(
+            dials,
+            ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:3"],
+            "weights 2:4 as 1:2"
+        );
+        assert_eq!(
+            rendered.config["admin"],
+            json!({"listen": "127.0.0.1:2019"})
+        );
+        let again = render(&plan, &config, &secrets, None);
+        assert_eq!(
+            (again.config, again.digest),
+            (rendered.config.clone(), rendered.digest.clone())
+        );
+    }
 
     #[test]
     fn the_etag_is_caddys_fnv_hash_of_the_config() {

@@ -180,6 +180,16 @@ struct Dirty {
     last_ms: i64,
 }
 
+impl Dirty {
+    /// Whether a plan is due at `now`: changes stopped `debounce_ms` ago, or
+    /// the first came `max_delay_ms` ago (a steady stream still gets applied).
+    fn due(&self, now: i64, debounce_ms: u64, max_delay_ms: u64) -> bool {
+        let quiet = now - self.last_ms >= debounce_ms as i64;
+        let overdue = now - self.first_ms >= max_delay_ms as i64;
+        quiet || overdue
+    }
+}
+
 fn now_ms(now: SystemTime) -> i64 {
     now.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -478,9 +488,7 @@ impl Handler for Gateway {
         self.publish_outcomes(context)?;
         if let Some(bytes) = context.get(DIRTY.as_bytes())? {
             let dirty: Dirty = decode(DIRTY, &bytes)?;
-            let quiet = now - dirty.last_ms >= self.config.debounce_ms as i64;
-            let overdue = now - dirty.first_ms >= self.config.max_delay_ms as i64;
-            if quiet || overdue {
+            if dirty.due(now, self.config.debounce_ms, self.config.max_delay_ms) {
                 self.send_plan(now, context)?;
             }
         }
@@ -499,5 +507,30 @@ impl Handler for Gateway {
 
     fn metrics(&self) -> std::sync::Arc<ConsumerMetrics> {
         self.metrics.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Dirty;
+
+    #[test]
+    fn a_burst_is_applied_once_it_stops_or_once_it_has_lasted_too_long() {
+        let (debounce, max_delay) = (100, 1000);
+        let burst = Dirty {
+            first_ms: 500,
+            last_ms: 950,
+        };
+        assert!(!burst.due(1000, debounce, max_delay), "still changing");
+        assert!(burst.due(1050, debounce, max_delay), "quiet for 100 ms");
+        let steady = Dirty {
+            first_ms: 0,
+            last_ms: 1990,
+        };
+        assert!(!steady.due(999, debounce, max_delay));
+        assert!(
+            steady.due(1000, debounce, max_delay),
+            "overdue: a stream never stops"
+        );
     }
 }
