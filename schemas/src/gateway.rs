@@ -14,6 +14,15 @@ pub const GROUP: &str = "gateway.changewire.dev";
 /// Their version.
 pub const VERSION: &str = "v1alpha1";
 
+/// The plural (the resource's path segment) of a gateway kind.
+pub fn plural(kind: &str) -> String {
+    match kind {
+        "RateLimitPolicy" => "ratelimitpolicies".into(),
+        "AuthPolicy" => "authpolicies".into(),
+        other => format!("{}s", other.to_ascii_lowercase()),
+    }
+}
+
 /// A gateway resource's spec, by kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "spec")]

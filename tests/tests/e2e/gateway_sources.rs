@@ -77,9 +77,10 @@ async fn routes_from_a_postgres_table_and_from_custom_resources_reach_nginx() ->
     let nginx = NginxDir::new()?;
     let [listen, health] = free_ports()?;
     let gateway = format!(
-        "debounce_ms = 50\n[nginx]\ndir = \"{}\"\nlisten = \"127.0.0.1:{listen}\"\nhealth_listen = \"127.0.0.1:{}\"\n",
+        "debounce_ms = 50\n[nginx]\ndir = \"{}\"\nlisten = \"127.0.0.1:{listen}\"\nhealth_listen = \"127.0.0.1:{}\"\n[status_write_back]\napi_url = \"{}\"\n",
         nginx.path().display(),
-        health
+        health,
+        fake.url()
     );
     let service_config = gateway_config(
         &stack,
@@ -114,6 +115,60 @@ async fn routes_from_a_postgres_table_and_from_custom_resources_reach_nginx() ->
         }
     };
     answers("/table/x", (200, "a")).await?;
+    answers("/cluster/x", (200, "b")).await?;
+    let condition = async |name: &str, kind: &str| -> anyhow::Result<Value> {
+        let object = serde_json::to_value(routes.get(name).await?)?;
+        let conditions = object["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        Ok(conditions
+            .into_iter()
+            .find(|c| c["type"] == kind)
+            .unwrap_or_default())
+    };
+    eventually(
+        "Programmed written back",
+        Duration::from_secs(30),
+        async || Ok(condition("from-cluster", "Programmed").await?["status"] == "True"),
+    )
+    .await?;
+    let accepted = condition("from-cluster", "Accepted").await?;
+    assert_eq!(
+        (
+            accepted["status"].as_str(),
+            accepted["observedGeneration"].as_i64()
+        ),
+        (Some("True"), Some(1))
+    );
+
+    // A bad regex: refused, written back as not accepted; the old spec stays served.
+    let bad = json!({"spec": {"path": {"type": "RegularExpression", "value": "^/(x"}}});
+    routes
+        .patch(
+            "from-cluster",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(bad),
+        )
+        .await?;
+    eventually(
+        "Accepted False written back",
+        Duration::from_secs(30),
+        async || {
+            let accepted = condition("from-cluster", "Accepted").await?;
+            Ok(accepted["status"] == "False" && accepted["observedGeneration"] == 2)
+        },
+    )
+    .await?;
+    let refused = condition("from-cluster", "Accepted").await?;
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invalid regular expression"),
+        "{refused}"
+    );
+    assert_eq!(refused["reason"], "Invalid");
     answers("/cluster/x", (200, "b")).await?;
 
     client

@@ -19,6 +19,7 @@ pub mod caddy;
 pub mod desired;
 pub mod nginx;
 pub mod status;
+pub mod write_back;
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -35,7 +36,10 @@ use crate::runtime::{
 };
 use apply::{GatewaySink, Order, Outcome, Secrets, OUTCOME};
 use caddy::{CaddyConfig, CaddyGateway};
-use desired::{change_of, check_alone, take, Limits, NotAChange, Plan, ResourceId, Stored, Taken};
+use desired::{
+    change_of, check_alone, take, Definer, Limits, NotAChange, Plan, ResourceId, Stored, Taken,
+    Version,
+};
 use nginx::{NginxConfig, NginxGateway};
 use status::{ResourceState, ResourceStatus, LAST, STATUS};
 
@@ -45,6 +49,8 @@ pub const NGINX: &str = "nginx";
 pub const CADDY: &str = "caddy";
 /// The status topic's sink name.
 pub const STATUS_SINK: &str = "status";
+/// The sink writing statuses back to custom resources.
+pub const WRITE_BACK: &str = "status-write-back";
 
 /// Each resource's stored record, by its key.
 const RESOURCE: &str = "gateway/r/";
@@ -95,6 +101,10 @@ pub struct GatewayConfig {
     /// Configure Caddy through its admin API.
     #[serde(default)]
     pub caddy: Option<CaddyConfig>,
+    /// Write each custom resource's status (conditions `Accepted` and
+    /// `Programmed`) back to the API server.
+    #[serde(default)]
+    pub status_write_back: Option<write_back::WriteBackConfig>,
 }
 
 fn default_group() -> String {
@@ -170,6 +180,7 @@ pub struct Gateway {
     limits: Limits,
     gateways: Vec<&'static str>,
     status_topic: String,
+    writes_back: bool,
     metrics: std::sync::Arc<ConsumerMetrics>,
 }
 
@@ -225,6 +236,9 @@ impl Gateway {
             let applier = CaddyGateway::new(caddy, secrets)?;
             sinks = sinks.with(CADDY, GatewaySink::new(CADDY, applier));
         }
+        if let Some(write_back) = &gateway.status_write_back {
+            sinks = sinks.with(WRITE_BACK, write_back::WriteBackSink::new(write_back)?);
+        }
         let handler = Self {
             config: gateway.clone(),
             limits: Limits {
@@ -232,6 +246,7 @@ impl Gateway {
             },
             gateways: gateway.gateways(),
             status_topic: gateway.status_topic(config),
+            writes_back: gateway.status_write_back.is_some(),
             metrics: std::sync::Arc::default(),
         };
         Ok((handler, sinks))
@@ -251,13 +266,43 @@ impl Gateway {
         status: ResourceStatus,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
-        let key = format!("{STATUS}{}", status.resource.key());
-        context.put(key.into_bytes(), encode(&status)?);
+        let status = self.record(status, context)?;
         self.publish(
             &status.resource.to_string(),
             &serde_json::json!({"resource": status}),
             context,
         )
+    }
+
+    /// Records a resource's status (with the generation of the custom resource
+    /// it describes) and, when that changed for a reader, writes it back to the
+    /// custom resource.
+    fn record(
+        &self,
+        mut status: ResourceStatus,
+        context: &mut Context<'_>,
+    ) -> Result<ResourceStatus, HandlerError> {
+        let id = &status.resource;
+        let resource = format!("{RESOURCE}{}", id.key());
+        if let Some(bytes) = context.get(resource.as_bytes())? {
+            if let Version::Kubernetes { generation, .. } =
+                decode::<Stored>(&resource, &bytes)?.version
+            {
+                status.observed = Some(generation);
+            }
+        }
+        let key = format!("{STATUS}{}", id.key());
+        let previous = match context.get(key.as_bytes())? {
+            Some(bytes) => Some(decode::<ResourceStatus>(&key, &bytes)?),
+            None => None,
+        };
+        context.put(key.into_bytes(), encode(&status)?);
+        let unchanged = previous.is_some_and(|p| write_back::same_to_a_reader(&status, &p));
+        let written = self.writes_back && id.definer == Definer::Kubernetes;
+        if written && !unchanged && status.state != ResourceState::Deleted {
+            context.emit(WRITE_BACK, write_back::patch(&status))?;
+        }
+        Ok(status)
     }
 
     fn publish(
@@ -387,9 +432,7 @@ impl Gateway {
                 &format!("{}:{:?}", outcome.gateway, outcome.result),
             );
             for id in &outcome.served {
-                let status = ResourceStatus::programmed(id.clone(), &outcome);
-                let key = format!("{STATUS}{}", id.key());
-                context.put(key.into_bytes(), encode(&status)?);
+                self.record(ResourceStatus::programmed(id.clone(), &outcome), context)?;
             }
             for rejection in &outcome.rejected {
                 let status = ResourceStatus::new(
@@ -474,9 +517,8 @@ impl Handler for Gateway {
             }
             (None, None) => ResourceStatus::new(change.id, ResourceState::Deleted, None, now),
             (None, Some(_)) => {
-                let key = format!("{STATUS}{}", change.id.key());
                 let status = ResourceStatus::new(change.id, ResourceState::Accepted, None, now);
-                context.put(key.into_bytes(), encode(&status)?);
+                self.record(status, context)?;
                 return Ok(());
             }
         };

@@ -54,6 +54,9 @@ pub struct ResourceStatus {
     /// The config digest serving it.
     #[serde(default)]
     pub config: Option<String>,
+    /// The custom resource's `metadata.generation` this status describes.
+    #[serde(default)]
+    pub observed: Option<i64>,
     /// When (ms since the epoch).
     pub at_ms: i64,
 }
@@ -73,6 +76,7 @@ impl ResourceStatus {
             gateway: None,
             generation: None,
             config: None,
+            observed: None,
             at_ms,
         }
     }
