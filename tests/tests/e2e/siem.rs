@@ -361,7 +361,25 @@ async fn the_file_feed_rotates_and_writes_each_event_once_across_a_sigkill() -> 
     assert_eq!(ids.len() as u64, MANY, "each once");
     let mut rotated = path.as_os_str().to_owned();
     rotated.push(".1");
-    assert!(std::path::Path::new(&rotated).exists(), "rotated by size");
+    let listing = |dir: &std::path::Path| -> Vec<(String, u64)> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().map_or(0, |m| m.len()),
+                )
+            })
+            .collect()
+    };
+    assert!(
+        std::path::Path::new(&rotated).exists(),
+        "rotated by size: {:?}; the service's log:\n{}",
+        listing(path.parent().unwrap_or(dir.path())),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     Ok(())
 }
 
