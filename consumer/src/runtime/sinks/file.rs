@@ -177,6 +177,14 @@ impl Sink for FileSink {
         _store: &Store,
     ) -> Result<HashSet<String>, SinkError> {
         let path = &self.config.path;
+        // A chunk can take the file past `max_bytes` at once; a crash before the
+        // rotation that follows left it oversized: finish that rotation first.
+        let oversized = std::fs::metadata(path).is_ok_and(|m| m.len() > self.config.max_bytes);
+        if oversized {
+            rotate(path, self.config.keep).map_err(|e| {
+                SinkError::unavailable(format!("cannot rotate {}: {e}", path.display()))
+            })?;
+        }
         let wanted: HashSet<&str> = in_doubt
             .iter()
             .map(|p| event_id(&p.idempotency_key))
@@ -207,6 +215,34 @@ impl Sink for FileSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_file_left_oversized_by_a_crash_is_rotated_before_reconciling() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let path = dir.path().join("feed.ndjson");
+        std::fs::write(&path, "x".repeat(200)).expect("written");
+        std::fs::write(rotated(&path, 1), "older\n").expect("written");
+        let config = FileConfig {
+            path: path.clone(),
+            max_bytes: 100,
+            keep: 5,
+        };
+        let sink = FileSink::new(&config, "siem.file").expect("a sink");
+        assert!(path.exists(), "a config check changes nothing");
+        let store = Store::open(&dir.path().join("store")).expect("a store");
+        sink.reconcile(&[], &store).await.expect("reconciled");
+        assert!(!path.exists());
+        assert_eq!(
+            std::fs::read_to_string(rotated(&path, 1)).ok(),
+            Some("x".repeat(200))
+        );
+        assert_eq!(
+            std::fs::read_to_string(rotated(&path, 2)).ok(),
+            Some("older\n".into())
+        );
+        sink.reconcile(&[], &store).await.expect("reconciled");
+        assert!(!rotated(&path, 3).exists(), "nothing more to rotate");
+    }
 
     #[test]
     fn event_ids_are_read_from_idempotency_keys_and_lines() {
