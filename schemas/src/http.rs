@@ -259,6 +259,35 @@ pub fn require_bearer(headers: &HeaderMap, token: &str) -> Result<(), Response> 
         .into_response())
 }
 
+/// A request's bearer token, against the tokens an API accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bearer {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// A token none of the accepted ones equals.
+    Unknown,
+    /// One of the accepted tokens (compared in constant time).
+    Accepted,
+}
+
+/// Which [`Bearer`] case the request's token is among `tokens`.
+pub fn bearer_among(headers: &HeaderMap, tokens: &[String]) -> Bearer {
+    let presented = (headers.get(header::AUTHORIZATION))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        None => Bearer::Missing,
+        Some(p)
+            if tokens
+                .iter()
+                .any(|t| constant_time_eq(t.as_bytes(), p.as_bytes())) =>
+        {
+            Bearer::Accepted
+        }
+        Some(_) => Bearer::Unknown,
+    }
+}
+
 /// The server side of TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {

@@ -1,5 +1,11 @@
 //! Times as people and SIEMs read them.
 
+/// `time` as milliseconds since the epoch (0 before it).
+pub fn epoch_ms(time: std::time::SystemTime) -> i64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// `ms` since the epoch as RFC 3339 in UTC with milliseconds:
 /// `2023-11-14T22:13:20.123Z`.
 pub fn rfc3339(ms: i64) -> String {

@@ -273,6 +273,16 @@ impl Default for ConsumerMetrics {
 }
 
 impl ConsumerMetrics {
+    /// Counts one `event` of the handler's own, with its `detail` (a rule, a
+    /// gateway's result) in `handler_events`.
+    pub fn count_handler_event(&self, event: &str, detail: &str) {
+        let labels = HandlerEvent {
+            event: event.to_owned(),
+            detail: detail.to_owned(),
+        };
+        self.handler_events.get_or_create(&labels).inc();
+    }
+
     /// Records read and settled (any outcome) since start.
     pub fn records_read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)

@@ -185,28 +185,11 @@ fn consumer_requires_a_subscription() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The audit service refuses what would break its log: a group (partitions could
-/// move between instances), a signing key that is not 32 bytes, no token.
-#[test]
-fn audit_refuses_settings_that_would_break_its_log() -> anyhow::Result<()> {
+/// Each consumer config `service` + settings fails `--check` with exit status
+/// 2 and a message naming what is wrong.
+fn refused_with_key_named(service: &str, cases: &[(String, &str)]) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let service = "[kafka]\nbrokers = \"h:1\"\n[service]\nname = \"audit\"\nsubscribe = [\"t\"]\nstate_dir = \"/tmp/x\"\n";
-    let key = "signing_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"";
-    for (settings, named) in [
-        (
-            format!("[audit]\n{key}\nread_tokens = [\"r\"]\n"),
-            "service.assignment",
-        ),
-        (
-            "assignment = \"static\"\n[audit]\nsigning_key = \"c2hvcnQ=\"\nread_tokens = [\"r\"]\n"
-                .to_owned(),
-            "audit.signing_key",
-        ),
-        (
-            format!("assignment = \"static\"\n[audit]\n{key}\n"),
-            "audit.read_tokens",
-        ),
-    ] {
+    for (settings, named) in cases {
         let config = write_config(dir.path(), &format!("{service}{settings}"));
         let output = run("changewire-consumer", &config, &[])?;
         assert_eq!(
@@ -224,15 +207,38 @@ fn audit_refuses_settings_that_would_break_its_log() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The audit service refuses what would break its log: a group (partitions could
+/// move between instances), a signing key that is not 32 bytes, no token.
+#[test]
+fn audit_refuses_settings_that_would_break_its_log() -> anyhow::Result<()> {
+    let service = "[kafka]\nbrokers = \"h:1\"\n[service]\nname = \"audit\"\nsubscribe = [\"t\"]\nstate_dir = \"/tmp/x\"\n";
+    let key = "signing_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"";
+    let cases = [
+        (
+            format!("[audit]\n{key}\nread_tokens = [\"r\"]\n"),
+            "service.assignment",
+        ),
+        (
+            "assignment = \"static\"\n[audit]\nsigning_key = \"c2hvcnQ=\"\nread_tokens = [\"r\"]\n"
+                .to_owned(),
+            "audit.signing_key",
+        ),
+        (
+            format!("assignment = \"static\"\n[audit]\n{key}\n"),
+            "audit.read_tokens",
+        ),
+    ];
+    refused_with_key_named(service, &cases)
+}
+
 /// The gateway service refuses what cannot work: a group (a replica would miss
 /// partitions), no gateway, a status API without tokens, a typo in a section.
 #[test]
 fn gateway_refuses_settings_that_cannot_work() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
     let service = "[kafka]\nbrokers = \"h:1\"\n[service]\nname = \"gw\"\nsubscribe = [\"t\"]\nstate_dir = \"/tmp/x\"\n";
     let nginx = "[gateway.nginx]\ndir = \"/tmp/gw\"\nlisten = \"127.0.0.1:1\"\nhealth_listen = \"127.0.0.1:2\"\n";
     let ticking = "assignment = \"static\"\ntick_interval_ms = 100\n";
-    for (settings, named) in [
+    let cases = [
         (
             format!("[gateway]\n{nginx}"),
             "the gateway service reads every partition",
@@ -246,22 +252,8 @@ fn gateway_refuses_settings_that_cannot_work() -> anyhow::Result<()> {
             format!("{ticking}[gateway]\n{nginx}port = 80\n"),
             "gateway.nginx.port",
         ),
-    ] {
-        let config = write_config(dir.path(), &format!("{service}{settings}"));
-        let output = run("changewire-consumer", &config, &[])?;
-        assert_eq!(
-            output.status.code(),
-            Some(EXIT_CONFIG),
-            "{}",
-            stderr(&output)
-        );
-        assert!(
-            stderr(&output).contains(named),
-            "{named}: {}",
-            stderr(&output)
-        );
-    }
-    Ok(())
+    ];
+    refused_with_key_named(service, &cases)
 }
 
 /// The files under config/ are what the demo and docker-compose run; with the

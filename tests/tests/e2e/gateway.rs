@@ -173,6 +173,31 @@ fn route(hosts: &[&str], path: &str, upstreams: &[(&Upstream, u32)]) -> Value {
     json!({"hosts": hosts, "path": {"type": "PathPrefix", "value": path}, "upstreams": upstreams})
 }
 
+/// `/private` answers 401 without a key and with an unknown one, and
+/// `upstream`'s name with a key of the mounted Secret.
+async fn guarded_by_keys(
+    client: &reqwest::Client,
+    url: &str,
+    upstream: &str,
+) -> anyhow::Result<()> {
+    let private = format!("{url}/private");
+    assert_eq!(request(client, "GET", &private, &[]).await?.0, 401);
+    let wrong = request(client, "GET", &private, &[("X-Api-Key", "wrong")]).await?;
+    assert_eq!(wrong.0, 401);
+    let right = request(client, "GET", &private, &[("X-Api-Key", "key-two")]).await?;
+    assert_eq!(right, (200, upstream.to_owned()));
+    Ok(())
+}
+
+/// A POST to a model API at `url` asking for `model`.
+async fn ask_model(
+    client: &reqwest::Client,
+    url: &str,
+    model: &str,
+) -> anyhow::Result<(u16, String)> {
+    request(client, "POST", url, &[("X-Model", model)]).await
+}
+
 fn keys_dir(dir: &Path) -> anyhow::Result<()> {
     let secret = dir.join("team/api-keys");
     std::fs::create_dir_all(&secret)?;
@@ -333,41 +358,9 @@ async fn nginx_serves_routes_policies_and_model_fallbacks_and_refuses_bad_resour
         "2 per second: {limited:?}"
     );
 
-    assert_eq!(
-        request(&client, "GET", &format!("{url}/private"), &[])
-            .await?
-            .0,
-        401
-    );
-    assert_eq!(
-        request(
-            &client,
-            "GET",
-            &format!("{url}/private"),
-            &[("X-Api-Key", "wrong")]
-        )
-        .await?
-        .0,
-        401
-    );
-    assert_eq!(
-        request(
-            &client,
-            "GET",
-            &format!("{url}/private"),
-            &[("X-Api-Key", "key-two")]
-        )
-        .await?,
-        (200, "b".to_owned())
-    );
+    guarded_by_keys(&client, &url, "b").await?;
 
-    let answer = request(
-        &client,
-        "POST",
-        &format!("{url}/v1/chat/completions"),
-        &[("X-Model", "gpt-4o")],
-    )
-    .await?;
+    let answer = ask_model(&client, &format!("{url}/v1/chat/completions"), "gpt-4o").await?;
     assert_eq!(
         answer,
         (200, "healthy".to_owned()),
@@ -375,14 +368,9 @@ async fn nginx_serves_routes_policies_and_model_fallbacks_and_refuses_bad_resour
     );
     assert!(failing.hits() >= 1, "the first provider was tried");
     assert_eq!(
-        request(
-            &client,
-            "POST",
-            &format!("{url}/v1/chat/completions"),
-            &[("X-Model", "other")]
-        )
-        .await?
-        .0,
+        ask_model(&client, &format!("{url}/v1/chat/completions"), "other")
+            .await?
+            .0,
         404
     );
 
@@ -610,29 +598,8 @@ async fn caddy_takes_routes_through_its_admin_api_and_refuses_what_it_cannot_enf
         150,
         "round robin over a, a, a, b: {shares:?}"
     );
-    assert_eq!(
-        request(&client, "GET", &format!("{url}/private"), &[])
-            .await?
-            .0,
-        401
-    );
-    assert_eq!(
-        request(
-            &client,
-            "GET",
-            &format!("{url}/private"),
-            &[("X-Api-Key", "key-one")]
-        )
-        .await?,
-        (200, "b".into())
-    );
-    let answer = request(
-        &client,
-        "POST",
-        &format!("{url}/v1/chat"),
-        &[("X-Model", "gpt-4o")],
-    )
-    .await?;
+    guarded_by_keys(&client, &url, "b").await?;
+    let answer = ask_model(&client, &format!("{url}/v1/chat"), "gpt-4o").await?;
     assert_eq!(
         answer,
         (200, "healthy".into()),

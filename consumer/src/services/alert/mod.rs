@@ -16,12 +16,12 @@ pub mod silences;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use changewire_schemas::diagnostics::report;
 
 use changewire_schemas::settings::ConfigError;
-use changewire_schemas::time::rfc3339;
+use changewire_schemas::time::{epoch_ms, rfc3339};
 use changewire_schemas::ChangeEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -29,9 +29,7 @@ use serde_json::{json, Value};
 use crate::runtime::sinks::alertmanager::{AlertmanagerConfig, AlertmanagerSink};
 use crate::runtime::sinks::slack::{SlackConfig, SlackSink};
 use crate::runtime::sinks::webhook::{WebhookConfig, WebhookSink};
-use crate::runtime::{
-    ConsumerMetrics, Context, Effect, Handler, HandlerError, HandlerEvent, Record, Sinks,
-};
+use crate::runtime::{ConsumerMetrics, Context, Effect, Handler, HandlerError, Record, Sinks};
 use rules::{GroupBy, Per, Rule, RulesFile, Severity, Subject};
 use silences::Silences;
 
@@ -332,11 +330,7 @@ impl Alert {
     }
 
     fn count(&self, event: &str, rule: &str) {
-        let labels = HandlerEvent {
-            event: event.to_owned(),
-            detail: rule.to_owned(),
-        };
-        self.metrics.handler_events.get_or_create(&labels).inc();
+        self.metrics.count_handler_event(event, rule);
     }
 
     /// The silences this handler honours (for the API).
@@ -354,7 +348,7 @@ impl Alert {
     ) -> Result<(), HandlerError> {
         if let Some(silence) = self
             .silences
-            .silencing(&alert.labels, now_ms(SystemTime::now()))
+            .silencing(&alert.labels, epoch_ms(SystemTime::now()))
         {
             tracing::info!(rule = %rule.name, event = %alert.message["event_id"], silence, "alert silenced");
             self.count("silenced", &rule.name);
@@ -463,11 +457,6 @@ impl Fired {
         }
         alert
     }
-}
-
-fn now_ms(now: SystemTime) -> i64 {
-    now.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Escapes `&`, `<` and `>` as Slack's message formatting asks.
@@ -681,7 +670,7 @@ impl Handler for Alert {
         _record: &Record,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
-        let now = now_ms(SystemTime::now());
+        let now = epoch_ms(SystemTime::now());
         let rules = self.rules();
         let subject = Subject::of(event);
         for rule in &rules.rules {
@@ -737,7 +726,7 @@ impl Handler for Alert {
     }
 
     async fn tick(&self, now: SystemTime, context: &mut Context<'_>) -> Result<(), HandlerError> {
-        let now = now_ms(now);
+        let now = epoch_ms(now);
         self.send_digest(now, context)?;
         let rules = self.rules();
         for (key, value) in context.scan_committed(FIRING.as_bytes())? {

@@ -15,11 +15,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use changewire_schemas::http::constant_time_eq;
+use changewire_schemas::http::{bearer_among, Bearer};
 use changewire_schemas::time::rfc3339;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -153,21 +153,13 @@ fn now_ms() -> i64 {
 
 impl Api {
     fn authorize(&self, headers: &HeaderMap) -> Result<(), Refusal> {
-        let token = (headers.get(header::AUTHORIZATION))
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match token {
-            None => Err(failure(
+        match bearer_among(headers, &self.tokens) {
+            Bearer::Accepted => Ok(()),
+            Bearer::Missing => Err(failure(
                 StatusCode::UNAUTHORIZED,
                 "a bearer token is required",
             )),
-            Some(token)
-                if (self.tokens.iter())
-                    .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) =>
-            {
-                Ok(())
-            }
-            Some(_) => Err(failure(StatusCode::UNAUTHORIZED, "unknown bearer token")),
+            Bearer::Unknown => Err(failure(StatusCode::UNAUTHORIZED, "unknown bearer token")),
         }
     }
 

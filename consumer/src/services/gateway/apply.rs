@@ -7,11 +7,13 @@
 //! plan for drift checks, and writes the outcome to the store under
 //! `gateway/outcome/`, where the handler's next tick publishes it.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use changewire_schemas::gateway::GatewaySpec;
 use serde::{Deserialize, Serialize};
 
 use super::desired::{Plan, Rejection, ResourceId};
@@ -227,6 +229,81 @@ impl Secrets {
         }
         Ok(keys)
     }
+}
+
+/// A route's (kind, namespace, name), as a policy's `targetRef` names it.
+pub type Target<'a> = (&'a str, &'a str, &'a str);
+
+/// The API keys guarding a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGuard {
+    /// The AuthPolicy's place in the plan (names its config blocks).
+    pub index: usize,
+    /// The request header carrying the key.
+    pub header: String,
+    /// The keys.
+    pub keys: Vec<String>,
+}
+
+/// The mounted keys of every AuthPolicy in `plan`, by the route each guards.
+/// A policy whose keys cannot be read is refused, and so is its route: a
+/// route is never served without the policy meant to guard it.
+pub fn key_guards<'a>(
+    plan: &'a Plan,
+    secrets: &Secrets,
+) -> (BTreeMap<Target<'a>, KeyGuard>, Vec<Rejection>) {
+    let mut guards = BTreeMap::new();
+    let mut rejected = Vec::new();
+    let mut closed = Vec::new();
+    for (index, (id, spec)) in plan.resources.iter().enumerate() {
+        let GatewaySpec::AuthPolicy(policy) = spec else {
+            continue;
+        };
+        let target = (
+            policy.target_ref.kind.as_str(),
+            id.namespace.as_str(),
+            policy.target_ref.name.as_str(),
+        );
+        let found = policy.api_keys.as_ref().map_or_else(
+            || Err("no apiKeys".to_owned()),
+            |k| {
+                let keys =
+                    secrets.api_keys(&id.namespace, &k.secret_ref.name, &k.secret_ref.key)?;
+                Ok(KeyGuard {
+                    index,
+                    header: k.header.clone(),
+                    keys,
+                })
+            },
+        );
+        match found {
+            Ok(guard) => {
+                guards.insert(target, guard);
+            }
+            Err(reason) => {
+                let why = format!(
+                    "its AuthPolicy {} cannot be applied ({reason}); not served without it",
+                    id.name
+                );
+                closed.push((target, why));
+                rejected.push(Rejection {
+                    resource: id.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    for ((kind, namespace, name), reason) in closed {
+        let route = (plan.resources.iter())
+            .find(|(id, _)| id.kind == kind && id.namespace == namespace && id.name == name);
+        if let Some((id, _)) = route {
+            rejected.push(Rejection {
+                resource: id.clone(),
+                reason,
+            });
+        }
+    }
+    (guards, rejected)
 }
 
 /// Delivers [`Order`]s to one gateway.

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::apply::{
-    Applied, Applier, ApplyError, ApplyResult, HealthProbe, Secrets, Trigger, DIGEST_HEADER,
-    HEALTH_PATH,
+    key_guards, Applied, Applier, ApplyError, ApplyResult, HealthProbe, KeyGuard, Secrets, Trigger,
+    DIGEST_HEADER, HEALTH_PATH,
 };
 use super::desired::{Plan, Rejection, ResourceId};
 
@@ -220,12 +220,7 @@ impl Applier for CaddyGateway {
                         resource: owner.clone(),
                         reason: format!("Caddy: {message}"),
                     });
-                    let rest = plan
-                        .resources
-                        .into_iter()
-                        .filter(|(id, _)| *id != owner)
-                        .collect();
-                    let (replanned, dangling) = Plan::from_resources(plan.generation, rest);
+                    let (replanned, dangling) = plan.without(&owner);
                     refused.extend(dangling);
                     plan = replanned;
                 }
@@ -269,51 +264,18 @@ fn fnv1a32(bytes: &[u8]) -> u32 {
 
 /// The plan as Caddy's config; `admin` is kept as Caddy runs it.
 fn render(plan: &Plan, config: &CaddyConfig, secrets: &Secrets, admin: Option<&Value>) -> Rendered {
-    let mut rejected = Vec::new();
-    let mut keys: BTreeMap<(&str, &str, &str), (String, Vec<String>)> = BTreeMap::new();
-    let mut closed: Vec<((String, String, String), String)> = Vec::new();
+    let (keys, mut rejected) = key_guards(plan, secrets);
     for (id, spec) in &plan.resources {
-        match spec {
-            GatewaySpec::RateLimitPolicy(_) => rejected.push(Rejection {
-                resource: id.clone(),
-                reason: "Caddy: rate limits need the caddy-ratelimit module, which stock Caddy lacks; not enforced".into(),
-            }),
-            GatewaySpec::AuthPolicy(policy) => {
-                let target = (policy.target_ref.kind.as_str(), id.namespace.as_str(), policy.target_ref.name.as_str());
-                let found = policy.api_keys.as_ref().map_or_else(
-                    || Err("no apiKeys".to_owned()),
-                    |k| secrets.api_keys(&id.namespace, &k.secret_ref.name, &k.secret_ref.key).map(|keys| (k.header.clone(), keys)),
-                );
-                match found {
-                    Ok(found) => {
-                        keys.insert(target, found);
-                    }
-                    Err(reason) => {
-                        closed.push(((target.0.into(), target.1.into(), target.2.into()), format!("its AuthPolicy {} cannot be applied ({reason}); not served without it", id.name)));
-                        rejected.push(Rejection { resource: id.clone(), reason });
-                    }
-                }
-            }
+        let unenforceable = match spec {
+            GatewaySpec::RateLimitPolicy(_) => "Caddy: rate limits need the caddy-ratelimit module, which stock Caddy lacks; not enforced",
             GatewaySpec::ModelRoute(model) if model.limits.as_ref().is_some_and(|l| l.requests_per_minute.is_some()) => {
-                rejected.push(Rejection { resource: id.clone(), reason: "Caddy: requestsPerMinute needs the caddy-ratelimit module, which stock Caddy lacks".into() });
+                "Caddy: requestsPerMinute needs the caddy-ratelimit module, which stock Caddy lacks"
             }
-            _ => {}
-        }
-    }
-    let is_closed = |id: &ResourceId| {
-        closed
-            .iter()
-            .any(|((k, n, m), _)| *k == id.kind && *n == id.namespace && *m == id.name)
-    };
-    for (id, _) in plan.resources.iter().filter(|(id, _)| is_closed(id)) {
-        let reason = closed
-            .iter()
-            .find(|((k, n, m), _)| *k == id.kind && *n == id.namespace && *m == id.name)
-            .map(|(_, r)| r.clone())
-            .unwrap_or_default();
+            _ => continue,
+        };
         rejected.push(Rejection {
             resource: id.clone(),
-            reason,
+            reason: unenforceable.into(),
         });
     }
     let refused: Vec<&ResourceId> = rejected.iter().map(|r| &r.resource).collect();
@@ -405,11 +367,7 @@ fn host_matcher(hosts: &[String], named: &[String], matcher: &mut serde_json::Ma
     }
 }
 
-fn route_entries(
-    route: &RouteSpec,
-    named: &[String],
-    guard: Option<&(String, Vec<String>)>,
-) -> Vec<Value> {
+fn route_entries(route: &RouteSpec, named: &[String], guard: Option<&KeyGuard>) -> Vec<Value> {
     let mut matcher = serde_json::Map::new();
     host_matcher(&route.hosts, named, &mut matcher);
     let value = &route.path.value;
@@ -470,11 +428,7 @@ fn route_entries(
     guarded(Value::Object(matcher), handle, guard)
 }
 
-fn model_entries(
-    model: &ModelRouteSpec,
-    named: &[String],
-    guard: Option<&(String, Vec<String>)>,
-) -> Vec<Value> {
+fn model_entries(model: &ModelRouteSpec, named: &[String], guard: Option<&KeyGuard>) -> Vec<Value> {
     let mut matcher = serde_json::Map::new();
     host_matcher(&model.hosts, named, &mut matcher);
     matcher.insert("path".into(), json!([format!("{}*", model.path)]));
@@ -499,13 +453,9 @@ fn passive() -> Value {
 
 /// The route's entries: with an API-key policy, first one answering 401 to a
 /// request without a known key.
-fn guarded(
-    matcher: Value,
-    handle: Vec<Value>,
-    guard: Option<&(String, Vec<String>)>,
-) -> Vec<Value> {
+fn guarded(matcher: Value, handle: Vec<Value>, guard: Option<&KeyGuard>) -> Vec<Value> {
     let mut entries = Vec::new();
-    if let Some((header, keys)) = guard {
+    if let Some(KeyGuard { header, keys, .. }) = guard {
         // `not` negates any of its sets: neither an excluded host nor a known key.
         let mut refuse = matcher.clone();
         let mut not = (matcher.get("not").and_then(Value::as_array).cloned()).unwrap_or_default();
@@ -540,23 +490,8 @@ fn gcd(a: u32, b: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use changewire_schemas::gateway::GatewaySpec;
-
     use super::*;
-    use crate::services::gateway::desired::Definer;
-
-    fn id(kind: &str, name: &str) -> ResourceId {
-        ResourceId {
-            definer: Definer::Kubernetes,
-            kind: kind.into(),
-            namespace: "team".into(),
-            name: name.into(),
-        }
-    }
-
-    fn spec(kind: &str, spec: Value) -> GatewaySpec {
-        GatewaySpec::from_spec(kind, spec).expect("a spec")
-    }
+    use crate::services::gateway::testing::{id, spec};
 
     #[test]
     fn a_plan_renders_ordered_routes_host_exclusions_key_checks_and_refusals() {

@@ -647,27 +647,13 @@ impl Plan {
         (plan, rejected)
     }
 
-    /// The routes and model routes a policy of `kind` applies to, by the
-    /// route's (kind, namespace, name).
-    pub fn policies<'a>(
-        &'a self,
-        kind: &'a str,
-    ) -> impl Iterator<Item = ((&'a str, &'a str, &'a str), &'a GatewaySpec)> + 'a {
-        self.resources.iter().filter_map(move |(id, spec)| {
-            let target = match spec {
-                GatewaySpec::RateLimitPolicy(p) if kind == "RateLimitPolicy" => &p.target_ref,
-                GatewaySpec::AuthPolicy(p) if kind == "AuthPolicy" => &p.target_ref,
-                _ => return None,
-            };
-            Some((
-                (
-                    target.kind.as_str(),
-                    id.namespace.as_str(),
-                    target.name.as_str(),
-                ),
-                spec,
-            ))
-        })
+    /// This plan without `refused` (a gateway would not take it), re-checked:
+    /// the plan, and the policies left dangling by the removal.
+    pub fn without(self, refused: &ResourceId) -> (Self, Vec<Rejection>) {
+        let rest = (self.resources.into_iter())
+            .filter(|(id, _)| id != refused)
+            .collect();
+        Self::from_resources(self.generation, rest)
     }
 }
 

@@ -19,20 +19,22 @@ pub mod caddy;
 pub mod desired;
 pub mod nginx;
 pub mod status;
+#[cfg(test)]
+mod testing;
 pub mod write_back;
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use changewire_schemas::settings::ConfigError;
+use changewire_schemas::time::epoch_ms;
 use changewire_schemas::ChangeEvent;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::runtime::sinks::kafka::{KafkaSink, Oversized};
 use crate::runtime::{
-    ConsumerMetrics, Context, Effect, Handler, HandlerError, HandlerEvent, Record, RuntimeConfig,
-    Sinks,
+    ConsumerMetrics, Context, Effect, Handler, HandlerError, Record, RuntimeConfig, Sinks,
 };
 use apply::{GatewaySink, Order, Outcome, Secrets, OUTCOME};
 use caddy::{CaddyConfig, CaddyGateway};
@@ -201,11 +203,6 @@ impl Dirty {
     }
 }
 
-fn now_ms(now: SystemTime) -> i64 {
-    now.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, HandlerError> {
     serde_json::from_slice(bytes)
         .map_err(|e| HandlerError::fatal(format!("the state entry {key} cannot be read: {e}")))
@@ -253,11 +250,7 @@ impl Gateway {
     }
 
     fn count(&self, event: &str, detail: &str) {
-        let labels = HandlerEvent {
-            event: event.to_owned(),
-            detail: detail.to_owned(),
-        };
-        self.metrics.handler_events.get_or_create(&labels).inc();
+        self.metrics.count_handler_event(event, detail);
     }
 
     /// Records a resource's status and publishes it.
@@ -498,7 +491,7 @@ impl Handler for Gateway {
             }
             Taken::Stored(record, changed) => (*record, changed),
         };
-        let now = now_ms(SystemTime::now());
+        let now = epoch_ms(SystemTime::now());
         Self::update_index(&change.id, record.spec.is_some(), context)?;
         context.put(key.into_bytes(), encode(&record)?);
         if changed {
@@ -526,7 +519,7 @@ impl Handler for Gateway {
     }
 
     async fn tick(&self, now: SystemTime, context: &mut Context<'_>) -> Result<(), HandlerError> {
-        let now = now_ms(now);
+        let now = epoch_ms(now);
         self.publish_outcomes(context)?;
         if let Some(bytes) = context.get(DIRTY.as_bytes())? {
             let dirty: Dirty = decode(DIRTY, &bytes)?;

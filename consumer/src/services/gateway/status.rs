@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use changewire_schemas::http::constant_time_eq;
+use changewire_schemas::http::{bearer_among, Bearer};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -121,21 +121,13 @@ fn refuse(status: StatusCode, reason: &str) -> Refusal {
 
 impl Api {
     fn authorize(&self, headers: &HeaderMap) -> Result<(), Refusal> {
-        let token = (headers.get(header::AUTHORIZATION))
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match token {
-            None => Err(refuse(
+        match bearer_among(headers, &self.tokens) {
+            Bearer::Accepted => Ok(()),
+            Bearer::Missing => Err(refuse(
                 StatusCode::UNAUTHORIZED,
                 "a bearer token is required",
             )),
-            Some(token)
-                if (self.tokens.iter())
-                    .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) =>
-            {
-                Ok(())
-            }
-            Some(_) => Err(refuse(
+            Bearer::Unknown => Err(refuse(
                 StatusCode::FORBIDDEN,
                 "the bearer token is not accepted",
             )),

@@ -201,18 +201,12 @@ pub fn same_to_a_reader(status: &ResourceStatus, other: &ResourceStatus) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::gateway::desired::Definer;
+    use crate::services::gateway::testing::id;
 
     #[test]
     fn a_status_becomes_gateway_api_conditions_on_the_status_subresource() {
-        let resource = ResourceId {
-            definer: Definer::Kubernetes,
-            kind: "RateLimitPolicy".into(),
-            namespace: "team".into(),
-            name: "limit".into(),
-        };
         let mut status = ResourceStatus::new(
-            resource,
+            id("RateLimitPolicy", "limit"),
             ResourceState::Rejected,
             Some("conflicts with Route/team/a".into()),
             0,

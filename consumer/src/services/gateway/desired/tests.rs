@@ -2,6 +2,7 @@ use changewire_schemas::{fixtures, EventId};
 use serde_json::json;
 
 use super::*;
+use crate::services::gateway::testing::id;
 
 fn route(hosts: &[&str], path: &str) -> GatewaySpec {
     let spec = json!({"hosts": hosts, "path": {"type": "PathPrefix", "value": path},
@@ -23,15 +24,6 @@ fn policy(kind: &str, target: &str) -> GatewaySpec {
             "apiKeys": {"secretRef": {"name": "keys", "key": "keys"}}}),
     };
     GatewaySpec::from_spec(kind, spec).expect("a policy")
-}
-
-fn id(kind: &str, name: &str) -> ResourceId {
-    ResourceId {
-        definer: Definer::Kubernetes,
-        kind: kind.into(),
-        namespace: "team".into(),
-        name: name.into(),
-    }
 }
 
 fn k8s(uid: &str, generation: i64, spec: Option<GatewaySpec>) -> Change {

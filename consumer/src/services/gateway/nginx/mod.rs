@@ -163,12 +163,7 @@ impl NginxGateway {
                 resource: owner.clone(),
                 reason,
             });
-            let rest = plan
-                .resources
-                .into_iter()
-                .filter(|(id, _)| *id != owner)
-                .collect();
-            let (replanned, dangling) = Plan::from_resources(plan.generation, rest);
+            let (replanned, dangling) = plan.without(&owner);
             refused.extend(dangling);
             plan = replanned;
         }

@@ -19,11 +19,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use changewire_schemas::gateway::{
-    AuthPolicySpec, GatewaySpec, ModelRouteSpec, PathKind, RateLimitPolicySpec, RatePeriod,
-    RouteSpec,
+    GatewaySpec, ModelRouteSpec, PathKind, RateLimitPolicySpec, RatePeriod, RouteSpec,
 };
 
-use crate::services::gateway::apply::{Secrets, DIGEST_HEADER, HEALTH_PATH};
+use crate::services::gateway::apply::{
+    key_guards, KeyGuard, Secrets, Target, DIGEST_HEADER, HEALTH_PATH,
+};
 use crate::services::gateway::desired::{Plan, Rejection, ResourceId};
 
 /// Where the rendered config listens and keeps its files.
@@ -88,11 +89,9 @@ impl Out {
 #[derive(Default, Clone)]
 struct Guards<'a> {
     limit: Option<(usize, &'a RateLimitPolicySpec)>,
-    auth: Option<(usize, &'a AuthPolicySpec, Vec<String>)>,
+    auth: Option<KeyGuard>,
 }
 
-/// A route's (kind, namespace, name).
-type Target<'a> = (&'a str, &'a str, &'a str);
 /// Each route's policies.
 type GuardMap<'a> = BTreeMap<Target<'a>, Guards<'a>>;
 
@@ -184,79 +183,27 @@ pub fn render(plan: &Plan, layout: &Layout, secrets: &Secrets) -> Rendered {
 /// policies whose keys cannot be read are refused, and so are their routes:
 /// a route is never served without the policy meant to guard it.
 fn guards<'a>(plan: &'a Plan, secrets: &Secrets) -> (GuardMap<'a>, Vec<Rejection>) {
-    let mut guards: BTreeMap<_, Guards<'a>> = BTreeMap::new();
-    let mut rejected = Vec::new();
-    let mut closed = Vec::new();
+    let (keys, rejected) = key_guards(plan, secrets);
+    let mut guards: GuardMap<'a> = keys
+        .into_iter()
+        .map(|(target, auth)| {
+            (
+                target,
+                Guards {
+                    limit: None,
+                    auth: Some(auth),
+                },
+            )
+        })
+        .collect();
     for (index, (id, spec)) in plan.resources.iter().enumerate() {
-        let (target, entry) = match spec {
-            GatewaySpec::RateLimitPolicy(policy) => {
-                let target = (
-                    policy.target_ref.kind.as_str(),
-                    id.namespace.as_str(),
-                    policy.target_ref.name.as_str(),
-                );
-                (
-                    target,
-                    Some(Ok(Guards {
-                        limit: Some((index, policy)),
-                        auth: None,
-                    })),
-                )
-            }
-            GatewaySpec::AuthPolicy(policy) => {
-                let target = (
-                    policy.target_ref.kind.as_str(),
-                    id.namespace.as_str(),
-                    policy.target_ref.name.as_str(),
-                );
-                let keys = policy.api_keys.as_ref().map_or_else(
-                    || Err("no apiKeys".to_owned()),
-                    |k| secrets.api_keys(&id.namespace, &k.secret_ref.name, &k.secret_ref.key),
-                );
-                (
-                    target,
-                    Some(keys.map(|keys| Guards {
-                        limit: None,
-                        auth: Some((index, policy, keys)),
-                    })),
-                )
-            }
-            _ => continue,
-        };
-        match entry {
-            Some(Ok(found)) => {
-                let slot = guards.entry(target).or_default();
-                slot.limit = slot.limit.or(found.limit);
-                if found.auth.is_some() {
-                    slot.auth = found.auth;
-                }
-            }
-            Some(Err(reason)) => {
-                rejected.push(Rejection {
-                    resource: id.clone(),
-                    reason: reason.clone(),
-                });
-                closed.push((
-                    target,
-                    format!(
-                        "its AuthPolicy {} cannot be applied ({reason}); not served without it",
-                        id.name
-                    ),
-                ));
-            }
-            None => {}
-        }
-    }
-    for ((kind, namespace, name), reason) in closed {
-        let route = plan
-            .resources
-            .iter()
-            .find(|(id, _)| id.kind == kind && id.namespace == namespace && id.name == name);
-        if let Some((id, _)) = route {
-            rejected.push(Rejection {
-                resource: id.clone(),
-                reason,
-            });
+        if let GatewaySpec::RateLimitPolicy(policy) = spec {
+            let target = (
+                policy.target_ref.kind.as_str(),
+                id.namespace.as_str(),
+                policy.target_ref.name.as_str(),
+            );
+            guards.entry(target).or_default().limit = Some((index, policy));
         }
     }
     (guards, rejected)
@@ -348,11 +295,12 @@ fn guard_blocks(out: &mut Out, guards: &Guards<'_>) {
             ),
         );
     }
-    if let Some((index, policy, keys)) = &guards.auth {
-        let header = policy
-            .api_keys
-            .as_ref()
-            .map_or("X-Api-Key", |k| k.header.as_str());
+    if let Some(KeyGuard {
+        index,
+        header,
+        keys,
+    }) = &guards.auth
+    {
         out.line(
             1,
             format!("map {} $cw_a{index} {{", header_variable(header)),
@@ -463,7 +411,7 @@ fn route_locations(out: &mut Out, served: &Served<'_>, route: &RouteSpec) {
 }
 
 fn guard_lines(out: &mut Out, guards: &Guards<'_>) {
-    if let Some((index, _, _)) = &guards.auth {
+    if let Some(KeyGuard { index, .. }) = &guards.auth {
         out.line(
             3,
             format!("if ($cw_a{index} = 0) {{ return 401 \"missing or unknown API key\\n\"; }}"),

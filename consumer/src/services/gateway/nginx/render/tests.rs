@@ -1,21 +1,7 @@
-use changewire_schemas::gateway::GatewaySpec;
 use serde_json::json;
 
 use super::*;
-use crate::services::gateway::desired::Definer;
-
-fn id(kind: &str, name: &str) -> ResourceId {
-    ResourceId {
-        definer: Definer::Kubernetes,
-        kind: kind.into(),
-        namespace: "team".into(),
-        name: name.into(),
-    }
-}
-
-fn spec(kind: &str, spec: serde_json::Value) -> GatewaySpec {
-    GatewaySpec::from_spec(kind, spec).expect("a spec")
-}
+use crate::services::gateway::testing::{id, spec};
 
 fn layout() -> Layout {
     Layout {
