@@ -193,6 +193,19 @@ pub trait Handler: Send + Sync + 'static {
         context: &mut Context<'_>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
+    /// Runs once after a batch's last record, before the batch is committed: its
+    /// changes and effects commit with the batch. A handler that writes per batch
+    /// rather than per event (blocks, sorted runs) does it here, from what its
+    /// `handle` calls kept. Any failure stops the service: the batch's events
+    /// count as applied already.
+    fn seal(
+        &self,
+        context: &mut Context<'_>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = context;
+        async { Ok(()) }
+    }
+
     /// Runs once before the first record: its changes and effects commit like a
     /// batch's (to move state an earlier version left into effects, say). A
     /// failure other than [`HandlerError::Fatal`] is logged and consuming starts.

@@ -31,7 +31,26 @@ impl<H: Handler> Worker<'_, H> {
             }
             self.apply_one(&record, &mut batch).await?;
         }
+        self.seal(&mut batch).await?;
         Ok(batch)
+    }
+
+    /// Lets the handler write what it keeps per batch; its changes join the
+    /// batch's.
+    async fn seal(&mut self, batch: &mut Batch) -> Result<(), RuntimeError> {
+        let origin = format!("seal/{}", unix_millis(SystemTime::now()));
+        let mut context = self.context(&batch.changes, origin);
+        let result = self.handler.seal(&mut context).await;
+        let (changes, emitted) = context.finish();
+        if let Err(error) = result {
+            return Err(RuntimeError::Fatal(format!(
+                "sealing a batch: {}",
+                report(&error)
+            )));
+        }
+        batch.changes.extend(changes);
+        batch.emitted.extend(emitted);
+        Ok(())
     }
 
     /// Lets the handler drop the state of partitions another instance went
