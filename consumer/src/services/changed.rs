@@ -28,8 +28,8 @@ pub fn changed(event: &ChangeEvent, pattern: &str) -> bool {
 /// [`changed`] with a pattern split once, for patterns tried on many events.
 pub fn changed_at(event: &ChangeEvent, pattern: &PathPattern) -> bool {
     let wanted = pattern.0.as_slice();
-    if let Some(operations) = event.diff.as_ref().and_then(|d| d.as_array()) {
-        return operations.iter().any(|op| touches(op, wanted));
+    if let Some(touched) = event.diff.as_ref().and_then(|d| diff_touches(d, pattern)) {
+        return touched;
     }
     match (event.op, &event.before, &event.after) {
         (Op::Update, Some(before), Some(after)) => differs(before, after, wanted),
@@ -39,6 +39,13 @@ pub fn changed_at(event: &ChangeEvent, pattern: &PathPattern) -> bool {
             .or(before.as_ref())
             .is_some_and(|o| holds(o, wanted)),
     }
+}
+
+/// Whether a diff (RFC 6902 operations) touched a path matching `pattern`;
+/// `None` when `diff` is not a list of operations.
+pub fn diff_touches(diff: &serde_json::Value, pattern: &PathPattern) -> Option<bool> {
+    let operations = diff.as_array()?;
+    Some(operations.iter().any(|op| touches(op, &pattern.0)))
 }
 
 /// The first segment of `wanted`, and the rest.

@@ -10,7 +10,9 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use changewire_consumer::runtime::Store;
-use changewire_consumer::services::audit::log::{entry_key, node_key, SIZE};
+use changewire_consumer::services::audit::log::{
+    leaves_key, node_key, page_key, page_of, pages, push_record, records, BLOCK_LEVEL, SIZE,
+};
 use changewire_consumer::services::audit::merkle::{
     appended, consistency_proof, inclusion_proof, leaf_hash, root, Nodes,
 };
@@ -716,35 +718,40 @@ async fn tampering_with_the_store_is_found_and_located() -> anyhow::Result<()> {
     let key = ed25519_dalek::SigningKey::from_bytes(&SEED).verifying_key();
     let original = setup.dir.path().join("state");
 
-    let changed_byte = tampered(&original, |store| {
-        let mut entry = store.get(&entry_key(10))?.unwrap_or_default();
-        *entry.last_mut().expect("an entry") ^= 1;
-        store.put_state(&entry_key(10), Some(&entry))
-    })?;
+    let changed_byte = tampered(&original, |store| flip_last_byte(store, 10))?;
     assert!(matches!(
         first_problem(&changed_byte, &key)?,
         Problem::Altered { index: 10, .. }
     ));
 
-    let deleted = tampered(&original, |store| store.put_state(&entry_key(20), None))?;
+    let deleted = tampered(&original, |store| {
+        edit_page(store, 20, |entries| entries.retain(|(at, _)| *at != 20))
+    })?;
     assert_eq!(
         first_problem(&deleted, &key)?,
         Problem::Missing { index: 20 }
     );
 
+    // The first two entries of the first page.
     let swapped = tampered(&original, |store| {
-        let (five, six) = (store.get(&entry_key(5))?, store.get(&entry_key(6))?);
-        store.put_state(&entry_key(5), six.as_deref())?;
-        store.put_state(&entry_key(6), five.as_deref())
+        edit_page(store, 0, |entries| entries.swap(0, 1))
     })?;
-    assert!(matches!(
-        first_problem(&swapped, &key)?,
-        Problem::Altered { index: 5, .. }
-    ));
+    let problem = first_problem(&swapped, &key)?;
+    assert!(
+        matches!(
+            problem,
+            Problem::Moved {
+                index: 0,
+                logged_at: 1,
+                ..
+            }
+        ),
+        "{problem:?}"
+    );
 
     let cut = tampered(&original, |store| {
-        for index in 40..50 {
-            store.put_state(&entry_key(index), None)?;
+        for (first, _) in pages(store, 32, 64)? {
+            edit_page(store, first, |entries| entries.retain(|(at, _)| *at < 40))?;
         }
         store.put_state(SIZE, Some(&40u64.to_be_bytes()))
     })?;
@@ -755,9 +762,7 @@ async fn tampering_with_the_store_is_found_and_located() -> anyhow::Result<()> {
     );
 
     let rehashed = tampered(&original, |store| {
-        let mut entry = store.get(&entry_key(10))?.unwrap_or_default();
-        *entry.last_mut().expect("an entry") ^= 1;
-        store.put_state(&entry_key(10), Some(&entry))?;
+        flip_last_byte(store, 10)?;
         rewrite_hashes(store, 50)
     })?;
     // Only a head signed before entry 10 came in may still match.
@@ -785,11 +790,38 @@ async fn tampering_with_the_store_is_found_and_located() -> anyhow::Result<()> {
 
 /// Changes a byte of entry 3 of the store at `path` itself.
 fn tampered_in_place(path: &Path) -> anyhow::Result<()> {
-    let store = Store::open(path)?;
-    let mut entry = store.get(&entry_key(3))?.unwrap_or_default();
-    *entry.last_mut().expect("an entry") ^= 1;
-    store.put_state(&entry_key(3), Some(&entry))?;
+    flip_last_byte(&Store::open(path)?, 3)?;
     Ok(())
+}
+
+type StoreResult = Result<(), changewire_consumer::runtime::StoreError>;
+
+/// Rewrites the stored entries of the page holding `index` (as `(log index,
+/// entry)`), changed by `change`.
+fn edit_page(
+    store: &Store,
+    index: u64,
+    change: impl FnOnce(&mut Vec<(u64, Vec<u8>)>),
+) -> StoreResult {
+    let (first, stored) = page_of(store, index)?.unwrap_or_default();
+    let mut entries: Vec<(u64, Vec<u8>)> =
+        records(&stored).map(|(at, v)| (at, v.to_vec())).collect();
+    change(&mut entries);
+    let mut value = Vec::new();
+    for (at, entry) in &entries {
+        push_record(&mut value, *at, entry);
+    }
+    store.put_state(&page_key(first), Some(&value))
+}
+
+/// Changes the last byte of the entry at `index`.
+fn flip_last_byte(store: &Store, index: u64) -> StoreResult {
+    edit_page(store, index, |entries| {
+        for (at, entry) in entries.iter_mut().filter(|(at, _)| *at == index) {
+            let _ = at;
+            *entry.last_mut().expect("an entry") ^= 1;
+        }
+    })
 }
 
 /// A copy of the store at `original`, changed by `change`.
@@ -829,21 +861,28 @@ fn first_problem(store: &Path, key: &VerifyingKey) -> anyhow::Result<Problem> {
 
 /// What an attacker with the disk but not the key would do: recompute every
 /// stored hash from the entries.
-fn rewrite_hashes(
-    store: &Store,
-    size: u64,
-) -> Result<(), changewire_consumer::runtime::StoreError> {
+fn rewrite_hashes(store: &Store, size: u64) -> StoreResult {
+    let block = 1 << BLOCK_LEVEL;
     let mut nodes: HashMap<(u32, u64), [u8; 32]> = HashMap::new();
-    for index in 0..size {
-        let entry = store.get(&entry_key(index))?.unwrap_or_default();
-        let completed = appended(index, leaf_hash(&entry), |level, i| {
-            Ok::<_, std::convert::Infallible>(nodes[&(level, i)])
-        })
-        .expect("infallible");
-        for (level, position, hash) in completed {
-            nodes.insert((level, position), hash);
-            store.put_state(&node_key(level, position), Some(&hash))?;
+    let mut leaves: Vec<u8> = Vec::new();
+    for (_, stored) in pages(store, 0, size)? {
+        for (index, entry) in records(&stored) {
+            let leaf = leaf_hash(entry);
+            leaves.extend_from_slice(&leaf);
+            let completed = appended(index, leaf, |level, i| {
+                Ok::<_, std::convert::Infallible>(nodes[&(level, i)])
+            })
+            .expect("infallible");
+            for (level, position, hash) in completed {
+                nodes.insert((level, position), hash);
+                if level >= BLOCK_LEVEL {
+                    store.put_state(&node_key(level, position), Some(&hash))?;
+                }
+            }
         }
+    }
+    for (n, hashes) in leaves.chunks(32 * block as usize).enumerate() {
+        store.put_state(&leaves_key(n as u64), Some(hashes))?;
     }
     Ok(())
 }
@@ -854,10 +893,11 @@ fn rewrite_hashes(
 /// from inside the pruned range still links two signed heads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::Result<()> {
-    let setup = setup("auq", 1, "max_entries = 10").await?;
+    // Entries are pruned a block (32) at a time: keeping 40 of 80 prunes one.
+    let setup = setup("auq", 1, "max_entries = 40").await?;
     let (stack, topic) = (&setup.stack, &setup.topic);
     let audit = setup.start()?;
-    let all = events(0, 20);
+    let all = events(0, 80);
     publish(stack, topic, &all[..5]).await?;
     audit.wait_for_head(5).await?;
     let mut nameless = all[5].clone();
@@ -869,7 +909,7 @@ async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::R
     ];
     publish_keyed(stack, topic, garbage).await?;
     publish(stack, topic, &all[5..]).await?;
-    let heads = audit.wait_for_head(20).await?;
+    let heads = audit.wait_for_head(80).await?;
 
     let quarantine = audit.read("/v1/quarantine").await?;
     let reasons: Vec<&str> = quarantine["records"]
@@ -903,7 +943,7 @@ async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::R
             .await?
             .json()
             .await?;
-        if body["report"]["pruned"] == 10 || Instant::now() > deadline {
+        if body["report"]["pruned"] == 32 || Instant::now() > deadline {
             break body;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -914,14 +954,14 @@ async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::R
             report["report"]["pruned"].as_u64(),
             report["report"]["size"].as_u64()
         ),
-        (Some(10), Some(20))
+        (Some(32), Some(80))
     );
     let kept = all_pages(&audit, "limit=500").await?;
-    let newest: BTreeSet<String> = all[10..].iter().map(|e| e.id.to_string()).collect();
+    let newest: BTreeSet<String> = all[32..].iter().map(|e| e.id.to_string()).collect();
     assert_eq!(
         kept.into_iter().collect::<BTreeSet<_>>(),
         newest,
-        "only the newest 10 are kept"
+        "the first block is pruned, the rest kept"
     );
     let (status, _) = audit
         .get(&format!("/v1/events/{}", all[0].id), Some(READER))
@@ -930,9 +970,9 @@ async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::R
 
     let signed_heads = heads["heads"].as_array().cloned().unwrap_or_default();
     let root_of = |size: u64| head_root(&signed_heads, size);
-    let body = audit.read("/v1/proof/consistency?from=5&to=20").await?;
+    let body = audit.read("/v1/proof/consistency?from=5&to=80").await?;
     assert!(
-        consistent(5, 20, root_of(5), root_of(20), &hashes(&body["proof"])),
+        consistent(5, 80, root_of(5), root_of(80), &hashes(&body["proof"])),
         "{body}"
     );
     audit.stop()

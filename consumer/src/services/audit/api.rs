@@ -22,11 +22,11 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::head::key_id;
-use super::log::{id_key, read_u64, Quarantined, QUARANTINE};
+use super::log::{entry_at, LogNodes, Quarantined, QUARANTINE};
 use super::merkle::{consistency_proof, inclusion_proof, leaf_hash, root};
 use super::query::{Filters, Finder, QueryError};
 use super::verify::{signed_heads, verify};
-use super::{AuditConfig, AuditError, StoreNodes};
+use super::{AuditConfig, AuditError};
 use crate::runtime::{Store, StoreError};
 
 /// The OpenAPI 3 document of this API.
@@ -125,7 +125,7 @@ impl From<QueryError> for Failure {
     fn from(error: QueryError) -> Self {
         match error {
             QueryError::BadCursor => Failure::bad("cursor", error.to_string()),
-            QueryError::Store(error) => error.into(),
+            QueryError::Log(error) => error.into(),
         }
     }
 }
@@ -342,13 +342,12 @@ async fn event(
         Some("true") => true,
         Some(_) => return Err(Failure::bad("proof", "expected true or false")),
     };
-    let Some(index) = api.store.get(&id_key(&id))? else {
+    let Some(index) = api.finder().locate(&id)? else {
         return Err(Failure::status(
             StatusCode::NOT_FOUND,
             format!("no event {id:?} in the log"),
         ));
     };
-    let index = read_u64(Some(&index));
     let Some(found) = api.finder().load(index)? else {
         return Err(Failure::status(
             StatusCode::NOT_FOUND,
@@ -376,11 +375,9 @@ fn inclusion_body(api: &Api, index: u64, size: Option<u64>) -> Result<Value, Fai
             format!("expected index < size <= {logged}"),
         ));
     }
-    let nodes = StoreNodes(&api.store);
-    let entry = api
-        .store
-        .get(&super::log::entry_key(index))?
-        .unwrap_or_default();
+    let get = |key: &[u8]| api.store.get(key);
+    let nodes = LogNodes(&get);
+    let entry = entry_at(&api.store, index)?.unwrap_or_default();
     Ok(json!({
         "index": index,
         "tree_size": size,
@@ -440,7 +437,8 @@ async fn consistency(
             format!("expected 1 <= from <= to <= {size}"),
         ));
     }
-    let nodes = StoreNodes(&api.store);
+    let get = |key: &[u8]| api.store.get(key);
+    let nodes = LogNodes(&get);
     Ok(Json(json!({
         "from": from,
         "to": to,

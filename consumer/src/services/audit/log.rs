@@ -1,41 +1,92 @@
 //! The audit log as stored: where each part lives in the service's state, what an
-//! entry holds, and how an event is appended (its entry, its leaf and the
-//! subtrees it completes, its id, its index keys), all in the batch's one write.
+//! entry holds, and how a batch of entries is appended (in blocks, with their
+//! leaf hashes and the subtrees they complete), all in the batch's one write.
+//!
+//! Entries are stored in pages of about [`PAGE_BYTES`], the leaf hashes of a
+//! block of [`BLOCK`] entries in a value of their own, and only subtrees of a
+//! whole block and up are stored as hashes: the ones below are recomputed from a
+//! block's leaf hashes ([`LogNodes`]). So a batch of a thousand events is some
+//! two hundred writes, not thousands: sled's cost is per write far more than per
+//! byte. Pages stay small because sled writes a tree node of more than 128 KiB
+//! (a node holds up to 17 values) to a file of its own, which costs more than
+//! the writes saved. A page never spans two blocks.
 //!
 //! State keys (all under `audit/`; numbers big-endian, so keys sort by them):
 //!
 //! | key | value |
 //! |---|---|
 //! | `audit/size` | leaves in the log |
-//! | `audit/entry/<index>` | the entry: metadata length, metadata JSON, the record's bytes |
-//! | `audit/node/<level><index>` | hash of a complete subtree (level 0: a leaf) |
-//! | `audit/id/<event id>` | the entry's index |
+//! | `audit/entries/<first index>` | a page of entries: each is length, log index, entry |
+//! | `audit/open_page` | the first index of the last page (more entries may join it) |
+//! | `audit/leaves/<block>` | the block's leaf hashes, in order (kept when pruned) |
+//! | `audit/node/<level><index>` | hash of a complete subtree of a block or more |
 //! | `audit/head/<size>` | a signed tree head |
-//! | `audit/x/<index kind><field>\0<time><index>` | empty: the query indexes |
+//! | `audit/runs`, `audit/chunk/<run><n>` | the query indexes ([`super::runs`]) |
 //! | `audit/pruned` | entries pruned from the start (their hashes stay) |
 //! | `audit/quarantine/<time><topic>\0<partition><offset>` | a record kept out of the log, with why |
+
+use std::collections::HashMap;
 
 use changewire_schemas::{ChangeEvent, Origin};
 use serde::{Deserialize, Serialize};
 
-use super::merkle::{appended, leaf_hash, Hash};
+use super::merkle::{appended, leaf_hash, range_hash, Hash, Nodes};
+use super::AuditError;
+use crate::runtime::{Context, Store, StoreError};
 
 /// Key of the log's size.
 pub const SIZE: &[u8] = b"audit/size";
-/// Prefix of entries.
-pub const ENTRY: &[u8] = b"audit/entry/";
+/// Prefix of entry pages.
+pub const ENTRIES: &[u8] = b"audit/entries/";
+/// Key of the first index of the last page.
+pub const OPEN_PAGE: &[u8] = b"audit/open_page";
+/// Prefix of the leaf hashes of blocks.
+pub const LEAVES: &[u8] = b"audit/leaves/";
 /// Prefix of subtree hashes.
 pub const NODE: &[u8] = b"audit/node/";
-/// Prefix of the id index.
-pub const ID: &[u8] = b"audit/id/";
 /// Prefix of signed heads.
 pub const HEAD: &[u8] = b"audit/head/";
-/// Prefix of the query indexes.
-pub const INDEX: &[u8] = b"audit/x/";
 /// Prefix of quarantined records.
 pub const QUARANTINE: &[u8] = b"audit/quarantine/";
 /// Key of the number of entries pruned from the log's start.
 pub const PRUNED: &[u8] = b"audit/pruned";
+
+/// A block holds `2^BLOCK_LEVEL` entries: the level of the lowest stored subtree.
+pub const BLOCK_LEVEL: u32 = 5;
+/// Entries in a block.
+pub const BLOCK: u64 = 1 << BLOCK_LEVEL;
+/// A page takes no more entries once it holds this many bytes.
+pub const PAGE_BYTES: usize = 4_000;
+
+/// `(key, value)` pairs to write.
+pub type Writes = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Reads a state value (a handler's context, or the store).
+pub type Get<'a> = dyn Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError> + 'a;
+
+/// Where the log's writes go: a handler's context, or (in tests) memory.
+pub trait State {
+    /// A value, with the changes made so far.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Sets a value.
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>);
+    /// Removes a value.
+    fn remove(&mut self, key: Vec<u8>);
+}
+
+impl State for Context<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Context::get(self, key)
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        Context::put(self, key, value);
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        Context::remove(self, key);
+    }
+}
 
 /// The query indexes, each ordered by change time then log index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +101,8 @@ pub enum IndexKind {
     Source,
     /// By time alone.
     Time,
+    /// By event id.
+    Id,
 }
 
 impl IndexKind {
@@ -60,25 +113,59 @@ impl IndexKind {
             IndexKind::Op => b'o',
             IndexKind::Source => b's',
             IndexKind::Time => b't',
+            IndexKind::Id => b'i',
         }
     }
 
-    /// The prefix of this index's keys for `field` (empty for [`IndexKind::Time`]).
-    pub fn prefix(self, field: &[u8]) -> Vec<u8> {
-        let mut key = [INDEX, &[self.tag()]].concat();
-        // Fields never hold NUL, the separator; a stray one cannot break out.
-        key.extend(field.iter().map(|&b| if b == 0 { 1 } else { b }));
-        key.push(0);
+    /// The prefix of this index's keys for a field of `parts`, each written
+    /// piece by piece (none for [`IndexKind::Time`]; four for a resource).
+    pub fn prefix(self, parts: &[&[&str]]) -> Vec<u8> {
+        let mut key = Vec::new();
+        self.push_prefix(&mut key, parts);
         key
+    }
+
+    fn push_prefix(self, key: &mut Vec<u8>, parts: &[&[&str]]) {
+        key.push(self.tag());
+        push_field(key, parts);
+        key.push(0);
     }
 }
 
-/// The key of the entry at `index`.
-pub fn entry_key(index: u64) -> Vec<u8> {
-    [ENTRY, &index.to_be_bytes()[..]].concat()
+/// The block holding the entry at `index`.
+pub fn block_of(index: u64) -> u64 {
+    index >> BLOCK_LEVEL
 }
 
-/// The key of the complete subtree at `level` and `index`.
+/// The key of the page whose first entry is at `first`.
+pub fn page_key(first: u64) -> Vec<u8> {
+    [ENTRIES, &first.to_be_bytes()[..]].concat()
+}
+
+/// The stored page holding the entry at `index` (the last page starting at or
+/// before it), with its first index.
+pub fn page_of(store: &Store, index: u64) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    let found = store.range(ENTRIES, &page_key(index + 1), true).next();
+    Ok(found.transpose()?.map(|(key, page)| (first_of(&key), page)))
+}
+
+/// The stored pages starting in `from..to`, in order, with their first indexes.
+pub fn pages(store: &Store, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    (store.range(&page_key(from), &page_key(to), false))
+        .map(|page| page.map(|(key, value)| (first_of(&key), value)))
+        .collect()
+}
+
+fn first_of(page_key: &[u8]) -> u64 {
+    read_u64(page_key.get(ENTRIES.len()..))
+}
+
+/// The key of block `block`'s leaf hashes.
+pub fn leaves_key(block: u64) -> Vec<u8> {
+    [LEAVES, &block.to_be_bytes()[..]].concat()
+}
+
+/// The key of the complete subtree at `level` (at least [`BLOCK_LEVEL`]) and `index`.
 pub fn node_key(level: u32, index: u64) -> Vec<u8> {
     [NODE, &[level as u8], &index.to_be_bytes()[..]].concat()
 }
@@ -88,16 +175,174 @@ pub fn head_key(size: u64) -> Vec<u8> {
     [HEAD, &size.to_be_bytes()[..]].concat()
 }
 
-/// The key of `event_id`'s index entry.
-pub fn id_key(event_id: &str) -> Vec<u8> {
-    [ID, event_id.as_bytes()].concat()
-}
-
 /// Reads a big-endian `u64` value (0 when absent or malformed).
 pub fn read_u64(value: Option<&[u8]>) -> u64 {
     value
         .and_then(|v| v.try_into().ok())
         .map_or(0, u64::from_be_bytes)
+}
+
+/// Adds an entry (`value`, logged at `index`) to a page.
+pub fn push_record(block: &mut Vec<u8>, index: u64, value: &[u8]) {
+    block.extend_from_slice(&(value.len() as u32).to_be_bytes());
+    block.extend_from_slice(&index.to_be_bytes());
+    block.extend_from_slice(value);
+}
+
+/// The entries of a stored page as `(index, value)`, in stored order, up to the
+/// first that does not parse (an altered page).
+pub fn records(page: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    let mut rest = page;
+    std::iter::from_fn(move || {
+        let (length, after) = rest.split_first_chunk::<4>()?;
+        let (index, after) = after.split_first_chunk::<8>()?;
+        let length = u32::from_be_bytes(*length) as usize;
+        let value = after.get(..length)?;
+        rest = &after[length..];
+        Some((u64::from_be_bytes(*index), value))
+    })
+}
+
+/// The stored entry at `index` (its encoded [`Entry`]), if the store holds it.
+pub fn entry_at(store: &Store, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some((_, page)) = page_of(store, index)? else {
+        return Ok(None);
+    };
+    let found = records(&page)
+        .find(|(at, _)| *at == index)
+        .map(|(_, value)| value.to_vec());
+    Ok(found)
+}
+
+/// Complete subtrees as the log stores them: hashes of whole blocks and up as
+/// stored, smaller ones from their block's leaf hashes.
+pub struct LogNodes<'a>(pub &'a Get<'a>);
+
+impl Nodes for LogNodes<'_> {
+    type Error = AuditError;
+
+    fn node(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
+        let missing = || AuditError::MissingNode { level, index };
+        if level >= BLOCK_LEVEL {
+            return (self.0)(&node_key(level, index))?
+                .and_then(|v| Hash::try_from(v.as_slice()).ok())
+                .ok_or_else(missing);
+        }
+        let first = index << level;
+        let leaves = (self.0)(&leaves_key(block_of(first)))?.ok_or_else(missing)?;
+        let start = (first % BLOCK) as usize;
+        let hashes = Leaves(&leaves[..]);
+        let end = start + (1 << level);
+        if leaves.len() < end * 32 {
+            return Err(missing());
+        }
+        Ok(range_hash(&hashes, start as u64, end as u64).expect("leaves are in memory"))
+    }
+}
+
+/// A block's leaf hashes as a [`Nodes`] source of its own subtrees.
+struct Leaves<'a>(&'a [u8]);
+
+impl Nodes for Leaves<'_> {
+    type Error = std::convert::Infallible;
+
+    fn node(&self, level: u32, index: u64) -> Result<Hash, Self::Error> {
+        if level == 0 {
+            let at = index as usize * 32;
+            return Ok(self.0[at..at + 32].try_into().expect("32 bytes"));
+        }
+        let left = self.node(level - 1, index * 2)?;
+        let right = self.node(level - 1, index * 2 + 1)?;
+        Ok(super::merkle::node_hash(&left, &right))
+    }
+}
+
+/// The hash of a whole block from its leaf hashes.
+pub fn block_hash(leaves: &[u8]) -> Hash {
+    Leaves(leaves)
+        .node(BLOCK_LEVEL, 0)
+        .expect("leaves are in memory")
+}
+
+/// The writes that append `values` (encoded entries) to a log of `size` leaves:
+/// pages, leaf hashes, and the subtrees they complete.
+pub fn append_batch(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writes, AuditError> {
+    let mut writes = append_pages(get, size, values)?;
+    writes.extend(append_leaves(get, size, values)?);
+    Ok(writes)
+}
+
+/// The writes that add `values` to the pages: to the open one while it has room
+/// and the block goes on, else to new ones.
+fn append_pages(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writes, StoreError> {
+    let mut writes = Vec::new();
+    let (mut first, mut page) = (size, Vec::new());
+    if !size.is_multiple_of(BLOCK) {
+        first = read_u64(get(OPEN_PAGE)?.as_deref());
+        page = get(&page_key(first))?.unwrap_or_default();
+    }
+    for (index, value) in (size..).zip(values) {
+        if index.is_multiple_of(BLOCK) || page.len() >= PAGE_BYTES {
+            if !page.is_empty() {
+                writes.push((page_key(first), std::mem::take(&mut page)));
+            }
+            first = index;
+        }
+        push_record(&mut page, index, value);
+    }
+    writes.push((page_key(first), page));
+    writes.push((OPEN_PAGE.to_vec(), first.to_be_bytes().to_vec()));
+    Ok(writes)
+}
+
+/// What is stored under `key`, unless it is to start afresh (`at` 0).
+fn stored_unless_first(get: &Get<'_>, key: Vec<u8>, at: u64) -> Result<Vec<u8>, StoreError> {
+    if at == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(get(&key)?.unwrap_or_default())
+}
+
+/// The writes that add the leaf hashes of `values` from `size` on, and the
+/// subtrees of the blocks they complete.
+fn append_leaves(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writes, AuditError> {
+    let mut writes = Vec::new();
+    let mut made: HashMap<(u32, u64), Hash> = HashMap::new();
+    let mut index = size;
+    for part in split_at(size, values, BLOCK) {
+        let block = block_of(index);
+        let mut leaves = stored_unless_first(get, leaves_key(block), index % BLOCK)?;
+        for value in part {
+            leaves.extend_from_slice(&leaf_hash(value));
+            index += 1;
+        }
+        if index.is_multiple_of(BLOCK) {
+            let sibling = |level: u32, i: u64| match made.get(&(level + BLOCK_LEVEL, i)) {
+                Some(hash) => Ok(*hash),
+                None => LogNodes(get).node(level + BLOCK_LEVEL, i),
+            };
+            for (level, position, hash) in appended(block, block_hash(&leaves), sibling)? {
+                made.insert((level + BLOCK_LEVEL, position), hash);
+                writes.push((node_key(level + BLOCK_LEVEL, position), hash.to_vec()));
+            }
+        }
+        writes.push((leaves_key(block), leaves));
+    }
+    Ok(writes)
+}
+
+/// `values`, appended from `size` on, cut where groups of `per` end.
+fn split_at(size: u64, values: &[Vec<u8>], per: u64) -> Vec<&[Vec<u8>]> {
+    let mut parts = Vec::new();
+    let (mut rest, mut index) = (values, size);
+    while !rest.is_empty() {
+        let room = (per - index % per).min(rest.len() as u64) as usize;
+        let (part, after) = rest.split_at(room);
+        parts.push(part);
+        rest = after;
+        index += room as u64;
+    }
+    parts
 }
 
 /// Where a logged record came from, stored (and hashed) with it.
@@ -149,46 +394,97 @@ impl Entry {
     }
 }
 
-/// What one event adds to the state, besides the size.
+/// The index keys of a batch, written into one buffer as its events come.
 #[derive(Debug, Default)]
-pub struct Appended {
-    /// `(key, value)` pairs to write.
-    pub writes: Vec<(Vec<u8>, Vec<u8>)>,
+pub struct BatchKeys {
+    bytes: Vec<u8>,
+    /// Where each key is in `bytes`.
+    spans: Vec<(usize, usize)>,
 }
 
-/// The writes that append `entry` (the event `event`) at `index`, given the
-/// complete subtrees already stored (`sibling`).
-pub fn append<E>(
-    index: u64,
-    event: &ChangeEvent,
-    entry: &Entry,
-    sibling: impl FnMut(u32, u64) -> Result<Hash, E>,
-) -> Result<Appended, E> {
-    let value = entry.encode();
-    let leaf = leaf_hash(&value);
-    let mut writes = vec![
-        (entry_key(index), value),
-        (id_key(event.id.as_str()), index.to_be_bytes().to_vec()),
-    ];
-    for (level, position, hash) in appended(index, leaf, sibling)? {
-        writes.push((node_key(level, position), hash.to_vec()));
+impl BatchKeys {
+    /// Adds the keys of `event` (read with `provenance`) logged at `index`: one
+    /// per index it belongs to, each its index's prefix, the change time and the
+    /// log index, so each index is ordered by time.
+    pub fn add(&mut self, event: &ChangeEvent, provenance: &Provenance, index: u64) {
+        let suffix = [event.source.ts_ms.max(0).to_be_bytes(), index.to_be_bytes()];
+        let mut key = |kind: IndexKind, parts: &[&[&str]]| {
+            let start = self.bytes.len();
+            kind.push_prefix(&mut self.bytes, parts);
+            self.bytes.extend_from_slice(suffix.as_flattened());
+            self.spans.push((start, self.bytes.len() - start));
+        };
+        let source = event.source.name.as_str();
+        match &event.source.origin {
+            Origin::Kubernetes(k8s) => {
+                let group = if k8s.group.is_empty() {
+                    "core"
+                } else {
+                    &k8s.group
+                };
+                let namespace = k8s.namespace.as_deref().unwrap_or_default();
+                let parts: [&[&str]; 4] = [
+                    &[source],
+                    &[group, "/", &k8s.kind],
+                    &[namespace],
+                    &[&k8s.name],
+                ];
+                key(IndexKind::Resource, &parts);
+            }
+            Origin::Postgresql(pg) => {
+                let name = provenance.key.as_deref().unwrap_or_default();
+                key(
+                    IndexKind::Resource,
+                    &[&[source], &[&pg.table], &[&pg.schema], &[name]],
+                );
+            }
+        }
+        key(IndexKind::Op, &[&[event.op.code()]]);
+        key(IndexKind::Source, &[&[source]]);
+        key(IndexKind::Time, &[]);
+        key(IndexKind::Id, &[&[event.id.as_str()]]);
+        if let Some(actor) = &event.actor {
+            key(IndexKind::Actor, &[&[&actor.name]]);
+        }
     }
-    for key in index_keys(index, event, entry) {
-        writes.push((key, Vec::new()));
+
+    /// Whether no key was added.
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
     }
-    Ok(Appended { writes })
+
+    /// The keys, sorted.
+    pub fn sorted(&mut self) -> impl Iterator<Item = &[u8]> {
+        let bytes = &self.bytes;
+        let key = move |&(start, length): &(usize, usize)| &bytes[start..start + length];
+        self.spans.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+        self.spans.iter().map(key)
+    }
 }
 
-/// The query index keys of the entry at `index`.
-pub fn index_keys(index: u64, event: &ChangeEvent, entry: &Entry) -> Vec<Vec<u8>> {
-    let suffix = [
-        &event.source.ts_ms.max(0).to_be_bytes()[..],
-        &index.to_be_bytes()[..],
-    ]
-    .concat();
-    (index_fields(event, entry).into_iter())
-        .map(|(kind, field)| [kind.prefix(&field), suffix.clone()].concat())
-        .collect()
+/// Separates the parts of a resource in its index field.
+const PART_SEPARATOR: u8 = 0x1f;
+
+/// Writes an index field: its parts separated by [`PART_SEPARATOR`], each
+/// written piece by piece. NUL ends a field and the separator separates parts,
+/// so inside a part both are written as `\x01`.
+fn push_field(out: &mut Vec<u8>, parts: &[&[&str]]) {
+    for (n, part) in parts.iter().enumerate() {
+        if n > 0 {
+            out.push(PART_SEPARATOR);
+        }
+        for piece in *part {
+            out.extend(piece.bytes().map(|b| match b {
+                0 | PART_SEPARATOR => 1,
+                b => b,
+            }));
+        }
+    }
+}
+
+/// The log index an index key points at.
+pub fn indexed(key: &[u8]) -> u64 {
+    read_u64(key.len().checked_sub(8).and_then(|at| key.get(at..)))
 }
 
 /// What the indexes need that `event` lacks, if anything: such events are
@@ -233,21 +529,6 @@ pub fn quarantine_key(provenance: &Provenance) -> Vec<u8> {
     .concat()
 }
 
-/// The index fields of an event: every index it belongs to.
-fn index_fields(event: &ChangeEvent, entry: &Entry) -> Vec<(IndexKind, Vec<u8>)> {
-    let resource = Resource::of(event, &entry.provenance);
-    let mut fields = vec![
-        (IndexKind::Resource, resource.index_field()),
-        (IndexKind::Op, event.op.code().as_bytes().to_vec()),
-        (IndexKind::Source, event.source.name.as_bytes().to_vec()),
-        (IndexKind::Time, Vec::new()),
-    ];
-    if let Some(actor) = &event.actor {
-        fields.push((IndexKind::Actor, actor.name.as_bytes().to_vec()));
-    }
-    fields
-}
-
 /// One changed thing: a Kubernetes object or a table row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resource {
@@ -288,12 +569,166 @@ impl Resource {
             },
         }
     }
+}
 
-    /// The resource index's field: the four parts, NUL-free, separated by `\x1f`.
-    pub fn index_field(&self) -> Vec<u8> {
-        [&self.source, &self.kind, &self.namespace, &self.name]
-            .map(|part| part.replace(['\0', '\x1f'], "\u{1}"))
-            .join("\x1f")
-            .into_bytes()
+#[cfg(test)]
+pub(super) mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::merkle::{consistency_proof, inclusion_proof, node_hash, root};
+    use super::*;
+
+    /// State in memory.
+    #[derive(Default)]
+    pub(in super::super) struct Memory(pub BTreeMap<Vec<u8>, Vec<u8>>);
+
+    impl State for Memory {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.0.get(key).cloned())
+        }
+
+        fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+            self.0.insert(key, value);
+        }
+
+        fn remove(&mut self, key: Vec<u8>) {
+            self.0.remove(&key);
+        }
+    }
+
+    /// RFC 9162's MTH over `values`, straight from its definition.
+    fn reference_root(values: &[Vec<u8>]) -> Hash {
+        match values.len() {
+            0 => super::super::merkle::empty_root(),
+            1 => leaf_hash(&values[0]),
+            n => {
+                let k = 1 << (63 - (n as u64 - 1).leading_zeros());
+                node_hash(&reference_root(&values[..k]), &reference_root(&values[k..]))
+            }
+        }
+    }
+
+    /// Appends `values` in batches of the given sizes.
+    fn appended_in(batches: &[usize], values: &[Vec<u8>]) -> Memory {
+        let mut memory = Memory::default();
+        let mut size = 0;
+        for &count in batches {
+            let batch = &values[size..size + count];
+            let writes =
+                append_batch(&|k: &[u8]| memory.get(k), size as u64, batch).expect("appends");
+            for (key, value) in writes {
+                memory.put(key, value);
+            }
+            size += count;
+        }
+        memory
+    }
+
+    #[test]
+    fn blocks_give_the_roots_and_proofs_of_the_whole_tree() {
+        let values: Vec<Vec<u8>> = (0..300)
+            .map(|i| format!("entry {i}").repeat(i % 90).into_bytes())
+            .collect();
+        let batches = [1, 30, 2, 64, 100, 3, 31, 69];
+        let memory = appended_in(&batches, &values);
+        let get = |k: &[u8]| memory.get(k);
+        let nodes = LogNodes(&get);
+        for size in 1..=300u64 {
+            let expected = reference_root(&values[..size as usize]);
+            assert_eq!(root(&nodes, size).expect("root"), expected, "size {size}");
+        }
+        let pages: Vec<(&Vec<u8>, &Vec<u8>)> = memory
+            .0
+            .iter()
+            .filter(|(k, _)| k.starts_with(ENTRIES))
+            .collect();
+        let stored: Vec<(u64, Vec<u8>)> = (pages.iter())
+            .flat_map(|(_, page)| records(page).map(|(at, v)| (at, v.to_vec())))
+            .collect();
+        let expected: Vec<(u64, Vec<u8>)> = (0..).zip(values.iter().cloned()).collect();
+        assert_eq!(stored, expected, "every entry once, in order");
+        for (key, page) in pages {
+            let first = first_of(key);
+            let largest = values.iter().map(Vec::len).max().unwrap_or(0);
+            assert!(
+                page.len() < PAGE_BYTES + 12 + largest,
+                "page {first} is small"
+            );
+            let last = records(page).last().map_or(first, |(last, _)| last);
+            assert_eq!(
+                block_of(first),
+                block_of(last),
+                "page {first} stays in its block"
+            );
+        }
+        // Proofs only need what is stored: they come out for every pair.
+        assert_eq!(inclusion_proof(&nodes, 37, 300).expect("proof").len(), 9);
+        assert!(!consistency_proof(&nodes, 37, 300)
+            .expect("proof")
+            .is_empty());
+        let stored_nodes = memory.0.keys().filter(|k| k.starts_with(NODE)).count();
+        assert_eq!(stored_nodes, 9 + 4 + 2 + 1, "whole blocks and up only");
+    }
+
+    #[test]
+    fn batch_keys_start_with_the_prefixes_queries_ask_for() {
+        use changewire_schemas::fixtures::{kubernetes_create, postgres_update};
+        let mut object = kubernetes_create("k8s");
+        if let Origin::Kubernetes(k8s) = &mut object.source.origin {
+            k8s.name = "odd\0name\u{1f}here".into();
+        }
+        let row = postgres_update("pg");
+        let provenance = |key: Option<&str>| Provenance {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: key.map(str::to_owned),
+            logged_ms: 0,
+        };
+        let mut keys = BatchKeys::default();
+        keys.add(&object, &provenance(None), 7);
+        keys.add(&row, &provenance(Some("{\"id\":1}")), 8);
+        let keys: Vec<Vec<u8>> = keys.sorted().map(<[u8]>::to_vec).collect();
+        assert_eq!(keys.len(), 12, "six indexes each");
+        for (event, provenance, index) in [
+            (&object, provenance(None), 7),
+            (&row, provenance(Some("{\"id\":1}")), 8),
+        ] {
+            let resource = Resource::of(event, &provenance);
+            let parts: [&[&str]; 4] = [
+                &[&resource.source],
+                &[&resource.kind],
+                &[&resource.namespace],
+                &[&resource.name],
+            ];
+            let actor = event.actor.as_ref().map_or("", |a| a.name.as_str());
+            for prefix in [
+                IndexKind::Resource.prefix(&parts),
+                IndexKind::Id.prefix(&[&[event.id.as_str()]]),
+                IndexKind::Actor.prefix(&[&[actor]]),
+                IndexKind::Op.prefix(&[&[event.op.code()]]),
+            ] {
+                let found = keys
+                    .iter()
+                    .find(|k| k.starts_with(&prefix) && indexed(k) == index);
+                assert!(
+                    found.is_some(),
+                    "{:?} in {keys:?}",
+                    String::from_utf8_lossy(&prefix)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_with_a_changed_leaf_hash_is_refused_as_a_node_source() {
+        let values: Vec<Vec<u8>> = (0..10).map(|i| vec![i]).collect();
+        let mut memory = appended_in(&[10], &values);
+        memory.put(leaves_key(0), vec![0; 32 * 3]);
+        let get = |k: &[u8]| memory.get(k);
+        assert!(matches!(
+            root(&LogNodes(&get), 10),
+            Err(AuditError::MissingNode { .. })
+        ));
     }
 }

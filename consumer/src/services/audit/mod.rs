@@ -2,15 +2,17 @@
 //! over it (RFC 9162), signed tree heads published to Kafka, and a query API.
 //!
 //! - [`merkle`]: the tree, its roots and proofs (pure);
-//! - [`log`]: how the log is stored, and appending an event;
+//! - [`log`]: how the log is stored (in blocks), and appending a batch;
+//! - [`runs`]: the query indexes, as sorted runs merged in tiers;
 //! - [`head`]: signed tree heads;
 //! - [`query`]: finding events by resource, actor, op, source, time, changed path;
 //! - [`verify`]: recomputing the tree from the store against every signed head;
 //! - [`prune`]: retention, keeping every hash;
 //! - [`api`]: the HTTP API over all of it; [`cli`]: the terminal's view of it.
 //!
-//! The handler appends each new event in the batch's one atomic write (entry,
-//! leaf, completed subtrees, id and index keys, size), so a crash leaves each
+//! The handler keeps each new event as it comes and appends them all when the
+//! batch is sealed, in the batch's one atomic write (entry blocks, leaf hashes,
+//! completed subtrees, a sorted run of index keys, size), so a crash leaves each
 //! event in the log once or not at all. On each tick with new entries it signs a
 //! head and emits it to the `heads` Kafka sink.
 
@@ -21,9 +23,11 @@ pub mod log;
 pub mod merkle;
 pub mod prune;
 pub mod query;
+pub mod runs;
 pub mod verify;
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use changewire_schemas::settings::ConfigError;
@@ -32,20 +36,24 @@ use serde::{Deserialize, Serialize};
 
 use self::head::HeadSigner;
 use self::log::{
-    append, head_key, id_key, lacks, node_key, quarantine_key, read_u64, Entry, Provenance,
-    Quarantined, SIZE,
+    append_batch, head_key, lacks, quarantine_key, read_u64, BatchKeys, Entry, LogNodes,
+    Provenance, Quarantined, PRUNED, SIZE,
 };
-use self::merkle::{Hash, Nodes};
 use self::prune::{prune, Retention};
 use crate::runtime::sinks::kafka::{KafkaSink, Oversized};
+use crate::runtime::StoreError;
 use crate::runtime::{Context, Effect, Handler, HandlerError, Record, RuntimeConfig, Sinks};
-use crate::runtime::{Store, StoreError};
 
 /// The name of the sink signed heads go to.
 pub const HEADS: &str = "heads";
 
 /// Key of the size of the last signed head.
 const LAST_HEAD: &[u8] = b"audit/last_head";
+
+/// Key of the store's layout version; a store without it that holds entries was
+/// written with one entry per key (before version 2).
+const LAYOUT: &[u8] = b"audit/layout";
+const LAYOUT_VERSION: &[u8] = b"2";
 
 /// The `[audit]` section.
 #[derive(Clone, Serialize, Deserialize)]
@@ -137,7 +145,7 @@ impl AuditConfig {
     }
 }
 
-/// A part of the log the store should hold is missing: it was altered.
+/// Why the log could not be read or appended to.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     /// The store failed.
@@ -151,41 +159,26 @@ pub enum AuditError {
         /// Its index on that level.
         index: u64,
     },
+    /// A stored value does not parse.
+    #[error("{0} in the audit store does not parse: the store was altered")]
+    Corrupt(&'static str),
 }
 
-/// Subtree hashes read through `get` (a handler's context).
-pub struct StoredNodes<F>(pub F);
-
-impl<F> Nodes for StoredNodes<F>
-where
-    F: Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError>,
-{
-    type Error = AuditError;
-
-    fn node(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
-        stored_node((self.0)(&node_key(level, index))?, level, index)
-    }
-}
-
-/// Subtree hashes read from the store.
-pub struct StoreNodes<'a>(pub &'a Store);
-
-impl Nodes for StoreNodes<'_> {
-    type Error = AuditError;
-
-    fn node(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
-        stored_node(self.0.get(&node_key(level, index))?, level, index)
-    }
-}
-
-fn stored_node(value: Option<Vec<u8>>, level: u32, index: u64) -> Result<Hash, AuditError> {
-    value
-        .and_then(|v| Hash::try_from(v.as_slice()).ok())
-        .ok_or(AuditError::MissingNode { level, index })
+/// What `handle` kept of the batch being applied, for its seal.
+#[derive(Default)]
+struct Pending {
+    /// The log's size before the batch (read at its first event).
+    size: Option<u64>,
+    /// The batch's entries, encoded.
+    values: Vec<Vec<u8>>,
+    /// Their index keys.
+    keys: BatchKeys,
 }
 
 /// The audit handler.
 pub struct Audit {
+    /// The batch's new events, appended when it is sealed.
+    pending: Mutex<Pending>,
     signer: HeadSigner,
     heads_topic: String,
     service: String,
@@ -209,6 +202,7 @@ impl Audit {
         let sink = KafkaSink::new(HEADS, config, Oversized::Reject)
             .map_err(|e| ConfigError::invalid("kafka", e.to_string()))?;
         let handler = Self {
+            pending: Mutex::default(),
             signer,
             heads_topic: audit.heads_topic(config),
             service: config.service.name.clone(),
@@ -263,23 +257,53 @@ impl Handler for Audit {
             quarantine(context, record, &format!("the event lacks {missing}"));
             return Ok(());
         }
-        if context.get(&id_key(event.id.as_str()))?.is_some() {
-            return Ok(());
-        }
-        let index = read_u64(context.get(SIZE)?.as_deref());
+        // Ids seen before are skipped by the runtime (its dedup window).
         let entry = Entry {
             provenance: provenance(record),
             payload: record.payload.clone(),
         };
-        let appended = {
-            let nodes = StoredNodes(|key: &[u8]| context.get(key));
-            append(index, event, &entry, |level, i| nodes.node(level, i))
-                .map_err(HandlerError::fatal)?
+        let mut pending = self.pending.lock().expect("not poisoned");
+        let size = match pending.size {
+            Some(size) => size,
+            None => *pending.size.insert(read_u64(context.get(SIZE)?.as_deref())),
         };
-        for (key, value) in appended.writes {
+        let index = size + pending.values.len() as u64;
+        pending.keys.add(event, &entry.provenance, index);
+        pending.values.push(entry.encode());
+        Ok(())
+    }
+
+    async fn start(&self, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        let layout = context.get(LAYOUT)?;
+        if layout.as_deref() == Some(LAYOUT_VERSION) {
+            return Ok(());
+        }
+        if layout.is_some() || read_u64(context.get(SIZE)?.as_deref()) > 0 {
+            return Err(HandlerError::fatal(
+                "this audit store was written in an older layout (one entry per key); \
+                 move its state directory aside and restart: the service rebuilds the log from \
+                 the topics while their retention lasts (the heads topic keeps what the old log signed)",
+            ));
+        }
+        context.put(LAYOUT, LAYOUT_VERSION.to_vec());
+        Ok(())
+    }
+
+    async fn seal(&self, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        let mut pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
+        let Some(size) = pending.size else {
+            return Ok(());
+        };
+        let end = size + pending.values.len() as u64;
+        let pruned = read_u64(context.get(PRUNED)?.as_deref());
+        let writes = append_batch(&|key: &[u8]| context.get(key), size, &pending.values)
+            .map_err(HandlerError::fatal)?;
+        for (key, value) in writes {
             context.put(key, value);
         }
-        context.put(SIZE, (index + 1).to_be_bytes().to_vec());
+        runs::add_run(context, pending.keys.sorted(), (size, end), pruned)
+            .map_err(HandlerError::fatal)?;
+        context.put(SIZE, end.to_be_bytes().to_vec());
         Ok(())
     }
 
@@ -304,7 +328,7 @@ impl Handler for Audit {
         if size == 0 || size == read_u64(context.get(LAST_HEAD)?.as_deref()) {
             return Ok(());
         }
-        let root = merkle::root(&StoredNodes(|key: &[u8]| context.get(key)), size)
+        let root = merkle::root(&LogNodes(&|key: &[u8]| context.get(key)), size)
             .map_err(HandlerError::fatal)?;
         let head = self.signer.sign(size, &root, now_ms(now));
         let json = serde_json::to_vec(&head).map_err(HandlerError::fatal)?;

@@ -2,8 +2,8 @@
 //! JSON path, newest or oldest first, a page at a time.
 //!
 //! A query walks the most selective index its filters allow (resource, then
-//! actor, source, op, else time) between its time bounds and checks every other
-//! filter on the entry. A page ends when it is full or after [`SCAN_BUDGET`]
+//! actor, source, op, else time) between its time bounds, across every index run
+//! ([`super::runs`]), and checks every other filter on the entry. A page ends when it is full or after [`SCAN_BUDGET`]
 //! index keys, so a filter that matches little never makes one request slow:
 //! the page then comes back short, with a cursor to go on from.
 //!
@@ -18,9 +18,13 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::log::{entry_key, read_u64, Entry, IndexKind, Provenance, Resource, INDEX, SIZE};
+use super::log::{
+    indexed, page_of, read_u64, records, Entry, IndexKind, Provenance, Resource, SIZE,
+};
+use super::runs::{Merged, Runs};
+use super::AuditError;
 use crate::runtime::{Store, StoreError};
-use crate::services::changed::changed;
+use crate::services::changed::{changed_at, diff_touches, PathPattern};
 
 /// Index keys one page reads at most.
 pub const SCAN_BUDGET: usize = 20_000;
@@ -79,9 +83,15 @@ pub enum QueryError {
     /// The cursor is not one this service made for these filters.
     #[error("the cursor is invalid, altered, or was made for other filters")]
     BadCursor,
-    /// The store failed.
+    /// The store failed, or holds what does not parse.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Log(#[from] AuditError),
+}
+
+impl From<StoreError> for QueryError {
+    fn from(error: StoreError) -> Self {
+        Self::Log(error.into())
+    }
 }
 
 /// Runs queries against a store, signing cursors with `cursor_key`.
@@ -118,15 +128,25 @@ impl<'a> Finder<'a> {
             next_cursor: None,
         };
         let mut last = None;
-        for (read, entry) in (self.store.range(&start, &end, filters.newest_first)).enumerate() {
-            let (key, _) = entry?;
+        let mut pages = LastPage::default();
+        let changed = filters.changed.as_deref().map(PathPattern::parse);
+        let get = |key: &[u8]| self.store.get(key);
+        let (from, to) = (filters.from_ms, filters.to_ms);
+        let runs = Runs::load(&get)?.overlapping(
+            from.map_or(0, |ms| ms.max(0) as u64),
+            to.map_or(u64::MAX, |ms| ms.max(0) as u64),
+        );
+        let keys = Merged::new(&get, &runs, (&start, &end), filters.newest_first);
+        for (read, key) in keys.enumerate() {
+            let key = key?;
             let position = key[prefix.len()..].to_vec();
             if page.events.len() == limit || read == SCAN_BUDGET {
                 page.next_cursor = last.map(|p: Vec<u8>| self.cursor(&p, filters));
                 return Ok(page);
             }
-            let index = read_u64(position.get(8..16));
-            if let Some(found) = self.load(index)?.filter(|f| matches(f, filters)) {
+            let index = indexed(&position);
+            let found = self.load_from(&mut pages, index, changed.as_ref())?;
+            if let Some(found) = found.filter(|f| matches(f, filters)) {
                 page.events.push(found);
             }
             last = Some(position);
@@ -134,14 +154,40 @@ impl<'a> Finder<'a> {
         Ok(page)
     }
 
+    /// Where the event `id` was logged, if it was (and was not pruned).
+    pub fn locate(&self, id: &str) -> Result<Option<u64>, AuditError> {
+        let prefix = IndexKind::Id.prefix(&[&[id]]);
+        let end = [prefix.as_slice(), &[0xff; 17]].concat();
+        let get = |key: &[u8]| self.store.get(key);
+        let runs = Runs::load(&get)?;
+        let mut keys = Merged::new(&get, &runs.runs, (&prefix, &end), false);
+        Ok(keys.next().transpose()?.map(|key| indexed(&key)))
+    }
+
     /// The entry at `index`, decoded; `None` when missing or not an event.
     pub fn load(&self, index: u64) -> Result<Option<Found>, StoreError> {
-        let Some(value) = self.store.get(&entry_key(index))? else {
+        self.load_from(&mut LastPage::default(), index, None)
+    }
+
+    /// The entry at `index`, decoded, unless its diff shows it did not change
+    /// `changed` (read without decoding the whole event: most entries a
+    /// changed-path query reads are not what it looks for).
+    fn load_from(
+        &self,
+        pages: &mut LastPage,
+        index: u64,
+        changed: Option<&PathPattern>,
+    ) -> Result<Option<Found>, StoreError> {
+        let page = pages.read(self.store, index)?;
+        let Some((_, value)) = records(page).find(|(at, _)| *at == index) else {
             return Ok(None);
         };
-        let Some(entry) = Entry::decode(&value) else {
+        let Some(entry) = Entry::decode(value) else {
             return Ok(None);
         };
+        if changed.is_some_and(|pattern| unchanged_by_diff(&entry.payload, pattern)) {
+            return Ok(None);
+        }
         let Ok(event) = serde_json::from_slice::<ChangeEvent>(&entry.payload) else {
             return Ok(None);
         };
@@ -187,6 +233,37 @@ impl<'a> Finder<'a> {
     }
 }
 
+/// The entry page read last: a page's hits are often neighbours in the log.
+#[derive(Default)]
+struct LastPage(Option<(u64, Vec<u8>)>);
+
+impl LastPage {
+    /// The stored page holding the entry at `index` (empty when there is none).
+    fn read(&mut self, store: &Store, index: u64) -> Result<&[u8], StoreError> {
+        let holds = |(first, page): &(u64, Vec<u8>)| {
+            *first <= index && records(page).last().is_some_and(|(last, _)| last >= index)
+        };
+        if !self.0.as_ref().is_some_and(holds) {
+            self.0 = page_of(store, index)?;
+        }
+        Ok(self.0.as_ref().map_or(&[][..], |(_, page)| page.as_slice()))
+    }
+}
+
+/// Whether an encoded event's diff shows it did not change `pattern` (false
+/// when it has no diff, a row's change: that needs the whole event).
+fn unchanged_by_diff(payload: &[u8], pattern: &PathPattern) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Diffed {
+        #[serde(default)]
+        diff: Option<serde_json::Value>,
+    }
+    let diff = serde_json::from_slice::<Diffed>(payload)
+        .ok()
+        .and_then(|d| d.diff);
+    diff.and_then(|diff| diff_touches(&diff, pattern)) == Some(false)
+}
+
 /// The index a query walks, with its field.
 fn index_prefix(filters: &Filters) -> Vec<u8> {
     if let (Some(source), Some(kind), Some(namespace), Some(name)) = (
@@ -195,19 +272,13 @@ fn index_prefix(filters: &Filters) -> Vec<u8> {
         &filters.namespace,
         &filters.name,
     ) {
-        let resource = Resource {
-            source: source.clone(),
-            kind: kind.clone(),
-            namespace: namespace.clone(),
-            name: name.clone(),
-        };
-        return IndexKind::Resource.prefix(&resource.index_field());
+        return IndexKind::Resource.prefix(&[&[source], &[kind], &[namespace], &[name]]);
     }
     match (&filters.actor, &filters.source, filters.op) {
-        (Some(actor), _, _) => IndexKind::Actor.prefix(actor.as_bytes()),
-        (None, Some(source), _) => IndexKind::Source.prefix(source.as_bytes()),
-        (None, None, Some(op)) => IndexKind::Op.prefix(op.code().as_bytes()),
-        (None, None, None) => IndexKind::Time.prefix(b""),
+        (Some(actor), _, _) => IndexKind::Actor.prefix(&[&[actor]]),
+        (None, Some(source), _) => IndexKind::Source.prefix(&[&[source]]),
+        (None, None, Some(op)) => IndexKind::Op.prefix(&[&[op.code()]]),
+        (None, None, None) => IndexKind::Time.prefix(&[]),
     }
 }
 
@@ -219,7 +290,6 @@ fn time_bounds(prefix: &[u8], filters: &Filters) -> (Vec<u8>, Vec<u8>) {
         Some(to) => [prefix, &(to.max(0) as u64).to_be_bytes()].concat(),
         None => [prefix, &[0xff; 17]].concat(),
     };
-    debug_assert!(prefix.starts_with(INDEX));
     (start, end)
 }
 
@@ -240,5 +310,6 @@ fn matches(found: &Found, filters: &Filters) -> bool {
         && filters.op.is_none_or(|op| op == event.op)
         && (filters.actor.as_deref())
             .is_none_or(|actor| event.actor.as_ref().is_some_and(|a| a.name == actor))
-        && (filters.changed.as_deref()).is_none_or(|path| changed(event, path))
+        && (filters.changed.as_deref())
+            .is_none_or(|path| changed_at(event, &PathPattern::parse(path)))
 }

@@ -1,6 +1,6 @@
 //! Verifying the log: recompute every leaf and subtree from the stored entries,
-//! check each stored hash, the id index, and every signed head (signature, and its
-//! root against the recomputed tree of its size). Names the first problem: which
+//! check each stored hash, that each entry sits where it was logged, and every
+//! signed head (signature, and its root against the recomputed tree of its size). Names the first problem: which
 //! record was altered, deleted or moved, or which signed range no longer matches.
 //!
 //! Stored hashes alone prove nothing (whoever alters an entry can rewrite them);
@@ -12,7 +12,9 @@ use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 
 use super::head::SignedHead;
-use super::log::{entry_key, id_key, node_key, read_u64, Entry, HEAD, PRUNED, SIZE};
+use super::log::{
+    leaves_key, node_key, pages, read_u64, records, Entry, BLOCK, BLOCK_LEVEL, HEAD, PRUNED, SIZE,
+};
 use super::merkle::{appended, leaf_hash, node_hash, Hash};
 use crate::runtime::{Store, StoreError};
 
@@ -150,7 +152,7 @@ pub fn signed_heads(store: &Store) -> Result<Vec<SignedHead>, StoreError> {
     Ok(heads)
 }
 
-/// Recomputes the tree entry by entry (from stored leaf hashes below `pruned`),
+/// Recomputes the tree block by block (from stored leaf hashes below `pruned`),
 /// noting problems; returns the recomputed root at each head's size.
 fn recompute(
     store: &Store,
@@ -162,47 +164,105 @@ fn recompute(
     let mut roots = std::collections::HashMap::new();
     // The last complete subtree of each level: the right edge of the tree.
     let mut frontier: Vec<Hash> = Vec::new();
-    for index in 0..size {
-        let stored = if index < pruned {
-            pruned_leaf(store, index)?
-        } else {
-            store
-                .get(&entry_key(index))?
-                .map(|value| {
-                    check_entry(store, index, &value, problems).map(|()| leaf_hash(&value))
-                })
-                .transpose()?
-        };
-        let leaf = match stored {
-            Some(leaf) => leaf,
-            None => {
-                problems.push(Problem::Missing { index });
-                // Stands in so later entries still line up.
-                [0; 32]
+    for block in 0..size.div_ceil(BLOCK) {
+        let first = block * BLOCK;
+        let span = (first, size.min(first + BLOCK));
+        for (index, leaf) in (first..).zip(block_leaves(store, block, span, pruned, problems)?) {
+            let completed = appended(index, leaf, |level, _| {
+                Ok::<_, StoreError>(frontier[level as usize])
+            })?;
+            for (level, position, hash) in completed {
+                if level as usize == frontier.len() {
+                    frontier.push(hash);
+                } else {
+                    frontier[level as usize] = hash;
+                }
+                check_node(store, level, position, &hash, problems)?;
             }
-        };
-        let completed = appended(index, leaf, |level, _| {
-            Ok::<_, StoreError>(frontier[level as usize])
-        })?;
-        for (level, position, hash) in completed {
-            if level as usize == frontier.len() {
-                frontier.push(hash);
-            } else {
-                frontier[level as usize] = hash;
+            if wanted.contains(&(index + 1)) {
+                roots.insert(index + 1, root_of(index + 1, &frontier));
             }
-            check_node(store, level, position, &hash, problems)?;
-        }
-        if wanted.contains(&(index + 1)) {
-            roots.insert(index + 1, root_of(index + 1, &frontier));
         }
     }
     Ok(roots)
 }
 
-/// The stored hash of a pruned leaf.
-fn pruned_leaf(store: &Store, index: u64) -> Result<Option<Hash>, StoreError> {
-    let value = store.get(&node_key(0, index))?;
-    Ok(value.and_then(|v| Hash::try_from(v.as_slice()).ok()))
+/// The leaves of the block holding `first..end`: recomputed from its entries, or
+/// as stored where an entry is pruned or gone (a zero hash where neither is).
+fn block_leaves(
+    store: &Store,
+    block: u64,
+    (first, end): (u64, u64),
+    pruned: u64,
+    problems: &mut Vec<Problem>,
+) -> Result<Vec<Hash>, StoreError> {
+    let stored = store.get(&leaves_key(block))?.unwrap_or_default();
+    let stored_leaf = |index: u64| {
+        let at = ((index - first) * 32) as usize;
+        stored
+            .get(at..at + 32)
+            .map(|h| Hash::try_from(h).expect("32 bytes"))
+    };
+    let mut leaves: Vec<Option<Hash>> = (first..end).map(stored_leaf).collect();
+    if first < pruned {
+        for index in (first..end).filter(|i| leaves[(i - first) as usize].is_none()) {
+            problems.push(Problem::Missing { index });
+        }
+    } else {
+        let entries: Vec<u8> = (pages(store, first, end)?.into_iter())
+            .flat_map(|(_, page)| page)
+            .collect();
+        for (index, leaf) in check_entries(&entries, (first, end), &stored_leaf, problems) {
+            leaves[(index - first) as usize] = Some(leaf);
+        }
+    }
+    Ok(leaves.into_iter().map(|l| l.unwrap_or([0; 32])).collect())
+}
+
+/// Checks a block's entries: each in its place (a gap is entries deleted, one out
+/// of order moved) and matching its stored leaf hash. Returns the recomputed leaf
+/// of each entry in its place.
+fn check_entries(
+    entries: &[u8],
+    (first, end): (u64, u64),
+    stored_leaf: &dyn Fn(u64) -> Option<Hash>,
+    problems: &mut Vec<Problem>,
+) -> Vec<(u64, Hash)> {
+    let listed: Vec<(u64, &[u8])> = records(entries).collect();
+    let mut leaves = Vec::new();
+    let mut expected = first;
+    for (n, (at, value)) in listed.iter().enumerate() {
+        let event_id = event_id(value);
+        let gap = *at > expected && listed[n + 1..].iter().all(|(later, _)| later > at);
+        if *at == expected || (gap && *at < end) {
+            problems.extend((expected..*at).map(|index| Problem::Missing { index }));
+            let leaf = leaf_hash(value);
+            if stored_leaf(*at) != Some(leaf) {
+                problems.push(Problem::Altered {
+                    index: *at,
+                    event_id,
+                });
+            }
+            leaves.push((*at, leaf));
+            expected = at + 1;
+        } else if expected < end {
+            problems.push(Problem::Moved {
+                index: expected,
+                logged_at: *at,
+                event_id: event_id.unwrap_or_default(),
+            });
+            expected += 1;
+        }
+    }
+    problems.extend((expected..end).map(|index| Problem::Missing { index }));
+    leaves
+}
+
+/// The event id an entry holds, if it reads as an event.
+fn event_id(value: &[u8]) -> Option<String> {
+    Entry::decode(value)
+        .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.payload).ok())
+        .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_owned))
 }
 
 /// The root of the tree over `size` leaves from the right edge's subtrees.
@@ -219,33 +279,6 @@ fn root_of(size: u64, frontier: &[Hash]) -> Hash {
     root.unwrap_or_else(super::merkle::empty_root)
 }
 
-fn check_entry(
-    store: &Store,
-    index: u64,
-    value: &[u8],
-    problems: &mut Vec<Problem>,
-) -> Result<(), StoreError> {
-    let event_id = Entry::decode(value)
-        .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.payload).ok())
-        .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_owned));
-    let stored_leaf = store.get(&node_key(0, index))?;
-    if stored_leaf.as_deref() != Some(&leaf_hash(value)[..]) {
-        problems.push(Problem::Altered { index, event_id });
-        return Ok(());
-    }
-    if let Some(event_id) = event_id {
-        let logged_at = read_u64(store.get(&id_key(&event_id))?.as_deref());
-        if logged_at != index {
-            problems.push(Problem::Moved {
-                index,
-                logged_at,
-                event_id,
-            });
-        }
-    }
-    Ok(())
-}
-
 fn check_node(
     store: &Store,
     level: u32,
@@ -253,8 +286,9 @@ fn check_node(
     hash: &Hash,
     problems: &mut Vec<Problem>,
 ) -> Result<(), StoreError> {
-    // Leaves are checked with their entries.
-    if level > 0 && store.get(&node_key(level, position))?.as_deref() != Some(&hash[..]) {
+    // Smaller subtrees are not stored: their leaves are checked with the entries.
+    if level >= BLOCK_LEVEL && store.get(&node_key(level, position))?.as_deref() != Some(&hash[..])
+    {
         problems.push(Problem::HashAltered {
             level,
             index: position,
