@@ -411,6 +411,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_seal_runs_after_the_batch_and_sees_its_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = testing::config(dir.path());
+        let mut worker = testing::worker(&config, Scripted::default().fails(2, &["permanent"]));
+        let records = vec![
+            event_record(0, 0, 1),
+            event_record(0, 1, 2),
+            event_record(0, 2, 3),
+        ];
+        let batch = worker.apply(records).await.expect("applies");
+        assert_eq!(
+            batch.changes.pending(b"sealed"),
+            Some(Some(&b"2 of 2"[..])),
+            "sealed once, after both applied events, seeing their changes"
+        );
+    }
+
+    #[tokio::test]
     async fn duplicates_are_skipped_and_a_fatal_error_stops_the_pipeline() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = testing::config(dir.path());

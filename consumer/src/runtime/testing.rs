@@ -70,6 +70,8 @@ pub(super) fn pending(sequence: u64, sink: &str, key: Option<&str>) -> Pending {
 #[derive(Default)]
 pub(super) struct Scripted {
     script: Mutex<HashMap<String, VecDeque<&'static str>>>,
+    /// Ids applied since the last seal.
+    applied: Mutex<Vec<String>>,
 }
 
 impl Scripted {
@@ -103,9 +105,24 @@ impl Handler for Scripted {
             None => {
                 context.put(format!("applied/{}", event.id), "1");
                 context.emit("s", Effect::new(event.id.to_string().into_bytes()))?;
+                self.applied
+                    .lock()
+                    .expect("applied")
+                    .push(event.id.to_string());
                 Ok(())
             }
         }
+    }
+
+    /// Notes how many of the batch's applied events it sees as changed.
+    async fn seal(&self, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        let applied = std::mem::take(&mut *self.applied.lock().expect("applied"));
+        let mut seen = 0;
+        for id in &applied {
+            seen += usize::from(context.get(format!("applied/{id}").as_bytes())?.is_some());
+        }
+        context.put("sealed", format!("{seen} of {}", applied.len()));
+        Ok(())
     }
 }
 
