@@ -352,17 +352,6 @@ fn take_varint(input: &mut &[u8]) -> Option<usize> {
     None
 }
 
-/// The keys of a chunk; `None` when it does not parse (an altered store).
-pub fn decode_chunk(chunk: &[u8]) -> Option<Vec<Vec<u8>>> {
-    let mut keys = Keys::default();
-    keys.decode(chunk)?;
-    Some(
-        (0..keys.spans.len())
-            .map(|n| keys.key(n).to_vec())
-            .collect(),
-    )
-}
-
 /// The keys of a chunk, decoded into one buffer.
 #[derive(Default)]
 struct Keys {
@@ -650,6 +639,17 @@ mod tests {
     use super::super::log::tests::Memory;
     use super::super::log::State;
     use super::*;
+
+    /// The keys of a chunk; `None` when it does not parse.
+    fn decode_chunk(chunk: &[u8]) -> Option<Vec<Vec<u8>>> {
+        let mut keys = Keys::default();
+        keys.decode(chunk)?;
+        Some(
+            (0..keys.spans.len())
+                .map(|n| keys.key(n).to_vec())
+                .collect(),
+        )
+    }
 
     fn key(field: u64, index: u64) -> Vec<u8> {
         let prefix = [b"r", format!("resource-{}", field % 37).as_bytes(), &[0]].concat();
