@@ -35,11 +35,12 @@ pub enum Problem {
         /// The event id it now holds, if it reads as an event.
         event_id: Option<String>,
     },
-    /// An entry sits at another index than the one its id was logged at.
+    /// An entry sits at another index than the one it was appended at (entries
+    /// reordered).
     Moved {
         /// Where it is.
         index: u64,
-        /// Where the id index says it was logged.
+        /// The index it was appended at, as stored with it.
         logged_at: u64,
         /// Its event id.
         event_id: String,
