@@ -11,7 +11,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use changewire_consumer::runtime::Store;
 use changewire_consumer::services::audit::log::{
-    leaves_key, node_key, page_key, page_of, pages, push_record, records, BLOCK_LEVEL, SIZE,
+    leaves_key, node_key, page_key, page_of, pages, push_record, records, stored_page, BLOCK_LEVEL,
+    SIZE,
 };
 use changewire_consumer::services::audit::merkle::{
     appended, consistency_proof, inclusion_proof, leaf_hash, root, Nodes,
@@ -811,7 +812,7 @@ fn edit_page(
     for (at, entry) in &entries {
         push_record(&mut value, *at, entry);
     }
-    store.put_state(&page_key(first), Some(&value))
+    store.put_state(&page_key(first), Some(&stored_page(&value)))
 }
 
 /// Changes the last byte of the entry at `index`.

@@ -7,9 +7,9 @@
 //! whole block and up are stored as hashes: the ones below are recomputed from a
 //! block's leaf hashes ([`LogNodes`]). So a batch of a thousand events is some
 //! two hundred writes, not thousands: sled's cost is per write far more than per
-//! byte. Pages stay small because sled writes a tree node of more than 128 KiB
-//! (a node holds up to 17 values) to a file of its own, which costs more than
-//! the writes saved. A page never spans two blocks.
+//! byte. Pages are Snappy-compressed and stay small because sled copies whole
+//! tree nodes as it changes them, and writes a node of more than 128 KiB (a node
+//! holds up to 17 values) to a file of its own. A page never spans two blocks.
 //!
 //! State keys (all under `audit/`; numbers big-endian, so keys sort by them):
 //!
@@ -55,8 +55,9 @@ pub const PRUNED: &[u8] = b"audit/pruned";
 pub const BLOCK_LEVEL: u32 = 5;
 /// Entries in a block.
 pub const BLOCK: u64 = 1 << BLOCK_LEVEL;
-/// A page takes no more entries once it holds this many bytes.
-pub const PAGE_BYTES: usize = 4_000;
+/// A page takes no more entries once it holds this many bytes (before it is
+/// compressed).
+pub const PAGE_BYTES: usize = 12_000;
 
 /// `(key, value)` pairs to write.
 pub type Writes = Vec<(Vec<u8>, Vec<u8>)>;
@@ -146,14 +147,32 @@ pub fn page_key(first: u64) -> Vec<u8> {
 /// before it), with its first index.
 pub fn page_of(store: &Store, index: u64) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
     let found = store.range(ENTRIES, &page_key(index + 1), true).next();
-    Ok(found.transpose()?.map(|(key, page)| (first_of(&key), page)))
+    Ok(found
+        .transpose()?
+        .map(|(key, page)| (first_of(&key), read_page(&page))))
 }
 
 /// The stored pages starting in `from..to`, in order, with their first indexes.
 pub fn pages(store: &Store, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
     (store.range(&page_key(from), &page_key(to), false))
-        .map(|page| page.map(|(key, value)| (first_of(&key), value)))
+        .map(|page| page.map(|(key, value)| (first_of(&key), read_page(&value))))
         .collect()
+}
+
+/// A page as stored: Snappy-compressed. Entries are JSON, so a page shrinks to
+/// a fraction, and sled copies whole tree nodes as it changes them.
+pub fn stored_page(page: &[u8]) -> Vec<u8> {
+    snap::raw::Encoder::new()
+        .compress_vec(page)
+        .expect("a page is far below Snappy's size limit")
+}
+
+/// A stored page's entries as written (none when it does not decompress: an
+/// altered store, which `verify` reports as the entries missing).
+pub fn read_page(stored: &[u8]) -> Vec<u8> {
+    snap::raw::Decoder::new()
+        .decompress_vec(stored)
+        .unwrap_or_default()
 }
 
 fn first_of(page_key: &[u8]) -> u64 {
@@ -279,18 +298,19 @@ fn append_pages(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writes, 
     let (mut first, mut page) = (size, Vec::new());
     if !size.is_multiple_of(BLOCK) {
         first = read_u64(get(OPEN_PAGE)?.as_deref());
-        page = get(&page_key(first))?.unwrap_or_default();
+        page = get(&page_key(first))?.map_or_else(Vec::new, |p| read_page(&p));
     }
     for (index, value) in (size..).zip(values) {
         if index.is_multiple_of(BLOCK) || page.len() >= PAGE_BYTES {
             if !page.is_empty() {
-                writes.push((page_key(first), std::mem::take(&mut page)));
+                writes.push((page_key(first), stored_page(&page)));
+                page.clear();
             }
             first = index;
         }
         push_record(&mut page, index, value);
     }
-    writes.push((page_key(first), page));
+    writes.push((page_key(first), stored_page(&page)));
     writes.push((OPEN_PAGE.to_vec(), first.to_be_bytes().to_vec()));
     Ok(writes)
 }
@@ -642,6 +662,9 @@ pub(super) mod tests {
             .iter()
             .filter(|(k, _)| k.starts_with(ENTRIES))
             .collect();
+        let pages: Vec<(&Vec<u8>, Vec<u8>)> = (pages.into_iter())
+            .map(|(k, p)| (k, read_page(p)))
+            .collect();
         let stored: Vec<(u64, Vec<u8>)> = (pages.iter())
             .flat_map(|(_, page)| records(page).map(|(at, v)| (at, v.to_vec())))
             .collect();
@@ -654,7 +677,7 @@ pub(super) mod tests {
                 page.len() < PAGE_BYTES + 12 + largest,
                 "page {first} is small"
             );
-            let last = records(page).last().map_or(first, |(last, _)| last);
+            let last = records(&page).last().map_or(first, |(last, _)| last);
             assert_eq!(
                 block_of(first),
                 block_of(last),

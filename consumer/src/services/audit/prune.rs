@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use super::log::{page_key, read_u64, records, Entry, BLOCK, PRUNED, SIZE};
+use super::log::{page_key, read_page, read_u64, records, Entry, BLOCK, PRUNED, SIZE};
 use super::runs::drop_pruned;
 use crate::runtime::{Context, HandlerError};
 
@@ -78,6 +78,7 @@ fn block_pages(context: &Context<'_>, first: u64) -> Result<Vec<(u64, Vec<u8>)>,
         let Some(page) = context.get(&page_key(next))? else {
             break;
         };
+        let page = read_page(&page);
         let after = records(&page).last().map(|(last, _)| last + 1);
         pages.push((next, page));
         match after {
