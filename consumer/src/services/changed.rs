@@ -17,15 +17,11 @@ impl PathPattern {
 }
 
 /// Whether `event` changed a path matching `pattern` (dotted; `*` is one segment,
-/// a trailing `*` anything below). An operation on an enclosing path counts when
-/// its value holds the path (or it removed it). Without a diff (table rows), an
-/// update changed the paths where `before` and `after` differ, and creates and
-/// deletes change every path their object has.
-pub fn changed(event: &ChangeEvent, pattern: &str) -> bool {
-    changed_at(event, &PathPattern::parse(pattern))
-}
-
-/// [`changed`] with a pattern split once, for patterns tried on many events.
+/// a trailing `*` anything below; split once with [`PathPattern::parse`]). An
+/// operation on an enclosing path counts when its value holds the path (or it
+/// removed it). Without a diff (table rows), an update changed the paths where
+/// `before` and `after` differ, and creates and deletes change every path their
+/// object has.
 pub fn changed_at(event: &ChangeEvent, pattern: &PathPattern) -> bool {
     let wanted = pattern.0.as_slice();
     if let Some(touched) = event.diff.as_ref().and_then(|d| diff_touches(d, pattern)) {
@@ -139,6 +135,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    fn changed(event: &ChangeEvent, pattern: &str) -> bool {
+        changed_at(event, &PathPattern::parse(pattern))
+    }
 
     #[test]
     fn changed_paths_match_with_wildcards() {

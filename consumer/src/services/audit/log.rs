@@ -392,13 +392,14 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The stored form: metadata length (4 bytes), metadata JSON, payload.
-    pub fn encode(&self) -> Vec<u8> {
-        let meta = serde_json::to_vec(&self.provenance).expect("provenance serializes");
-        let mut value = Vec::with_capacity(4 + meta.len() + self.payload.len());
+    /// The stored form of an entry (without copying the payload first): metadata
+    /// length (4 bytes), metadata JSON, payload.
+    pub fn encode(provenance: &Provenance, payload: &[u8]) -> Vec<u8> {
+        let meta = serde_json::to_vec(provenance).expect("provenance serializes");
+        let mut value = Vec::with_capacity(4 + meta.len() + payload.len());
         value.extend_from_slice(&(meta.len() as u32).to_be_bytes());
         value.extend_from_slice(&meta);
-        value.extend_from_slice(&self.payload);
+        value.extend_from_slice(payload);
         value
     }
 

@@ -258,18 +258,17 @@ impl Handler for Audit {
             return Ok(());
         }
         // Ids seen before are skipped by the runtime (its dedup window).
-        let entry = Entry {
-            provenance: provenance(record),
-            payload: record.payload.clone(),
-        };
+        let provenance = provenance(record);
         let mut pending = self.pending.lock().expect("not poisoned");
         let size = match pending.size {
             Some(size) => size,
             None => *pending.size.insert(read_u64(context.get(SIZE)?.as_deref())),
         };
         let index = size + pending.values.len() as u64;
-        pending.keys.add(event, &entry.provenance, index);
-        pending.values.push(entry.encode());
+        pending.keys.add(event, &provenance, index);
+        pending
+            .values
+            .push(Entry::encode(&provenance, &record.payload));
         Ok(())
     }
 

@@ -146,7 +146,7 @@ impl<'a> Finder<'a> {
             }
             let index = indexed(&position);
             let found = self.load_from(&mut pages, index, changed.as_ref())?;
-            if let Some(found) = found.filter(|f| matches(f, filters)) {
+            if let Some(found) = found.filter(|f| matches(f, filters, changed.as_ref())) {
                 page.events.push(found);
             }
             last = Some(position);
@@ -298,8 +298,9 @@ fn filter_digest(filters: &Filters) -> [u8; 32] {
     Sha256::digest(format!("{filters:?}").as_bytes()).into()
 }
 
-/// Whether `found` passes every filter.
-fn matches(found: &Found, filters: &Filters) -> bool {
+/// Whether `found` passes every filter (`changed`: the changed-path filter's
+/// pattern, split once per query).
+fn matches(found: &Found, filters: &Filters, changed: Option<&PathPattern>) -> bool {
     let resource = &found.resource;
     let event = &found.event;
     let same = |wanted: &Option<String>, value: &str| wanted.as_deref().is_none_or(|w| w == value);
@@ -310,6 +311,5 @@ fn matches(found: &Found, filters: &Filters) -> bool {
         && filters.op.is_none_or(|op| op == event.op)
         && (filters.actor.as_deref())
             .is_none_or(|actor| event.actor.as_ref().is_some_and(|a| a.name == actor))
-        && (filters.changed.as_deref())
-            .is_none_or(|path| changed_at(event, &PathPattern::parse(path)))
+        && changed.is_none_or(|pattern| changed_at(event, pattern))
 }

@@ -581,7 +581,11 @@ impl<'a> Merged<'a> {
         Ok(())
     }
 
-    fn start(&mut self) -> Result<(), AuditError> {
+    /// Seeks every run and takes its first key, on the first call only.
+    fn start_once(&mut self) -> Result<(), AuditError> {
+        if std::mem::replace(&mut self.started, true) {
+            return Ok(());
+        }
         for cursor in 0..self.cursors.len() {
             self.cursors[cursor].seek()?;
             self.refill(cursor, Vec::new())?;
@@ -594,10 +598,7 @@ impl<'a> Merged<'a> {
         &mut self,
         mut visit: impl FnMut(&[u8]) -> Result<(), AuditError>,
     ) -> Result<(), AuditError> {
-        if !self.started {
-            self.started = true;
-            self.start()?;
-        }
+        self.start_once()?;
         while let Some(head) = self.heap.pop() {
             visit(&head.key)?;
             self.refill(head.cursor, head.key)?;
@@ -606,10 +607,7 @@ impl<'a> Merged<'a> {
     }
 
     fn step(&mut self) -> Result<Option<Vec<u8>>, AuditError> {
-        if !self.started {
-            self.started = true;
-            self.start()?;
-        }
+        self.start_once()?;
         let Some(head) = self.heap.pop() else {
             return Ok(None);
         };
