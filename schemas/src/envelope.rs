@@ -7,11 +7,32 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
-/// One create, update, delete, snapshot read or truncate of one entity.
+/// A row as an event carries it: its JSON text is what Avro stores.
+pub trait Row: Serialize {
+    /// The row as compact JSON text.
+    fn json_text(&self) -> String;
+}
+
+impl Row for Value {
+    fn json_text(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Row for Box<RawValue> {
+    fn json_text(&self) -> String {
+        self.get().to_owned()
+    }
+}
+
+/// One create, update, delete, snapshot read or truncate of one entity. Consumers
+/// read rows as [`Value`]s; the PostgreSQL producer writes them as JSON text once
+/// ([`RawValue`]), which encodes to the same JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChangeEvent {
+pub struct ChangeEvent<R = Value> {
     /// Stable identity: the same change re-delivered carries the same id.
     pub id: EventId,
     /// What happened to the entity.
@@ -21,9 +42,9 @@ pub struct ChangeEvent {
     /// Where the change came from.
     pub source: Source,
     /// The entity before the change; `None` for creates and snapshot reads.
-    pub before: Option<Value>,
+    pub before: Option<R>,
     /// The entity after the change; `None` for deletes.
-    pub after: Option<Value>,
+    pub after: Option<R>,
     /// RFC 6902 JSON Patch from `before` to `after`, when the producer computes one.
     #[serde(default)]
     pub diff: Option<Value>,

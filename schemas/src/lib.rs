@@ -28,7 +28,7 @@ pub mod topic;
 
 pub use codec::{Codec, CodecError, FormatConfig, ValueFormat};
 pub use envelope::{
-    Actor, ActorVia, ChangeEvent, EventId, KubernetesOrigin, Op, Origin, PostgresOrigin,
+    Actor, ActorVia, ChangeEvent, EventId, KubernetesOrigin, Op, Origin, PostgresOrigin, Row,
     SnapshotMarker, Source, Transaction,
 };
 pub use topic::TopicNames;

@@ -312,6 +312,23 @@ impl TestConsumer {
         Ok(records)
     }
 
+    /// Receives until `count` records arrived or `timeout` passed, without copying
+    /// them (benchmarks: the reader's own cost stays small); returns how many arrived.
+    pub async fn count(&self, count: usize, timeout: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        let mut received = 0;
+        while received < count {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(message) => {
+                    message?;
+                    received += 1;
+                }
+                Err(_elapsed) => break,
+            }
+        }
+        Ok(received)
+    }
+
     /// Reads until `done` returns true for a record or `timeout` passed; returns
     /// whether `done` was reached.
     pub async fn read_until(

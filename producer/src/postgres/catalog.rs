@@ -100,15 +100,14 @@ impl Catalog {
             .iter()
             .map(|&oid| encoding::resolve(oid, &catalog))
             .collect();
-        Ok(Table {
+        Ok(Table::new(
             relation,
             key_columns,
             topic,
             redactor,
             redacted,
             encodings,
-            counters: Default::default(),
-        })
+        ))
     }
 }
 

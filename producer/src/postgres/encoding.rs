@@ -10,7 +10,6 @@
 use changewire_schemas::hex;
 use std::collections::HashMap;
 
-use serde_json::{Number, Value as Json};
 use tokio_postgres::Client;
 
 use super::pgoutput::Value;
@@ -77,42 +76,114 @@ impl Encoding {
         }
     }
 
-    /// One column value as JSON; texts kept as strings move into it.
-    pub fn into_json(&self, value: Value) -> Json {
-        match (self, value) {
-            (_, Value::Null) => Json::Null,
-            (_, Value::UnchangedToast) => Json::String(UNCHANGED_TOAST.to_owned()),
-            (_, Value::Binary(bytes)) => Json::String(hex(&bytes)),
-            (Self::Text, Value::Text(text)) => Json::String(text),
-            (_, Value::Text(text)) => self.text_to_json(&text),
+    /// Writes one column value to `out` as JSON.
+    pub fn write_json(&self, value: &Value, out: &mut Vec<u8>) {
+        match value {
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::UnchangedToast => write_string(UNCHANGED_TOAST, out),
+            Value::Binary(bytes) => write_string(&hex(bytes), out),
+            Value::Text(text) => self.write_text(text, out),
         }
     }
 
-    fn text_to_json(&self, text: &str) -> Json {
-        let as_text = || Json::String(text.to_owned());
+    fn write_text(&self, text: &str, out: &mut Vec<u8>) {
         match self {
             Self::Bool => match text {
-                "t" => Json::Bool(true),
-                "f" => Json::Bool(false),
-                _ => as_text(),
+                "t" => out.extend_from_slice(b"true"),
+                "f" => out.extend_from_slice(b"false"),
+                _ => write_string(text, out),
             },
-            // PostgreSQL's integer and float output is valid JSON number text, except
-            // NaN and the infinities, which stay strings.
-            Self::Integer | Self::Float => text
-                .parse::<Number>()
-                .map(Json::Number)
-                .unwrap_or_else(|_| as_text()),
-            Self::Jsonb => serde_json::from_str(text)
-                .ok()
-                .filter(|document| depth(document) <= MAX_DOCUMENT_DEPTH)
-                .unwrap_or_else(as_text),
-            Self::Bytea => Json::String(text.strip_prefix("\\x").unwrap_or(text).to_owned()),
-            Self::Text => as_text(),
-            Self::Array { element, delimiter } => parse_array(text, *delimiter)
-                .map(|items| array_to_json(element, &items))
-                .unwrap_or_else(as_text),
+            // PostgreSQL's integer and float output is JSON number text, except NaN
+            // and the infinities, which stay strings.
+            Self::Integer | Self::Float if is_json_number(text) => {
+                out.extend_from_slice(text.as_bytes())
+            }
+            Self::Jsonb if write_document(text, out) => {}
+            Self::Bytea => write_string(text.strip_prefix("\\x").unwrap_or(text), out),
+            Self::Array { element, delimiter } => match parse_array(text, *delimiter) {
+                Some(items) => write_array(element, &items, out),
+                None => write_string(text, out),
+            },
+            _ => write_string(text, out),
         }
     }
+}
+
+/// Writes `text` as a JSON string.
+pub fn write_string(text: &str, out: &mut Vec<u8>) {
+    // Writing a string to a Vec cannot fail.
+    serde_json::to_writer(out, text).unwrap_or_else(|_| unreachable!());
+}
+
+/// Whether `text` is a number as JSON's grammar has it (so it can be written as is).
+fn is_json_number(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut at = usize::from(bytes.first() == Some(&b'-'));
+    match bytes.get(at) {
+        Some(b'0') => at += 1,
+        Some(b'1'..=b'9') => {
+            skip_digits(bytes, &mut at);
+        }
+        _ => return false,
+    }
+    if bytes.get(at) == Some(&b'.') {
+        at += 1;
+        if !skip_digits(bytes, &mut at) {
+            return false;
+        }
+    }
+    if matches!(bytes.get(at), Some(b'e' | b'E')) {
+        at += 1;
+        if matches!(bytes.get(at), Some(b'+' | b'-')) {
+            at += 1;
+        }
+        if !skip_digits(bytes, &mut at) {
+            return false;
+        }
+    }
+    at == bytes.len()
+}
+
+/// Moves `at` past ASCII digits; whether there was one.
+fn skip_digits(bytes: &[u8], at: &mut usize) -> bool {
+    let start = *at;
+    while bytes.get(*at).is_some_and(u8::is_ascii_digit) {
+        *at += 1;
+    }
+    *at > start
+}
+
+/// Writes a jsonb document without the whitespace PostgreSQL puts between tokens;
+/// `false` (and nothing written) when it nests deeper than [`MAX_DOCUMENT_DEPTH`].
+/// Numbers keep their digits: they are copied, not parsed. PostgreSQL prints jsonb
+/// from its parsed form, so the text is JSON; the row it ends up in is checked whole.
+fn write_document(text: &str, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    let (mut depth, mut in_string, mut escaped) = (0, false, false);
+    for &byte in text.as_bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match byte {
+                b' ' | b'\t' | b'\n' | b'\r' => continue,
+                b'"' => in_string = true,
+                b'[' | b'{' if depth == MAX_DOCUMENT_DEPTH => {
+                    out.truncate(start);
+                    return false;
+                }
+                b'[' | b'{' => depth += 1,
+                b']' | b'}' => depth -= 1,
+                _ => {}
+            }
+        }
+        out.push(byte);
+    }
+    true
 }
 
 /// What the catalog says of one type.
@@ -196,16 +267,6 @@ pub async fn load_catalog(
     Ok(catalog)
 }
 
-/// Levels of arrays and objects: 0 for a scalar.
-fn depth(value: &Json) -> usize {
-    let deepest = |items: &mut dyn Iterator<Item = &Json>| items.map(depth).max().unwrap_or(0);
-    match value {
-        Json::Array(items) => 1 + deepest(&mut items.iter()),
-        Json::Object(fields) => 1 + deepest(&mut fields.values()),
-        _ => 0,
-    }
-}
-
 /// A parsed array literal: nested arrays of optional element texts.
 #[derive(Debug, PartialEq)]
 enum ArrayItem {
@@ -214,17 +275,20 @@ enum ArrayItem {
     Array(Vec<ArrayItem>),
 }
 
-fn array_to_json(element: &Encoding, items: &[ArrayItem]) -> Json {
-    Json::Array(
-        items
-            .iter()
-            .map(|item| match item {
-                ArrayItem::Null => Json::Null,
-                ArrayItem::Text(t) => element.text_to_json(t),
-                ArrayItem::Array(inner) => array_to_json(element, inner),
-            })
-            .collect(),
-    )
+/// Writes a parsed array as nested JSON arrays of `element`'s encoding.
+fn write_array(element: &Encoding, items: &[ArrayItem], out: &mut Vec<u8>) {
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match item {
+            ArrayItem::Null => out.extend_from_slice(b"null"),
+            ArrayItem::Text(text) => element.write_text(text, out),
+            ArrayItem::Array(inner) => write_array(element, inner, out),
+        }
+    }
+    out.push(b']');
 }
 
 /// Parses PostgreSQL's array output (`{1,2}`, `{{"a b",NULL},{c,"d\"e"}}`). `None`
@@ -291,12 +355,20 @@ fn parse_array_level(
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use proptest::prelude::*;
+    use serde_json::{json, Value as Json};
 
     use super::*;
 
+    fn written(encoding: &Encoding, value: Value) -> String {
+        let mut out = Vec::new();
+        encoding.write_json(&value, &mut out);
+        String::from_utf8(out).expect("written JSON is UTF-8")
+    }
+
     fn text(encoding: &Encoding, s: &str) -> Json {
-        encoding.into_json(Value::Text(s.into()))
+        let written = written(encoding, Value::Text(s.into()));
+        serde_json::from_str(&written).unwrap_or_else(|e| panic!("{written:?}: {e}"))
     }
 
     fn array_of(element: Encoding) -> Encoding {
@@ -326,10 +398,14 @@ mod tests {
         );
         assert_eq!(text(&Encoding::Bytea, "\\xdeadbeef"), json!("deadbeef"));
         assert_eq!(
-            Encoding::Text.into_json(Value::UnchangedToast),
-            json!(UNCHANGED_TOAST)
+            written(&Encoding::Text, Value::UnchangedToast),
+            json!(UNCHANGED_TOAST).to_string()
         );
-        assert_eq!(Encoding::Text.into_json(Value::Null), Json::Null);
+        assert_eq!(written(&Encoding::Integer, Value::Null), "null");
+        assert_eq!(
+            written(&Encoding::Bytea, Value::Binary(vec![0xde, 0xad])),
+            r#""dead""#
+        );
     }
 
     #[test]
@@ -344,20 +420,67 @@ mod tests {
             "4.9406564584124654e-324",
         ] {
             let document = format!(r#"{{"n": {digits}, "a": [{digits}]}}"#);
-            let value = text(&Encoding::Jsonb, &document);
             assert_eq!(
-                serde_json::to_string(&value).unwrap(),
-                format!(r#"{{"a":[{digits}],"n":{digits}}}"#)
+                written(&Encoding::Jsonb, Value::Text(document)),
+                format!(r#"{{"n":{digits},"a":[{digits}]}}"#)
             );
             assert_eq!(
-                serde_json::to_string(&text(&Encoding::Float, digits)).unwrap(),
+                written(&Encoding::Float, Value::Text(digits.into())),
                 digits
             );
         }
         assert_eq!(
-            serde_json::to_string(&text(&Encoding::Integer, "9223372036854775807")).unwrap(),
+            written(
+                &Encoding::Integer,
+                Value::Text("9223372036854775807".into())
+            ),
             "9223372036854775807"
         );
+    }
+
+    /// JSON documents of every shape, numbers as digit strings of any length.
+    fn documents() -> impl Strategy<Value = Json> {
+        let number = "-?(0|[1-9][0-9]{0,40})(\\.[0-9]{1,30})?([eE][+-]?[0-9]{1,3})?"
+            .prop_map(|digits| Json::Number(digits.parse().expect("a JSON number")));
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::Bool),
+            number,
+            any::<String>().prop_map(Json::String),
+        ];
+        leaf.prop_recursive(6, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Json::Array),
+                prop::collection::btree_map(any::<String>(), inner, 0..8)
+                    .prop_map(|fields| Json::Object(fields.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// A document PostgreSQL prints with spaces is written as the compact JSON of
+        /// the same value, byte for byte.
+        #[test]
+        fn documents_are_written_compact_and_exact(document in documents()) {
+            let spaced = serde_json::to_string_pretty(&document).unwrap();
+            prop_assert_eq!(
+                written(&Encoding::Jsonb, Value::Text(spaced)),
+                serde_json::to_string(&document).unwrap()
+            );
+        }
+
+        /// Number texts are written as they are exactly when JSON reads them as numbers.
+        #[test]
+        fn number_texts_pass_as_json_numbers_exactly_when_json_says_so(
+            text in "[-+]?[0-9.eE+-]{0,8}|NaN|-?Infinity"
+        ) {
+            let as_json = written(&Encoding::Float, Value::Text(text.clone()));
+            if text.parse::<serde_json::Number>().is_ok() {
+                prop_assert_eq!(as_json, text);
+            } else {
+                prop_assert_eq!(as_json, serde_json::to_string(&text).unwrap());
+            }
+        }
     }
 
     #[test]

@@ -77,6 +77,15 @@ pub enum PostgresError {
     /// An event could not be encoded.
     #[error("cannot encode an event")]
     Codec(#[from] CodecError),
+    /// A row of `table` was not written as JSON: a changewire defect, never the data.
+    #[error("a row of {table} did not come out as JSON (a changewire bug: please report it)")]
+    RowJson {
+        /// `schema.table`.
+        table: String,
+        /// What the check found.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A table name does not make a valid topic.
     #[error("invalid topic name")]
     Topic(#[from] TopicNameError),

@@ -2,11 +2,11 @@
 //! row, tombstones after deletes when asked, and the event counters.
 
 use changewire_kafka::{Lane, Publisher, Record};
-use changewire_schemas::{ChangeEvent, Codec, Op};
+use changewire_schemas::{Codec, Op};
 use std::sync::Arc;
 
 use super::error::PostgresError;
-use super::normalize::Table;
+use super::normalize::{Table, TableEvent};
 use crate::metrics::SourceMetrics;
 
 /// Publishes one source's events.
@@ -52,18 +52,17 @@ impl Output {
             .with_limit(self.max_in_flight)
     }
 
-    /// Publishes one event of `table` to `lane`, keyed by its row (the new one, else
-    /// the old one), followed by a tombstone when asked, and counts it.
+    /// Publishes one event of `table` to `lane` with its key, followed by a tombstone
+    /// when asked.
     pub(super) async fn publish<T>(
         &self,
         lane: &mut Lane<T>,
         table: &Table,
-        event: &ChangeEvent,
+        event: &TableEvent,
         tombstone: bool,
     ) -> Result<(), PostgresError> {
-        let key = table.key(event.after.as_ref().or(event.before.as_ref()));
-        let value = self.codec.encode(event)?;
-        let key = key.as_deref();
+        let value = self.codec.encode(&event.event)?;
+        let key = event.key.as_deref();
         lane.publish(&Record::keyed(&table.topic, key, Some(&value)))
             .await?;
         if tombstone {

@@ -176,6 +176,19 @@ pub struct Column {
     pub type_modifier: i32,
 }
 
+impl Column {
+    /// A column of type `type_oid` without a type modifier, as tests and benchmarks
+    /// describe tables.
+    pub fn new(name: &str, type_oid: u32, is_key: bool) -> Self {
+        Self {
+            is_key,
+            name: name.to_owned(),
+            type_oid,
+            type_modifier: -1,
+        }
+    }
+}
+
 /// Column values of one row, in relation order.
 pub type Tuple = Vec<Value>;
 

@@ -11,7 +11,7 @@ use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 use super::catalog::Catalog;
 use super::config::PostgresConfig;
 use super::error::PostgresError;
-use super::normalize::{SourceInfo, Table};
+use super::normalize::{SourceInfo, Table, TableEvent};
 use super::output::Output;
 use super::pgoutput::{Column, Lsn, Relation, Value};
 use super::setup::quote_ident;
@@ -25,7 +25,7 @@ pub(super) struct Snapshot<'a> {
     consistent_point: Lsn,
     seq: u64,
     /// The latest event, held back so the very last one can be marked `last`.
-    held: Option<(ChangeEvent, Table)>,
+    held: Option<(TableEvent, Table)>,
 }
 
 impl<'a> Snapshot<'a> {
@@ -75,7 +75,7 @@ impl<'a> Snapshot<'a> {
             self.read_table(&client, &info, &table, &mut lane).await?;
         }
         if let Some((mut event, table)) = self.held.take() {
-            event.source.snapshot = SnapshotMarker::Last;
+            event.event.source.snapshot = SnapshotMarker::Last;
             self.output
                 .publish(&mut lane, &table, &event, false)
                 .await?;
@@ -150,6 +150,7 @@ impl<'a> Snapshot<'a> {
     ) -> Result<(), PostgresError> {
         self.seq += 1;
         let now = now_ms();
+        let row = table.row(&tuple)?;
         let event = ChangeEvent {
             id: EventId::postgres(&info.name, self.consistent_point.0, self.seq),
             op: Op::Read,
@@ -162,10 +163,14 @@ impl<'a> Snapshot<'a> {
                 SnapshotMarker::True,
             ),
             before: None,
-            after: Some(table.row(tuple)),
+            after: Some(row.json),
             diff: None,
             actor: None,
             transaction: None,
+        };
+        let event = TableEvent {
+            event,
+            key: row.key,
         };
         self.output.count(table, Op::Read);
         if let Some((event, table)) = self.held.replace((event, table.clone())) {

@@ -464,8 +464,8 @@ impl Stream<'_> {
             .ok_or(PostgresError::UnknownRelation(oid))?;
         let change = Change {
             op,
-            before: old.map(|t| table.row(t)),
-            after: new.map(|t| table.row(t)),
+            before: old.map(|t| table.row(&t)).transpose()?,
+            after: new.map(|t| table.row(&t)).transpose()?,
             lsn,
         };
         let event = self.info.event(table, tx, change, now_ms());

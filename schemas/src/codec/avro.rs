@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::CodecError;
 use crate::envelope::{
-    Actor, ActorVia, ChangeEvent, EventId, FlatSource, Op, Origin, Source, Transaction,
+    Actor, ActorVia, ChangeEvent, EventId, FlatSource, Op, Origin, Row, Source, Transaction,
 };
 use crate::hex;
 use crate::registry::SchemaRegistry;
@@ -132,7 +132,7 @@ impl AvroCodec {
     }
 
     /// Encodes one event with the configured framing.
-    pub fn encode(&self, event: &ChangeEvent) -> Result<Vec<u8>, CodecError> {
+    pub fn encode<R: Row>(&self, event: &ChangeEvent<R>) -> Result<Vec<u8>, CodecError> {
         let value = to_value(AvroEvent::try_from(event)?)
             .and_then(|v| v.resolve(&self.reader))
             .map_err(avro_error)?;
@@ -275,8 +275,8 @@ struct AvroTransaction {
     data_collection_order: i64,
 }
 
-fn json_text(value: &Option<serde_json::Value>) -> Option<String> {
-    value.as_ref().map(serde_json::Value::to_string)
+fn json_text<R: Row>(value: &Option<R>) -> Option<String> {
+    value.as_ref().map(Row::json_text)
 }
 
 fn parse_json_text(
@@ -307,10 +307,10 @@ fn from_long(field: &'static str, n: i64) -> Result<u64, CodecError> {
     u64::try_from(n).map_err(|_| invalid(field, format!("negative value {n}")))
 }
 
-impl TryFrom<&ChangeEvent> for AvroEvent {
+impl<R: Row> TryFrom<&ChangeEvent<R>> for AvroEvent {
     type Error = CodecError;
 
-    fn try_from(event: &ChangeEvent) -> Result<Self, CodecError> {
+    fn try_from(event: &ChangeEvent<R>) -> Result<Self, CodecError> {
         Ok(Self {
             id: event.id.to_string(),
             op: event.op.code().to_owned(),

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub use avro::{AvroCodec, CONFLUENT_MAGIC, CURRENT_SCHEMA, RELEASED_SCHEMAS, SINGLE_OBJECT_MAGIC};
 
-use crate::envelope::ChangeEvent;
+use crate::envelope::{ChangeEvent, Row};
 use crate::registry::{RegistryConfig, RegistryError, SchemaRegistry, SubjectNaming};
 
 /// Value format written by producers.
@@ -138,7 +138,7 @@ impl Codec {
     }
 
     /// Encodes one event.
-    pub fn encode(&self, event: &ChangeEvent) -> Result<Vec<u8>, CodecError> {
+    pub fn encode<R: Row>(&self, event: &ChangeEvent<R>) -> Result<Vec<u8>, CodecError> {
         match self.format {
             ValueFormat::Json => {
                 // Most events are under 1 KiB: one allocation instead of doubling

@@ -2,13 +2,16 @@
 //! `cargo run --release -p changewire-tests --bin bench-postgres -- [ROWS] [ROWS_PER_TX] [LIVE_REPEATS]`
 //!
 //! On the local stack (`scripts/stack up`), in one run:
+//! 0. times the CPU one change costs from decoded tuple to encoded event, the
+//!    producer's way against building the row as a `serde_json::Value` (see
+//!    [`encode`]);
 //! 1. loads ROWS row changes (default 1,000,000: 60% inserts, 30% updates, 10%
 //!    deletes, ROWS_PER_TX per transaction, default 1,000) while two pgoutput slots
 //!    hold the WAL;
 //! 2. times `pg_recvlogical` reading it to /dev/null (the walsender's limit for one
 //!    slot; it does not decode);
-//! 3. times changewire from the same WAL to Kafka-acknowledged (the slot's
-//!    confirmed_flush_lsn reaching the end of the load);
+//! 3. times changewire from the same WAL to Kafka-acknowledged (the producer's
+//!    confirmed LSN reaching the end of the load), with its CPU per change;
 //! 4. measures commit-to-consumer latency at a steady 10,000 changes/s;
 //! 5. end to end, live: from the start of a second load of ROWS changes until every
 //!    event is readable by a consumer, against `pg_recvlogical` streaming the same
@@ -20,6 +23,8 @@
 //! Every insert and update carries a jsonb document of numbers, so the exact JSON
 //! numbers are part of what is measured.
 
+mod encode;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,9 +34,8 @@ use changewire_kafka::Publisher;
 use changewire_producer::checkpoint::SledCheckpoints;
 use changewire_producer::postgres::{PostgresConfig, PostgresSource, SnapshotMode};
 use changewire_schemas::{Codec, TopicNames};
-use changewire_tests::{
-    connect, create_pgoutput_slot, unique_name, Stack, TestConsumer, TestDatabase,
-};
+use changewire_tests::{create_pgoutput_slot, unique_name, Stack, TestConsumer, TestDatabase};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 const LATENCY_RATE: u64 = 10_000;
@@ -53,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         rows > 0 && per_tx > 0 && repeats > 0,
         "ROWS, ROWS_PER_TX and LIVE_REPEATS must be positive"
     );
+    let encode = encode::measure()?;
     let stack = Stack::from_env();
     let db = TestDatabase::create(&stack).await?;
     let client = db.connect().await?;
@@ -77,8 +82,10 @@ async fn main() -> anyhow::Result<()> {
 
     let recvlogical = time_pg_recvlogical(&db, &theirs, &end_lsn)?;
     let prefix = unique_name("bench");
+    let cpu_before = CpuTimes::now();
     let (ours_time, peak_rss, running) =
         time_changewire(&stack, &db, &ours, &prefix, &end_lsn).await?;
+    let producer_cpu = CpuTimes::now().since(&cpu_before).bench;
     let (p50, p99, samples) = latency(&stack, &db, &prefix).await?;
     running.stop.send(true)?;
     running.task.await??;
@@ -99,6 +106,12 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|");
     println!("| row changes | {changes} |");
     println!(
+        "| CPU per change, tuple -> encoded event: rows written once / via serde_json::Value / ratio | {:.0} ns / {:.0} ns / {:.2} |",
+        encode.ours_ns,
+        encode.baseline_ns,
+        encode.baseline_ns / encode.ours_ns
+    );
+    println!(
         "| pg_recvlogical (no decoding, /dev/null) | {:.0} changes/s ({:.2} s) |",
         rate(recvlogical),
         recvlogical.as_secs_f64()
@@ -111,6 +124,10 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "| ratio changewire / pg_recvlogical | {:.2} |",
         recvlogical.as_secs_f64() / ours_time.as_secs_f64()
+    );
+    println!(
+        "| producer CPU per change, WAL -> Kafka (bench process, no loader or reader) | {:.2} us |",
+        producer_cpu.as_secs_f64() * 1e6 / changes as f64
     );
     println!("| commit -> consumer latency at {LATENCY_RATE}/s | p50 {p50} ms, p99 {p99} ms ({samples} events) |");
     println!(
@@ -363,22 +380,31 @@ async fn live_changewire(
         &slot,
     )
     .await?;
+    // A streaming producer already has its broker connections and topic metadata:
+    // one change end to end first, so the timing starts from that state.
+    client
+        .batch_execute("INSERT INTO live_ours SELECT 0, 0, 'warm-up', '{}'")
+        .await?;
+    ensure!(
+        consumer
+            .read_until(Duration::from_secs(60), |_| true)
+            .await?,
+        "the warm-up change never became readable"
+    );
     let (cpu_before, started) = (CpuTimes::now(), Instant::now());
     let loader = {
         let client = db.connect().await?;
         tokio::spawn(async move { load(&client, "live_ours", rows, per_tx).await })
     };
-    let mut read = 0;
-    consumer
-        .read_until(Duration::from_secs(600), |_| {
-            read += 1;
-            read == rows
-        })
-        .await?;
+    let expected = usize::try_from(rows)?;
+    let read = consumer.count(expected, Duration::from_secs(600)).await?;
     let elapsed = started.elapsed();
     let cpu = CpuTimes::now().since(&cpu_before);
     loader.await??;
-    ensure!(read == rows, "only {read} of {rows} events were readable");
+    ensure!(
+        read == expected,
+        "only {read} of {rows} events were readable"
+    );
     running.stop.send(true)?;
     running.task.await??;
     Ok(LiveRun { elapsed, cpu })
@@ -416,11 +442,13 @@ fn start_source(
         Publisher::new(&stack.kafka_config())?,
         Arc::new(SledCheckpoints::open(state.path())?),
     );
+    let confirmed = source.metrics().source("bench").confirmed_lsn();
     let (stop, shutdown) = watch::channel(false);
     let task = tokio::spawn(async move { source.run(shutdown).await });
     Ok(RunningBench {
         stop,
         task,
+        confirmed,
         _state: state,
     })
 }
@@ -432,29 +460,34 @@ async fn time_changewire(
     prefix: &str,
     end_lsn: &str,
 ) -> anyhow::Result<(Duration, u64, RunningBench)> {
+    let end = lsn(end_lsn)?;
     let started = Instant::now();
     let mut running = start_source(stack, db, slot, prefix)?;
-    let admin = connect(&stack.pg_url).await?;
     let mut peak_rss = 0;
-    loop {
-        let done: bool = changewire_tests::slot_confirmed(&admin, slot, end_lsn).await?;
+    while running.confirmed.get() < end {
         peak_rss = peak_rss.max(changewire_tests::peak_rss_kib("self"));
-        if done {
-            break;
-        }
         if running.task.is_finished() {
             anyhow::bail!("the source stopped: {:?}", (&mut running.task).await?);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // The source keeps running (caught up) for the latency phase.
     Ok((started.elapsed(), peak_rss, running))
+}
+
+/// PostgreSQL's `X/Y` LSN text as the producer's gauge holds it.
+fn lsn(text: &str) -> anyhow::Result<i64> {
+    let (high, low) = text.split_once('/').context("an LSN is X/Y")?;
+    Ok((i64::from_str_radix(high, 16)? << 32) | i64::from_str_radix(low, 16)?)
 }
 
 /// The benchmarked source, stopped gracefully at the end.
 struct RunningBench {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), changewire_producer::postgres::PostgresError>>,
+    /// The LSN the source confirmed last (set when Kafka acknowledged everything
+    /// before it; PostgreSQL hears of it up to a status interval later).
+    confirmed: Gauge,
     _state: tempfile::TempDir,
 }
 
