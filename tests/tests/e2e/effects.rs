@@ -299,10 +299,14 @@ async fn forward_killed_mid_stream_delivers_every_event_under_stable_webhook_ids
     drop(service); // SIGKILL
     let at_kill = hooks.lock().expect("hooks lock").requests;
     let service = run.start()?;
-    until_hooks(&hooks, "every event", Duration::from_secs(120), |h| {
+    let every_event = until_hooks(&hooks, "every event", Duration::from_secs(120), |h| {
         h.accepted.len() as u64 == EVENTS
-    })
-    .await?;
+    });
+    if let Err(error) = every_event.await {
+        let accepted = hooks.lock().expect("hooks lock").accepted.len();
+        let log = std::fs::read_to_string(&run.log).unwrap_or_default();
+        anyhow::bail!("{error:#} ({accepted} of {EVENTS} accepted)\nservice log:\n{log}");
+    }
     wait_for_committed(&stack, &run.group, &run.topic, &run.last).await?;
     assert!(terminate(service)?.success(), "clean exit on SIGTERM");
     let hooks = hooks.lock().expect("hooks lock");
