@@ -20,6 +20,9 @@
 //!    LIVE_REPEATS pairs (default 3), alternating, and their median (single live runs
 //!    vary by +-15% on 2 cores).
 //!
+//! `BENCH_KAFKA_PROPERTIES=name=value,...` passes librdkafka properties to the
+//! benchmarked producer (e.g. `compression.type=none`).
+//!
 //! Every insert and update carries a jsonb document of numbers, so the exact JSON
 //! numbers are part of what is measured.
 
@@ -439,7 +442,7 @@ fn start_source(
         config,
         TopicNames::new(prefix)?,
         Arc::new(Codec::json()?),
-        Publisher::new(&stack.kafka_config())?,
+        Publisher::new(&producer_kafka_config(stack)?)?,
         Arc::new(SledCheckpoints::open(state.path())?),
     );
     let confirmed = source.metrics().source("bench").confirmed_lsn();
@@ -473,6 +476,22 @@ async fn time_changewire(
     }
     // The source keeps running (caught up) for the latency phase.
     Ok((started.elapsed(), peak_rss, running))
+}
+
+/// The stack's Kafka settings plus `BENCH_KAFKA_PROPERTIES` (`name=value,...`,
+/// librdkafka properties for the benchmarked producer, e.g. `compression.type=none`).
+fn producer_kafka_config(
+    stack: &Stack,
+) -> anyhow::Result<changewire_schemas::settings::KafkaConfig> {
+    let mut config = stack.kafka_config();
+    let extra = std::env::var("BENCH_KAFKA_PROPERTIES").unwrap_or_default();
+    for property in extra.split(',').filter(|p| !p.is_empty()) {
+        let (name, value) = property
+            .split_once('=')
+            .with_context(|| format!("BENCH_KAFKA_PROPERTIES: {property:?} is not name=value"))?;
+        config.properties.insert(name.to_owned(), value.to_owned());
+    }
+    Ok(config)
 }
 
 /// PostgreSQL's `X/Y` LSN text as the producer's gauge holds it.
