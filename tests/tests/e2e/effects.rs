@@ -24,7 +24,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio::time::Instant;
 
-use crate::consumer::{event, last_offsets, start_service, terminate, wait_for_committed};
+use crate::consumer::{
+    event, last_offsets, start_service, terminate, wait_for_committed, RESUME_REWIND,
+};
 use crate::forward::{header, signed, KEY};
 use crate::rebalance::{metric, ASSIGNED};
 
@@ -115,7 +117,7 @@ impl ForwardRun {
             "[kafka]\nbrokers = {brokers:?}\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
              \"max.poll.interval.ms\" = \"10000\"\n[topics]\nprefix = {prefix:?}\n\
              [service]\nname = \"forward\"\ngroup_id = {group:?}\nsubscribe = [{topic:?}]\n\
-             state_dir = {state:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+             state_dir = {state:?}\nresume_rewind = {RESUME_REWIND}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
              [forward]\nurl = {url:?}\nsecret = \"whsec_{secret}\"\n",
             brokers = stack.kafka_brokers,
             state = dir.path().join("state"),
@@ -378,7 +380,7 @@ async fn dedup_dead_letters_records_too_large_to_write_and_goes_on() -> anyhow::
         format!(
             "[kafka]\nbrokers = {brokers:?}\n[topics]\nprefix = {prefix:?}\n\
              [service]\nname = \"dedup\"\ngroup_id = {group:?}\nsubscribe = [{raw:?}]\n\
-             state_dir = {state:?}\n[dedup]\n",
+             state_dir = {state:?}\nresume_rewind = {RESUME_REWIND}\n[dedup]\n",
             brokers = stack.kafka_brokers,
             state = dir.path().join("state"),
         ),
