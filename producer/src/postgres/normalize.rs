@@ -250,12 +250,12 @@ impl SourceInfo {
         &self,
         table: &Table,
         tx: &mut TxContext,
-        change: Change,
+        mut change: Change,
         now_ms: i64,
     ) -> TableEvent {
         let (total, in_table) = tx.next(table.relation.oid);
-        let key =
-            (change.after.as_ref().or(change.before.as_ref())).and_then(|row| row.key.clone());
+        // The key moves out of the row that has it; no copy per event.
+        let key = (change.after.as_mut().or(change.before.as_mut())).and_then(|row| row.key.take());
         let event = ChangeEvent {
             id: EventId::postgres(&self.name, tx.commit_lsn.0, total),
             op: change.op,
