@@ -10,21 +10,35 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-/// A row as an event carries it: its JSON text is what Avro stores.
-pub trait Row: Serialize {
+/// A row as an event carries it: its JSON text is what Avro stores. A reader
+/// picks the type: [`Value`] to look inside rows, [`Box<RawValue>`] to keep
+/// them as checked JSON text (no map built, no allocation per field) when it
+/// only passes them on.
+pub trait Row: Serialize + serde::de::DeserializeOwned {
     /// The row as compact JSON text.
     fn json_text(&self) -> String;
+
+    /// The row of this JSON text (as Avro stores it).
+    fn from_json_text(text: String) -> Result<Self, serde_json::Error>;
 }
 
 impl Row for Value {
     fn json_text(&self) -> String {
         self.to_string()
     }
+
+    fn from_json_text(text: String) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(&text)
+    }
 }
 
 impl Row for Box<RawValue> {
     fn json_text(&self) -> String {
         self.get().to_owned()
+    }
+
+    fn from_json_text(text: String) -> Result<Self, serde_json::Error> {
+        RawValue::from_string(text)
     }
 }
 

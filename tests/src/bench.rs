@@ -2,23 +2,34 @@
 //! that applies nothing) and timing a handler over a topic until it read every
 //! event.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use changewire_consumer::runtime::{
     self, ConsumerMetrics, Context, Handler, HandlerError, Record, RuntimeConfig, Sinks,
 };
-use changewire_schemas::ChangeEvent;
+use changewire_schemas::{ChangeEvent, Row};
 use tokio::sync::watch;
 
 /// The runtime's plain apply loop: a handler that applies nothing (reading,
-/// decoding, dedup ids, offsets and the batch's atomic write remain).
-pub struct Nothing;
+/// decoding rows as `R`, dedup ids, offsets and the batch's atomic write
+/// remain). A baseline decodes rows as the measured service does.
+pub struct Nothing<R>(PhantomData<fn() -> R>);
 
-impl Handler for Nothing {
+impl<R> Nothing<R> {
+    /// The plain loop decoding rows as `R` (`serde_json::Value` or `Box<RawValue>`).
+    pub fn decoding_rows_as() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<R: Row + Send + Sync + 'static> Handler for Nothing<R> {
+    type Row = R;
+
     async fn handle(
         &self,
-        _: &ChangeEvent,
+        _: &ChangeEvent<R>,
         _: &Record,
         _: &mut Context<'_>,
     ) -> Result<(), HandlerError> {

@@ -258,6 +258,8 @@ impl TestConsumer {
             // librdkafka waits up to 500 ms for a fetch to fill by default; tests and
             // the latency benchmark want records as soon as they are stored.
             .set("fetch.wait.max.ms", "10")
+            // Nor a second after its queue filled up (it would idle meanwhile).
+            .set("fetch.queue.backoff.ms", "20")
             .create()
             .context("creating the test consumer")?;
         let metadata = consumer

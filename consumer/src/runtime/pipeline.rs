@@ -96,7 +96,7 @@ impl<H: Handler> Worker<'_, H> {
             batch.done(record);
             return Ok(());
         }
-        let event = match self.codec.decode(&record.payload) {
+        let event = match self.codec.decode_as(&record.payload) {
             Ok(event) => event,
             Err(error) => {
                 let reason = format!("undecodable: {}", report(&error));
@@ -116,7 +116,7 @@ impl<H: Handler> Worker<'_, H> {
     /// Runs the handler once and acts on its error class.
     async fn handle(
         &mut self,
-        event: &ChangeEvent,
+        event: &ChangeEvent<H::Row>,
         digest: IdDigest,
         record: &Record,
         batch: &mut Batch,
@@ -177,7 +177,7 @@ impl<H: Handler> Worker<'_, H> {
     /// offset stays before the event, so a restart retries it too.
     fn park(
         &mut self,
-        event: &ChangeEvent,
+        event: &ChangeEvent<H::Row>,
         record: &Record,
         earlier: Option<Earlier>,
         unavailable: bool,

@@ -85,6 +85,8 @@ impl Scripted {
 }
 
 impl Handler for Scripted {
+    type Row = serde_json::Value;
+
     async fn handle(
         &self,
         event: &ChangeEvent,

@@ -22,6 +22,7 @@ use changewire_kafka::Publisher;
 use changewire_schemas::topic::TopicNames;
 use changewire_schemas::ChangeEvent;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::runtime::sinks::kafka::{KafkaSink, Oversized};
 use crate::runtime::{
@@ -111,6 +112,8 @@ impl Dedup {
 }
 
 impl Handler for Dedup {
+    type Row = Box<RawValue>;
+
     /// Moves the records an earlier version left in its own outbox into the
     /// runtime's, so nothing it had not confirmed is lost. Those it had
     /// written already may then appear twice in the output (their records
@@ -146,7 +149,7 @@ impl Handler for Dedup {
 
     async fn handle(
         &self,
-        _event: &ChangeEvent,
+        _event: &ChangeEvent<Self::Row>,
         record: &Record,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {

@@ -12,6 +12,7 @@
 //! at-least-once; receivers drop repeated `webhook-id`s.
 
 use changewire_schemas::ChangeEvent;
+use serde_json::value::RawValue;
 
 use crate::runtime::sinks::webhook::{WebhookConfig, WebhookSink};
 use crate::runtime::{Context, Effect, Handler, HandlerError, Record, Sinks};
@@ -43,9 +44,11 @@ impl Forward {
 }
 
 impl Handler for Forward {
+    type Row = Box<RawValue>;
+
     async fn handle(
         &self,
-        event: &ChangeEvent,
+        event: &ChangeEvent<Self::Row>,
         record: &Record,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {

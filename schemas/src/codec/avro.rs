@@ -166,7 +166,7 @@ impl AvroCodec {
     /// Decodes a single-object or Confluent-framed message. A Confluent schema id this
     /// codec has not seen yields [`CodecError::UnknownSchemaId`]; call
     /// [`AvroCodec::learn_schema_id`] and decode again.
-    pub fn decode(&self, bytes: &[u8]) -> Result<ChangeEvent, CodecError> {
+    pub fn decode<R: Row>(&self, bytes: &[u8]) -> Result<ChangeEvent<R>, CodecError> {
         if let Some(rest) = bytes.strip_prefix(&SINGLE_OBJECT_MAGIC) {
             let (print, datum) = split(rest, FINGERPRINT_LEN)?;
             let writer = self
@@ -201,7 +201,11 @@ impl AvroCodec {
         Ok(())
     }
 
-    fn decode_datum(&self, writer: &Schema, mut datum: &[u8]) -> Result<ChangeEvent, CodecError> {
+    fn decode_datum<R: Row>(
+        &self,
+        writer: &Schema,
+        mut datum: &[u8],
+    ) -> Result<ChangeEvent<R>, CodecError> {
         let value = from_avro_datum(writer, &mut datum, Some(&self.reader)).map_err(avro_error)?;
         if !datum.is_empty() {
             return Err(CodecError::TrailingBytes(datum.len()));
@@ -279,11 +283,11 @@ fn json_text<R: Row>(value: &Option<R>) -> Option<String> {
     value.as_ref().map(Row::json_text)
 }
 
-fn parse_json_text(
+fn parse_json_text<R: Row>(
     field: &'static str,
     text: Option<String>,
-) -> Result<Option<serde_json::Value>, CodecError> {
-    text.map(|t| serde_json::from_str(&t))
+) -> Result<Option<R>, CodecError> {
+    text.map(R::from_json_text)
         .transpose()
         .map_err(|source| CodecError::InvalidField {
             field,
@@ -352,7 +356,7 @@ fn avro_source(source: &Source) -> Result<FlatSource, CodecError> {
     Ok(FlatSource::from(source))
 }
 
-impl TryFrom<AvroEvent> for ChangeEvent {
+impl<R: Row> TryFrom<AvroEvent> for ChangeEvent<R> {
     type Error = CodecError;
 
     fn try_from(event: AvroEvent) -> Result<Self, CodecError> {

@@ -151,8 +151,13 @@ impl Codec {
         }
     }
 
-    /// Decodes one value of any supported format.
+    /// Decodes one value of any supported format, rows as [`Value`]s.
     pub fn decode(&self, bytes: &[u8]) -> Result<ChangeEvent, CodecError> {
+        self.decode_as(bytes)
+    }
+
+    /// Decodes one value of any supported format, rows as `R` (see [`Row`]).
+    pub fn decode_as<R: Row>(&self, bytes: &[u8]) -> Result<ChangeEvent<R>, CodecError> {
         match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
             Some(b'{') => Ok(serde_json::from_slice(bytes)?),
             _ => self.avro.decode(bytes),

@@ -25,7 +25,7 @@ use changewire_tests::bench::{
     owning_partitions, published_topic, runtime_config, time_handler, Nothing,
 };
 use changewire_tests::{bench_events, Stack};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const RESOURCES: u64 = 1_000;
 const ACTORS: u64 = 50;
@@ -54,7 +54,14 @@ async fn main() -> anyhow::Result<()> {
         &topic,
         plain_state.path(),
     ));
-    let (plain, _) = time_handler(config, Nothing, Sinks::new(), events, |_| true).await?;
+    let (plain, _) = time_handler(
+        config,
+        Nothing::<Value>::decoding_rows_as(),
+        Sinks::new(),
+        events,
+        |_| true,
+    )
+    .await?;
 
     let alert_state = tempfile::tempdir()?;
     let alert: AlertConfig = toml::from_str(&format!(

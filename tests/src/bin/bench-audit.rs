@@ -27,6 +27,7 @@ use changewire_tests::bench::{
 };
 use changewire_tests::{bench_events, cpu_time, Stack};
 use serde_json::json;
+use serde_json::value::RawValue;
 
 const RESOURCES: u64 = 1_000;
 const ACTORS: u64 = 50;
@@ -141,7 +142,16 @@ async fn time_run(
             let (handler, sinks) = Audit::new(&config, &audit)?;
             time_handler(config, handler, sinks, events, |_| true).await?
         }
-        None => time_handler(config, Nothing, Sinks::new(), events, |_| true).await?,
+        None => {
+            time_handler(
+                config,
+                Nothing::<Box<RawValue>>::decoding_rows_as(),
+                Sinks::new(),
+                events,
+                |_| true,
+            )
+            .await?
+        }
     };
     ensure!(applied == events, "applied {applied} of {events}");
     Ok(elapsed)

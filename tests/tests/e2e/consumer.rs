@@ -113,6 +113,8 @@ pub async fn publish_keyed(
 struct RejectDeletes;
 
 impl Handler for RejectDeletes {
+    type Row = serde_json::Value;
+
     async fn handle(
         &self,
         event: &ChangeEvent,
@@ -440,6 +442,8 @@ struct FlakyOnce {
 }
 
 impl Handler for FlakyOnce {
+    type Row = serde_json::Value;
+
     async fn handle(
         &self,
         event: &ChangeEvent,

@@ -144,6 +144,8 @@ struct Dependent {
 }
 
 impl Handler for Dependent {
+    type Row = serde_json::Value;
+
     async fn handle(
         &self,
         event: &ChangeEvent,
@@ -330,6 +332,8 @@ struct Ticker {
 }
 
 impl Handler for Ticker {
+    type Row = serde_json::Value;
+
     async fn handle(
         &self,
         event: &ChangeEvent,

@@ -664,6 +664,8 @@ fn window_key(rule: &Rule, event: &ChangeEvent, subject: &Subject<'_>, per: Per)
 }
 
 impl Handler for Alert {
+    type Row = Value;
+
     async fn handle(
         &self,
         event: &ChangeEvent,

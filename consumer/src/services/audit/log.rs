@@ -427,7 +427,7 @@ impl BatchKeys {
     /// Adds the keys of `event` (read with `provenance`) logged at `index`: one
     /// per index it belongs to, each its index's prefix, the change time and the
     /// log index, so each index is ordered by time.
-    pub fn add(&mut self, event: &ChangeEvent, provenance: &Provenance, index: u64) {
+    pub fn add<R>(&mut self, event: &ChangeEvent<R>, provenance: &Provenance, index: u64) {
         let suffix = [event.source.ts_ms.max(0).to_be_bytes(), index.to_be_bytes()];
         let mut key = |kind: IndexKind, parts: &[&[&str]]| {
             let start = self.bytes.len();
@@ -510,7 +510,7 @@ pub fn indexed(key: &[u8]) -> u64 {
 
 /// What the indexes need that `event` lacks, if anything: such events are
 /// quarantined, not logged.
-pub fn lacks(event: &ChangeEvent) -> Option<&'static str> {
+pub fn lacks<R>(event: &ChangeEvent<R>) -> Option<&'static str> {
     if event.id.as_str().is_empty() {
         return Some("an id");
     }

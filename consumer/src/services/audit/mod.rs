@@ -33,6 +33,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use changewire_schemas::settings::ConfigError;
 use changewire_schemas::ChangeEvent;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use self::head::HeadSigner;
 use self::log::{
@@ -247,9 +248,11 @@ fn now_ms(now: SystemTime) -> u64 {
 }
 
 impl Handler for Audit {
+    type Row = Box<RawValue>;
+
     async fn handle(
         &self,
-        event: &ChangeEvent,
+        event: &ChangeEvent<Self::Row>,
         record: &Record,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {

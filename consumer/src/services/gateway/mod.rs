@@ -455,6 +455,8 @@ impl Gateway {
 }
 
 impl Handler for Gateway {
+    type Row = serde_json::Value;
+
     async fn handle(
         &self,
         event: &ChangeEvent,

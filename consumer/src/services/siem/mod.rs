@@ -124,6 +124,8 @@ impl Siem {
 }
 
 impl Handler for Siem {
+    type Row = serde_json::Value;
+
     async fn handle(
         &self,
         event: &ChangeEvent,
