@@ -229,6 +229,8 @@ async fn time_plain_loop(
         .set("group.id", unique_name("benchplain"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        // As the runtime's consumer: no second-long pause once the queue filled.
+        .set("fetch.queue.backoff.ms", "20")
         .create()?;
     let producer = producer(stack)?;
     let started = Instant::now();
