@@ -83,8 +83,9 @@ pub struct ServiceConfig {
     /// How many offsets before its sled offset a partition is re-read from (the
     /// records below the sled offset are skipped unapplied). 0 is right for Apache
     /// Kafka; tansu 0.6 serves a fetch from inside a record batch with the next
-    /// batch, so there set it above the producers' batch size (10000 covers
-    /// librdkafka's default `batch.num.messages`).
+    /// batch, which the runtime then seeks back from (see `gaps`): set it above
+    /// the producers' batch size there (10000 covers librdkafka's default
+    /// `batch.num.messages`) to save that seek.
     #[serde(default)]
     pub resume_rewind: i64,
     /// Effects waiting in the outbox above which fetching pauses (polling goes

@@ -124,8 +124,11 @@ pub struct ConsumerMetrics {
     pub lag: Family<TopicPartition, Gauge>,
     /// Partitions this instance owns.
     pub partitions_assigned: Gauge,
-    /// Times the broker delivered a partition from a later offset than asked for.
+    /// Holes in a partition's offsets accepted as the topic's own (compaction,
+    /// transaction markers, records gone).
     pub offset_gaps: Counter,
+    /// Seeks back because a read started past the next offset expected.
+    pub rewinds: Counter,
     /// Handler retries after transient failures.
     pub retries: Counter,
     /// Event ids held for deduplication (those of the retention window).
@@ -169,6 +172,7 @@ impl Default for ConsumerMetrics {
             lag: Family::default(),
             partitions_assigned: Gauge::default(),
             offset_gaps: Counter::default(),
+            rewinds: Counter::default(),
             retries: Counter::default(),
             processed_ids: Gauge::default(),
             effects_waiting: Family::default(),
@@ -212,8 +216,13 @@ impl Default for ConsumerMetrics {
         );
         registry.register(
             "offset_gaps",
-            "Times a partition was delivered from a later offset than asked for",
+            "Holes in a partition's offsets accepted as the topic's own (compaction, markers, records gone)",
             metrics.offset_gaps.clone(),
+        );
+        registry.register(
+            "rewinds",
+            "Seeks back because a read started past the next offset expected",
+            metrics.rewinds.clone(),
         );
         registry.register(
             "retries",

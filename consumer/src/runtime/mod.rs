@@ -38,6 +38,7 @@ mod batch;
 pub mod config;
 mod digest;
 pub mod dlq;
+mod gaps;
 mod handler;
 mod ids;
 mod kafka;
@@ -293,6 +294,7 @@ async fn run_observed_on<H: Handler>(
         parking: Default::default(),
         writing: None,
         outbox_full: false,
+        gaps: Default::default(),
     };
     let result = worker.consume(&mut shutdown, &mut fatal).await;
     // The sinks hold the store: they are gone before this returns.

@@ -9,6 +9,7 @@ use changewire_schemas::ChangeEvent;
 
 use super::batch::Batch;
 use super::digest::{self, IdDigest};
+use super::gaps::Verdict;
 use super::handler::{Context, Handler, HandlerError, Record};
 use super::metrics::{Outcome, ServiceState};
 use super::parking::Earlier;
@@ -248,32 +249,48 @@ impl<H: Handler> Worker<'_, H> {
 
     /// Whether `record` is from a partition this instance owns and at or past the
     /// next offset expected (records before it are the rewind, or already
-    /// applied), and not from the service's own DLQ.
-    fn owns(&self, record: &Record) -> bool {
+    /// applied), and not from the service's own DLQ. A read that starts past
+    /// the expected offset is sought back (see [`super::gaps`]).
+    fn owns(&mut self, record: &Record) -> bool {
         // A pattern subscription may match the service's own DLQ: dead-lettering
         // those records again would loop. They are stored there already.
         if record.topic == self.dlq.topic() {
             return false;
         }
+        let key = (record.topic.clone(), record.partition);
         let mut owned = self.assignment.lock();
-        let Some(expected) = owned.get_mut(&(record.topic.clone(), record.partition)) else {
+        let Some(expected) = owned.get_mut(&key) else {
             return false;
         };
-        match *expected {
-            Some(next) if record.offset < next => return false,
-            Some(next) if record.offset > next => {
-                self.metrics.offset_gaps.inc();
-                tracing::warn!(
-                    topic = %record.topic,
-                    partition = record.partition,
-                    expected = next,
-                    got = record.offset,
-                    "the broker skipped offsets (compaction or transaction markers; or a broker \
-                     that serves a fetch from inside a record batch with the next batch: raise \
-                     service.resume_rewind)"
-                );
+        if let Some(next) = *expected {
+            match self.gaps.check(&key, next, record.offset) {
+                Verdict::Apply => {}
+                Verdict::Skip => return false,
+                Verdict::SeekTo(target) => {
+                    self.metrics.rewinds.inc();
+                    tracing::info!(
+                        topic = %record.topic,
+                        partition = record.partition,
+                        expected = next,
+                        got = record.offset,
+                        seek_to = target,
+                        "the read started past the next offset expected (tansu serves a fetch \
+                         from inside a record batch with the next batch): seeking back"
+                    );
+                    return false;
+                }
+                Verdict::ApplyPastHole => {
+                    self.metrics.offset_gaps.inc();
+                    tracing::warn!(
+                        topic = %record.topic,
+                        partition = record.partition,
+                        expected = next,
+                        got = record.offset,
+                        "offsets missing from the partition (compaction, transaction markers, \
+                         or records deleted before they were read)"
+                    );
+                }
             }
-            _ => {}
         }
         *expected = Some(record.offset + 1);
         true

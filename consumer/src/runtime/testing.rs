@@ -162,6 +162,7 @@ pub(super) fn worker<H: Handler>(config: &RuntimeConfig, handler: H) -> Worker<'
         parking: Default::default(),
         writing: None,
         outbox_full: false,
+        gaps: Default::default(),
     };
     worker
         .assignment

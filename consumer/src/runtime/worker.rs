@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use changewire_schemas::Codec;
 use futures::FutureExt;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
+use rdkafka::Offset;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -19,6 +20,7 @@ use super::assign::{Assignment, ServiceContext};
 use super::batch::Batch;
 use super::config::{Assignment as Mode, RuntimeConfig};
 use super::dlq::DeadLetters;
+use super::gaps::Gaps;
 use super::handler::{Handler, Record};
 use super::ids::ProcessedIds;
 use super::kafka::{self, GroupWatch, Mirror};
@@ -33,6 +35,8 @@ use super::{RunStats, RuntimeError};
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 /// Housekeeping rounds between looks at the group.
 const GROUP_WATCH_EVERY: u32 = 10;
+/// Longest wait for a seek back to be made.
+const SEEK_WAIT: Duration = Duration::from_secs(5);
 /// How long a stopping service lets its sinks finish what they are delivering.
 const SINK_GRACE: Duration = Duration::from_secs(2);
 
@@ -57,6 +61,8 @@ pub(super) struct Worker<'a, H> {
     pub(super) writing: Option<Writing>,
     /// Whether fetching is paused because the outbox is full.
     pub(super) outbox_full: bool,
+    /// Reads that started past the next offset expected, and the seeks back.
+    pub(super) gaps: Gaps,
 }
 
 /// A batch whose atomic sled write runs on a blocking thread while the next batch
@@ -136,6 +142,7 @@ impl<H: Handler> Worker<'_, H> {
             if self.assignment.generation() != generation {
                 generation = self.assignment.generation();
                 self.parking.retain_owned(&self.assignment.owned());
+                self.gaps.repositioned();
             }
             let batch = match input {
                 Input::Tick => self.tick().await?,
@@ -148,6 +155,7 @@ impl<H: Handler> Worker<'_, H> {
                     self.apply(records).await?
                 }
             };
+            self.seek_back(&consumer);
             // The previous batch's write ran meanwhile.
             self.finish_write().await?;
             self.pause_parked(&consumer);
@@ -297,6 +305,19 @@ impl<H: Handler> Worker<'_, H> {
             }
         }
         records
+    }
+
+    /// Makes the seeks the batch asked for. One that fails is asked for again
+    /// after the next batch; the partition's records are skipped meanwhile.
+    fn seek_back(&mut self, consumer: &StreamConsumer<ServiceContext>) {
+        for (key, target) in self.gaps.take_seeks() {
+            let (topic, partition) = &key;
+            if let Err(error) = consumer.seek(topic, *partition, Offset::Offset(target), SEEK_WAIT)
+            {
+                tracing::warn!(%topic, partition, target, %error, "cannot seek back; trying again");
+                self.gaps.seek_failed(key);
+            }
+        }
     }
 
     /// Pauses each newly parked partition and expects its failed record again.

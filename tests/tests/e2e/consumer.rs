@@ -535,3 +535,77 @@ async fn a_transient_failure_holds_back_only_its_partition() -> anyhow::Result<(
     assert_eq!(order, expected);
     Ok(())
 }
+
+/// Applies events (`applied/<id>` in its state) at offsets below `stop_at`;
+/// from there on its dependency is down.
+struct AppliesBelow {
+    stop_at: i64,
+}
+
+impl Handler for AppliesBelow {
+    type Row = Box<serde_json::value::RawValue>;
+
+    async fn handle(
+        &self,
+        event: &ChangeEvent<Self::Row>,
+        record: &Record,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        if record.offset >= self.stop_at {
+            return Err(HandlerError::unavailable("down for the test"));
+        }
+        context.put(format!("applied/{}", event.id), "1");
+        Ok(())
+    }
+}
+
+/// With no `resume_rewind`, a service stopped in the middle of a record batch
+/// resumes from inside it; tansu answers that fetch with the next batch. The
+/// runtime sees its read start past the offset it expects and seeks back, so
+/// the rest of the batch is applied, each event once.
+#[tokio::test]
+async fn a_read_that_starts_past_the_expected_offset_is_sought_back() -> anyhow::Result<()> {
+    let stack = Stack::from_env();
+    let (prefix, topic) = (unique_name("cons"), unique_name("input"));
+    create_topics(&stack, &[&topic], 1).await?;
+    let codec = Codec::json()?;
+    let events = |range: std::ops::Range<u64>| -> anyhow::Result<Vec<Vec<u8>>> {
+        range
+            .map(|n| Ok(codec.encode(&event(n, Op::Create))?))
+            .collect()
+    };
+    // One send: the producer puts them in one record batch.
+    publish(&stack, &topic, events(0..1_200)?).await?;
+    let state = tempfile::tempdir()?;
+    let mut config = service_config(&stack, &prefix, &topic, state.path());
+    config.service.resume_rewind = 0;
+    let group = config.group_id();
+
+    let run = |stop_at: i64| {
+        let (config, (stop, shutdown)) = (config.runtime(), watch::channel(false));
+        let task = tokio::spawn(async move {
+            runtime::run(&config, AppliesBelow { stop_at }, Sinks::new(), shutdown).await
+        });
+        (stop, task)
+    };
+    let (stop, first) = run(500);
+    wait_for_committed(&stack, &group, &topic, &[(0, 499)]).await?;
+    stop.send(true)?;
+    let first = first.await??;
+
+    let (stop, second) = run(i64::MAX);
+    // Later records, so that the resumed read has something to start at.
+    publish(&stack, &topic, events(1_200..1_300)?).await?;
+    wait_for_committed(&stack, &group, &topic, &[(0, 1_299)]).await?;
+    stop.send(true)?;
+    let second = second.await??;
+
+    assert_eq!(
+        (first.applied, second.applied, second.duplicates),
+        (500, 800, 0),
+        "before the stop {first:?}, after it {second:?}"
+    );
+    let applied = Store::open(state.path())?.scan(b"applied/")?;
+    assert_eq!(applied.len(), 1_300, "each event applied once");
+    Ok(())
+}

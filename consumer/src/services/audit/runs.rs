@@ -492,9 +492,16 @@ impl<'a> RunCursor<'a> {
             };
             let (start, end) = (self.start.as_slice(), self.end.as_slice());
             let keys = &self.keys;
-            let mut left: Vec<usize> = (0..count)
-                .filter(|&k| keys.key(k) >= start && keys.key(k) < end)
-                .collect();
+            // A chunk's keys are sorted: one wholly within the bounds (every
+            // chunk of a merge) needs no key compared.
+            let within = count > 0 && keys.key(0) >= start && keys.key(count - 1) < end;
+            let mut left: Vec<usize> = if within {
+                (0..count).collect()
+            } else {
+                (0..count)
+                    .filter(|&k| keys.key(k) >= start && keys.key(k) < end)
+                    .collect()
+            };
             if self.reverse {
                 left.reverse();
             }
