@@ -53,8 +53,9 @@ pub struct Dedup {
     output: Option<String>,
     /// The sink's publisher, for topic metadata.
     publisher: Publisher,
-    /// Output topic → its partition count.
-    partitions: tokio::sync::Mutex<HashMap<String, i32>>,
+    /// Raw topic → where it is republished and that topic's partition count,
+    /// worked out once (naming the output per record was 4% of the service's CPU).
+    outputs: tokio::sync::Mutex<HashMap<String, (String, i32)>>,
 }
 
 impl Dedup {
@@ -69,7 +70,7 @@ impl Dedup {
             names,
             output: dedup.output.clone(),
             publisher: sink.publisher().clone(),
-            partitions: tokio::sync::Mutex::new(HashMap::new()),
+            outputs: tokio::sync::Mutex::new(HashMap::new()),
         };
         Ok((handler, Sinks::new().with(OUTPUT, sink)))
     }
@@ -81,13 +82,21 @@ impl Dedup {
         }
     }
 
+    /// Where `raw_topic` is republished, and that topic's partition count.
+    async fn output(&self, raw_topic: &str) -> Result<(String, i32), HandlerError> {
+        let mut known = self.outputs.lock().await;
+        if let Some(output) = known.get(raw_topic) {
+            return Ok(output.clone());
+        }
+        let topic = self.output_topic(raw_topic)?;
+        let count = self.output_partitions(&topic, raw_topic).await?;
+        known.insert(raw_topic.to_owned(), (topic.clone(), count));
+        Ok((topic, count))
+    }
+
     /// The output topic's partition count, creating it like the raw topic if
     /// missing. A broker that cannot tell is unavailable.
     async fn output_partitions(&self, output: &str, raw_topic: &str) -> Result<i32, HandlerError> {
-        let mut known = self.partitions.lock().await;
-        if let Some(&count) = known.get(output) {
-            return Ok(count);
-        }
         let raw = self
             .publisher
             .partition_count(raw_topic)
@@ -106,7 +115,6 @@ impl Dedup {
                 "topic {output} has no partitions yet"
             )));
         }
-        known.insert(output.to_owned(), count);
         Ok(count)
     }
 }
@@ -153,8 +161,7 @@ impl Handler for Dedup {
         record: &Record,
         context: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
-        let topic = self.output_topic(&record.topic)?;
-        let partitions = self.output_partitions(&topic, &record.topic).await?;
+        let (topic, partitions) = self.output(&record.topic).await?;
         let effect = Effect {
             destination: Some(topic),
             partition: Some(record.partition % partitions),
