@@ -10,6 +10,11 @@
 //! skipped unapplied as with `service.resume_rewind`. Only when even a read from
 //! offset 0 starts past it (the records are gone: retention) is the hole
 //! accepted, logged and counted.
+//!
+//! A read resumed inside a topic's *last* batch gets nothing from tansu at all
+//! until a newer record arrives. So a partition that has read nothing since it
+//! was positioned while the broker reports records past its offset (lag) is
+//! sought back the same way after [`STALL_ROUNDS`] looks.
 
 use std::collections::{HashMap, HashSet};
 
@@ -18,6 +23,10 @@ use super::types::PartitionKey;
 /// How far back the first seek goes: above a producer's batch (librdkafka's
 /// `batch.num.messages` is 10,000).
 pub(super) const FIRST_REWIND: i64 = 10_000;
+
+/// Looks (one per housekeeping round) at a partition that reads nothing while
+/// it lags before it is sought back.
+pub(super) const STALL_ROUNDS: u32 = 4;
 
 /// What becomes of a record, given the next offset its partition expects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +48,8 @@ pub(super) struct Gaps {
     read: HashSet<PartitionKey>,
     last_seek: HashMap<PartitionKey, i64>,
     seeking: HashSet<PartitionKey>,
+    /// Looks at partitions lagging with nothing read.
+    quiet: HashMap<PartitionKey, u32>,
 }
 
 impl Gaps {
@@ -46,6 +57,24 @@ impl Gaps {
     /// is the first of a read.
     pub(super) fn repositioned(&mut self) {
         self.read.clear();
+        self.quiet.clear();
+    }
+
+    /// A look at a partition that lags (the broker has records from `next`
+    /// on) and is not paused: after [`STALL_ROUNDS`] looks with nothing read
+    /// since it was positioned, the offset to seek back to.
+    pub(super) fn stalled(&mut self, key: &PartitionKey, next: i64) -> Option<i64> {
+        if self.read.contains(key) || self.seeking.contains(key) {
+            self.quiet.remove(key);
+            return None;
+        }
+        let looks = self.quiet.entry(key.clone()).or_default();
+        *looks += 1;
+        if *looks < STALL_ROUNDS {
+            return None;
+        }
+        self.quiet.remove(key);
+        Some(self.seek_back(key, next))
     }
 
     /// The verdict on a record at `offset` of `key`, whose next expected offset
@@ -68,19 +97,24 @@ impl Gaps {
         if self.read.contains(key) {
             return Verdict::ApplyPastHole;
         }
+        if self.last_seek.get(key) == Some(&0) {
+            self.read.insert(key.clone());
+            self.last_seek.remove(key);
+            return Verdict::ApplyPastHole;
+        }
+        Verdict::SeekTo(self.seek_back(key, next))
+    }
+
+    /// Decides a seek of `key` back from `next`: further than the last one.
+    fn seek_back(&mut self, key: &PartitionKey, next: i64) -> i64 {
         let target = match self.last_seek.get(key) {
-            Some(0) => {
-                self.read.insert(key.clone());
-                self.last_seek.remove(key);
-                return Verdict::ApplyPastHole;
-            }
             Some(&last) => next - 2 * (next - last),
             None => next - FIRST_REWIND,
         }
         .max(0);
         self.last_seek.insert(key.clone(), target);
         self.seeking.insert(key.clone());
-        Verdict::SeekTo(target)
+        target
     }
 
     /// A seek could not be made: it is asked for again, the partition's records
@@ -163,6 +197,20 @@ mod tests {
             Verdict::SeekTo(80_000),
             "a new read starts the search afresh"
         );
+    }
+
+    #[test]
+    fn a_lagging_partition_that_reads_nothing_is_sought_back_after_some_looks() {
+        let mut gaps = Gaps::default();
+        for _ in 1..STALL_ROUNDS {
+            assert_eq!(gaps.stalled(&key(), 25_000), None);
+        }
+        assert_eq!(gaps.stalled(&key(), 25_000), Some(15_000));
+        assert_eq!(gaps.take_seeks(), vec![(key(), 15_000)]);
+        assert_eq!(gaps.check(&key(), 25_000, 24_000), Verdict::Skip);
+        for _ in 0..2 * STALL_ROUNDS {
+            assert_eq!(gaps.stalled(&key(), 25_000), None, "it reads now");
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::gaps::Gaps;
 use super::handler::{Handler, Record};
 use super::ids::ProcessedIds;
 use super::kafka::{self, GroupWatch, Mirror};
-use super::metrics::{ConsumerMetrics, ServiceState};
+use super::metrics::{ConsumerMetrics, ServiceState, TopicPartition};
 use super::outbox::{Outbox, Pending};
 use super::parking::Parking;
 use super::shutdown::stopped;
@@ -232,7 +232,32 @@ impl<H: Handler> Worker<'_, H> {
             mirror.mirror(consumer, &self.assignment);
         }
         self.control_flow(consumer);
+        self.look_for_stalls();
+        self.seek_back(consumer);
         Ok(())
+    }
+
+    /// Partitions that lag, are not paused, and read nothing since they were
+    /// positioned (see [`super::gaps`]).
+    fn look_for_stalls(&mut self) {
+        if self.outbox_full {
+            return;
+        }
+        let paused = self.parking.paused();
+        let owned = self.assignment.lock();
+        for (key, next) in owned.iter() {
+            let Some(next) = *next else { continue };
+            let lag = self.metrics.lag.get_or_create(&TopicPartition {
+                topic: key.0.clone(),
+                partition: key.1,
+            });
+            if lag.get() > 0 && !paused.contains(key) {
+                if let Some(target) = self.gaps.stalled(key, next) {
+                    self.metrics.rewinds.inc();
+                    tracing::info!(topic = %key.0, partition = key.1, expected = next, seek_to = target, "nothing read though the partition lags (tansu serves nothing from inside a topic's last batch): seeking back");
+                }
+            }
+        }
     }
 
     /// Above the outbox's high mark every owned partition pauses (polling goes

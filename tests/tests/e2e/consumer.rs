@@ -559,53 +559,106 @@ impl Handler for AppliesBelow {
     }
 }
 
-/// With no `resume_rewind`, a service stopped in the middle of a record batch
-/// resumes from inside it; tansu answers that fetch with the next batch. The
-/// runtime sees its read start past the offset it expects and seeks back, so
-/// the rest of the batch is applied, each event once.
-#[tokio::test]
-async fn a_read_that_starts_past_the_expected_offset_is_sought_back() -> anyhow::Result<()> {
-    let stack = Stack::from_env();
-    let (prefix, topic) = (unique_name("cons"), unique_name("input"));
-    create_topics(&stack, &[&topic], 1).await?;
-    let codec = Codec::json()?;
-    let events = |range: std::ops::Range<u64>| -> anyhow::Result<Vec<Vec<u8>>> {
-        range
-            .map(|n| Ok(codec.encode(&event(n, Op::Create))?))
-            .collect()
-    };
-    // One send: the producer puts them in one record batch.
-    publish(&stack, &topic, events(0..1_200)?).await?;
-    let state = tempfile::tempdir()?;
-    let mut config = service_config(&stack, &prefix, &topic, state.path());
-    config.service.resume_rewind = 0;
-    let group = config.group_id();
+/// A service with no `resume_rewind` that stopped at offset 500 of a 1,200-event
+/// record batch (its dependency down from there), on a new one-partition topic.
+struct StoppedInsideABatch {
+    stack: Stack,
+    topic: String,
+    group: String,
+    config: ConsumerConfig,
+    state: tempfile::TempDir,
+    codec: Codec,
+    applied: u64,
+}
 
-    let run = |stop_at: i64| {
-        let (config, (stop, shutdown)) = (config.runtime(), watch::channel(false));
+impl StoppedInsideABatch {
+    async fn new() -> anyhow::Result<Self> {
+        let stack = Stack::from_env();
+        let (prefix, topic) = (unique_name("cons"), unique_name("input"));
+        create_topics(&stack, &[&topic], 1).await?;
+        let codec = Codec::json()?;
+        // One send: the producer puts them in one record batch.
+        publish(&stack, &topic, encoded(&codec, 0..1_200)?).await?;
+        let state = tempfile::tempdir()?;
+        let mut config = service_config(&stack, &prefix, &topic, state.path());
+        config.service.resume_rewind = 0;
+        let group = config.group_id();
+        let mut stopped = Self {
+            stack,
+            topic,
+            group,
+            config,
+            state,
+            codec,
+            applied: 0,
+        };
+        let (stop, run) = stopped.run(500);
+        wait_for_committed(&stopped.stack, &stopped.group, &stopped.topic, &[(0, 499)]).await?;
+        stop.send(true)?;
+        stopped.applied = run.await??.applied;
+        Ok(stopped)
+    }
+
+    /// Runs the service again, applying events at offsets below `stop_at`.
+    fn run(
+        &self,
+        stop_at: i64,
+    ) -> (
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<runtime::RunStats, runtime::RuntimeError>>,
+    ) {
+        let (config, (stop, shutdown)) = (self.config.runtime(), watch::channel(false));
         let task = tokio::spawn(async move {
             runtime::run(&config, AppliesBelow { stop_at }, Sinks::new(), shutdown).await
         });
         (stop, task)
-    };
-    let (stop, first) = run(500);
-    wait_for_committed(&stack, &group, &topic, &[(0, 499)]).await?;
-    stop.send(true)?;
-    let first = first.await??;
+    }
 
-    let (stop, second) = run(i64::MAX);
-    // Later records, so that the resumed read has something to start at.
-    publish(&stack, &topic, events(1_200..1_300)?).await?;
-    wait_for_committed(&stack, &group, &topic, &[(0, 1_299)]).await?;
-    stop.send(true)?;
-    let second = second.await??;
+    /// Restarts the service, publishes `more` events, and stops it once every
+    /// record is committed; then checks that each event was applied once.
+    async fn resume(self, more: u64) -> anyhow::Result<()> {
+        let (stop, run) = self.run(i64::MAX);
+        if more > 0 {
+            publish(
+                &self.stack,
+                &self.topic,
+                encoded(&self.codec, 1_200..1_200 + more)?,
+            )
+            .await?;
+        }
+        let end = 1_200 + more as i64;
+        wait_for_committed(&self.stack, &self.group, &self.topic, &[(0, end - 1)]).await?;
+        stop.send(true)?;
+        let resumed = run.await??;
+        assert_eq!(
+            (self.applied, resumed.applied, resumed.duplicates),
+            (500, end as u64 - 500, 0),
+            "before the stop {} applied, after it {resumed:?}",
+            self.applied
+        );
+        let applied = Store::open(self.state.path())?.scan(b"applied/")?;
+        assert_eq!(applied.len() as i64, end, "each event applied once");
+        Ok(())
+    }
+}
 
-    assert_eq!(
-        (first.applied, second.applied, second.duplicates),
-        (500, 800, 0),
-        "before the stop {first:?}, after it {second:?}"
-    );
-    let applied = Store::open(state.path())?.scan(b"applied/")?;
-    assert_eq!(applied.len(), 1_300, "each event applied once");
-    Ok(())
+fn encoded(codec: &Codec, numbers: std::ops::Range<u64>) -> anyhow::Result<Vec<Vec<u8>>> {
+    numbers
+        .map(|n| Ok(codec.encode(&event(n, Op::Create))?))
+        .collect()
+}
+
+/// tansu answers the resumed fetch from inside the batch with the next batch
+/// (here the 100 later events): the runtime sees its read start past the
+/// offset it expects and seeks back, so the rest of the batch is applied.
+#[tokio::test]
+async fn a_read_that_starts_past_the_expected_offset_is_sought_back() -> anyhow::Result<()> {
+    StoppedInsideABatch::new().await?.resume(100).await
+}
+
+/// With no later batch tansu answers the resumed fetch with nothing at all:
+/// the partition lags and reads nothing, and the runtime seeks it back.
+#[tokio::test]
+async fn a_partition_that_lags_and_reads_nothing_is_sought_back() -> anyhow::Result<()> {
+    StoppedInsideABatch::new().await?.resume(0).await
 }
