@@ -62,9 +62,11 @@ impl Gaps {
 
     /// A look at a partition that lags (the broker has records from `next`
     /// on) and is not paused: after [`STALL_ROUNDS`] looks with nothing read
-    /// since it was positioned, the offset to seek back to.
+    /// since it was positioned, the offset to seek back to (none once a seek
+    /// to offset 0 read nothing either: there is no further back).
     pub(super) fn stalled(&mut self, key: &PartitionKey, next: i64) -> Option<i64> {
-        if self.read.contains(key) || self.seeking.contains(key) {
+        let at_start = self.last_seek.get(key) == Some(&0);
+        if self.read.contains(key) || self.seeking.contains(key) || at_start {
             self.quiet.remove(key);
             return None;
         }
@@ -211,6 +213,17 @@ mod tests {
         for _ in 0..2 * STALL_ROUNDS {
             assert_eq!(gaps.stalled(&key(), 25_000), None, "it reads now");
         }
+    }
+
+    #[test]
+    fn a_stall_goes_no_further_back_than_offset_0() {
+        let mut gaps = Gaps::default();
+        let mut targets = Vec::new();
+        for _ in 0..10 * STALL_ROUNDS {
+            targets.extend(gaps.stalled(&key(), 15_000));
+            gaps.take_seeks();
+        }
+        assert_eq!(targets, vec![5_000, 0]);
     }
 
     #[test]
