@@ -265,20 +265,8 @@ impl<H: Handler> Worker<'_, H> {
         if let Some(next) = *expected {
             match self.gaps.check(&key, next, record.offset) {
                 Verdict::Apply => {}
-                Verdict::Skip => return false,
-                Verdict::SeekTo(target) => {
-                    self.metrics.rewinds.inc();
-                    tracing::info!(
-                        topic = %record.topic,
-                        partition = record.partition,
-                        expected = next,
-                        got = record.offset,
-                        seek_to = target,
-                        "the read started past the next offset expected (tansu serves a fetch \
-                         from inside a record batch with the next batch): seeking back"
-                    );
-                    return false;
-                }
+                // A seek is made (and logged) once the batch is applied.
+                Verdict::Skip | Verdict::SeekTo(_) => return false,
                 Verdict::ApplyPastHole => {
                     self.metrics.offset_gaps.inc();
                     tracing::warn!(

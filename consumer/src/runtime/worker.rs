@@ -247,15 +247,17 @@ impl<H: Handler> Worker<'_, H> {
         let owned = self.assignment.lock();
         for (key, next) in owned.iter() {
             let Some(next) = *next else { continue };
-            let lag = self.metrics.lag.get_or_create(&TopicPartition {
+            let label = TopicPartition {
                 topic: key.0.clone(),
                 partition: key.1,
-            });
-            if lag.get() > 0 && !paused.contains(key) {
-                if let Some(target) = self.gaps.stalled(key, next) {
-                    self.metrics.rewinds.inc();
-                    tracing::info!(topic = %key.0, partition = key.1, expected = next, seek_to = target, "nothing read though the partition lags (tansu serves nothing from inside a topic's last batch): seeking back");
-                }
+            };
+            let lags = self
+                .metrics
+                .lag
+                .get(&label)
+                .is_some_and(|lag| lag.get() > 0);
+            if lags && !paused.contains(key) {
+                self.gaps.stalled(key, next);
             }
         }
     }
@@ -332,11 +334,16 @@ impl<H: Handler> Worker<'_, H> {
         records
     }
 
-    /// Makes the seeks the batch asked for. One that fails is asked for again
-    /// after the next batch; the partition's records are skipped meanwhile.
+    /// Makes the seeks back decided since the last call (a read that started
+    /// past the next offset expected, or a lagging partition that reads
+    /// nothing: tansu serves a fetch from inside a record batch with the next
+    /// batch, or nothing). One that fails is asked for again after the next
+    /// batch; the partition's records are skipped meanwhile.
     fn seek_back(&mut self, consumer: &StreamConsumer<ServiceContext>) {
         for (key, target) in self.gaps.take_seeks() {
             let (topic, partition) = &key;
+            self.metrics.rewinds.inc();
+            tracing::info!(%topic, partition, target, "the partition's read started past the next offset expected, or gives nothing though it lags: seeking back");
             if let Err(error) = consumer.seek(topic, *partition, Offset::Offset(target), SEEK_WAIT)
             {
                 tracing::warn!(%topic, partition, target, %error, "cannot seek back; trying again");
