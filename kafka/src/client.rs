@@ -10,6 +10,9 @@ use rdkafka::ClientConfig;
 pub enum Role {
     /// Publishes records that must land exactly in order, without gaps.
     Producer,
+    /// Publishes a source's change stream: a [`Role::Producer`] that waits longer
+    /// to fill batches (see [`SOURCE_DEFAULTS`]).
+    Source,
     /// Reads records (the caller sets the group and offset handling).
     Consumer,
     /// Creates topics and reads metadata.
@@ -27,6 +30,16 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("compression.type", "lz4"),
 ];
 
+/// What a source's producer sets on top of [`PRODUCER_DEFAULTS`]. A live source
+/// sends a steady stream, and the broker's CPU goes by produce request far more
+/// than by record: over a million live changes tansu spent 4-6 CPU s with a 5 ms
+/// linger, 1.5-3.6 s with 10 ms and about 1 s with 50 ms, CPU that PostgreSQL
+/// and the producer need on a small machine. 10 ms keeps a change's latency to a
+/// consumer under 50 ms at p99; a user who wants throughput over latency sets
+/// more in `kafka.properties`. Sinks keep 5 ms: they wait for acknowledgements
+/// batch by batch.
+pub const SOURCE_DEFAULTS: &[(&str, &str)] = &[("linger.ms", "10")];
+
 /// The client configuration for `role`: the user's properties, then the role's
 /// defaults where the user set nothing.
 pub fn client_config(config: &KafkaConfig, role: Role) -> ClientConfig {
@@ -34,12 +47,17 @@ pub fn client_config(config: &KafkaConfig, role: Role) -> ClientConfig {
         .client_properties()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    if role == Role::Producer {
-        for (name, default) in PRODUCER_DEFAULTS {
-            if client.get(name).is_none() {
-                client.set(*name, *default);
-            }
+    let defaults: &[&[(&str, &str)]] = match role {
+        Role::Source => &[SOURCE_DEFAULTS, PRODUCER_DEFAULTS],
+        Role::Producer => &[PRODUCER_DEFAULTS],
+        Role::Consumer | Role::Admin => &[],
+    };
+    for (name, default) in defaults.iter().copied().flatten() {
+        if client.get(name).is_none() {
+            client.set(*name, *default);
         }
+    }
+    if matches!(role, Role::Source | Role::Producer) {
         warn_weakened(&client);
     }
     client
@@ -80,6 +98,17 @@ mod tests {
         assert_eq!(client.get("enable.idempotence"), Some("true"));
         assert_eq!(client.get("acks"), Some("all"));
         assert_eq!(client.get("bootstrap.servers"), Some("localhost:9092"));
+    }
+
+    #[test]
+    fn a_source_batches_longer_than_a_sink_unless_the_user_says_otherwise() {
+        let source = client_config(&config(&[]), Role::Source);
+        assert_eq!(source.get("linger.ms"), Some("10"));
+        assert_eq!(source.get("enable.idempotence"), Some("true"));
+        let sink = client_config(&config(&[]), Role::Producer);
+        assert_eq!(sink.get("linger.ms"), Some("5"));
+        let chosen = client_config(&config(&[("linger.ms", "1")]), Role::Source);
+        assert_eq!(chosen.get("linger.ms"), Some("1"));
     }
 
     #[test]

@@ -75,10 +75,20 @@ impl Publisher {
     /// A producer with the `[kafka]` section's properties and the producer role's
     /// defaults (idempotent, `acks=all`, no delivery timeout).
     pub fn new(config: &KafkaConfig) -> Result<Self, PublishError> {
+        Self::with_role(config, Role::Producer)
+    }
+
+    /// A producer for a source's change stream: [`Publisher::new`]'s defaults,
+    /// and batches that wait longer to fill ([`Role::Source`]).
+    pub fn for_source(config: &KafkaConfig) -> Result<Self, PublishError> {
+        Self::with_role(config, Role::Source)
+    }
+
+    fn with_role(config: &KafkaConfig, role: Role) -> Result<Self, PublishError> {
         let context = LaneContext {
             lanes: RwLock::default(),
         };
-        let producer = client_config(config, Role::Producer)
+        let producer = client_config(config, role)
             .create_with_context(context)
             .map_err(PublishError::Config)?;
         Ok(Self {

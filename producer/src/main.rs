@@ -75,7 +75,7 @@ async fn run(config: ProducerConfig, check_only: bool) -> anyhow::Result<()> {
         .await
         .context("cannot set up the value codec")?;
     let metrics = Arc::new(ProducerMetrics::default());
-    let publisher = Publisher::new(&config.kafka)
+    let publisher = Publisher::for_source(&config.kafka)
         .context("cannot create the Kafka producer")?
         .with_topic_settings(&config.topics);
     let brokers = publisher

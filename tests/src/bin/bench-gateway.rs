@@ -100,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
         pg_config(&db.url),
         names.clone(),
         Arc::new(Codec::json()?),
-        Publisher::new(&stack.kafka_config())?,
+        Publisher::for_source(&stack.kafka_config())?,
         Arc::new(SledCheckpoints::open(states[0].path())?),
     );
     let k8s_config: KubernetesConfig = toml::from_str(&format!(
@@ -111,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
         k8s_config,
         names,
         Arc::new(Codec::json()?),
-        Publisher::new(&stack.kafka_config())?,
+        Publisher::for_source(&stack.kafka_config())?,
         Arc::new(SledObjects::open(&sled::open(states[1].path())?, "k8s")?),
     );
     let pg_shutdown = shutdown.clone();

@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
         config,
         TopicNames::new(&prefix)?,
         Arc::new(Codec::json()?),
-        Publisher::new(&stack.kafka_config())?,
+        Publisher::for_source(&stack.kafka_config())?,
         Arc::new(SledObjects::open(&sled::open(state.path())?, "bench")?),
     );
     let (stop, shutdown) = watch::channel(false);

@@ -74,7 +74,7 @@ impl Running {
             config,
             TopicNames::new(prefix)?,
             Arc::new(Codec::json()?),
-            Publisher::new(&stack.kafka_config())?,
+            Publisher::for_source(&stack.kafka_config())?,
             Arc::new(objects),
         );
         let metrics = source.metrics();

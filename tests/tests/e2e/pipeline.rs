@@ -55,7 +55,7 @@ impl RunningSource {
             config,
             TopicNames::new(prefix)?,
             Arc::new(codec),
-            Publisher::new(kafka)?,
+            Publisher::for_source(kafka)?,
             Arc::new(SledCheckpoints::open(state.path())?),
         );
         let (stop, shutdown) = watch::channel(false);

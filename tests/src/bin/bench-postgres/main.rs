@@ -442,7 +442,7 @@ fn start_source(
         config,
         TopicNames::new(prefix)?,
         Arc::new(Codec::json()?),
-        Publisher::new(&producer_kafka_config(stack)?)?,
+        Publisher::for_source(&producer_kafka_config(stack)?)?,
         Arc::new(SledCheckpoints::open(state.path())?),
     );
     let confirmed = source.metrics().source("bench").confirmed_lsn();
