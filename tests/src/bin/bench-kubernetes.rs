@@ -98,14 +98,17 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop.send(true);
     task.await??;
 
-    let (warm_up, steady): (Vec<_>, Vec<_>) =
-        latencies.iter().partition(|(written, _)| *written < rate);
-    let sorted = |part: Vec<&(u64, f64)>| {
-        let mut part: Vec<f64> = part.into_iter().map(|(_, ms)| *ms).collect();
-        part.sort_by(f64::total_cmp);
-        part
-    };
-    let (warm_up, steady) = (sorted(warm_up), sorted(steady));
+    let (mut warm_up, mut steady) = (Vec::new(), Vec::new());
+    for &(written, ms) in &latencies {
+        let part = if written < rate {
+            &mut warm_up
+        } else {
+            &mut steady
+        };
+        part.push(ms);
+    }
+    warm_up.sort_by(f64::total_cmp);
+    steady.sort_by(f64::total_cmp);
     let percentile = |part: &[f64], p: f64| {
         part.get(((part.len().max(1) - 1) as f64 * p) as usize)
             .copied()
