@@ -327,11 +327,12 @@ async fn the_ocsf_feed_classifies_changes_by_what_is_known_of_the_actor() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_file_feed_rotates_and_writes_each_event_once_across_a_sigkill() -> anyhow::Result<()> {
     const MANY: u64 = 600;
+    const MAX_BYTES: u64 = 40_000;
     let stack = Stack::from_env();
     let (prefix, topic) = published(&stack, "siemf", MANY, 2).await?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("feed").join("ecs.ndjson");
-    let transport = format!("[siem.file]\npath = {path:?}\nmax_bytes = 40000\nkeep = 1000");
+    let transport = format!("[siem.file]\npath = {path:?}\nmax_bytes = {MAX_BYTES}\nkeep = 1000");
     let config = write_config(dir.path(), &stack, (&prefix, &topic), "ecs", &transport)?;
     let program = workspace_binary("changewire-consumer")?;
     let log = dir.path().join("siem.log");
@@ -343,22 +344,33 @@ async fn the_file_feed_rotates_and_writes_each_event_once_across_a_sigkill() -> 
     }
     drop(service); // SIGKILL mid-stream
     let service = start_service(&program, &config, &log)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ids = loop {
-        let lines = feed_lines(&path)?;
-        let ids: Vec<String> = (lines.iter())
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter_map(|d| d["event"]["id"].as_str().map(str::to_owned))
-            .collect();
-        if ids.iter().collect::<BTreeSet<_>>().len() as u64 == MANY || Instant::now() > deadline {
-            break ids;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // Done once every event is in the files and none is left oversized (a
+    // file is past `max_bytes` only between a write and its rotation, or after
+    // a crash until the restart rotates it). Read while the service writes, a
+    // file can be read twice (renamed to `.1` between reading `<path>` and
+    // `<path>.1`): the count is taken once it stops.
+    let settled = || -> anyhow::Result<bool> {
+        let unique = feed_ids(&path)?.into_iter().collect::<BTreeSet<_>>().len();
+        let oversized = std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_BYTES);
+        Ok(unique == MANY as usize && !oversized)
     };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !settled()? && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     terminate(service)?;
+    let ids = feed_ids(&path)?;
     let unique: BTreeSet<&String> = ids.iter().collect();
     assert_eq!(unique.len() as u64, MANY, "every event");
-    assert_eq!(ids.len() as u64, MANY, "each once");
+    if ids.len() as u64 != MANY {
+        let mut seen = BTreeSet::new();
+        let twice: Vec<&String> = ids.iter().filter(|id| !seen.insert(*id)).take(5).collect();
+        anyhow::bail!(
+            "each once: {} lines for {MANY} events, written twice e.g. {twice:?}; the service's log:\n{}",
+            ids.len(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
     let mut rotated = path.as_os_str().to_owned();
     rotated.push(".1");
     let listing = |dir: &std::path::Path| -> Vec<(String, u64)> {
@@ -381,6 +393,15 @@ async fn the_file_feed_rotates_and_writes_each_event_once_across_a_sigkill() -> 
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     Ok(())
+}
+
+/// The event ids of the feed file's lines and its rotations'.
+fn feed_ids(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    Ok(feed_lines(path)?
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|d| d["event"]["id"].as_str().map(str::to_owned))
+        .collect())
 }
 
 /// Every line of the feed file and its rotations.
