@@ -88,6 +88,14 @@ pub(super) struct Emitted {
     pub(super) effect: Effect,
 }
 
+/// A batch's write per batch, taken from its handler once the batch's last
+/// record was handled ([`Handler::take_seal`]).
+pub trait Seal: Send + Sync + 'static {
+    /// Writes what the batch's `handle` calls kept. Any failure stops the
+    /// service before the batch commits (a restart handles its records again).
+    fn seal(self: Box<Self>, context: &mut Context<'_>) -> Result<(), HandlerError>;
+}
+
 /// What a handler reads and changes for one event (or one tick). Its state changes
 /// and emitted effects are committed with the event's offset and id, in the
 /// batch's one atomic write, or not at all (a failed event leaves no trace).
@@ -199,17 +207,15 @@ pub trait Handler: Send + Sync + 'static {
         context: &mut Context<'_>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
-    /// Runs once after a batch's last record, before the batch is committed: its
-    /// changes and effects commit with the batch. A handler that writes per batch
-    /// rather than per event (blocks, sorted runs) does it here, from what its
-    /// `handle` calls kept. Any failure stops the service: the batch's events
-    /// count as applied already.
-    fn seal(
-        &self,
-        context: &mut Context<'_>,
-    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
-        let _ = context;
-        async { Ok(()) }
+    /// Runs once after a batch's last record, on the worker: hands over what the
+    /// batch's `handle` calls kept for a write per batch rather than per event
+    /// (blocks, sorted runs), as a [`Seal`]. The seal runs with the batch's
+    /// write, on the write's thread, while the next batch is applied: its
+    /// changes and effects commit with the batch, and the next batch's `handle`
+    /// and `partition_reset` calls do not see them (ticks do: a tick waits for
+    /// the write under way).
+    fn take_seal(&self) -> Option<Box<dyn Seal>> {
+        None
     }
 
     /// Runs once before the first record: its changes and effects commit like a

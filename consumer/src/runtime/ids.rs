@@ -194,7 +194,7 @@ mod tests {
                 ids.insert(id);
                 let segment = ids.segment(vec![id]);
                 store
-                    .commit(&Default::default(), &segment, &Default::default(), &[])
+                    .commit(&[], &segment, &Default::default(), &[])
                     .expect("commit");
                 id
             })
@@ -245,7 +245,7 @@ mod tests {
         let mut ids = ProcessedIds::load(&store, Duration::ZERO, 1000).expect("load");
         let segment = ids.segment(vec![digest("x")]);
         store
-            .commit(&Default::default(), &segment, &Default::default(), &[])
+            .commit(&[], &segment, &Default::default(), &[])
             .expect("commit");
         assert_eq!(
             ProcessedIds::load(&store, Duration::ZERO, 1000)

@@ -120,6 +120,8 @@ pub struct ConsumerMetrics {
     pub handler_seconds: Histogram,
     /// Seconds per batch commit (sled write and flush).
     pub commit_seconds: Histogram,
+    /// Seconds per batch seal (the handler's write per batch, before the commit).
+    pub seal_seconds: Histogram,
     /// Records between the broker's high watermark and the service's offset.
     pub lag: Family<TopicPartition, Gauge>,
     /// Partitions this instance owns.
@@ -169,6 +171,7 @@ impl Default for ConsumerMetrics {
             records: Family::default(),
             handler_seconds: Histogram::new(exponential_buckets(0.000_01, 4.0, 12)),
             commit_seconds: Histogram::new(exponential_buckets(0.000_1, 3.0, 12)),
+            seal_seconds: Histogram::new(exponential_buckets(0.000_1, 3.0, 12)),
             lag: Family::default(),
             partitions_assigned: Gauge::default(),
             offset_gaps: Counter::default(),
@@ -203,6 +206,11 @@ impl Default for ConsumerMetrics {
             "commit_seconds",
             "Seconds per batch commit to sled (write and flush)",
             metrics.commit_seconds.clone(),
+        );
+        registry.register(
+            "seal_seconds",
+            "Seconds per batch seal (the service's write per batch, before the commit)",
+            metrics.seal_seconds.clone(),
         );
         registry.register(
             "lag",

@@ -6,7 +6,8 @@
 //! ([`Context::emit`]); it never acts on the outside world itself. A batch's
 //! state changes, emitted effects (the outbox), event ids and partition offsets
 //! are written to sled in one atomic, flushed write, on a blocking thread while
-//! the next batch is applied. Once the write is durable the effects join their
+//! the next batch is applied; the handler's per-batch [`Seal`] runs first on
+//! that thread and its changes join the write. Once the write is durable the effects join their
 //! sinks' queues; each sink delivers in a task of its own, in commit order per
 //! key, with backoff by time (see [`sink`]). A batch's offsets are mirrored to
 //! Kafka only once every effect of it and of the batches before it was
@@ -54,6 +55,7 @@ mod store;
 mod testing;
 mod types;
 mod worker;
+mod write;
 
 use std::sync::Arc;
 
@@ -63,7 +65,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use config::{Assignment as AssignmentMode, RuntimeConfig, ServiceConfig};
-pub use handler::{Context, Handler, HandlerError, Record};
+pub use handler::{Context, Handler, HandlerError, Record, Seal};
 use ids::ProcessedIds;
 pub use kafka::{client_config, ensure_topic};
 pub use metrics::{ConsumerMetrics, HandlerEvent, Outcome, ServiceState, SinkLabel};
@@ -288,7 +290,7 @@ async fn run_observed_on<H: Handler>(
         metrics,
         assignment: Arc::default(),
         outbox,
-        sink_names,
+        sink_names: sink_names.into(),
         stats: RunStats::default(),
         processed,
         parking: Default::default(),

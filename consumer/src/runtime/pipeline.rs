@@ -32,26 +32,8 @@ impl<H: Handler> Worker<'_, H> {
             }
             self.apply_one(&record, &mut batch).await?;
         }
-        self.seal(&mut batch).await?;
+        batch.seal = self.handler.take_seal();
         Ok(batch)
-    }
-
-    /// Lets the handler write what it keeps per batch; its changes join the
-    /// batch's.
-    async fn seal(&mut self, batch: &mut Batch) -> Result<(), RuntimeError> {
-        let origin = format!("seal/{}", unix_millis(SystemTime::now()));
-        let mut context = self.context(&batch.changes, origin);
-        let result = self.handler.seal(&mut context).await;
-        let (changes, emitted) = context.finish();
-        if let Err(error) = result {
-            return Err(RuntimeError::Fatal(format!(
-                "sealing a batch: {}",
-                report(&error)
-            )));
-        }
-        batch.changes.extend(changes);
-        batch.emitted.extend(emitted);
-        Ok(())
     }
 
     /// Lets the handler drop the state of partitions another instance went
@@ -312,7 +294,7 @@ fn batch_of(
     Ok(batch)
 }
 
-fn unix_millis(time: SystemTime) -> u128 {
+pub(super) fn unix_millis(time: SystemTime) -> u128 {
     time.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis())
 }
@@ -415,8 +397,8 @@ mod tests {
         assert_eq!(worker.stats.dead_lettered, 3);
     }
 
-    #[tokio::test]
-    async fn the_seal_runs_after_the_batch_and_sees_its_changes() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_seal_runs_with_the_batch_write_and_sees_its_changes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = testing::config(dir.path());
         let mut worker = testing::worker(&config, Scripted::default().fails(2, &["permanent"]));
@@ -426,10 +408,20 @@ mod tests {
             event_record(0, 2, 3),
         ];
         let batch = worker.apply(records).await.expect("applies");
+        assert!(batch.seal.is_some(), "taken from the handler");
+        assert_eq!(batch.changes.pending(b"sealed"), None, "not sealed yet");
+        worker.write(batch);
+        worker.finish_write().await.expect("written");
         assert_eq!(
-            batch.changes.pending(b"sealed"),
-            Some(Some(&b"2 of 2"[..])),
-            "sealed once, after both applied events, seeing their changes"
+            worker.store.get(b"sealed").expect("read"),
+            Some(b"2 of 2".to_vec()),
+            "sealed once, after both applied events, seeing their changes, \
+             committed with the batch"
+        );
+        assert_eq!(
+            worker.store.offset("t", 0).expect("read"),
+            Some(3),
+            "in the same write"
         );
     }
 

@@ -88,17 +88,21 @@ impl Store {
         Ok(self.db.get(key(STATE, &[state_key]))?.map(|v| v.to_vec()))
     }
 
-    /// Applies `changes`, stores the batch's `processed` ids and `effects`, and
-    /// moves each partition's offset to the next one to read (`offsets` maps
-    /// topic/partition to it), atomically, and flushes to disk.
+    /// Applies `changes` (in order: later ones win), stores the batch's
+    /// `processed` ids and `effects`, and moves each partition's offset to the
+    /// next one to read (`offsets` maps topic/partition to it), atomically, and
+    /// flushes to disk.
     pub(super) fn commit(
         &self,
-        changes: &StateChanges,
+        changes: &[&StateChanges],
         processed: &Segment,
         offsets: &HashMap<(String, i32), i64>,
         effects: &[Arc<Pending>],
     ) -> Result<(), StoreError> {
-        let mut batch = changes.to_batch();
+        let mut batch = sled::Batch::default();
+        for changes in changes {
+            changes.add_to(&mut batch);
+        }
         if let Some(first) = effects.first() {
             batch.insert(outbox_key(first.entry), encode_entry(effects));
         }
@@ -119,7 +123,9 @@ impl Store {
     /// Applies state `changes` atomically, durable with the next flush (for changes
     /// a crash may lose without harm, like a sink's written marks).
     pub fn apply_lazily(&self, changes: StateChanges) -> Result<(), StoreError> {
-        self.db.apply_batch(changes.to_batch())?;
+        let mut batch = sled::Batch::default();
+        changes.add_to(&mut batch);
+        self.db.apply_batch(batch)?;
         Ok(())
     }
 
@@ -363,15 +369,13 @@ impl StateChanges {
         self.writes.extend(later.writes);
     }
 
-    fn to_batch(&self) -> sled::Batch {
-        let mut batch = sled::Batch::default();
+    fn add_to(&self, batch: &mut sled::Batch) {
         for (state_key, value) in &self.writes {
             match value {
                 Some(value) => batch.insert(key(STATE, &[state_key]), value.as_slice()),
                 None => batch.remove(key(STATE, &[state_key])),
             }
         }
-        batch
     }
 }
 
@@ -393,7 +397,7 @@ mod tests {
             digests: vec![digest("pg:a:0/1:1"), 1],
         };
         store
-            .commit(&changes, &processed, &offsets, &[])
+            .commit(&[&changes], &processed, &offsets, &[])
             .expect("commit");
         assert_eq!(store.offset("t", 0).expect("read"), Some(42));
         assert_eq!(store.get(b"count").expect("read"), Some(b"1".to_vec()));

@@ -10,7 +10,7 @@ use changewire_schemas::{ChangeEvent, Codec, EventId};
 
 use super::config::{RuntimeConfig, ServiceConfig};
 use super::dlq::{self, DeadLetters};
-use super::handler::{Context, Handler, HandlerError, Record};
+use super::handler::{Context, Handler, HandlerError, Record, Seal};
 use super::ids::ProcessedIds;
 use super::outbox::{Effect, Outbox, Pending};
 use super::store::Store;
@@ -116,14 +116,23 @@ impl Handler for Scripted {
         }
     }
 
-    /// Notes how many of the batch's applied events it sees as changed.
-    async fn seal(&self, context: &mut Context<'_>) -> Result<(), HandlerError> {
+    fn take_seal(&self) -> Option<Box<dyn Seal>> {
         let applied = std::mem::take(&mut *self.applied.lock().expect("applied"));
+        Some(Box::new(Applied(applied)))
+    }
+}
+
+/// The events a batch applied, as its seal has them.
+struct Applied(Vec<String>);
+
+/// Notes how many of the batch's applied events it sees as changed.
+impl Seal for Applied {
+    fn seal(self: Box<Self>, context: &mut Context<'_>) -> Result<(), HandlerError> {
         let mut seen = 0;
-        for id in &applied {
+        for id in &self.0 {
             seen += usize::from(context.get(format!("applied/{id}").as_bytes())?.is_some());
         }
-        context.put("sealed", format!("{seen} of {}", applied.len()));
+        context.put("sealed", format!("{seen} of {}", self.0.len()));
         Ok(())
     }
 }
@@ -157,7 +166,7 @@ pub(super) fn worker<H: Handler>(config: &RuntimeConfig, handler: H) -> Worker<'
         metrics: Arc::default(),
         assignment: Arc::default(),
         outbox: Arc::new(Outbox::new(&sinks, None)),
-        sink_names: sinks,
+        sink_names: sinks.into(),
         stats: RunStats::default(),
         parking: Default::default(),
         writing: None,

@@ -1,5 +1,5 @@
 //! The worker loop: polls, applies batches, writes them to sled (the next batch
-//! is applied while the previous one's write runs), hands committed effects to
+//! is applied while the previous one's seal and write run, see [`super::write`]), hands committed effects to
 //! the sinks, and keeps house (settled offsets to Kafka, outbox flow control,
 //! the group watch). Nothing in it waits for a sink or a retry: polling never
 //! stops, so the instance stays in its group through any downstream outage.
@@ -25,10 +25,11 @@ use super::handler::{Handler, Record};
 use super::ids::ProcessedIds;
 use super::kafka::{self, GroupWatch, Mirror};
 use super::metrics::{ConsumerMetrics, ServiceState, TopicPartition};
-use super::outbox::{Outbox, Pending};
+use super::outbox::Outbox;
 use super::parking::Parking;
 use super::shutdown::stopped;
-use super::store::{Store, StoreError};
+use super::store::Store;
+use super::write::{written, WriteJob, Writing};
 use super::{RunStats, RuntimeError};
 
 /// How often settled offsets go to Kafka and the outbox's size is looked at.
@@ -52,7 +53,7 @@ pub(super) struct Worker<'a, H> {
     pub(super) assignment: Arc<Assignment>,
     pub(super) outbox: Arc<Outbox>,
     /// The sinks effects may be emitted to (the DLQ's included).
-    pub(super) sink_names: Vec<String>,
+    pub(super) sink_names: Arc<[String]>,
     pub(super) stats: RunStats,
     /// Event ids processed within the retention window.
     pub(super) processed: ProcessedIds,
@@ -63,16 +64,6 @@ pub(super) struct Worker<'a, H> {
     pub(super) outbox_full: bool,
     /// Reads that started past the next offset expected, and the seeks back.
     pub(super) gaps: Gaps,
-}
-
-/// A batch whose atomic sled write runs on a blocking thread while the next batch
-/// is applied (which reads the batch's changes in memory meanwhile); its effects
-/// join the sinks' queues once the write is durable.
-pub(super) struct Writing {
-    pub(super) batch: Arc<Batch>,
-    effects: Vec<Arc<Pending>>,
-    /// The write; taken once it was awaited.
-    write: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
 }
 
 /// What starts a batch.
@@ -121,7 +112,7 @@ impl<H: Handler> Worker<'_, H> {
                 biased;
                 () = stopped(shutdown) => break,
                 Some(reason) = fatal.recv() => return Err(RuntimeError::Fatal(reason)),
-                written = written(&mut self.writing), if self.writing.as_ref().is_some_and(|w| w.write.is_some()) => {
+                written = written(&mut self.writing), if self.writing.as_ref().is_some_and(Writing::is_running) => {
                     written?;
                     self.finish_write().await?;
                     continue;
@@ -145,7 +136,11 @@ impl<H: Handler> Worker<'_, H> {
                 self.gaps.repositioned();
             }
             let batch = match input {
-                Input::Tick => self.tick().await?,
+                Input::Tick => {
+                    // A tick sees what the last batch's seal wrote.
+                    self.finish_write().await?;
+                    self.tick().await?
+                }
                 Input::Retry => {
                     let records = self.unpark_due(&consumer);
                     self.apply(records).await?
@@ -176,32 +171,24 @@ impl<H: Handler> Worker<'_, H> {
         Ok(())
     }
 
-    /// Starts the batch's atomic sled write on a blocking thread.
-    fn write(&mut self, mut batch: Batch) {
-        let effects = batch.seal(self.outbox.sequence(batch.emitted.len()));
+    /// Starts the batch's write (its seal, then one atomic sled write) on a
+    /// blocking thread.
+    pub(super) fn write(&mut self, mut batch: Batch) {
         let segment = self.processed.segment(std::mem::take(&mut batch.processed));
         self.metrics.processed_ids.set(self.processed.len() as i64);
-        let batch = Arc::new(batch);
-        let (store, metrics) = (self.store.clone(), self.metrics.clone());
-        let (writing, pendings) = (batch.clone(), effects.clone());
-        let write = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            store.commit(&writing.changes, &segment, &writing.offsets, &pendings)?;
-            metrics
-                .commit_seconds
-                .observe(started.elapsed().as_secs_f64());
-            Ok(())
-        });
-        self.writing = Some(Writing {
-            batch,
-            effects,
-            write: Some(write),
-        });
+        let job = WriteJob {
+            store: self.store.clone(),
+            outbox: self.outbox.clone(),
+            metrics: self.metrics.clone(),
+            sinks: self.sink_names.clone(),
+            segment,
+        };
+        self.writing = Some(Writing::start(batch, job));
     }
 
     /// Waits for the write under way, if any; its effects join their sinks'
     /// queues and its offsets wait for them to settle. Expires old ids too.
-    async fn finish_write(&mut self) -> Result<(), RuntimeError> {
+    pub(super) async fn finish_write(&mut self) -> Result<(), RuntimeError> {
         written(&mut self.writing).await?;
         let Some(done) = self.writing.take() else {
             return Ok(());
@@ -392,24 +379,6 @@ impl<H: Handler> Worker<'_, H> {
                 waiting,
                 "effects not delivered yet stay in the outbox for the next start"
             );
-        }
-    }
-}
-
-/// Waits for the write under way, if any, to finish (the batch stays in place).
-async fn written(writing: &mut Option<Writing>) -> Result<(), RuntimeError> {
-    let Some(write) = writing.as_mut().and_then(|w| w.write.as_mut()) else {
-        return Ok(());
-    };
-    // Awaited by reference: a `select!` may drop this future and call again.
-    let result = write.await;
-    if let Some(writing) = writing.as_mut() {
-        writing.write = None;
-    }
-    match result {
-        Ok(result) => Ok(result?),
-        Err(panicked) => {
-            Err(StoreError::from(sled::Error::Io(std::io::Error::other(panicked))).into())
         }
     }
 }

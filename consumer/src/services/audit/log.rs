@@ -424,9 +424,10 @@ pub struct BatchKeys {
 }
 
 impl BatchKeys {
-    /// Adds the keys of `event` (read with `provenance`) logged at `index`: one
-    /// per index it belongs to, each its index's prefix, the change time and the
-    /// log index, so each index is ordered by time.
+    /// Adds the keys of `event` (read with `provenance`), the `index`th of its
+    /// batch: one per index it belongs to, each its index's prefix, the change
+    /// time and the log index (relative to the batch until [`Self::rebase`]), so
+    /// each index is ordered by time.
     pub fn add<R>(&mut self, event: &ChangeEvent<R>, provenance: &Provenance, index: u64) {
         let suffix = [event.source.ts_ms.max(0).to_be_bytes(), index.to_be_bytes()];
         let mut key = |kind: IndexKind, parts: &[&[&str]]| {
@@ -472,6 +473,16 @@ impl BatchKeys {
     /// Whether no key was added.
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
+    }
+
+    /// Makes the keys' log indexes absolute: the batch starts at `base` (the
+    /// log's size before it, known only when the batch is sealed).
+    pub fn rebase(&mut self, base: u64) {
+        for &(start, length) in &self.spans {
+            let index = &mut self.bytes[start + length - 8..start + length];
+            let absolute = u64::from_be_bytes(index.try_into().expect("8 bytes")) + base;
+            index.copy_from_slice(&absolute.to_be_bytes());
+        }
     }
 
     /// The keys, sorted.
@@ -710,8 +721,9 @@ pub(super) mod tests {
             logged_ms: 0,
         };
         let mut keys = BatchKeys::default();
-        keys.add(&object, &provenance(None), 7);
-        keys.add(&row, &provenance(Some("{\"id\":1}")), 8);
+        keys.add(&object, &provenance(None), 0);
+        keys.add(&row, &provenance(Some("{\"id\":1}")), 1);
+        keys.rebase(7);
         let keys: Vec<Vec<u8>> = keys.sorted().map(<[u8]>::to_vec).collect();
         assert_eq!(keys.len(), 12, "six indexes each");
         for (event, provenance, index) in [

@@ -43,7 +43,7 @@ use self::log::{
 use self::prune::{prune, Retention};
 use crate::runtime::sinks::kafka::{KafkaSink, Oversized};
 use crate::runtime::StoreError;
-use crate::runtime::{Context, Effect, Handler, HandlerError, Record, RuntimeConfig, Sinks};
+use crate::runtime::{Context, Effect, Handler, HandlerError, Record, RuntimeConfig, Seal, Sinks};
 
 /// The name of the sink signed heads go to.
 pub const HEADS: &str = "heads";
@@ -168,12 +168,30 @@ pub enum AuditError {
 /// What `handle` kept of the batch being applied, for its seal.
 #[derive(Default)]
 struct Pending {
-    /// The log's size before the batch (read at its first event).
-    size: Option<u64>,
     /// The batch's entries, encoded.
     values: Vec<Vec<u8>>,
     /// Their index keys.
     keys: BatchKeys,
+}
+
+/// Appends the batch's entries to the log: pages, leaf and subtree hashes, and
+/// the batch's index keys as one sorted run.
+impl Seal for Pending {
+    fn seal(self: Box<Self>, context: &mut Context<'_>) -> Result<(), HandlerError> {
+        let Pending { values, mut keys } = *self;
+        let size = read_u64(context.get(SIZE)?.as_deref());
+        let end = size + values.len() as u64;
+        let pruned = read_u64(context.get(PRUNED)?.as_deref());
+        let writes = append_batch(&|key: &[u8]| context.get(key), size, &values)
+            .map_err(HandlerError::fatal)?;
+        for (key, value) in writes {
+            context.put(key, value);
+        }
+        keys.rebase(size);
+        runs::add_run(context, keys.sorted(), (size, end), pruned).map_err(HandlerError::fatal)?;
+        context.put(SIZE, end.to_be_bytes().to_vec());
+        Ok(())
+    }
 }
 
 /// The audit handler.
@@ -263,11 +281,9 @@ impl Handler for Audit {
         // Ids seen before are skipped by the runtime (its dedup window).
         let provenance = provenance(record);
         let mut pending = self.pending.lock().expect("not poisoned");
-        let size = match pending.size {
-            Some(size) => size,
-            None => *pending.size.insert(read_u64(context.get(SIZE)?.as_deref())),
-        };
-        let index = size + pending.values.len() as u64;
+        // Relative to the batch: the log's size is known once the last batch's
+        // seal is written.
+        let index = pending.values.len() as u64;
         pending.keys.add(event, &provenance, index);
         pending
             .values
@@ -291,22 +307,9 @@ impl Handler for Audit {
         Ok(())
     }
 
-    async fn seal(&self, context: &mut Context<'_>) -> Result<(), HandlerError> {
-        let mut pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
-        let Some(size) = pending.size else {
-            return Ok(());
-        };
-        let end = size + pending.values.len() as u64;
-        let pruned = read_u64(context.get(PRUNED)?.as_deref());
-        let writes = append_batch(&|key: &[u8]| context.get(key), size, &pending.values)
-            .map_err(HandlerError::fatal)?;
-        for (key, value) in writes {
-            context.put(key, value);
-        }
-        runs::add_run(context, pending.keys.sorted(), (size, end), pruned)
-            .map_err(HandlerError::fatal)?;
-        context.put(SIZE, end.to_be_bytes().to_vec());
-        Ok(())
+    fn take_seal(&self) -> Option<Box<dyn Seal>> {
+        let pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
+        (!pending.values.is_empty()).then(|| Box::new(pending) as Box<dyn Seal>)
     }
 
     fn undecodable(
