@@ -14,6 +14,7 @@ use super::handler::{Context, Handler, HandlerError, Record};
 use super::metrics::{Outcome, ServiceState};
 use super::parking::Earlier;
 use super::store::StateChanges;
+use super::types::unix_millis;
 use super::worker::Worker;
 use super::RuntimeError;
 
@@ -292,11 +293,6 @@ fn batch_of(
         }
     }
     Ok(batch)
-}
-
-pub(super) fn unix_millis(time: SystemTime) -> u128 {
-    time.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
 }
 
 #[cfg(test)]

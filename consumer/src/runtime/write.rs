@@ -13,8 +13,8 @@ use super::digest::Segment;
 use super::handler::{Context, Emitted, Seal};
 use super::metrics::ConsumerMetrics;
 use super::outbox::{Outbox, Pending};
-use super::pipeline::unix_millis;
 use super::store::{StateChanges, Store};
+use super::types::unix_millis;
 use super::RuntimeError;
 
 /// A batch whose write runs (or ran) next to the batch being applied.
