@@ -89,7 +89,8 @@ pub(super) struct Emitted {
 }
 
 /// A batch's write per batch, taken from its handler once the batch's last
-/// record was handled ([`Handler::take_seal`]).
+/// record was handled ([`Handler::take_seal`]). `Sync` because it travels in the
+/// batch, which the next batch's handles read while the write runs.
 pub trait Seal: Send + Sync + 'static {
     /// Writes what the batch's `handle` calls kept. Any failure stops the
     /// service before the batch commits (a restart handles its records again).

@@ -60,8 +60,10 @@ impl<H: Handler> Worker<'_, H> {
         batch_of(context, result, "start")
     }
 
-    /// A tick of the handler's clock, as a batch of its own.
+    /// A tick of the handler's clock, as a batch of its own. It waits for the
+    /// write under way: a tick sees what the last batch's seal wrote.
     pub(super) async fn tick(&mut self) -> Result<Batch, RuntimeError> {
+        self.finish_write().await?;
         let nothing = StateChanges::default();
         let now = SystemTime::now();
         let mut context = self.context(&nothing, format!("tick/{}", unix_millis(now)));
@@ -418,6 +420,24 @@ mod tests {
             worker.store.offset("t", 0).expect("read"),
             Some(3),
             "in the same write"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_tick_sees_what_the_seal_under_way_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = testing::config(dir.path());
+        let mut worker = testing::worker(&config, Scripted::default());
+        let batch = worker
+            .apply(vec![event_record(0, 0, 1)])
+            .await
+            .expect("applies");
+        worker.write(batch);
+        let tick = worker.tick().await.expect("ticks");
+        assert_eq!(
+            tick.changes.pending(b"ticked"),
+            Some(Some(&b"1 of 1"[..])),
+            "the tick read the seal's write"
         );
     }
 

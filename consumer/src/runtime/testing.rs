@@ -116,6 +116,17 @@ impl Handler for Scripted {
         }
     }
 
+    /// Notes what the last seal wrote.
+    async fn tick(
+        &self,
+        _: std::time::SystemTime,
+        context: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        let sealed = context.get(b"sealed")?.unwrap_or_default();
+        context.put("ticked", sealed);
+        Ok(())
+    }
+
     fn take_seal(&self) -> Option<Box<dyn Seal>> {
         let applied = std::mem::take(&mut *self.applied.lock().expect("applied"));
         Some(Box::new(Applied(applied)))

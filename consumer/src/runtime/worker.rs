@@ -1,8 +1,9 @@
 //! The worker loop: polls, applies batches, writes them to sled (the next batch
-//! is applied while the previous one's seal and write run, see [`super::write`]), hands committed effects to
-//! the sinks, and keeps house (settled offsets to Kafka, outbox flow control,
-//! the group watch). Nothing in it waits for a sink or a retry: polling never
-//! stops, so the instance stays in its group through any downstream outage.
+//! is applied while the previous one's seal and write run, see
+//! [`super::write`]), hands committed effects to the sinks, and keeps house
+//! (settled offsets to Kafka, outbox flow control, the group watch). Nothing in
+//! it waits for a sink or a retry: polling never stops, so the instance stays in
+//! its group through any downstream outage.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,11 +137,7 @@ impl<H: Handler> Worker<'_, H> {
                 self.gaps.repositioned();
             }
             let batch = match input {
-                Input::Tick => {
-                    // A tick sees what the last batch's seal wrote.
-                    self.finish_write().await?;
-                    self.tick().await?
-                }
+                Input::Tick => self.tick().await?,
                 Input::Retry => {
                     let records = self.unpark_due(&consumer);
                     self.apply(records).await?
