@@ -26,7 +26,7 @@ impl SledCheckpoints {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
         Ok(Self {
-            db: sled::open(dir)?,
+            db: changewire_schemas::storage::open_sled(dir)?,
         })
     }
 

@@ -23,6 +23,7 @@ pub mod gateway;
 pub mod http;
 pub mod registry;
 pub mod settings;
+pub mod storage;
 pub mod time;
 pub mod topic;
 

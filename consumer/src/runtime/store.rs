@@ -71,7 +71,7 @@ impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         Ok(Self {
-            db: sled::open(dir)?,
+            db: changewire_schemas::storage::open_sled(dir)?,
         })
     }
 

@@ -219,7 +219,11 @@ mod tests {
     fn scopes_are_kept_apart_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = SledObjects::open(&sled::open(dir.path()).unwrap(), "c").unwrap();
+            let store = SledObjects::open(
+                &changewire_schemas::storage::open_sled(dir.path()).unwrap(),
+                "c",
+            )
+            .unwrap();
             assert_eq!(store.load("g/K/a").unwrap(), Loaded::default());
             store
                 .reserve("g/K/a", &[("u1", &json!(0)), ("u4", &json!(4))])
@@ -241,7 +245,7 @@ mod tests {
                 .apply("g/K/ab", vec![("u3".into(), Some(json!(3)))], None)
                 .unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = changewire_schemas::storage::open_sled(dir.path()).unwrap();
         assert!(
             SledObjects::open(&db, "other")
                 .unwrap()
@@ -274,7 +278,7 @@ mod tests {
     #[test]
     fn the_unnamed_state_goes_to_the_first_source_once() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = changewire_schemas::storage::open_sled(dir.path()).unwrap();
         let unnamed = SledObjects {
             tree: db.open_tree(UNNAMED_TREE).unwrap(),
         };

@@ -112,7 +112,10 @@ async fn main() -> anyhow::Result<()> {
         names,
         Arc::new(Codec::json()?),
         Publisher::for_source(&stack.kafka_config())?,
-        Arc::new(SledObjects::open(&sled::open(states[1].path())?, "k8s")?),
+        Arc::new(SledObjects::open(
+            &changewire_schemas::storage::open_sled(states[1].path())?,
+            "k8s",
+        )?),
     );
     let pg_shutdown = shutdown.clone();
     let pg_task = tokio::spawn(async move { postgres.run(pg_shutdown).await });

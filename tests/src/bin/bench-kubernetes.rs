@@ -78,7 +78,10 @@ async fn main() -> anyhow::Result<()> {
         TopicNames::new(&prefix)?,
         Arc::new(Codec::json()?),
         Publisher::for_source(&stack.kafka_config())?,
-        Arc::new(SledObjects::open(&sled::open(state.path())?, "bench")?),
+        Arc::new(SledObjects::open(
+            &changewire_schemas::storage::open_sled(state.path())?,
+            "bench",
+        )?),
     );
     let (stop, shutdown) = watch::channel(false);
     let started = Instant::now();

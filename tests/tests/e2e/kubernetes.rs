@@ -68,7 +68,10 @@ impl Running {
         state: &std::path::Path,
     ) -> anyhow::Result<Self> {
         crate::pipeline::log_to_test_output();
-        let objects = SledObjects::open(&sled::open(state)?, &config.name)?;
+        let objects = SledObjects::open(
+            &changewire_schemas::storage::open_sled(state)?,
+            &config.name,
+        )?;
         let name = config.name.clone();
         let source = KubernetesSource::new(
             config,
