@@ -68,7 +68,8 @@ pub(super) fn now_ms() -> u64 {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir` (waiting briefly for sled's lock,
+    /// see [`changewire_schemas::storage::open_sled`]).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         Ok(Self {
             db: changewire_schemas::storage::open_sled(dir)?,

@@ -211,6 +211,7 @@ impl ObjectStore for SledObjects {
 
 #[cfg(test)]
 mod tests {
+    use changewire_schemas::storage::open_sled;
     use serde_json::json;
 
     use super::*;
@@ -219,11 +220,7 @@ mod tests {
     fn scopes_are_kept_apart_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = SledObjects::open(
-                &changewire_schemas::storage::open_sled(dir.path()).unwrap(),
-                "c",
-            )
-            .unwrap();
+            let store = SledObjects::open(&open_sled(dir.path()).unwrap(), "c").unwrap();
             assert_eq!(store.load("g/K/a").unwrap(), Loaded::default());
             store
                 .reserve("g/K/a", &[("u1", &json!(0)), ("u4", &json!(4))])
@@ -245,7 +242,7 @@ mod tests {
                 .apply("g/K/ab", vec![("u3".into(), Some(json!(3)))], None)
                 .unwrap();
         }
-        let db = changewire_schemas::storage::open_sled(dir.path()).unwrap();
+        let db = open_sled(dir.path()).unwrap();
         assert!(
             SledObjects::open(&db, "other")
                 .unwrap()
@@ -278,7 +275,7 @@ mod tests {
     #[test]
     fn the_unnamed_state_goes_to_the_first_source_once() {
         let dir = tempfile::tempdir().unwrap();
-        let db = changewire_schemas::storage::open_sled(dir.path()).unwrap();
+        let db = open_sled(dir.path()).unwrap();
         let unnamed = SledObjects {
             tree: db.open_tree(UNNAMED_TREE).unwrap(),
         };

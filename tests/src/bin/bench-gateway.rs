@@ -28,6 +28,7 @@ use changewire_kafka::Publisher;
 use changewire_producer::checkpoint::SledCheckpoints;
 use changewire_producer::kubernetes::{KubernetesConfig, KubernetesSource, SledObjects};
 use changewire_producer::postgres::{PostgresConfig, PostgresSource, SnapshotMode};
+use changewire_schemas::storage::open_sled;
 use changewire_schemas::{Codec, TopicNames};
 use changewire_tests::bench::runtime_config;
 use changewire_tests::gateway::{Caddy, NginxDir, Upstream};
@@ -112,10 +113,7 @@ async fn main() -> anyhow::Result<()> {
         names,
         Arc::new(Codec::json()?),
         Publisher::for_source(&stack.kafka_config())?,
-        Arc::new(SledObjects::open(
-            &changewire_schemas::storage::open_sled(states[1].path())?,
-            "k8s",
-        )?),
+        Arc::new(SledObjects::open(&open_sled(states[1].path())?, "k8s")?),
     );
     let pg_shutdown = shutdown.clone();
     let pg_task = tokio::spawn(async move { postgres.run(pg_shutdown).await });

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use changewire_kafka::Publisher;
 use changewire_producer::kubernetes::{KubernetesConfig, KubernetesSource, SledObjects};
+use changewire_schemas::storage::open_sled;
 use changewire_schemas::{ChangeEvent, Codec, Origin, TopicNames};
 use changewire_tests::kube_api::{FakeApiServer, ResourceType};
 use changewire_tests::{unique_name, Stack, TestConsumer};
@@ -78,10 +79,7 @@ async fn main() -> anyhow::Result<()> {
         TopicNames::new(&prefix)?,
         Arc::new(Codec::json()?),
         Publisher::for_source(&stack.kafka_config())?,
-        Arc::new(SledObjects::open(
-            &changewire_schemas::storage::open_sled(state.path())?,
-            "bench",
-        )?),
+        Arc::new(SledObjects::open(&open_sled(state.path())?, "bench")?),
     );
     let (stop, shutdown) = watch::channel(false);
     let started = Instant::now();

@@ -11,6 +11,7 @@ use changewire_producer::kubernetes::{
     AuditConfig, KindConfig, KubernetesConfig, KubernetesError, KubernetesSource, SledObjects,
 };
 use changewire_producer::metrics::ProducerMetrics;
+use changewire_schemas::storage::open_sled;
 use changewire_schemas::{ActorVia, ChangeEvent, Codec, Op, Origin, TopicNames};
 use changewire_tests::certs::{TestCa, Usage};
 use changewire_tests::kube_api::{AuditLevel, AuditWebhook, FakeApiServer};
@@ -68,10 +69,7 @@ impl Running {
         state: &std::path::Path,
     ) -> anyhow::Result<Self> {
         crate::pipeline::log_to_test_output();
-        let objects = SledObjects::open(
-            &changewire_schemas::storage::open_sled(state)?,
-            &config.name,
-        )?;
+        let objects = SledObjects::open(&open_sled(state)?, &config.name)?;
         let name = config.name.clone();
         let source = KubernetesSource::new(
             config,
