@@ -34,7 +34,7 @@ const ADMIN: &str = "admin-token";
 
 /// One audit service process with its API.
 struct Audit {
-    _process: Option<KillOnDrop>,
+    process: Option<KillOnDrop>,
     base: String,
     http: reqwest::Client,
     log: PathBuf,
@@ -67,7 +67,7 @@ impl Audit {
     fn start(config: &Path, port: u16, log: &Path) -> anyhow::Result<Self> {
         let process = start_service(&workspace_binary("changewire-consumer")?, config, log)?;
         Ok(Self {
-            _process: Some(process),
+            process: Some(process),
             base: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
             log: log.to_owned(),
@@ -109,7 +109,7 @@ impl Audit {
     }
 
     fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(process) = self._process.take() {
+        if let Some(process) = self.process.take() {
             terminate(process)?;
         }
         Ok(())
@@ -690,6 +690,33 @@ async fn a_sigkilled_audit_service_logs_each_event_once() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A store written in an older layout (leaf hashes in blocks of 32) is refused
+/// at start, with what to do, instead of being misread as a tampered log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_an_older_layout_is_refused_with_what_to_do() -> anyhow::Result<()> {
+    let setup = setup("aul", 1, "").await?;
+    let store = Store::open(&setup.dir.path().join("state"))?;
+    store.put_state(b"audit/layout", Some(b"2"))?;
+    drop(store);
+    let mut audit = setup.start()?;
+    let child = &mut audit.process.as_mut().expect("started").0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "still running after 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = std::fs::read_to_string(&audit.log)?;
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("older layout") && log.contains("move its state directory aside"),
+        "{log}"
+    );
+    Ok(())
+}
+
 /// Waits for a signed head of a size below everything (ingest under way).
 async fn wait_for_some_heads(audit: &Audit) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -751,7 +778,7 @@ async fn tampering_with_the_store_is_found_and_located() -> anyhow::Result<()> {
     );
 
     let cut = tampered(&original, |store| {
-        for (first, _) in pages(store, 32, 64)? {
+        for (first, _) in pages(store, 0, 64)? {
             edit_page(store, first, |entries| entries.retain(|(at, _)| *at < 40))?;
         }
         store.put_state(SIZE, Some(&40u64.to_be_bytes()))
@@ -894,11 +921,11 @@ fn rewrite_hashes(store: &Store, size: u64) -> StoreResult {
 /// from inside the pruned range still links two signed heads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::Result<()> {
-    // Entries are pruned a block (32) at a time: keeping 40 of 80 prunes one.
+    // Entries are pruned a block (256) at a time: keeping 40 of 300 prunes one.
     let setup = setup("auq", 1, "max_entries = 40").await?;
     let (stack, topic) = (&setup.stack, &setup.topic);
     let audit = setup.start()?;
-    let all = events(0, 80);
+    let all = events(0, 300);
     publish(stack, topic, &all[..5]).await?;
     audit.wait_for_head(5).await?;
     let mut nameless = all[5].clone();
@@ -910,7 +937,7 @@ async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::R
     ];
     publish_keyed(stack, topic, garbage).await?;
     publish(stack, topic, &all[5..]).await?;
-    let heads = audit.wait_for_head(80).await?;
+    let heads = audit.wait_for_head(300).await?;
 
     let quarantine = audit.read("/v1/quarantine").await?;
     let reasons: Vec<&str> = quarantine["records"]
@@ -944,7 +971,7 @@ async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::R
             .await?
             .json()
             .await?;
-        if body["report"]["pruned"] == 32 || Instant::now() > deadline {
+        if body["report"]["pruned"] == 256 || Instant::now() > deadline {
             break body;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -955,10 +982,10 @@ async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::R
             report["report"]["pruned"].as_u64(),
             report["report"]["size"].as_u64()
         ),
-        (Some(32), Some(80))
+        (Some(256), Some(300))
     );
     let kept = all_pages(&audit, "limit=500").await?;
-    let newest: BTreeSet<String> = all[32..].iter().map(|e| e.id.to_string()).collect();
+    let newest: BTreeSet<String> = all[256..].iter().map(|e| e.id.to_string()).collect();
     assert_eq!(
         kept.into_iter().collect::<BTreeSet<_>>(),
         newest,
@@ -971,9 +998,9 @@ async fn bad_records_are_quarantined_and_pruning_keeps_the_proofs() -> anyhow::R
 
     let signed_heads = heads["heads"].as_array().cloned().unwrap_or_default();
     let root_of = |size: u64| head_root(&signed_heads, size);
-    let body = audit.read("/v1/proof/consistency?from=5&to=80").await?;
+    let body = audit.read("/v1/proof/consistency?from=5&to=300").await?;
     assert!(
-        consistent(5, 80, root_of(5), root_of(80), &hashes(&body["proof"])),
+        consistent(5, 300, root_of(5), root_of(300), &hashes(&body["proof"])),
         "{body}"
     );
     audit.stop()

@@ -5,8 +5,8 @@
 //! Entries are stored in pages of about [`PAGE_BYTES`], the leaf hashes of a
 //! block of [`BLOCK`] entries in a value of their own, and only subtrees of a
 //! whole block and up are stored as hashes: the ones below are recomputed from a
-//! block's leaf hashes ([`LogNodes`]). So a batch of a thousand events is some
-//! two hundred writes, not thousands: sled's cost is per write far more than per
+//! block's leaf hashes ([`LogNodes`]). So a thousand events are some 130 writes,
+//! index included, not thousands: sled's cost is per write far more than per
 //! byte. Pages are Snappy-compressed and stay small because sled copies whole
 //! tree nodes as it changes them, and writes a node of more than 128 KiB (a node
 //! holds up to 17 values) to a file of its own. A page never spans two blocks.
@@ -52,7 +52,10 @@ pub const QUARANTINE: &[u8] = b"audit/quarantine/";
 pub const PRUNED: &[u8] = b"audit/pruned";
 
 /// A block holds `2^BLOCK_LEVEL` entries: the level of the lowest stored subtree.
-pub const BLOCK_LEVEL: u32 = 5;
+/// 256 entries: a block's leaf hashes are one 8 kB value, and a proof recomputes
+/// at most 255 hashes of a block; blocks of 32 made leaves and subtrees nearly
+/// half of a batch's writes.
+pub const BLOCK_LEVEL: u32 = 8;
 /// Entries in a block.
 pub const BLOCK: u64 = 1 << BLOCK_LEVEL;
 /// A page takes no more entries once it holds this many bytes (before it is
@@ -658,14 +661,14 @@ pub(super) mod tests {
 
     #[test]
     fn blocks_give_the_roots_and_proofs_of_the_whole_tree() {
-        let values: Vec<Vec<u8>> = (0..300)
+        let values: Vec<Vec<u8>> = (0..1200)
             .map(|i| format!("entry {i}").repeat(i % 90).into_bytes())
             .collect();
-        let batches = [1, 30, 2, 64, 100, 3, 31, 69];
+        let batches = [1, 250, 2, 520, 100, 3, 255, 69];
         let memory = appended_in(&batches, &values);
         let get = |k: &[u8]| memory.get(k);
         let nodes = LogNodes(&get);
-        for size in 1..=300u64 {
+        for size in 1..=1200u64 {
             let expected = reference_root(&values[..size as usize]);
             assert_eq!(root(&nodes, size).expect("root"), expected, "size {size}");
         }
@@ -697,12 +700,17 @@ pub(super) mod tests {
             );
         }
         // Proofs only need what is stored: they come out for every pair.
-        assert_eq!(inclusion_proof(&nodes, 37, 300).expect("proof").len(), 9);
-        assert!(!consistency_proof(&nodes, 37, 300)
-            .expect("proof")
-            .is_empty());
+        assert_eq!(inclusion_proof(&nodes, 37, 1200).expect("proof").len(), 11);
+        // Past the last whole block: siblings 1,024 and 64 wide, then 5 in a 32.
+        assert_eq!(inclusion_proof(&nodes, 1100, 1150).expect("proof").len(), 8);
+        for (from, to) in [(37, 1200), (300, 1100), (1030, 1199)] {
+            assert!(!consistency_proof(&nodes, from, to)
+                .expect("proof")
+                .is_empty());
+        }
         let stored_nodes = memory.0.keys().filter(|k| k.starts_with(NODE)).count();
-        assert_eq!(stored_nodes, 9 + 4 + 2 + 1, "whole blocks and up only");
+        // 1,200 entries: four whole blocks of 256, two pairs, one of four.
+        assert_eq!(stored_nodes, 4 + 2 + 1, "whole blocks and up only");
     }
 
     #[test]

@@ -52,9 +52,10 @@ pub const HEADS: &str = "heads";
 const LAST_HEAD: &[u8] = b"audit/last_head";
 
 /// Key of the store's layout version; a store without it that holds entries was
-/// written with one entry per key (before version 2).
+/// written with one entry per key (before version 2). Version 3 keeps leaf hashes
+/// in blocks of 256 entries, not 32.
 const LAYOUT: &[u8] = b"audit/layout";
-const LAYOUT_VERSION: &[u8] = b"2";
+const LAYOUT_VERSION: &[u8] = b"3";
 
 /// The `[audit]` section.
 #[derive(Clone, Serialize, Deserialize)]
@@ -298,8 +299,8 @@ impl Handler for Audit {
         }
         if layout.is_some() || read_u64(context.get(SIZE)?.as_deref()) > 0 {
             return Err(HandlerError::fatal(
-                "this audit store was written in an older layout (one entry per key); \
-                 move its state directory aside and restart: the service rebuilds the log from \
+                "this audit store was written in an older layout (one entry per key, or leaf \
+                 hashes in blocks of 32); move its state directory aside and restart: the service rebuilds the log from \
                  the topics while their retention lasts (the heads topic keeps what the old log signed)",
             ));
         }
