@@ -11,6 +11,8 @@
 //! signed with the service's key (HMAC-SHA-256). A cursor that was forged, altered
 //! or made for other filters is refused, never followed.
 
+use std::collections::VecDeque;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64;
 use base64::Engine as _;
 use changewire_schemas::{ChangeEvent, Op};
@@ -128,7 +130,7 @@ impl<'a> Finder<'a> {
             next_cursor: None,
         };
         let mut last = None;
-        let mut pages = LastPage::default();
+        let mut pages = RecentPages::default();
         let changed = filters.changed.as_deref().map(PathPattern::parse);
         let get = |key: &[u8]| self.store.get(key);
         let (from, to) = (filters.from_ms, filters.to_ms);
@@ -166,7 +168,7 @@ impl<'a> Finder<'a> {
 
     /// The entry at `index`, decoded; `None` when missing or not an event.
     pub fn load(&self, index: u64) -> Result<Option<Found>, StoreError> {
-        self.load_from(&mut LastPage::default(), index, None)
+        self.load_from(&mut RecentPages::default(), index, None)
     }
 
     /// The entry at `index`, decoded, unless its diff shows it did not change
@@ -174,7 +176,7 @@ impl<'a> Finder<'a> {
     /// changed-path query reads are not what it looks for).
     fn load_from(
         &self,
-        pages: &mut LastPage,
+        pages: &mut RecentPages,
         index: u64,
         changed: Option<&PathPattern>,
     ) -> Result<Option<Found>, StoreError> {
@@ -233,20 +235,34 @@ impl<'a> Finder<'a> {
     }
 }
 
-/// The entry page read last: a page's hits are often neighbours in the log.
+/// The entry pages read last (each with its first and last index): a query's
+/// hits are often neighbours in the log, or in a few stretches of it (events of
+/// several partitions interleave in the log, in change-time order).
 #[derive(Default)]
-struct LastPage(Option<(u64, Vec<u8>)>);
+struct RecentPages(VecDeque<(u64, u64, Vec<u8>)>);
 
-impl LastPage {
+/// Pages a query keeps decompressed.
+const RECENT_PAGES: usize = 8;
+
+impl RecentPages {
     /// The stored page holding the entry at `index` (empty when there is none).
     fn read(&mut self, store: &Store, index: u64) -> Result<&[u8], StoreError> {
-        let holds = |(first, page): &(u64, Vec<u8>)| {
-            *first <= index && records(page).last().is_some_and(|(last, _)| last >= index)
+        let holds = |(first, last, _): &(u64, u64, Vec<u8>)| (*first..=*last).contains(&index);
+        let at = match self.0.iter().position(holds) {
+            Some(at) => at,
+            None => {
+                let Some((first, page)) = page_of(store, index)? else {
+                    return Ok(&[]);
+                };
+                let last = records(&page).last().map_or(first, |(last, _)| last);
+                if self.0.len() == RECENT_PAGES {
+                    self.0.pop_front();
+                }
+                self.0.push_back((first, last, page));
+                self.0.len() - 1
+            }
         };
-        if !self.0.as_ref().is_some_and(holds) {
-            self.0 = page_of(store, index)?;
-        }
-        Ok(self.0.as_ref().map_or(&[][..], |(_, page)| page.as_slice()))
+        Ok(&self.0[at].2)
     }
 }
 
