@@ -155,6 +155,13 @@ impl<'a> Context<'a> {
         self.changes.remove(key);
     }
 
+    /// The store as last committed, without this batch's changes or the previous
+    /// batch's: for work a handler hands to a thread of its own, off the batch's
+    /// path (the audit's index merges).
+    pub fn committed(&self) -> &Store {
+        self.store
+    }
+
     /// Committed state entries whose key starts with `prefix`, in key order
     /// (changes of batches not yet committed are not seen).
     pub fn scan_committed(

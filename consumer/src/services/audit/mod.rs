@@ -4,6 +4,7 @@
 //! - [`merkle`]: the tree, its roots and proofs (pure);
 //! - [`log`]: how the log is stored (in blocks), and appending a batch;
 //! - [`runs`]: the query indexes, as sorted runs merged in tiers;
+//! - [`merger`]: those merges, on a thread of their own;
 //! - [`head`]: signed tree heads;
 //! - [`query`]: finding events by resource, actor, op, source, time, changed path;
 //! - [`verify`]: recomputing the tree from the store against every signed head;
@@ -20,6 +21,7 @@ pub mod api;
 pub mod cli;
 pub mod head;
 pub mod log;
+pub mod merger;
 pub mod merkle;
 pub mod prune;
 pub mod query;
@@ -27,7 +29,7 @@ pub mod runs;
 pub mod verify;
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use changewire_schemas::settings::ConfigError;
@@ -40,7 +42,9 @@ use self::log::{
     append_batch, head_key, lacks, quarantine_key, read_u64, BatchKeys, Entry, LogNodes,
     Provenance, Quarantined, PRUNED, SIZE,
 };
+use self::merger::Merger;
 use self::prune::{prune, Retention};
+use self::runs::Runs;
 use crate::runtime::sinks::kafka::{KafkaSink, Oversized};
 use crate::runtime::StoreError;
 use crate::runtime::{Context, Effect, Handler, HandlerError, Record, RuntimeConfig, Seal, Sinks};
@@ -175,11 +179,18 @@ struct Pending {
     keys: BatchKeys,
 }
 
+/// A batch's seal: its entries, and the merges of the index runs.
+struct Sealing {
+    pending: Pending,
+    merger: Arc<Merger>,
+}
+
 /// Appends the batch's entries to the log: pages, leaf and subtree hashes, and
-/// the batch's index keys as one sorted run.
-impl Seal for Pending {
+/// the batch's index keys as one sorted run (after a merge finished meanwhile is
+/// put in place, or the next one due is started).
+impl Seal for Sealing {
     fn seal(self: Box<Self>, context: &mut Context<'_>) -> Result<(), HandlerError> {
-        let Pending { values, mut keys } = *self;
+        let Pending { values, mut keys } = self.pending;
         let size = read_u64(context.get(SIZE)?.as_deref());
         let end = size + values.len() as u64;
         let pruned = read_u64(context.get(PRUNED)?.as_deref());
@@ -189,7 +200,11 @@ impl Seal for Pending {
             context.put(key, value);
         }
         keys.rebase(size);
-        runs::add_run(context, keys.sorted(), (size, end), pruned).map_err(HandlerError::fatal)?;
+        let mut runs = Runs::load(&|key: &[u8]| context.get(key)).map_err(HandlerError::fatal)?;
+        let committed = context.committed().clone();
+        self.merger.step(&committed, context, &mut runs, pruned);
+        runs::add_run(context, &mut runs, keys.sorted(), (size, end));
+        runs::save(context, &runs);
         context.put(SIZE, end.to_be_bytes().to_vec());
         Ok(())
     }
@@ -199,6 +214,7 @@ impl Seal for Pending {
 pub struct Audit {
     /// The batch's new events, appended when it is sealed.
     pending: Mutex<Pending>,
+    merger: Arc<Merger>,
     signer: HeadSigner,
     heads_topic: String,
     service: String,
@@ -223,6 +239,7 @@ impl Audit {
             .map_err(|e| ConfigError::invalid("kafka", e.to_string()))?;
         let handler = Self {
             pending: Mutex::default(),
+            merger: Arc::default(),
             signer,
             heads_topic: audit.heads_topic(config),
             service: config.service.name.clone(),
@@ -310,7 +327,8 @@ impl Handler for Audit {
 
     fn take_seal(&self) -> Option<Box<dyn Seal>> {
         let pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
-        (!pending.values.is_empty()).then(|| Box::new(pending) as Box<dyn Seal>)
+        let merger = self.merger.clone();
+        (!pending.values.is_empty()).then(|| Box::new(Sealing { pending, merger }) as Box<dyn Seal>)
     }
 
     fn undecodable(

@@ -2,9 +2,10 @@
 //! each batch writes its events' index keys as one sorted run, in chunks of about
 //! [`CHUNK_BYTES`] (keys prefix-compressed). Runs are tiered by size (tier 0
 //! below [`TIER_KEYS`] keys, each tier [`FANOUT`] times the one below); the
-//! newest [`FANOUT`] runs of one tier are merged into one, unless that would
-//! write more than [`MAX_MERGE_KEYS`]. A lookup walks every run at once, merged
-//! in key order.
+//! newest [`FANOUT`] consecutive runs of one tier are merged into one, unless that
+//! would write more than [`MAX_MERGE_KEYS`]. The service merges on a thread of
+//! its own and puts the merged run in place in a later batch's write
+//! ([`super::merger`]). A lookup walks every run at once, merged in key order.
 //!
 //! Why: sled costs about ten microseconds per write whatever its size, and six
 //! index keys per event made the index most of the audit's cost. Runs write a
@@ -150,39 +151,85 @@ pub fn chunk_key(run: u64, n: u32) -> Vec<u8> {
     [CHUNK, &run.to_be_bytes()[..], &n.to_be_bytes()[..]].concat()
 }
 
-/// Adds a run of `keys` (sorted, log range `first..end`) in the batch's write,
-/// then merges runs as the tiers fill; keys of entries below `pruned` are dropped
-/// from merged runs.
+/// Adds a run of `keys` (sorted, log range `first..end`) to `runs`, its chunks
+/// in the batch's write ([`save`] writes the list).
 pub fn add_run<'k>(
     context: &mut impl State,
+    runs: &mut Runs,
     keys: impl IntoIterator<Item = &'k [u8]>,
     (first, end): (u64, u64),
-    pruned: u64,
-) -> Result<(), AuditError> {
-    let mut runs = Runs::load(&|key: &[u8]| context.get(key))?;
-    let chunks = encode_chunks(keys);
-    let run = put_run(context, &mut runs, chunks, (first, end));
+) {
+    let run = put_run(context, runs, encode_chunks(keys), (first, end));
     runs.runs.push(run);
-    while due_for_merge(&runs) {
-        let merged = runs.runs.split_off(runs.runs.len() - FANOUT);
-        let chunks = {
-            let get = |key: &[u8]| context.get(key);
-            let mut writer = ChunkWriter::default();
-            Merged::new(&get, &merged, (b"", &[0xff; 1]), false).for_each_key(|key| {
-                if indexed(key) >= pruned {
-                    writer.push(key);
-                }
-                Ok(())
-            })?;
-            writer.finish()
-        };
-        drop_runs(context, &merged);
-        let span = (merged[0].first, merged[FANOUT - 1].end);
-        let run = put_run(context, &mut runs, chunks, span);
-        runs.runs.push(run);
-    }
+}
+
+/// Writes the list of runs.
+pub fn save(context: &mut impl State, runs: &Runs) {
     context.put(RUNS.to_vec(), runs.encode());
-    Ok(())
+}
+
+/// The newest [`FANOUT`] consecutive runs of one tier that together hold no
+/// more than [`MAX_MERGE_KEYS`], if any: the next merge.
+pub fn due_merge(runs: &Runs) -> Option<&[Run]> {
+    let last = runs.runs.len().checked_sub(FANOUT)?;
+    (0..=last)
+        .rev()
+        .map(|at| &runs.runs[at..at + FANOUT])
+        .find(|window| {
+            let tier = window[0].tier();
+            window.iter().all(|r| r.tier() == tier)
+                && window.iter().map(|r| r.keys).sum::<u64>() <= MAX_MERGE_KEYS
+        })
+}
+
+/// Consecutive runs merged into one, not yet in place of them.
+#[derive(Debug)]
+pub struct MergedRun {
+    /// The ids of the runs it replaces, oldest first.
+    replaces: Vec<u64>,
+    /// Its keys.
+    encoded: Encoded,
+    /// The log range it covers.
+    span: (u64, u64),
+}
+
+/// Merges `window` (consecutive runs), read through `get`, dropping keys of
+/// entries below `pruned`.
+pub fn merge(get: &Get<'_>, window: &[Run], pruned: u64) -> Result<MergedRun, AuditError> {
+    let mut writer = ChunkWriter::default();
+    Merged::new(get, window, (b"", &[0xff; 1]), false).for_each_key(|key| {
+        if indexed(key) >= pruned {
+            writer.push(key);
+        }
+        Ok(())
+    })?;
+    let (first, last) = (window.first(), window.last());
+    Ok(MergedRun {
+        replaces: window.iter().map(|r| r.id).collect(),
+        encoded: writer.finish(),
+        span: (first.map_or(0, |r| r.first), last.map_or(0, |r| r.end)),
+    })
+}
+
+/// Puts `merged` in place of the runs it replaces, in the batch's write, if they
+/// are all still there (pruning may have dropped some meanwhile); whether it did.
+pub fn install(context: &mut impl State, runs: &mut Runs, merged: MergedRun) -> bool {
+    let Some(at) = (runs.runs.iter()).position(|r| Some(&r.id) == merged.replaces.first()) else {
+        return false;
+    };
+    let count = merged.replaces.len();
+    let ids = runs
+        .runs
+        .get(at..at + count)
+        .map(|w| w.iter().map(|r| r.id));
+    if !ids.is_some_and(|ids| ids.eq(merged.replaces.iter().copied())) {
+        return false;
+    }
+    let replaced: Vec<Run> = runs.runs.drain(at..at + count).collect();
+    drop_runs(context, &replaced);
+    let run = put_run(context, runs, merged.encoded, merged.span);
+    runs.runs.insert(at, run);
+    true
 }
 
 /// Drops the runs that cover only entries below `pruned`; returns how many went.
@@ -195,18 +242,6 @@ pub fn drop_pruned(context: &mut impl State, pruned: u64) -> Result<usize, Audit
         context.put(RUNS.to_vec(), runs.encode());
     }
     Ok(gone.len())
-}
-
-/// Whether the newest [`FANOUT`] runs are of one tier, and small enough together
-/// to merge.
-fn due_for_merge(runs: &Runs) -> bool {
-    let Some(newest) = runs.runs.len().checked_sub(FANOUT) else {
-        return false;
-    };
-    let newest = &runs.runs[newest..];
-    let tier = newest[0].tier();
-    newest.iter().all(|r| r.tier() == tier)
-        && newest.iter().map(|r| r.keys).sum::<u64>() <= MAX_MERGE_KEYS
 }
 
 fn put_run(
@@ -673,7 +708,13 @@ mod tests {
                 .collect();
             keys.sort();
             all.extend(keys.iter().cloned());
-            add_run(&mut memory, keys.iter().map(Vec::as_slice), span, pruned).expect("adds");
+            let mut runs = Runs::load(&|k: &[u8]| memory.get(k)).expect("runs");
+            add_run(&mut memory, &mut runs, keys.iter().map(Vec::as_slice), span);
+            while let Some(window) = due_merge(&runs) {
+                let merged = merge(&|k: &[u8]| memory.get(k), window, pruned).expect("merges");
+                assert!(install(&mut memory, &mut runs, merged), "in place");
+            }
+            save(&mut memory, &runs);
         }
         (memory, all)
     }
@@ -757,6 +798,21 @@ mod tests {
         let dropped = drop_pruned(&mut memory, end).expect("drops");
         assert_eq!(dropped, 2, "both merged runs end at or below {end}");
         assert!(walk(&memory, (b"", &[0xff]), false).is_empty());
+    }
+
+    #[test]
+    fn a_merge_is_not_put_in_place_of_runs_pruned_meanwhile() {
+        let (mut memory, mut runs) = (Memory::default(), Runs::default());
+        for batch in 0..FANOUT as u64 {
+            let span = (batch * 10, batch * 10 + 10);
+            let keys: Vec<Vec<u8>> = (span.0..span.1).map(|i| key(0, i)).collect();
+            add_run(&mut memory, &mut runs, keys.iter().map(Vec::as_slice), span);
+        }
+        let window = due_merge(&runs).expect("due").to_vec();
+        let merged = merge(&|k: &[u8]| memory.get(k), &window, 0).expect("merges");
+        runs.runs.remove(0);
+        assert!(!install(&mut memory, &mut runs, merged));
+        assert_eq!(runs.runs, window[1..], "left as they were");
     }
 
     #[test]
