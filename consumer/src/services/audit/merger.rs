@@ -1,126 +1,282 @@
 //! Index merges next to the batches' writes, off their path. A merge of sixteen
-//! batches' runs took some 60 ms inside one batch's write, and the worker waited
-//! for that write at every sixteenth batch (0.8 s of a million events' 6 s). Now
-//! a seal starts a merge of runs already committed on a thread of its own, and a
-//! later seal puts the merged run in place of them, in its batch's atomic write.
-//! A crash loses only a merge not yet in place: it is done again.
+//! batches' runs took some 60 ms inside one batch's write, and writing the merged
+//! run as much again; the worker waited for that write at every sixteenth batch
+//! (0.8 s of a million events' 6 s).
+//!
+//! Now a seal reserves a run id for the next merge due (in its batch's write,
+//! under [`MERGING`]) and starts it on a thread of its own over runs already
+//! committed. Once that batch is committed, the next seal lets the thread write
+//! the merged run's chunks under the id (so no chunk is written under an id a
+//! crash could hand out again). A later seal puts the run in place of the runs it
+//! replaces, in its batch's atomic write. A merge that fails or whose runs were
+//! pruned meanwhile, or the leftovers of one a crash cut short, are dropped by
+//! id, and the merge is done again.
 
+use std::sync::mpsc::{channel, Sender};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
-use super::log::State;
-use super::runs::{due_merge, install, merge, MergedRun, Runs};
+use super::log::{read_u64, State};
+use super::runs::{
+    drop_run_keys, due_merge, install, merge, merged_run, MergedRun, Run, Runs, MERGING,
+};
 use super::AuditError;
-use crate::runtime::Store;
+use crate::runtime::{StateChanges, Store};
 
 /// The merge under way, if any: one at a time.
 #[derive(Default)]
-pub struct Merger(Mutex<Option<JoinHandle<Result<MergedRun, AuditError>>>>);
+pub struct Merger(Mutex<Option<Running>>);
+
+/// A merge on its thread.
+struct Running {
+    /// The id reserved for the merged run.
+    id: u64,
+    /// Lets the thread write the run's chunks (dropped: it gives up).
+    release: Option<Sender<()>>,
+    /// The merged run; `None` when the merge was abandoned unreleased.
+    thread: JoinHandle<Result<Option<MergedRun>, AuditError>>,
+}
 
 impl Merger {
     /// In a seal, before the batch's own run is added to `runs` (the committed
-    /// list): puts a finished merge in place, or else starts the next one due.
-    /// A merge that failed (its runs were pruned meanwhile, say) is logged and
-    /// left to be done again.
-    pub fn step(&self, committed: &Store, context: &mut impl State, runs: &mut Runs, pruned: u64) {
+    /// list): releases the merge started by the last seal, puts a finished merge
+    /// in place, or else starts the next one due.
+    pub fn step(
+        &self,
+        committed: &Store,
+        context: &mut impl State,
+        runs: &mut Runs,
+        pruned: u64,
+    ) -> Result<(), AuditError> {
         let mut running = self.0.lock().expect("not poisoned");
-        if let Some(done) = running.take_if(|merge| merge.is_finished()) {
-            match done.join() {
-                // Its chunks are not committed yet: the next merge waits a batch.
-                Ok(Ok(merged)) => {
-                    if !install(context, runs, merged) {
-                        tracing::debug!("an index merge's runs were pruned meanwhile");
-                    }
-                    return;
-                }
+        if let Some(release) = running.as_mut().and_then(|r| r.release.take()) {
+            // The batch that reserved its id is committed now.
+            let _ = release.send(());
+            return Ok(());
+        }
+        if let Some(done) = running.take_if(|r| r.thread.is_finished()) {
+            let installed = match done.thread.join() {
+                Ok(Ok(Some(merged))) => install(context, runs, merged),
+                Ok(Ok(None)) => false,
                 Ok(Err(error)) => {
-                    tracing::warn!(error = %error, "an index merge failed; it is done again")
+                    tracing::warn!(error = %error, "an index merge failed; it is done again");
+                    false
                 }
-                Err(_) => tracing::warn!("an index merge panicked; it is done again"),
-            }
+                Err(_) => {
+                    tracing::warn!("an index merge panicked; it is done again");
+                    false
+                }
+            };
+            return forget(committed, context, done.id, installed);
         }
         if running.is_some() {
-            return;
+            return Ok(());
         }
-        let Some(window) = due_merge(runs) else {
-            return;
-        };
-        let (store, window) = (committed.clone(), window.to_vec());
-        let spawned = std::thread::Builder::new()
-            .name("audit-merge".into())
-            .spawn(move || merge(&|key: &[u8]| store.get(key), &window, pruned));
-        match spawned {
-            Ok(merge) => *running = Some(merge),
-            Err(error) => {
-                tracing::warn!(error = %error, "could not start an index merge; it is tried again")
-            }
+        if let Some(id) = context.get(MERGING)? {
+            // Left by a crash: the merge is done again.
+            return forget(committed, context, read_u64(Some(&id)), false);
         }
+        if let Some(window) = due_merge(runs).map(<[Run]>::to_vec) {
+            let id = runs.reserve_id();
+            context.put(MERGING.to_vec(), id.to_be_bytes().to_vec());
+            *running = Some(start(committed.clone(), id, window, pruned));
+        }
+        Ok(())
+    }
+}
+
+/// Clears the reservation of merge `id`, dropping its run's keys unless it was
+/// put in place.
+fn forget(
+    committed: &Store,
+    context: &mut impl State,
+    id: u64,
+    installed: bool,
+) -> Result<(), AuditError> {
+    if !installed {
+        drop_run_keys(committed, context, id)?;
+    }
+    context.remove(MERGING.to_vec());
+    Ok(())
+}
+
+/// Merges `window` on a thread of its own; once released, writes the merged run
+/// as run `id` (durable with the next batch's flush).
+fn start(store: Store, id: u64, window: Vec<Run>, pruned: u64) -> Running {
+    let (release, released) = channel();
+    let thread = std::thread::spawn(move || {
+        let encoded = merge(&|key: &[u8]| store.get(key), &window, pruned)?;
+        if released.recv().is_err() {
+            return Ok(None);
+        }
+        let mut changes = StateChanges::default();
+        let merged = merged_run(id, &window, encoded, |key, value| changes.put(key, value));
+        store.apply_lazily(changes)?;
+        Ok(Some(merged))
+    });
+    Running {
+        id,
+        release: Some(release),
+        thread,
     }
 }
 
 impl Drop for Merger {
-    /// Waits for the merge under way: it holds the store open.
+    /// Stops the merge under way (unreleased, it gives up) and waits for it: it
+    /// holds the store open.
     fn drop(&mut self) {
-        let running = self.0.get_mut().map(Option::take);
-        if let Ok(Some(merge)) = running {
-            let _ = merge.join();
+        if let Ok(Some(running)) = self.0.get_mut().map(Option::take) {
+            drop(running.release);
+            let _ = running.thread.join();
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::time::{Duration, Instant};
 
-    use super::super::log::tests::Memory;
     use super::super::runs::{add_run, save, Merged, CHUNK, FANOUT};
     use super::*;
+    use crate::runtime::StoreError;
 
-    /// [`FANOUT`] runs of 100 keys (one tier), committed to `store` and mirrored
-    /// in memory; their keys in order.
-    fn committed_runs(store: &Store) -> (Memory, Vec<Vec<u8>>) {
-        let (mut memory, mut runs, mut all) = (Memory::default(), Runs::default(), Vec::new());
-        for batch in 0..FANOUT as u64 {
-            let span = (batch * 100, batch * 100 + 100);
+    /// A batch's changes over the committed store, as a seal sees them.
+    struct Batch<'s> {
+        store: &'s Store,
+        changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    }
+
+    impl<'s> Batch<'s> {
+        fn new(store: &'s Store) -> Self {
+            let changes = BTreeMap::new();
+            Self { store, changes }
+        }
+
+        fn commit(self) {
+            for (key, value) in self.changes {
+                self.store
+                    .put_state(&key, value.as_deref())
+                    .expect("commits");
+            }
+        }
+    }
+
+    impl State for Batch<'_> {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            match self.changes.get(key) {
+                Some(value) => Ok(value.clone()),
+                None => self.store.get(key),
+            }
+        }
+
+        fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+            self.changes.insert(key, Some(value));
+        }
+
+        fn remove(&mut self, key: Vec<u8>) {
+            self.changes.insert(key, None);
+        }
+    }
+
+    /// Commits [`FANOUT`] runs of 100 keys (one tier); their keys in order.
+    fn committed_runs(store: &Store) -> Vec<Vec<u8>> {
+        let (mut batch, mut runs, mut all) = (Batch::new(store), Runs::default(), Vec::new());
+        for n in 0..FANOUT as u64 {
+            let span = (n * 100, n * 100 + 100);
             let keys: Vec<Vec<u8>> = (span.0..span.1)
                 .map(|i| [&b"t\0"[..], &i.to_be_bytes(), &i.to_be_bytes()].concat())
                 .collect();
-            add_run(&mut memory, &mut runs, keys.iter().map(Vec::as_slice), span);
+            add_run(&mut batch, &mut runs, keys.iter().map(Vec::as_slice), span);
             all.extend(keys);
         }
-        save(&mut memory, &runs);
-        for (key, value) in &memory.0 {
-            store.put_state(key, Some(value)).expect("stores");
-        }
-        (memory, all)
+        save(&mut batch, &runs);
+        batch.commit();
+        all
+    }
+
+    /// One seal's step of `merger`, committed; the runs after it.
+    fn seal(merger: &Merger, store: &Store) -> Runs {
+        let mut batch = Batch::new(store);
+        let mut runs = Runs::load(&|k: &[u8]| batch.get(k)).expect("runs");
+        merger.step(store, &mut batch, &mut runs, 0).expect("steps");
+        save(&mut batch, &runs);
+        batch.commit();
+        runs
+    }
+
+    /// The ids of the runs whose chunks the store holds.
+    fn chunk_owners(store: &Store) -> Vec<u64> {
+        let mut owners: Vec<u64> = (store.scan(CHUNK).expect("scans").iter())
+            .map(|(key, _)| read_u64(key.get(CHUNK.len()..CHUNK.len() + 8)))
+            .collect();
+        owners.dedup();
+        owners
     }
 
     #[test]
-    fn a_due_merge_runs_on_its_own_thread_and_a_later_seal_puts_it_in_place() {
+    fn a_merge_runs_on_its_own_thread_and_a_later_seal_puts_it_in_place() {
         let dir = tempfile::tempdir().expect("a directory");
         let store = Store::open(dir.path()).expect("opens");
-        let (mut memory, all) = committed_runs(&store);
+        let all = committed_runs(&store);
         let merger = Merger::default();
-        let mut runs = Runs::load(&|k: &[u8]| memory.get(k)).expect("runs");
-        merger.step(&store, &mut memory, &mut runs, 0);
-        assert_eq!(runs.runs.len(), FANOUT, "the merge runs meanwhile");
+        assert_eq!(
+            seal(&merger, &store).runs.len(),
+            FANOUT,
+            "started, not done"
+        );
+        assert!(
+            store.get(MERGING).expect("reads").is_some(),
+            "its id is reserved"
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
-        while runs.runs.len() == FANOUT {
+        let runs = loop {
+            let runs = seal(&merger, &store);
+            if runs.runs.len() < FANOUT {
+                break runs;
+            }
             assert!(Instant::now() < deadline, "the merge never came in");
             std::thread::sleep(Duration::from_millis(5));
-            merger.step(&store, &mut memory, &mut runs, 0);
-        }
+        };
         assert_eq!(runs.runs.len(), 1, "one run in place of the sixteen");
-        save(&mut memory, &runs);
-        let chunks = memory.0.keys().filter(|k| k.starts_with(CHUNK)).count();
         assert_eq!(
-            chunks as u32, runs.runs[0].chunks,
+            chunk_owners(&store),
+            vec![runs.runs[0].id],
             "the merged runs' chunks are gone"
         );
-        let get = |k: &[u8]| memory.get(k);
+        assert_eq!(store.get(MERGING).expect("reads"), None);
+        let get = |k: &[u8]| store.get(k);
         let walked: Vec<Vec<u8>> = Merged::new(&get, &runs.runs, (b"", &[0xff]), false)
             .collect::<Result<_, _>>()
             .expect("walks");
         assert_eq!(walked, all);
+    }
+
+    #[test]
+    fn a_merge_cut_short_by_a_crash_leaves_nothing_once_restarted() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let store = Store::open(dir.path()).expect("opens");
+        committed_runs(&store);
+        let before = chunk_owners(&store);
+        let merger = Merger::default();
+        seal(&merger, &store);
+        seal(&merger, &store); // released: it writes its chunks
+        drop(merger); // waits for the thread, which wrote them: the crash
+        let reserved = read_u64(store.get(MERGING).expect("reads").as_deref());
+        assert!(
+            chunk_owners(&store).contains(&reserved),
+            "{reserved}'s chunks were written"
+        );
+
+        let restarted = Merger::default();
+        let runs = seal(&restarted, &store);
+        assert_eq!(runs.runs.len(), FANOUT, "nothing was put in place");
+        assert_eq!(chunk_owners(&store), before, "the leftovers went");
+        assert_eq!(store.get(MERGING).expect("reads"), None);
+        seal(&restarted, &store);
+        assert!(
+            store.get(MERGING).expect("reads").is_some(),
+            "and the merge starts again"
+        );
     }
 }

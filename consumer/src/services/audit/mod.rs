@@ -202,7 +202,9 @@ impl Seal for Sealing {
         keys.rebase(size);
         let mut runs = Runs::load(&|key: &[u8]| context.get(key)).map_err(HandlerError::fatal)?;
         let committed = context.committed().clone();
-        self.merger.step(&committed, context, &mut runs, pruned);
+        (self.merger)
+            .step(&committed, context, &mut runs, pruned)
+            .map_err(HandlerError::fatal)?;
         runs::add_run(context, &mut runs, keys.sorted(), (size, end));
         runs::save(context, &runs);
         context.put(SIZE, end.to_be_bytes().to_vec());

@@ -24,11 +24,15 @@ use std::collections::BinaryHeap;
 
 use super::log::{indexed, read_u64, Get, State};
 use super::AuditError;
+use crate::runtime::Store;
 
 /// Key of the list of runs.
 pub const RUNS: &[u8] = b"audit/runs";
 /// Prefix of run chunks.
 pub const CHUNK: &[u8] = b"audit/chunk/";
+/// Key of the id reserved for the merge under way, so a crash's leftovers of it
+/// are found and dropped.
+pub const MERGING: &[u8] = b"audit/merging";
 /// Prefix of run fences: the first key of every [`FENCE_EVERY`]th chunk of a run,
 /// so a lookup reads one fence and a few neighbouring chunks, not a binary
 /// search's worth of chunks scattered over the run.
@@ -132,6 +136,12 @@ impl Runs {
         value
     }
 
+    /// Takes the next run id.
+    pub fn reserve_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id - 1
+    }
+
     /// The runs that may hold keys changed in `from..to` (ms since the epoch).
     pub fn overlapping(&self, from: u64, to: u64) -> Vec<Run> {
         (self.runs.iter())
@@ -182,20 +192,19 @@ pub fn due_merge(runs: &Runs) -> Option<&[Run]> {
         })
 }
 
-/// Consecutive runs merged into one, not yet in place of them.
+/// Consecutive runs merged into one whose chunks are written, not yet in place
+/// of them.
 #[derive(Debug)]
 pub struct MergedRun {
     /// The ids of the runs it replaces, oldest first.
     replaces: Vec<u64>,
-    /// Its keys.
-    encoded: Encoded,
-    /// The log range it covers.
-    span: (u64, u64),
+    /// The merged run.
+    run: Run,
 }
 
-/// Merges `window` (consecutive runs), read through `get`, dropping keys of
-/// entries below `pruned`.
-pub fn merge(get: &Get<'_>, window: &[Run], pruned: u64) -> Result<MergedRun, AuditError> {
+/// The keys of `window` (consecutive runs), read through `get`, merged into one
+/// sorted run without those of entries below `pruned`.
+pub fn merge(get: &Get<'_>, window: &[Run], pruned: u64) -> Result<Encoded, AuditError> {
     let mut writer = ChunkWriter::default();
     Merged::new(get, window, (b"", &[0xff; 1]), false).for_each_key(|key| {
         if indexed(key) >= pruned {
@@ -203,12 +212,22 @@ pub fn merge(get: &Get<'_>, window: &[Run], pruned: u64) -> Result<MergedRun, Au
         }
         Ok(())
     })?;
+    Ok(writer.finish())
+}
+
+/// The merge of `window` as run `id`, its chunks and fence handed to `put`.
+pub fn merged_run(
+    id: u64,
+    window: &[Run],
+    encoded: Encoded,
+    put: impl FnMut(Vec<u8>, Vec<u8>),
+) -> MergedRun {
     let (first, last) = (window.first(), window.last());
-    Ok(MergedRun {
+    let span = (first.map_or(0, |r| r.first), last.map_or(0, |r| r.end));
+    MergedRun {
         replaces: window.iter().map(|r| r.id).collect(),
-        encoded: writer.finish(),
-        span: (first.map_or(0, |r| r.first), last.map_or(0, |r| r.end)),
-    })
+        run: write_run(id, encoded, span, put),
+    }
 }
 
 /// Puts `merged` in place of the runs it replaces, in the batch's write, if they
@@ -227,9 +246,22 @@ pub fn install(context: &mut impl State, runs: &mut Runs, merged: MergedRun) -> 
     }
     let replaced: Vec<Run> = runs.runs.drain(at..at + count).collect();
     drop_runs(context, &replaced);
-    let run = put_run(context, runs, merged.encoded, merged.span);
-    runs.runs.insert(at, run);
+    runs.runs.insert(at, merged.run);
     true
+}
+
+/// Removes the keys of run `id` that `committed` holds: a merge not put in place.
+pub fn drop_run_keys(
+    committed: &Store,
+    context: &mut impl State,
+    id: u64,
+) -> Result<(), AuditError> {
+    context.remove(fence_key(id));
+    let chunks = [CHUNK, &id.to_be_bytes()[..]].concat();
+    for (key, _) in committed.scan(&chunks)? {
+        context.remove(key);
+    }
+    Ok(())
 }
 
 /// Drops the runs that cover only entries below `pruned`; returns how many went.
@@ -244,20 +276,25 @@ pub fn drop_pruned(context: &mut impl State, pruned: u64) -> Result<usize, Audit
     Ok(gone.len())
 }
 
-fn put_run(
-    context: &mut impl State,
-    runs: &mut Runs,
+fn put_run(context: &mut impl State, runs: &mut Runs, encoded: Encoded, span: (u64, u64)) -> Run {
+    let id = runs.reserve_id();
+    write_run(id, encoded, span, |key, value| context.put(key, value))
+}
+
+/// Run `id` of `encoded` keys covering `first..end`; its fence and chunks go to
+/// `put`.
+fn write_run(
+    id: u64,
     encoded: Encoded,
     (first, end): (u64, u64),
+    mut put: impl FnMut(Vec<u8>, Vec<u8>),
 ) -> Run {
-    let id = runs.next_id;
-    runs.next_id += 1;
     let count = encoded.chunks.len() as u32;
     let fence =
         (encoded.chunks.iter().step_by(FENCE_EVERY as usize)).filter_map(|chunk| first_key(chunk));
-    context.put(fence_key(id), encode_fence(fence));
+    put(fence_key(id), encode_fence(fence));
     for (n, chunk) in encoded.chunks.into_iter().enumerate() {
-        context.put(chunk_key(id, n as u32), chunk);
+        put(chunk_key(id, n as u32), chunk);
     }
     Run {
         id,
@@ -710,13 +747,26 @@ mod tests {
             all.extend(keys.iter().cloned());
             let mut runs = Runs::load(&|k: &[u8]| memory.get(k)).expect("runs");
             add_run(&mut memory, &mut runs, keys.iter().map(Vec::as_slice), span);
-            while let Some(window) = due_merge(&runs) {
-                let merged = merge(&|k: &[u8]| memory.get(k), window, pruned).expect("merges");
+            while let Some(window) = due_merge(&runs).map(<[Run]>::to_vec) {
+                let merged = merged_in(&mut memory, &mut runs, &window, pruned);
                 assert!(install(&mut memory, &mut runs, merged), "in place");
             }
             save(&mut memory, &runs);
         }
         (memory, all)
+    }
+
+    /// `window` merged, its chunks written to `memory` under a new id.
+    fn merged_in(memory: &mut Memory, runs: &mut Runs, window: &[Run], pruned: u64) -> MergedRun {
+        let encoded = merge(&|k: &[u8]| memory.get(k), window, pruned).expect("merges");
+        let mut writes = Vec::new();
+        let merged = merged_run(runs.reserve_id(), window, encoded, |k, v| {
+            writes.push((k, v))
+        });
+        for (key, value) in writes {
+            memory.put(key, value);
+        }
+        merged
     }
 
     fn walk(memory: &Memory, bounds: (&[u8], &[u8]), reverse: bool) -> Vec<Vec<u8>> {
@@ -809,7 +859,7 @@ mod tests {
             add_run(&mut memory, &mut runs, keys.iter().map(Vec::as_slice), span);
         }
         let window = due_merge(&runs).expect("due").to_vec();
-        let merged = merge(&|k: &[u8]| memory.get(k), &window, 0).expect("merges");
+        let merged = merged_in(&mut memory, &mut runs, &window, 0);
         runs.runs.remove(0);
         assert!(!install(&mut memory, &mut runs, merged));
         assert_eq!(runs.runs, window[1..], "left as they were");
