@@ -17,6 +17,7 @@ use changewire_consumer::services::audit::log::{
 use changewire_consumer::services::audit::merkle::{
     appended, consistency_proof, inclusion_proof, leaf_hash, root, Nodes,
 };
+use changewire_consumer::services::audit::runs::Runs;
 use changewire_consumer::services::audit::verify::{verify, Problem};
 use changewire_schemas::{fixtures, ActorVia, ChangeEvent, EventId, Op, Origin};
 use changewire_tests::servers::free_port;
@@ -666,12 +667,19 @@ async fn check_openapi(audit: &Audit) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGKILL twice while 3,000 events stream in: each event is logged exactly once
-/// and the log verifies.
+/// SIGKILL twice while 3,000 events stream in: each event is logged exactly once,
+/// the log verifies, and the index (its runs merged meanwhile, some merges cut
+/// short) lists each event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_audit_service_logs_each_event_once() -> anyhow::Result<()> {
     const EVENTS: u64 = 3000;
     let setup = setup("auk", 2, "").await?;
+    // Batches of 50: the index's runs merge (sixteen at a time) while it is killed.
+    let config = std::fs::read_to_string(&setup.config)?;
+    std::fs::write(
+        &setup.config,
+        config.replace("[service]\n", "[service]\nmax_batch = 50\n"),
+    )?;
     let (stack, topic) = (&setup.stack, &setup.topic);
     publish(stack, topic, &events(0, EVENTS)).await?;
     for _ in 0..2 {
@@ -681,12 +689,21 @@ async fn a_sigkilled_audit_service_logs_each_event_once() -> anyhow::Result<()> 
     }
     let audit = setup.start()?;
     audit.wait_for_head(EVENTS).await?;
+    let listed = all_pages(&audit, "limit=500").await?;
+    let distinct: BTreeSet<&String> = listed.iter().collect();
+    assert_eq!(
+        (listed.len(), distinct.len()),
+        (EVENTS as usize, EVENTS as usize),
+        "the time index lists each event once"
+    );
     audit.stop()?;
     let store = Store::open(&setup.dir.path().join("state"))?;
     let key = ed25519_dalek::SigningKey::from_bytes(&SEED).verifying_key();
     let report = verify(&store, &key)?;
     assert!(report.is_intact(), "{report:?}");
     assert_eq!(report.size, EVENTS, "each event exactly once");
+    let runs = Runs::load(&|k: &[u8]| store.get(k))?;
+    assert!(runs.runs.len() < (EVENTS / 50) as usize, "merged: {runs:?}");
     Ok(())
 }
 
