@@ -2,7 +2,7 @@
 //! each batch writes its events' index keys as one sorted run, in chunks of about
 //! [`CHUNK_BYTES`] (keys prefix-compressed). Runs are tiered by size (tier 0
 //! below [`TIER_KEYS`] keys, each tier [`FANOUT`] times the one below); the
-//! newest [`FANOUT`] consecutive runs of one tier are merged into one, unless that
+//! oldest [`FANOUT`] consecutive runs of one tier are merged into one, unless that
 //! would write more than [`MAX_MERGE_KEYS`]. The service merges on a thread of
 //! its own and puts the merged run in place in a later batch's write
 //! ([`super::merger`]). A lookup walks every run at once, merged in key order.
@@ -178,12 +178,13 @@ pub fn save(context: &mut impl State, runs: &Runs) {
     context.put(RUNS.to_vec(), runs.encode());
 }
 
-/// The newest [`FANOUT`] consecutive runs of one tier that together hold no
-/// more than [`MAX_MERGE_KEYS`], if any: the next merge.
+/// The oldest [`FANOUT`] consecutive runs of one tier that together hold no
+/// more than [`MAX_MERGE_KEYS`], if any: the next merge. Oldest, because runs
+/// join a tier while a merge runs: those left over are then the newest ones,
+/// next to the runs still to come, not stranded before the merged run.
 pub fn due_merge(runs: &Runs) -> Option<&[Run]> {
     let last = runs.runs.len().checked_sub(FANOUT)?;
     (0..=last)
-        .rev()
         .map(|at| &runs.runs[at..at + FANOUT])
         .find(|window| {
             let tier = window[0].tier();
@@ -848,6 +849,22 @@ mod tests {
         let dropped = drop_pruned(&mut memory, end).expect("drops");
         assert_eq!(dropped, 2, "both merged runs end at or below {end}");
         assert!(walk(&memory, (b"", &[0xff]), false).is_empty());
+    }
+
+    #[test]
+    fn a_merge_takes_the_oldest_runs_of_a_tier_so_none_is_stranded() {
+        let (mut memory, mut runs) = (Memory::default(), Runs::default());
+        for batch in 0..FANOUT as u64 + 2 {
+            let span = (batch * 10, batch * 10 + 10);
+            let keys: Vec<Vec<u8>> = (span.0..span.1).map(|i| key(0, i)).collect();
+            add_run(&mut memory, &mut runs, keys.iter().map(Vec::as_slice), span);
+        }
+        let window = due_merge(&runs).expect("due").to_vec();
+        assert_eq!(window, runs.runs[..FANOUT], "the oldest sixteen");
+        let merged = merged_in(&mut memory, &mut runs, &window, 0);
+        assert!(install(&mut memory, &mut runs, merged));
+        assert_eq!(runs.runs.len(), 3, "the two newest wait for more");
+        assert_eq!(runs.runs[0].keys, 10 * FANOUT as u64, "merged first");
     }
 
     #[test]
