@@ -73,13 +73,21 @@ impl Merger {
             return Ok(());
         }
         if let Some(id) = context.get(MERGING)? {
-            // Left by a crash: the merge is done again.
+            // Left by a crash or a stop: the merge is done again.
             return forget(committed, context, read_u64(Some(&id)), false);
         }
         if let Some(window) = due_merge(runs).map(<[Run]>::to_vec) {
+            // An id spawning failed for stays unused: ids need only be unique.
             let id = runs.reserve_id();
-            context.put(MERGING.to_vec(), id.to_be_bytes().to_vec());
-            *running = Some(start(committed.clone(), id, window, pruned));
+            match start(committed.clone(), id, window, pruned) {
+                Ok(merge) => {
+                    context.put(MERGING.to_vec(), id.to_be_bytes().to_vec());
+                    *running = Some(merge);
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not start an index merge; it is tried again");
+                }
+            }
         }
         Ok(())
     }
@@ -102,23 +110,25 @@ fn forget(
 
 /// Merges `window` on a thread of its own; once released, writes the merged run
 /// as run `id` (durable with the next batch's flush).
-fn start(store: Store, id: u64, window: Vec<Run>, pruned: u64) -> Running {
+fn start(store: Store, id: u64, window: Vec<Run>, pruned: u64) -> std::io::Result<Running> {
     let (release, released) = channel();
-    let thread = std::thread::spawn(move || {
-        let encoded = merge(&|key: &[u8]| store.get(key), &window, pruned)?;
-        if released.recv().is_err() {
-            return Ok(None);
-        }
-        let mut changes = StateChanges::default();
-        let merged = merged_run(id, &window, encoded, |key, value| changes.put(key, value));
-        store.apply_lazily(changes)?;
-        Ok(Some(merged))
-    });
-    Running {
+    let thread = std::thread::Builder::new()
+        .name("audit-merge".into())
+        .spawn(move || {
+            let encoded = merge(&|key: &[u8]| store.get(key), &window, pruned)?;
+            if released.recv().is_err() {
+                return Ok(None);
+            }
+            let mut changes = StateChanges::default();
+            let merged = merged_run(id, &window, encoded, |key, value| changes.put(key, value));
+            store.apply_lazily(changes)?;
+            Ok(Some(merged))
+        })?;
+    Ok(Running {
         id,
         release: Some(release),
         thread,
-    }
+    })
 }
 
 impl Drop for Merger {
