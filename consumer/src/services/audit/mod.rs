@@ -318,9 +318,10 @@ impl Handler for Audit {
         }
         if layout.is_some() || read_u64(context.get(SIZE)?.as_deref()) > 0 {
             return Err(HandlerError::fatal(
-                "this audit store was written in an older layout (one entry per key, or leaf \
-                 hashes in blocks of 32); move its state directory aside and restart: the service rebuilds the log from \
-                 the topics while their retention lasts (the heads topic keeps what the old log signed)",
+                "this audit store was written in an older layout (one entry per key, or \
+                 leaf hashes in blocks of 32); move its state directory aside and restart: \
+                 the service rebuilds the log from the topics while their retention lasts \
+                 (the heads topic keeps what the old log signed)",
             ));
         }
         context.put(LAYOUT, LAYOUT_VERSION.to_vec());

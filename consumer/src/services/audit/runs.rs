@@ -851,14 +851,20 @@ mod tests {
         assert!(walk(&memory, (b"", &[0xff]), false).is_empty());
     }
 
-    #[test]
-    fn a_merge_takes_the_oldest_runs_of_a_tier_so_none_is_stranded() {
+    /// `count` runs of 10 keys each, none merged.
+    fn unmerged(count: u64) -> (Memory, Runs) {
         let (mut memory, mut runs) = (Memory::default(), Runs::default());
-        for batch in 0..FANOUT as u64 + 2 {
+        for batch in 0..count {
             let span = (batch * 10, batch * 10 + 10);
             let keys: Vec<Vec<u8>> = (span.0..span.1).map(|i| key(0, i)).collect();
             add_run(&mut memory, &mut runs, keys.iter().map(Vec::as_slice), span);
         }
+        (memory, runs)
+    }
+
+    #[test]
+    fn a_merge_takes_the_oldest_runs_of_a_tier_so_none_is_stranded() {
+        let (mut memory, mut runs) = unmerged(FANOUT as u64 + 2);
         let window = due_merge(&runs).expect("due").to_vec();
         assert_eq!(window, runs.runs[..FANOUT], "the oldest sixteen");
         let merged = merged_in(&mut memory, &mut runs, &window, 0);
@@ -869,12 +875,7 @@ mod tests {
 
     #[test]
     fn a_merge_is_not_put_in_place_of_runs_pruned_meanwhile() {
-        let (mut memory, mut runs) = (Memory::default(), Runs::default());
-        for batch in 0..FANOUT as u64 {
-            let span = (batch * 10, batch * 10 + 10);
-            let keys: Vec<Vec<u8>> = (span.0..span.1).map(|i| key(0, i)).collect();
-            add_run(&mut memory, &mut runs, keys.iter().map(Vec::as_slice), span);
-        }
+        let (mut memory, mut runs) = unmerged(FANOUT as u64);
         let window = due_merge(&runs).expect("due").to_vec();
         let merged = merged_in(&mut memory, &mut runs, &window, 0);
         runs.runs.remove(0);
