@@ -166,9 +166,34 @@ pub fn pages(store: &Store, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, S
 /// A page as stored: Snappy-compressed. Entries are JSON, so a page shrinks to
 /// a fraction, and sled copies whole tree nodes as it changes them.
 pub fn stored_page(page: &[u8]) -> Vec<u8> {
-    snap::raw::Encoder::new()
-        .compress_vec(page)
-        .expect("a page is far below Snappy's size limit")
+    PageCompressor::new().stored(page)
+}
+
+/// Compresses a batch's pages through one buffer (Snappy's `compress_vec`
+/// zeroes a new worst-case buffer per page), each stored page a copy of its
+/// own size.
+struct PageCompressor {
+    encoder: snap::raw::Encoder,
+    buffer: Vec<u8>,
+}
+
+impl PageCompressor {
+    fn new() -> Self {
+        Self {
+            encoder: snap::raw::Encoder::new(),
+            buffer: Vec::new(),
+        }
+    }
+
+    fn stored(&mut self, page: &[u8]) -> Vec<u8> {
+        let room = snap::raw::max_compress_len(page.len());
+        if self.buffer.len() < room {
+            self.buffer.resize(room, 0);
+        }
+        let written = (self.encoder.compress(page, &mut self.buffer))
+            .expect("a page is far below Snappy's size limit");
+        self.buffer[..written].to_vec()
+    }
 }
 
 /// A stored page's entries as written (none when it does not decompress: an
@@ -289,7 +314,11 @@ pub fn block_hash(leaves: &[u8]) -> Hash {
 
 /// The writes that append `values` (encoded entries) to a log of `size` leaves:
 /// pages, leaf hashes, and the subtrees they complete.
-pub fn append_batch(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writes, AuditError> {
+pub fn append_batch(
+    get: &Get<'_>,
+    size: u64,
+    values: &[impl AsRef<[u8]>],
+) -> Result<Writes, AuditError> {
     let mut writes = append_pages(get, size, values)?;
     writes.extend(append_leaves(get, size, values)?);
     Ok(writes)
@@ -297,8 +326,12 @@ pub fn append_batch(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writ
 
 /// The writes that add `values` to the pages: to the open one while it has room
 /// and the block goes on, else to new ones.
-fn append_pages(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writes, StoreError> {
-    let mut writes = Vec::new();
+fn append_pages(
+    get: &Get<'_>,
+    size: u64,
+    values: &[impl AsRef<[u8]>],
+) -> Result<Writes, StoreError> {
+    let (mut writes, mut compressor) = (Vec::new(), PageCompressor::new());
     let (mut first, mut page) = (size, Vec::new());
     if !size.is_multiple_of(BLOCK) {
         first = read_u64(get(OPEN_PAGE)?.as_deref());
@@ -307,14 +340,14 @@ fn append_pages(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writes, 
     for (index, value) in (size..).zip(values) {
         if index.is_multiple_of(BLOCK) || page.len() >= PAGE_BYTES {
             if !page.is_empty() {
-                writes.push((page_key(first), stored_page(&page)));
+                writes.push((page_key(first), compressor.stored(&page)));
                 page.clear();
             }
             first = index;
         }
-        push_record(&mut page, index, value);
+        push_record(&mut page, index, value.as_ref());
     }
-    writes.push((page_key(first), stored_page(&page)));
+    writes.push((page_key(first), compressor.stored(&page)));
     writes.push((OPEN_PAGE.to_vec(), first.to_be_bytes().to_vec()));
     Ok(writes)
 }
@@ -329,7 +362,11 @@ fn stored_unless_first(get: &Get<'_>, key: Vec<u8>, at: u64) -> Result<Vec<u8>, 
 
 /// The writes that add the leaf hashes of `values` from `size` on, and the
 /// subtrees of the blocks they complete.
-fn append_leaves(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writes, AuditError> {
+fn append_leaves(
+    get: &Get<'_>,
+    size: u64,
+    values: &[impl AsRef<[u8]>],
+) -> Result<Writes, AuditError> {
     let mut writes = Vec::new();
     let mut made: HashMap<(u32, u64), Hash> = HashMap::new();
     let mut index = size;
@@ -337,7 +374,7 @@ fn append_leaves(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writes,
         let block = block_of(index);
         let mut leaves = stored_unless_first(get, leaves_key(block), index % BLOCK)?;
         for value in part {
-            leaves.extend_from_slice(&leaf_hash(value));
+            leaves.extend_from_slice(&leaf_hash(value.as_ref()));
             index += 1;
         }
         if index.is_multiple_of(BLOCK) {
@@ -356,7 +393,7 @@ fn append_leaves(get: &Get<'_>, size: u64, values: &[Vec<u8>]) -> Result<Writes,
 }
 
 /// `values`, appended from `size` on, cut where groups of `per` end.
-fn split_at(size: u64, values: &[Vec<u8>], per: u64) -> Vec<&[Vec<u8>]> {
+fn split_at<V>(size: u64, values: &[V], per: u64) -> Vec<&[V]> {
     let mut parts = Vec::new();
     let (mut rest, mut index) = (values, size);
     while !rest.is_empty() {
@@ -396,15 +433,15 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The stored form of an entry (without copying the payload first): metadata
-    /// length (4 bytes), metadata JSON, payload.
-    pub fn encode(provenance: &Provenance, payload: &[u8]) -> Vec<u8> {
-        let meta = serde_json::to_vec(provenance).expect("provenance serializes");
-        let mut value = Vec::with_capacity(4 + meta.len() + payload.len());
-        value.extend_from_slice(&(meta.len() as u32).to_be_bytes());
-        value.extend_from_slice(&meta);
-        value.extend_from_slice(payload);
-        value
+    /// Appends the stored form of an entry to `out`: metadata length (4 bytes),
+    /// metadata JSON, payload.
+    fn encode_into(out: &mut Vec<u8>, provenance: &Provenance, payload: &[u8]) {
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        serde_json::to_writer(&mut *out, provenance).expect("provenance serializes");
+        let meta = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&meta.to_be_bytes());
+        out.extend_from_slice(payload);
     }
 
     /// Reads a stored entry; `None` when it is not one.
@@ -416,6 +453,41 @@ impl Entry {
             provenance: serde_json::from_slice(meta).ok()?,
             payload: rest[length..].to_vec(),
         })
+    }
+}
+
+/// A batch's encoded entries, written into one buffer as its events come (no
+/// allocation of its own per entry).
+#[derive(Debug, Default)]
+pub struct Entries {
+    bytes: Vec<u8>,
+    /// Where each entry ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Entries {
+    /// Adds the entry of `payload`, read with `provenance`.
+    pub fn push(&mut self, provenance: &Provenance, payload: &[u8]) {
+        Entry::encode_into(&mut self.bytes, provenance, payload);
+        self.ends.push(self.bytes.len());
+    }
+
+    /// How many entries there are.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Each entry's stored form, in order.
+    pub fn values(&self) -> Vec<&[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        (starts.zip(&self.ends))
+            .map(|(start, &end)| &self.bytes[start..end])
+            .collect()
     }
 }
 
@@ -763,6 +835,40 @@ pub(super) mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_batch_of_entries_reads_back_entry_by_entry() {
+        let provenance = |offset: i64, key: Option<&str>| Provenance {
+            topic: "k8s.\"odd\" topic".into(),
+            partition: 2,
+            offset,
+            key: key.map(str::to_owned),
+            logged_ms: 1_700_000_000_000 + offset as u64,
+        };
+        let written = [
+            Entry {
+                provenance: provenance(0, None),
+                payload: b"{}".to_vec(),
+            },
+            Entry {
+                provenance: provenance(1, Some("{\"id\":1}")),
+                payload: vec![],
+            },
+            Entry {
+                provenance: provenance(9, Some("")),
+                payload: vec![0xff; 3000],
+            },
+        ];
+        let mut entries = Entries::default();
+        for entry in &written {
+            entries.push(&entry.provenance, &entry.payload);
+        }
+        assert_eq!(entries.len(), 3);
+        let read: Vec<Entry> = (entries.values().into_iter())
+            .map(|value| Entry::decode(value).expect("an entry"))
+            .collect();
+        assert_eq!(read, written);
     }
 
     #[test]

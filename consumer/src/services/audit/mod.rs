@@ -39,7 +39,7 @@ use serde_json::value::RawValue;
 
 use self::head::HeadSigner;
 use self::log::{
-    append_batch, head_key, lacks, quarantine_key, read_u64, BatchKeys, Entry, LogNodes,
+    append_batch, head_key, lacks, quarantine_key, read_u64, BatchKeys, Entries, LogNodes,
     Provenance, Quarantined, PRUNED, SIZE,
 };
 use self::merger::Merger;
@@ -174,7 +174,7 @@ pub enum AuditError {
 #[derive(Default)]
 struct Pending {
     /// The batch's entries, encoded.
-    values: Vec<Vec<u8>>,
+    entries: Entries,
     /// Their index keys.
     keys: BatchKeys,
 }
@@ -190,7 +190,8 @@ struct Sealing {
 /// put in place, or the next one due is started).
 impl Seal for Sealing {
     fn seal(self: Box<Self>, context: &mut Context<'_>) -> Result<(), HandlerError> {
-        let Pending { values, mut keys } = self.pending;
+        let Pending { entries, mut keys } = self.pending;
+        let values = entries.values();
         let size = read_u64(context.get(SIZE)?.as_deref());
         let end = size + values.len() as u64;
         let pruned = read_u64(context.get(PRUNED)?.as_deref());
@@ -303,11 +304,9 @@ impl Handler for Audit {
         let mut pending = self.pending.lock().expect("not poisoned");
         // Relative to the batch: the log's size is known once the last batch's
         // seal is written.
-        let index = pending.values.len() as u64;
+        let index = pending.entries.len() as u64;
         pending.keys.add(event, &provenance, index);
-        pending
-            .values
-            .push(Entry::encode(&provenance, &record.payload));
+        pending.entries.push(&provenance, &record.payload);
         Ok(())
     }
 
@@ -331,7 +330,8 @@ impl Handler for Audit {
     fn take_seal(&self) -> Option<Box<dyn Seal>> {
         let pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
         let merger = self.merger.clone();
-        (!pending.values.is_empty()).then(|| Box::new(Sealing { pending, merger }) as Box<dyn Seal>)
+        (!pending.entries.is_empty())
+            .then(|| Box::new(Sealing { pending, merger }) as Box<dyn Seal>)
     }
 
     fn undecodable(

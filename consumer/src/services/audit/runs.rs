@@ -42,6 +42,8 @@ pub const FENCE_EVERY: u32 = 16;
 /// A chunk is closed once it holds this many bytes: 8 kB halved a batch's chunk
 /// writes against 4 kB; 16 kB made lookups read more than it saved.
 pub const CHUNK_BYTES: usize = 8192;
+/// A chunk's buffer: room for its last key past [`CHUNK_BYTES`] without growing.
+const CHUNK_ROOM: usize = CHUNK_BYTES + 1024;
 /// Runs of one tier merged into one.
 pub const FANOUT: usize = 16;
 /// Runs below this many keys are of tier 0.
@@ -360,7 +362,7 @@ impl Default for ChunkWriter {
     fn default() -> Self {
         Self {
             chunks: Vec::new(),
-            chunk: Vec::new(),
+            chunk: Vec::with_capacity(CHUNK_ROOM),
             previous: Vec::new(),
             times: (u64::MAX, 0),
             keys: 0,
@@ -374,7 +376,8 @@ impl ChunkWriter {
         self.times = (self.times.0.min(time), self.times.1.max(time));
         self.keys += 1;
         if self.chunk.len() >= CHUNK_BYTES {
-            self.chunks.push(std::mem::take(&mut self.chunk));
+            let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK_ROOM));
+            self.chunks.push(full);
             self.previous.clear();
         }
         let shared = (self.previous.iter().zip(key))
@@ -674,15 +677,25 @@ impl<'a> Merged<'a> {
         Ok(())
     }
 
-    /// Hands each key in turn to `visit`, without a copy of its own.
+    /// Hands each key in turn to `visit`, without a copy of its own. Consecutive
+    /// batches' keys rarely interleave within one index value, so a run's keys
+    /// go on without the heap until another run's next key comes first.
     fn for_each_key(
         &mut self,
         mut visit: impl FnMut(&[u8]) -> Result<(), AuditError>,
     ) -> Result<(), AuditError> {
         self.start_once()?;
-        while let Some(head) = self.heap.pop() {
-            visit(&head.key)?;
-            self.refill(head.cursor, head.key)?;
+        while let Some(mut head) = self.heap.pop() {
+            loop {
+                visit(&head.key)?;
+                if !self.cursors[head.cursor].pop_into(&mut head.key)? {
+                    break;
+                }
+                if self.heap.peek().is_some_and(|next| *next > head) {
+                    self.heap.push(head);
+                    break;
+                }
+            }
         }
         Ok(())
     }
