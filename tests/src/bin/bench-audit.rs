@@ -9,7 +9,9 @@
 //!    handler that applies nothing (reading, decoding, dedup ids, offsets, the
 //!    batch's atomic write);
 //! 3. times the audit service over it (in-process, its own store);
-//! 4. prints both rates and their ratio, the store's size, then the latency
+//! 4. repeats 2 and 3 once more (each with a new store), in turn;
+//! 5. prints each round, both rates over the rounds and their ratio, the last
+//!    audit store's size, then the latency
 //!    (p50, p99) of four queries on that store, 200 runs each with varied
 //!    parameters: one resource's history, one actor over a day, one op over a
 //!    day, a changed-path filter over a day.
@@ -35,6 +37,9 @@ const DAY_MS: i64 = 86_400_000;
 /// Change times start here and spread over 30 days.
 const START_MS: i64 = 1_760_000_000_000;
 const QUERY_RUNS: usize = 200;
+/// Rounds of the plain loop and the audit, in turn: the machine's speed drifts
+/// by 10-15% within a minute, and a ratio of one round each carries that drift.
+const ROUNDS: usize = 2;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -52,37 +57,39 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let plain_state = tempfile::tempdir()?;
-    let cpu = cpu_time("self");
-    let plain = time_run(&stack, &prefix, &topic, plain_state.path(), events, None).await?;
-    let plain_cpu = cpu_time("self") - cpu;
-    let audit_state = tempfile::tempdir()?;
-    let cpu = cpu_time("self");
-    let audit = time_run(
-        &stack,
-        &prefix,
-        &topic,
-        audit_state.path(),
-        events,
-        Some(audit_config()),
-    )
-    .await?;
-    let audit_cpu = cpu_time("self") - cpu;
-
-    let rate = |d: Duration| events as f64 / d.as_secs_f64();
+    let mut plain = Phase::default();
+    let mut audit = Phase::default();
+    let mut audit_store = None;
+    for round in 1..=ROUNDS {
+        let plain_state = tempfile::tempdir()?;
+        let cpu = cpu_time("self");
+        let took = time_run(&stack, &prefix, &topic, plain_state.path(), events, None).await?;
+        plain.add(
+            round,
+            "plain apply loop",
+            took,
+            cpu_time("self") - cpu,
+            events,
+        );
+        let audit_state = tempfile::tempdir()?;
+        let cpu = cpu_time("self");
+        let config = Some(audit_config());
+        let took = time_run(&stack, &prefix, &topic, audit_state.path(), events, config).await?;
+        audit.add(round, "audit service", took, cpu_time("self") - cpu, events);
+        audit_store = Some(audit_state);
+    }
+    let audit_state = audit_store.expect("at least one round");
     println!(
-        "plain apply loop: {:>7.1} s  {:>9.0} events/s  {:>5.1} CPU s",
-        plain.as_secs_f64(),
-        rate(plain),
-        plain_cpu.as_secs_f64()
+        "over {ROUNDS} rounds: plain {:.0} events/s, audit {:.0} events/s, {:.1} / {:.1} CPU s per round",
+        plain.rate(events),
+        audit.rate(events),
+        plain.cpu.as_secs_f64() / ROUNDS as f64,
+        audit.cpu.as_secs_f64() / ROUNDS as f64
     );
     println!(
-        "audit service:    {:>7.1} s  {:>9.0} events/s  {:>5.1} CPU s",
-        audit.as_secs_f64(),
-        rate(audit),
-        audit_cpu.as_secs_f64()
+        "ratio audit / plain: {:.2}",
+        audit.rate(events) / plain.rate(events)
     );
-    println!("ratio audit / plain: {:.2}", rate(audit) / rate(plain));
     let store = Store::open(audit_state.path())?;
     println!(
         "audit store on disk: {:.0} MB",
@@ -90,6 +97,32 @@ async fn main() -> anyhow::Result<()> {
     );
     query_latencies(&store, events)?;
     Ok(())
+}
+
+/// The time and CPU of one phase's rounds, added up.
+#[derive(Default)]
+struct Phase {
+    took: Duration,
+    cpu: Duration,
+}
+
+impl Phase {
+    /// Adds a round, and prints it.
+    fn add(&mut self, round: usize, name: &str, took: Duration, cpu: Duration, events: u64) {
+        println!(
+            "round {round}, {name:<17} {:>5.1} s  {:>7.0} events/s  {:>5.1} CPU s",
+            took.as_secs_f64(),
+            events as f64 / took.as_secs_f64(),
+            cpu.as_secs_f64()
+        );
+        self.took += took;
+        self.cpu += cpu;
+    }
+
+    /// Events per second over every round.
+    fn rate(&self, events: u64) -> f64 {
+        (events * ROUNDS as u64) as f64 / self.took.as_secs_f64()
+    }
 }
 
 /// Event `n` of `events`: one of [`RESOURCES`] RateLimits, by one of [`ACTORS`],
