@@ -482,6 +482,17 @@ impl Entries {
         self.ends.is_empty()
     }
 
+    /// Removes every entry, keeping the buffers for the next batch.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    /// The bytes its buffers hold.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity() + self.ends.capacity() * size_of::<usize>()
+    }
+
     /// Each entry's stored form, in order.
     pub fn values(&self) -> Vec<&[u8]> {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
@@ -549,6 +560,17 @@ impl BatchKeys {
     /// Whether no key was added.
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
+    }
+
+    /// Removes every key, keeping the buffers for the next batch.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.spans.clear();
+    }
+
+    /// The bytes its buffers hold.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity() + self.spans.capacity() * size_of::<(usize, usize)>()
     }
 
     /// Makes the keys' log indexes absolute: the batch starts at `base` (the

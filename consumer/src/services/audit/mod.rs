@@ -179,10 +179,26 @@ struct Pending {
     keys: BatchKeys,
 }
 
-/// A batch's seal: its entries, and the merges of the index runs.
+/// Buffers above this many bytes are not kept for the next batch (one batch
+/// of huge events should not hold its memory for good).
+const SPARE_BYTES: usize = 64 << 20;
+
+impl Pending {
+    /// Empties it for the next batch, unless its buffers grew past
+    /// [`SPARE_BYTES`].
+    fn into_spare(mut self) -> Option<Self> {
+        self.entries.clear();
+        self.keys.clear();
+        (self.entries.capacity() + self.keys.capacity() <= SPARE_BYTES).then_some(self)
+    }
+}
+
+/// A batch's seal: its entries, the merges of the index runs, and where its
+/// emptied buffers go for a later batch (they grow to megabytes per batch).
 struct Sealing {
     pending: Pending,
     merger: Arc<Merger>,
+    spare: Arc<Mutex<Option<Pending>>>,
 }
 
 /// Appends the batch's entries to the log: pages, leaf and subtree hashes, and
@@ -190,8 +206,8 @@ struct Sealing {
 /// put in place, or the next one due is started).
 impl Seal for Sealing {
     fn seal(self: Box<Self>, context: &mut Context<'_>) -> Result<(), HandlerError> {
-        let Pending { entries, mut keys } = self.pending;
-        let values = entries.values();
+        let mut pending = self.pending;
+        let values = pending.entries.values();
         let size = read_u64(context.get(SIZE)?.as_deref());
         let end = size + values.len() as u64;
         let pruned = read_u64(context.get(PRUNED)?.as_deref());
@@ -200,15 +216,17 @@ impl Seal for Sealing {
         for (key, value) in writes {
             context.put(key, value);
         }
-        keys.rebase(size);
+        drop(values);
+        pending.keys.rebase(size);
         let mut runs = Runs::load(&|key: &[u8]| context.get(key)).map_err(HandlerError::fatal)?;
         let committed = context.committed().clone();
         (self.merger)
             .step(&committed, context, &mut runs, pruned)
             .map_err(HandlerError::fatal)?;
-        runs::add_run(context, &mut runs, keys.sorted(), (size, end));
+        runs::add_run(context, &mut runs, pending.keys.sorted(), (size, end));
         runs::save(context, &runs);
         context.put(SIZE, end.to_be_bytes().to_vec());
+        *self.spare.lock().expect("not poisoned") = pending.into_spare();
         Ok(())
     }
 }
@@ -217,6 +235,8 @@ impl Seal for Sealing {
 pub struct Audit {
     /// The batch's new events, appended when it is sealed.
     pending: Mutex<Pending>,
+    /// A sealed batch's emptied buffers, for the next batch.
+    spare: Arc<Mutex<Option<Pending>>>,
     merger: Arc<Merger>,
     signer: HeadSigner,
     heads_topic: String,
@@ -242,6 +262,7 @@ impl Audit {
             .map_err(|e| ConfigError::invalid("kafka", e.to_string()))?;
         let handler = Self {
             pending: Mutex::default(),
+            spare: Arc::default(),
             merger: Arc::default(),
             signer,
             heads_topic: audit.heads_topic(config),
@@ -328,10 +349,17 @@ impl Handler for Audit {
     }
 
     fn take_seal(&self) -> Option<Box<dyn Seal>> {
-        let pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
-        let merger = self.merger.clone();
-        (!pending.entries.is_empty())
-            .then(|| Box::new(Sealing { pending, merger }) as Box<dyn Seal>)
+        let mut pending = self.pending.lock().expect("not poisoned");
+        if pending.entries.is_empty() {
+            return None;
+        }
+        let spare = self.spare.lock().expect("not poisoned").take();
+        let pending = std::mem::replace(&mut *pending, spare.unwrap_or_default());
+        Some(Box::new(Sealing {
+            pending,
+            merger: self.merger.clone(),
+            spare: self.spare.clone(),
+        }))
     }
 
     fn undecodable(
@@ -369,5 +397,38 @@ impl Handler for Audit {
         context.emit(HEADS, effect)?;
         tracing::info!(size, root = %head.root, "signed a tree head");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provenance() -> Provenance {
+        Provenance {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            logged_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_sealed_batch_leaves_its_buffers_empty_for_the_next_unless_they_grew_huge() {
+        let event = changewire_schemas::fixtures::kubernetes_create("k8s");
+        let mut pending = Pending::default();
+        pending.entries.push(&provenance(), b"{}");
+        pending.keys.add(&event, &provenance(), 0);
+        let spare = pending.into_spare().expect("small buffers are kept");
+        assert!(spare.entries.is_empty() && spare.keys.is_empty());
+        assert!(spare.entries.capacity() > 0 && spare.keys.capacity() > 0);
+
+        let mut huge = Pending::default();
+        huge.entries.push(&provenance(), &vec![0; SPARE_BYTES]);
+        assert!(
+            huge.into_spare().is_none(),
+            "a huge batch's memory is let go"
+        );
     }
 }
