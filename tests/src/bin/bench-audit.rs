@@ -57,34 +57,20 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let mut plain = Phase::default();
-    let mut audit = Phase::default();
+    let mut plain = Phase::new("plain apply loop", None);
+    let mut audit = Phase::new("audit service", Some(audit_config()));
     let mut audit_store = None;
     for round in 1..=ROUNDS {
-        let plain_state = tempfile::tempdir()?;
-        let cpu = cpu_time("self");
-        let took = time_run(&stack, &prefix, &topic, plain_state.path(), events, None).await?;
-        plain.add(
-            round,
-            "plain apply loop",
-            took,
-            cpu_time("self") - cpu,
-            events,
-        );
-        let audit_state = tempfile::tempdir()?;
-        let cpu = cpu_time("self");
-        let config = Some(audit_config());
-        let took = time_run(&stack, &prefix, &topic, audit_state.path(), events, config).await?;
-        audit.add(round, "audit service", took, cpu_time("self") - cpu, events);
-        audit_store = Some(audit_state);
+        plain.run(&stack, &prefix, &topic, events, round).await?;
+        audit_store = Some(audit.run(&stack, &prefix, &topic, events, round).await?);
     }
     let audit_state = audit_store.expect("at least one round");
     println!(
         "over {ROUNDS} rounds: plain {:.0} events/s, audit {:.0} events/s, {:.1} / {:.1} CPU s per round",
         plain.rate(events),
         audit.rate(events),
-        plain.cpu.as_secs_f64() / ROUNDS as f64,
-        audit.cpu.as_secs_f64() / ROUNDS as f64
+        plain.cpu_per_round(),
+        audit.cpu_per_round()
     );
     println!(
         "ratio audit / plain: {:.2}",
@@ -99,29 +85,68 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The time and CPU of one phase's rounds, added up.
-#[derive(Default)]
+/// One phase (the plain loop, or the audit when it has a config): its rounds'
+/// time and CPU, added up.
 struct Phase {
+    name: &'static str,
+    audit: Option<AuditConfig>,
+    rounds: u32,
     took: Duration,
     cpu: Duration,
 }
 
 impl Phase {
-    /// Adds a round, and prints it.
-    fn add(&mut self, round: usize, name: &str, took: Duration, cpu: Duration, events: u64) {
+    fn new(name: &'static str, audit: Option<AuditConfig>) -> Self {
+        Self {
+            name,
+            audit,
+            rounds: 0,
+            took: Duration::ZERO,
+            cpu: Duration::ZERO,
+        }
+    }
+
+    /// Runs a round on a new store, prints and adds it; the store.
+    async fn run(
+        &mut self,
+        stack: &Stack,
+        prefix: &str,
+        topic: &str,
+        events: u64,
+        round: usize,
+    ) -> anyhow::Result<tempfile::TempDir> {
+        let state = tempfile::tempdir()?;
+        let cpu = cpu_time("self");
+        let took = time_run(
+            stack,
+            prefix,
+            topic,
+            state.path(),
+            events,
+            self.audit.clone(),
+        )
+        .await?;
+        let cpu = cpu_time("self") - cpu;
         println!(
-            "round {round}, {name:<17} {:>5.1} s  {:>7.0} events/s  {:>5.1} CPU s",
+            "round {round}, {:<17} {:>5.1} s  {:>7.0} events/s  {:>5.1} CPU s",
+            self.name,
             took.as_secs_f64(),
             events as f64 / took.as_secs_f64(),
             cpu.as_secs_f64()
         );
+        self.rounds += 1;
         self.took += took;
         self.cpu += cpu;
+        Ok(state)
     }
 
     /// Events per second over every round.
     fn rate(&self, events: u64) -> f64 {
-        (events * ROUNDS as u64) as f64 / self.took.as_secs_f64()
+        (events * u64::from(self.rounds)) as f64 / self.took.as_secs_f64()
+    }
+
+    fn cpu_per_round(&self) -> f64 {
+        self.cpu.as_secs_f64() / f64::from(self.rounds)
     }
 }
 

@@ -216,7 +216,6 @@ impl Seal for Sealing {
         for (key, value) in writes {
             context.put(key, value);
         }
-        drop(values);
         pending.keys.rebase(size);
         let mut runs = Runs::load(&|key: &[u8]| context.get(key)).map_err(HandlerError::fatal)?;
         let committed = context.committed().clone();
