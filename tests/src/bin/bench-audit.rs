@@ -60,9 +60,9 @@ async fn main() -> anyhow::Result<()> {
     let mut plain = Phase::new("plain apply loop", None);
     let mut audit = Phase::new("audit service", Some(audit_config()));
     let mut audit_store = None;
-    for round in 1..=ROUNDS {
-        plain.run(&stack, &prefix, &topic, events, round).await?;
-        audit_store = Some(audit.run(&stack, &prefix, &topic, events, round).await?);
+    for _ in 0..ROUNDS {
+        plain.run(&stack, &prefix, &topic, events).await?;
+        audit_store = Some(audit.run(&stack, &prefix, &topic, events).await?);
     }
     let audit_state = audit_store.expect("at least one round");
     println!(
@@ -113,7 +113,6 @@ impl Phase {
         prefix: &str,
         topic: &str,
         events: u64,
-        round: usize,
     ) -> anyhow::Result<tempfile::TempDir> {
         let state = tempfile::tempdir()?;
         let cpu = cpu_time("self");
@@ -127,14 +126,15 @@ impl Phase {
         )
         .await?;
         let cpu = cpu_time("self") - cpu;
+        self.rounds += 1;
         println!(
-            "round {round}, {:<17} {:>5.1} s  {:>7.0} events/s  {:>5.1} CPU s",
+            "round {}, {:<17} {:>5.1} s  {:>7.0} events/s  {:>5.1} CPU s",
+            self.rounds,
             self.name,
             took.as_secs_f64(),
             events as f64 / took.as_secs_f64(),
             cpu.as_secs_f64()
         );
-        self.rounds += 1;
         self.took += took;
         self.cpu += cpu;
         Ok(state)

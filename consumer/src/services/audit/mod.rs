@@ -403,7 +403,7 @@ impl Handler for Audit {
 mod tests {
     use super::*;
 
-    fn provenance() -> Provenance {
+    fn some_provenance() -> Provenance {
         Provenance {
             topic: "t".into(),
             partition: 0,
@@ -417,14 +417,14 @@ mod tests {
     fn a_sealed_batch_leaves_its_buffers_empty_for_the_next_unless_they_grew_huge() {
         let event = changewire_schemas::fixtures::kubernetes_create("k8s");
         let mut pending = Pending::default();
-        pending.entries.push(&provenance(), b"{}");
-        pending.keys.add(&event, &provenance(), 0);
+        pending.entries.push(&some_provenance(), b"{}");
+        pending.keys.add(&event, &some_provenance(), 0);
         let spare = pending.into_spare().expect("small buffers are kept");
         assert!(spare.entries.is_empty() && spare.keys.is_empty());
         assert!(spare.entries.capacity() > 0 && spare.keys.capacity() > 0);
 
         let mut huge = Pending::default();
-        huge.entries.push(&provenance(), &vec![0; SPARE_BYTES]);
+        huge.entries.push(&some_provenance(), &vec![0; SPARE_BYTES]);
         assert!(
             huge.into_spare().is_none(),
             "a huge batch's memory is let go"
