@@ -34,6 +34,7 @@ pub type StateEntry = (Vec<u8>, Vec<u8>);
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    dir: Arc<Path>,
 }
 
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -73,7 +74,14 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         Ok(Self {
             db: changewire_schemas::storage::open_sled(dir)?,
+            dir: Arc::from(dir),
         })
+    }
+
+    /// The directory the store is in (a service may keep files of its own
+    /// beside sled's there).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The next offset to read from `topic`/`partition`, if this service stored one.

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use changewire_consumer::runtime::{self, Sinks, Store};
+use changewire_consumer::services::audit::pages::Pages;
 use changewire_consumer::services::audit::query::{Filters, Finder};
 use changewire_consumer::services::audit::{Audit, AuditConfig};
 use changewire_schemas::fixtures::kubernetes_create;
@@ -77,9 +78,11 @@ async fn main() -> anyhow::Result<()> {
         audit.rate(events) / plain.rate(events)
     );
     let store = Store::open(audit_state.path())?;
+    let pages = Pages::of(&store).bytes_on_disk()?;
     println!(
-        "audit store on disk: {:.0} MB",
-        store.size_on_disk()? as f64 / 1e6
+        "audit store on disk: {:.0} MB ({:.0} MB of it pages beside sled)",
+        (store.size_on_disk()? + pages) as f64 / 1e6,
+        pages as f64 / 1e6
     );
     query_latencies(&store, events)?;
     Ok(())

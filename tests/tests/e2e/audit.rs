@@ -11,12 +11,12 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use changewire_consumer::runtime::Store;
 use changewire_consumer::services::audit::log::{
-    leaves_key, node_key, page_key, page_of, pages, push_record, records, stored_page, BLOCK_LEVEL,
-    SIZE,
+    leaves_key, node_key, page_of, pages, push_record, records, stored_page, BLOCK_LEVEL, SIZE,
 };
 use changewire_consumer::services::audit::merkle::{
     appended, consistency_proof, inclusion_proof, leaf_hash, root, Nodes,
 };
+use changewire_consumer::services::audit::pages::{committed_end, Pages, DIR};
 use changewire_consumer::services::audit::runs::Runs;
 use changewire_consumer::services::audit::verify::{verify, Problem};
 use changewire_schemas::{fixtures, ActorVia, ChangeEvent, EventId, Op, Origin};
@@ -707,13 +707,13 @@ async fn a_sigkilled_audit_service_logs_each_event_once() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A store written in an older layout (leaf hashes in blocks of 32) is refused
-/// at start, with what to do, instead of being misread as a tampered log.
+/// A store written in an older layout (pages inside sled) is refused at start,
+/// with what to do, instead of being misread as a tampered log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_of_an_older_layout_is_refused_with_what_to_do() -> anyhow::Result<()> {
     let setup = setup("aul", 1, "").await?;
     let store = Store::open(&setup.dir.path().join("state"))?;
-    store.put_state(b"audit/layout", Some(b"2"))?;
+    store.put_state(b"audit/layout", Some(b"3"))?;
     drop(store);
     let mut audit = setup.start()?;
     let child = &mut audit.process.as_mut().expect("started").0;
@@ -750,7 +750,7 @@ async fn wait_for_some_heads(audit: &Audit) -> anyhow::Result<()> {
 
 /// Tampering with a stopped service's store, each way on a copy of it, is found
 /// and located: a changed byte, a deleted entry, two swapped entries, a cut tail,
-/// and a changed entry whose hashes were rewritten to match (only the signed heads
+/// a segment file of pages cut short, and a changed entry whose hashes were rewritten to match (only the signed heads
 /// can tell).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampering_with_the_store_is_found_and_located() -> anyhow::Result<()> {
@@ -806,6 +806,21 @@ async fn tampering_with_the_store_is_found_and_located() -> anyhow::Result<()> {
         "{problem:?}"
     );
 
+    // The pages' segment file short of its last byte: the last page is missing.
+    let last_page = {
+        let store = Store::open(&original)?;
+        let stored = pages(&store, 0, 50)?;
+        stored.last().map_or(0, |(first, _)| *first)
+    };
+    let cut_file = tampered(&original, |_| Ok(()))?;
+    let segment = only_segment_file(&cut_file)?;
+    let length = std::fs::metadata(&segment)?.len();
+    (std::fs::OpenOptions::new().write(true).open(&segment)?).set_len(length - 1)?;
+    assert_eq!(
+        first_problem(&cut_file, &key)?,
+        Problem::Missing { index: last_page }
+    );
+
     let rehashed = tampered(&original, |store| {
         flip_last_byte(store, 10)?;
         rewrite_hashes(store, 50)
@@ -833,6 +848,15 @@ async fn tampering_with_the_store_is_found_and_located() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The one segment file of pages of the store at `path`.
+fn only_segment_file(path: &Path) -> anyhow::Result<PathBuf> {
+    let files: Vec<PathBuf> = (std::fs::read_dir(path.join(DIR))?)
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(files.len() == 1, "one segment file: {files:?}");
+    Ok(files[0].clone())
+}
+
 /// Changes a byte of entry 3 of the store at `path` itself.
 fn tampered_in_place(path: &Path) -> anyhow::Result<()> {
     flip_last_byte(&Store::open(path)?, 3)?;
@@ -856,7 +880,13 @@ fn edit_page(
     for (at, entry) in &entries {
         push_record(&mut value, *at, entry);
     }
-    store.put_state(&page_key(first), Some(&stored_page(&value)))
+    // Written where the next page would go, and pointed at, as an attacker
+    // with the disk would.
+    let end = committed_end(store)?;
+    for (key, value) in Pages::of(store).write(end, &[(first, stored_page(&value))])? {
+        store.put_state(&key, Some(&value))?;
+    }
+    Ok(())
 }
 
 /// Changes the last byte of the entry at `index`.

@@ -2,22 +2,23 @@
 //! entry holds, and how a batch of entries is appended (in blocks, with their
 //! leaf hashes and the subtrees they complete), all in the batch's one write.
 //!
-//! Entries are stored in pages of about [`PAGE_BYTES`], the leaf hashes of a
-//! block of [`BLOCK`] entries in a value of their own, and only subtrees of a
-//! whole block and up are stored as hashes: the ones below are recomputed from a
-//! block's leaf hashes ([`LogNodes`]). So a thousand events are some 73 writes,
-//! index included, not thousands: sled's cost is per write far more than per
-//! byte. Pages are Snappy-compressed and stay small because sled copies whole
-//! tree nodes as it changes them, and writes a node of more than 128 KiB (a node
-//! holds up to 17 values) to a file of its own. A page never spans two blocks.
+//! Entries are stored in pages of about [`PAGE_BYTES`], Snappy-compressed, in
+//! segment files beside sled ([`super::pages`]: sled would write each page some
+//! 2.5 times as it rewrites and splits its tree nodes); sled keeps where each
+//! page is. The leaf hashes of a block of [`BLOCK`] entries are a value of
+//! their own, and only subtrees of a whole block and up are stored as hashes:
+//! the ones below are recomputed from a block's leaf hashes ([`LogNodes`]). So a
+//! thousand events are some 73 sled writes, index included, not thousands:
+//! sled's cost is per write far more than per byte. A page never spans two
+//! blocks or two batches.
 //!
 //! State keys (all under `audit/`; numbers big-endian, so keys sort by them):
 //!
 //! | key | value |
 //! |---|---|
 //! | `audit/size` | leaves in the log |
-//! | `audit/entries/<first index>` | a page of entries: each is length, log index, entry |
-//! | `audit/open_page` | the first index of the last page (more entries may join it) |
+//! | `audit/entries/<first index>` | where a page of entries is ([`super::pages::Place`]); each entry in it is length, log index, entry |
+//! | `audit/pages_end` | where the next page goes in the segment files |
 //! | `audit/leaves/<block>` | the block's leaf hashes, in order (kept when pruned) |
 //! | `audit/node/<level><index>` | hash of a complete subtree of a block or more |
 //! | `audit/head/<size>` | a signed tree head |
@@ -31,15 +32,14 @@ use changewire_schemas::{ChangeEvent, Origin};
 use serde::{Deserialize, Serialize};
 
 use super::merkle::{appended, leaf_hash, range_hash, Hash, Nodes};
+use super::pages::{Pages, Place};
 use super::AuditError;
 use crate::runtime::{Context, Store, StoreError};
 
 /// Key of the log's size.
 pub const SIZE: &[u8] = b"audit/size";
-/// Prefix of entry pages.
+/// Prefix of where entry pages are.
 pub const ENTRIES: &[u8] = b"audit/entries/";
-/// Key of the first index of the last page.
-pub const OPEN_PAGE: &[u8] = b"audit/open_page";
 /// Prefix of the leaf hashes of blocks.
 pub const LEAVES: &[u8] = b"audit/leaves/";
 /// Prefix of subtree hashes.
@@ -59,8 +59,8 @@ pub const BLOCK_LEVEL: u32 = 8;
 /// Entries in a block.
 pub const BLOCK: u64 = 1 << BLOCK_LEVEL;
 /// A page takes no more entries once it holds this many bytes (before it is
-/// compressed, to some 7 kB for JSON events: a sled node of 17 of them stays
-/// under 128 KiB). 12 kB pages made twice the writes.
+/// compressed, to some 7 kB for JSON events). 12 kB pages made twice the sled
+/// writes when pages were stored in sled.
 pub const PAGE_BYTES: usize = 24_000;
 
 /// `(key, value)` pairs to write.
@@ -151,20 +151,38 @@ pub fn page_key(first: u64) -> Vec<u8> {
 /// before it), with its first index.
 pub fn page_of(store: &Store, index: u64) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
     let found = store.range(ENTRIES, &page_key(index + 1), true).next();
-    Ok(found
-        .transpose()?
-        .map(|(key, page)| (first_of(&key), read_page(&page))))
+    let Some((key, place)) = found.transpose()? else {
+        return Ok(None);
+    };
+    Ok(Some((
+        first_of(&key),
+        load_page(&Pages::of(store), &place)?,
+    )))
 }
 
 /// The stored pages starting in `from..to`, in order, with their first indexes.
 pub fn pages(store: &Store, from: u64, to: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let files = Pages::of(store);
     (store.range(&page_key(from), &page_key(to), false))
-        .map(|page| page.map(|(key, value)| (first_of(&key), read_page(&value))))
+        .map(|found| {
+            let (key, place) = found?;
+            Ok((first_of(&key), load_page(&files, &place)?))
+        })
         .collect()
 }
 
+/// The page (its entries as written) at the place stored as `place`; empty
+/// when it is not there or does not decompress (an altered store, which
+/// `verify` reports as the entries missing).
+pub fn load_page(files: &Pages, place: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let Some(place) = Place::decode(place) else {
+        return Ok(Vec::new());
+    };
+    Ok(read_page(&files.read(place)?))
+}
+
 /// A page as stored: Snappy-compressed. Entries are JSON, so a page shrinks to
-/// a fraction, and sled copies whole tree nodes as it changes them.
+/// a fraction.
 pub fn stored_page(page: &[u8]) -> Vec<u8> {
     PageCompressor::new().stored(page)
 }
@@ -312,44 +330,27 @@ pub fn block_hash(leaves: &[u8]) -> Hash {
         .expect("leaves are in memory")
 }
 
-/// The writes that append `values` (encoded entries) to a log of `size` leaves:
-/// pages, leaf hashes, and the subtrees they complete.
-pub fn append_batch(
-    get: &Get<'_>,
-    size: u64,
-    values: &[impl AsRef<[u8]>],
-) -> Result<Writes, AuditError> {
-    let mut writes = append_pages(get, size, values)?;
-    writes.extend(append_leaves(get, size, values)?);
-    Ok(writes)
-}
-
-/// The writes that add `values` to the pages: to the open one while it has room
-/// and the block goes on, else to new ones.
-fn append_pages(
-    get: &Get<'_>,
-    size: u64,
-    values: &[impl AsRef<[u8]>],
-) -> Result<Writes, StoreError> {
-    let (mut writes, mut compressor) = (Vec::new(), PageCompressor::new());
+/// The stored (compressed) pages that hold `values` (encoded entries)
+/// appended to a log of `size` leaves, with their first indexes: a page starts
+/// with the batch, with each block, and once the one before holds
+/// [`PAGE_BYTES`].
+pub fn batch_pages(size: u64, values: &[impl AsRef<[u8]>]) -> Vec<(u64, Vec<u8>)> {
+    let (mut pages, mut compressor) = (Vec::new(), PageCompressor::new());
     let (mut first, mut page) = (size, Vec::new());
-    if !size.is_multiple_of(BLOCK) {
-        first = read_u64(get(OPEN_PAGE)?.as_deref());
-        page = get(&page_key(first))?.map_or_else(Vec::new, |p| read_page(&p));
-    }
     for (index, value) in (size..).zip(values) {
         if index.is_multiple_of(BLOCK) || page.len() >= PAGE_BYTES {
             if !page.is_empty() {
-                writes.push((page_key(first), compressor.stored(&page)));
+                pages.push((first, compressor.stored(&page)));
                 page.clear();
             }
             first = index;
         }
         push_record(&mut page, index, value.as_ref());
     }
-    writes.push((page_key(first), compressor.stored(&page)));
-    writes.push((OPEN_PAGE.to_vec(), first.to_be_bytes().to_vec()));
-    Ok(writes)
+    if !page.is_empty() {
+        pages.push((first, compressor.stored(&page)));
+    }
+    pages
 }
 
 /// What is stored under `key`, unless it is to start afresh (`at` 0).
@@ -360,9 +361,9 @@ fn stored_unless_first(get: &Get<'_>, key: Vec<u8>, at: u64) -> Result<Vec<u8>, 
     Ok(get(&key)?.unwrap_or_default())
 }
 
-/// The writes that add the leaf hashes of `values` from `size` on, and the
-/// subtrees of the blocks they complete.
-fn append_leaves(
+/// The writes that add the leaf hashes of `values` (encoded entries) from
+/// `size` on, and the subtrees of the blocks they complete.
+pub fn append_leaves(
     get: &Get<'_>,
     size: u64,
     values: &[impl AsRef<[u8]>],
@@ -738,20 +739,22 @@ pub(super) mod tests {
         }
     }
 
-    /// Appends `values` in batches of the given sizes.
-    fn appended_in(batches: &[usize], values: &[Vec<u8>]) -> Memory {
-        let mut memory = Memory::default();
+    /// Appends `values` in batches of the given sizes: the hashes as stored,
+    /// and the stored pages with their first indexes.
+    fn appended_in(batches: &[usize], values: &[Vec<u8>]) -> (Memory, Vec<(u64, Vec<u8>)>) {
+        let (mut memory, mut pages) = (Memory::default(), Vec::new());
         let mut size = 0;
         for &count in batches {
             let batch = &values[size..size + count];
             let writes =
-                append_batch(&|k: &[u8]| memory.get(k), size as u64, batch).expect("appends");
+                append_leaves(&|k: &[u8]| memory.get(k), size as u64, batch).expect("appends");
             for (key, value) in writes {
                 memory.put(key, value);
             }
+            pages.extend(batch_pages(size as u64, batch));
             size += count;
         }
-        memory
+        (memory, pages)
     }
 
     #[test]
@@ -760,28 +763,22 @@ pub(super) mod tests {
             .map(|i| format!("entry {i}").repeat(i % 90).into_bytes())
             .collect();
         let batches = [1, 250, 2, 520, 100, 3, 255, 69];
-        let memory = appended_in(&batches, &values);
+        let (memory, pages) = appended_in(&batches, &values);
         let get = |k: &[u8]| memory.get(k);
         let nodes = LogNodes(&get);
         for size in 1..=1200u64 {
             let expected = reference_root(&values[..size as usize]);
             assert_eq!(root(&nodes, size).expect("root"), expected, "size {size}");
         }
-        let pages: Vec<(&Vec<u8>, &Vec<u8>)> = memory
-            .0
-            .iter()
-            .filter(|(k, _)| k.starts_with(ENTRIES))
-            .collect();
-        let pages: Vec<(&Vec<u8>, Vec<u8>)> = (pages.into_iter())
-            .map(|(k, p)| (k, read_page(p)))
+        let pages: Vec<(u64, Vec<u8>)> = (pages.into_iter())
+            .map(|(first, p)| (first, read_page(&p)))
             .collect();
         let stored: Vec<(u64, Vec<u8>)> = (pages.iter())
             .flat_map(|(_, page)| records(page).map(|(at, v)| (at, v.to_vec())))
             .collect();
         let expected: Vec<(u64, Vec<u8>)> = (0..).zip(values.iter().cloned()).collect();
         assert_eq!(stored, expected, "every entry once, in order");
-        for (key, page) in pages {
-            let first = first_of(key);
+        for (first, page) in pages {
             let largest = values.iter().map(Vec::len).max().unwrap_or(0);
             assert!(
                 page.len() < PAGE_BYTES + 12 + largest,
@@ -896,7 +893,7 @@ pub(super) mod tests {
     #[test]
     fn a_block_with_a_changed_leaf_hash_is_refused_as_a_node_source() {
         let values: Vec<Vec<u8>> = (0..10).map(|i| vec![i]).collect();
-        let mut memory = appended_in(&[10], &values);
+        let (mut memory, _) = appended_in(&[10], &values);
         memory.put(leaves_key(0), vec![0; 32 * 3]);
         let get = |k: &[u8]| memory.get(k);
         assert!(matches!(

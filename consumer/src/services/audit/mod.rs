@@ -3,6 +3,7 @@
 //!
 //! - [`merkle`]: the tree, its roots and proofs (pure);
 //! - [`log`]: how the log is stored (in blocks), and appending a batch;
+//! - [`pages`]: the entries' pages, in segment files beside sled;
 //! - [`runs`]: the query indexes, as sorted runs merged in tiers;
 //! - [`merger`]: those merges, on a thread of their own;
 //! - [`head`]: signed tree heads;
@@ -23,6 +24,7 @@ pub mod head;
 pub mod log;
 pub mod merger;
 pub mod merkle;
+pub mod pages;
 pub mod prune;
 pub mod query;
 pub mod runs;
@@ -39,11 +41,12 @@ use serde_json::value::RawValue;
 
 use self::head::HeadSigner;
 use self::log::{
-    append_batch, head_key, lacks, quarantine_key, read_u64, BatchKeys, Entries, LogNodes,
-    Provenance, Quarantined, PRUNED, SIZE,
+    append_leaves, batch_pages, head_key, lacks, quarantine_key, read_u64, BatchKeys, Entries,
+    LogNodes, Provenance, Quarantined, PRUNED, SIZE,
 };
 use self::merger::Merger;
-use self::prune::{prune, Retention};
+use self::pages::Pages;
+use self::prune::{prune, remove_pruned_segments, Retention};
 use self::runs::Runs;
 use crate::runtime::sinks::kafka::{KafkaSink, Oversized};
 use crate::runtime::StoreError;
@@ -57,9 +60,10 @@ const LAST_HEAD: &[u8] = b"audit/last_head";
 
 /// Key of the store's layout version; a store without it that holds entries was
 /// written with one entry per key (before version 2). Version 3 keeps leaf hashes
-/// in blocks of 256 entries, not 32.
+/// in blocks of 256 entries, not 32; version 4 keeps pages in segment files
+/// beside sled, not in it.
 const LAYOUT: &[u8] = b"audit/layout";
-const LAYOUT_VERSION: &[u8] = b"3";
+const LAYOUT_VERSION: &[u8] = b"4";
 
 /// The `[audit]` section.
 #[derive(Clone, Serialize, Deserialize)]
@@ -211,8 +215,14 @@ impl Seal for Sealing {
         let size = read_u64(context.get(SIZE)?.as_deref());
         let end = size + values.len() as u64;
         let pruned = read_u64(context.get(PRUNED)?.as_deref());
-        let writes = append_batch(&|key: &[u8]| context.get(key), size, &values)
-            .map_err(HandlerError::fatal)?;
+        // The pages are on disk before the write that says where they are.
+        let pages_end = read_u64(context.get(pages::END)?.as_deref());
+        let pages = batch_pages(size, &values);
+        let mut writes = Pages::of(context.committed()).write(pages_end, &pages)?;
+        writes.extend(
+            append_leaves(&|key: &[u8]| context.get(key), size, &values)
+                .map_err(HandlerError::fatal)?,
+        );
         for (key, value) in writes {
             context.put(key, value);
         }
@@ -333,12 +343,16 @@ impl Handler for Audit {
     async fn start(&self, context: &mut Context<'_>) -> Result<(), HandlerError> {
         let layout = context.get(LAYOUT)?;
         if layout.as_deref() == Some(LAYOUT_VERSION) {
+            let committed = context.committed();
+            let pages_end = pages::committed_end(committed)?;
+            Pages::of(committed).cut_after(pages_end)?;
             return Ok(());
         }
         if layout.is_some() || read_u64(context.get(SIZE)?.as_deref()) > 0 {
             return Err(HandlerError::fatal(
-                "this audit store was written in an older layout (one entry per key, or \
-                 leaf hashes in blocks of 32); move its state directory aside and restart: \
+                "this audit store was written in an older layout (one entry per key, leaf \
+                 hashes in blocks of 32, or pages inside sled); move its state directory \
+                 aside and restart: \
                  the service rebuilds the log from the topics while their retention lasts \
                  (the heads topic keeps what the old log signed)",
             ));
@@ -376,6 +390,10 @@ impl Handler for Audit {
             let pruned = prune(context, &self.retention, now_ms(now))?;
             if pruned > 0 {
                 tracing::info!(pruned, "pruned entries past retention (their hashes stay)");
+            }
+            let removed = remove_pruned_segments(context.committed())?;
+            if removed > 0 {
+                tracing::info!(removed, "deleted segment files of pruned pages");
             }
         }
         let size = read_u64(context.get(SIZE)?.as_deref());

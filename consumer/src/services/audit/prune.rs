@@ -8,13 +8,16 @@
 //! the pruned range's stored leaf hashes against the signed heads. What the range
 //! can no longer prove is its content: nobody can show what a pruned entry said.
 //! Index runs that point only at pruned entries are dropped; the others lose
-//! those keys when they are next merged (until then a query skips them).
+//! those keys when they are next merged (until then a query skips them). A
+//! segment file of pages is deleted on the first tick after no kept page is in
+//! it any more (disk space comes back a segment at a time).
 
 use std::time::Duration;
 
-use super::log::{page_key, read_page, read_u64, records, Entry, BLOCK, PRUNED, SIZE};
+use super::log::{load_page, page_key, read_u64, records, Entry, BLOCK, ENTRIES, PRUNED, SIZE};
+use super::pages::{committed_end, Pages, Place};
 use super::runs::drop_pruned;
-use crate::runtime::{Context, HandlerError};
+use crate::runtime::{Context, HandlerError, Store, StoreError};
 
 /// Entries pruned per tick at most (bounds a tick's write).
 pub const PRUNE_BUDGET: u64 = 8_192;
@@ -72,13 +75,13 @@ pub fn prune(
 /// page starts after the last entry of the one before (a block starts a page),
 /// so they are found by reads that see the batch still being written.
 fn block_pages(context: &Context<'_>, first: u64) -> Result<Vec<(u64, Vec<u8>)>, HandlerError> {
-    let mut pages = Vec::new();
+    let (mut pages, files) = (Vec::new(), Pages::of(context.committed()));
     let mut next = first;
     while next < first + BLOCK {
-        let Some(page) = context.get(&page_key(next))? else {
+        let Some(place) = context.get(&page_key(next))? else {
             break;
         };
-        let page = read_page(&page);
+        let page = load_page(&files, &place)?;
         let after = records(&page).last().map(|(last, _)| last + 1);
         pages.push((next, page));
         match after {
@@ -89,8 +92,82 @@ fn block_pages(context: &Context<'_>, first: u64) -> Result<Vec<(u64, Vec<u8>)>,
     Ok(pages)
 }
 
+/// Deletes the segment files that hold no page the committed store keeps;
+/// returns how many went.
+pub fn remove_pruned_segments(store: &Store) -> Result<usize, StoreError> {
+    let first_kept = store.range(ENTRIES, &page_key(u64::MAX), false).next();
+    let kept_from = match first_kept.transpose()? {
+        Some((_, place)) => Place::decode(&place).map_or(0, |place| place.at),
+        None => committed_end(store)?,
+    };
+    Pages::of(store).remove_before(kept_from)
+}
+
 /// When the newest entry of a stored page was logged.
 fn newest_logged_ms(page: &[u8]) -> Option<u64> {
     let (_, value) = records(page).last()?;
     Entry::decode(value).map(|e| e.provenance.logged_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pages::SEGMENT_BYTES;
+    use super::*;
+
+    #[test]
+    fn a_segment_file_goes_once_no_kept_page_is_in_it() -> Result<(), StoreError> {
+        let dir = std::env::temp_dir().join(format!("cw-prune-{}", std::process::id()));
+        let store = Store::open(&dir)?;
+        let files = Pages::of(&store);
+        let page = vec![7; 1000];
+        // Pages 0 and 100 in segment 0, 200 in segment 1, 300 in segment 2.
+        let mut end = 0;
+        for (first, at) in [
+            (0, 0),
+            (100, SEGMENT_BYTES - 1000),
+            (200, SEGMENT_BYTES),
+            (300, 2 * SEGMENT_BYTES),
+        ] {
+            if at > end {
+                end = at;
+            }
+            for (key, value) in files.write(end, &[(first, page.clone())])? {
+                store.put_state(&key, Some(&value))?;
+            }
+            end = committed_end(&store)?;
+        }
+        assert_eq!(
+            remove_pruned_segments(&store)?,
+            0,
+            "every segment holds a kept page"
+        );
+        store.put_state(&page_key(0), None)?;
+        assert_eq!(
+            remove_pruned_segments(&store)?,
+            0,
+            "page 100 is still in segment 0"
+        );
+        store.put_state(&page_key(100), None)?;
+        store.put_state(&page_key(200), None)?;
+        assert_eq!(
+            remove_pruned_segments(&store)?,
+            2,
+            "segments 0 and 1 hold no kept page"
+        );
+        let place = Place::decode(&store.get(&page_key(300))?.unwrap_or_default());
+        assert_eq!(
+            files.read(place.expect("kept"))?,
+            page,
+            "the kept page reads back"
+        );
+        store.put_state(&page_key(300), None)?;
+        assert_eq!(
+            remove_pruned_segments(&store)?,
+            0,
+            "the segment the next page goes to stays"
+        );
+        drop(store);
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(())
+    }
 }
