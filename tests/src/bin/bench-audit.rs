@@ -22,6 +22,7 @@ use anyhow::ensure;
 use changewire_consumer::runtime::{self, Sinks, Store};
 use changewire_consumer::services::audit::pages::Pages;
 use changewire_consumer::services::audit::query::{Filters, Finder};
+use changewire_consumer::services::audit::run_files::RunFiles;
 use changewire_consumer::services::audit::{Audit, AuditConfig};
 use changewire_schemas::fixtures::kubernetes_create;
 use changewire_schemas::{ChangeEvent, EventId, Op, Origin};
@@ -79,10 +80,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let store = Store::open(audit_state.path())?;
     let pages = Pages::of(&store).bytes_on_disk()?;
+    let runs = RunFiles::of(&store).bytes_on_disk()?;
     println!(
-        "audit store on disk: {:.0} MB ({:.0} MB of it pages beside sled)",
-        (store.size_on_disk()? + pages) as f64 / 1e6,
-        pages as f64 / 1e6
+        "audit store on disk: {:.0} MB (pages {:.0} MB and index runs {:.0} MB beside sled)",
+        (store.size_on_disk()? + pages + runs) as f64 / 1e6,
+        pages as f64 / 1e6,
+        runs as f64 / 1e6
     );
     query_latencies(&store, events)?;
     Ok(())

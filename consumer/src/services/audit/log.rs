@@ -22,7 +22,7 @@
 //! | `audit/leaves/<block>` | the block's leaf hashes, in order (kept when pruned) |
 //! | `audit/node/<level><index>` | hash of a complete subtree of a block or more |
 //! | `audit/head/<size>` | a signed tree head |
-//! | `audit/runs`, `audit/chunk/<run><n>` | the query indexes ([`super::runs`]) |
+//! | `audit/runs`, `audit/merging`, `audit/fence/<run>` | the query indexes ([`super::runs`]; their chunks are files, [`super::run_files`]) |
 //! | `audit/pruned` | entries pruned from the start (their hashes stay) |
 //! | `audit/quarantine/<time><topic>\0<partition><offset>` | a record kept out of the log, with why |
 

@@ -10,13 +10,15 @@
 //! crash could hand out again). A later seal puts the run in place of the runs it
 //! replaces, in its batch's atomic write. A merge that fails or whose runs were
 //! pruned meanwhile, or the leftovers of one a crash cut short, are dropped by
-//! id, and the merge is done again.
+//! id, and the merge is done again. Each seal first deletes the run files the
+//! committed store no longer lists (replaced, pruned, or left by a crash).
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use super::log::{read_u64, State};
+use super::run_files::RunFiles;
 use super::runs::{
     drop_run_keys, due_merge, install, merge, merged_run, MergedRun, Run, Runs, MERGING,
 };
@@ -48,6 +50,7 @@ impl Merger {
         runs: &mut Runs,
         pruned: u64,
     ) -> Result<(), AuditError> {
+        sweep(committed)?;
         let mut running = self.0.lock().expect("not poisoned");
         if let Some(release) = running.as_mut().and_then(|r| r.release.take()) {
             // The batch that reserved its id is committed now.
@@ -67,14 +70,16 @@ impl Merger {
                     false
                 }
             };
-            return forget(committed, context, done.id, installed);
+            forget(context, done.id, installed);
+            return Ok(());
         }
         if running.is_some() {
             return Ok(());
         }
         if let Some(id) = context.get(MERGING)? {
             // Left by a crash or a stop: the merge is done again.
-            return forget(committed, context, read_u64(Some(&id)), false);
+            forget(context, read_u64(Some(&id)), false);
+            return Ok(());
         }
         if let Some(window) = due_merge(runs).map(<[Run]>::to_vec) {
             // An id spawning failed for stays unused: ids need only be unique.
@@ -95,32 +100,39 @@ impl Merger {
 
 /// Clears the reservation of merge `id`, dropping its run's keys unless it was
 /// put in place.
-fn forget(
-    committed: &Store,
-    context: &mut impl State,
-    id: u64,
-    installed: bool,
-) -> Result<(), AuditError> {
+fn forget(context: &mut impl State, id: u64, installed: bool) {
     if !installed {
-        drop_run_keys(committed, context, id)?;
+        drop_run_keys(context, id);
     }
     context.remove(MERGING.to_vec());
-    Ok(())
+}
+
+/// Deletes the files of runs the committed store neither lists nor has a merge
+/// under way for: their removal is committed, so no later read needs them.
+fn sweep(committed: &Store) -> Result<usize, AuditError> {
+    let runs = Runs::load(&|key: &[u8]| committed.get(key))?;
+    let merging = committed.get(MERGING)?.map(|id| read_u64(Some(&id)));
+    let listed = |id: u64| Some(id) == merging || runs.runs.iter().any(|r| r.id == id);
+    Ok(RunFiles::of(committed).sweep(listed)?)
 }
 
 /// Merges `window` on a thread of its own; once released, writes the merged run
-/// as run `id` (durable with the next batch's flush).
+/// as run `id` (its file durable at once, its fence with the next batch's
+/// flush).
 fn start(store: Store, id: u64, window: Vec<Run>, pruned: u64) -> std::io::Result<Running> {
     let (release, released) = channel();
     let thread = std::thread::Builder::new()
         .name("audit-merge".into())
         .spawn(move || {
-            let encoded = merge(&|key: &[u8]| store.get(key), &window, pruned)?;
+            let files = RunFiles::of(&store);
+            let encoded = merge(&|key: &[u8]| store.get(key), &files, &window, pruned)?;
             if released.recv().is_err() {
                 return Ok(None);
             }
             let mut changes = StateChanges::default();
-            let merged = merged_run(id, &window, encoded, |key, value| changes.put(key, value));
+            let merged = merged_run(&files, id, &window, encoded, |key, value| {
+                changes.put(key, value);
+            })?;
             store.apply_lazily(changes)?;
             Ok(Some(merged))
         })?;
@@ -147,7 +159,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::{Duration, Instant};
 
-    use super::super::runs::{add_run, save, Merged, CHUNK, FANOUT};
+    use super::super::runs::{add_run, save, Merged, FANOUT};
     use super::*;
     use crate::runtime::StoreError;
 
@@ -197,7 +209,15 @@ mod tests {
             let keys: Vec<Vec<u8>> = (span.0..span.1)
                 .map(|i| [&b"t\0"[..], &i.to_be_bytes(), &i.to_be_bytes()].concat())
                 .collect();
-            add_run(&mut batch, &mut runs, keys.iter().map(Vec::as_slice), span);
+            let files = RunFiles::of(store);
+            add_run(
+                &mut batch,
+                &files,
+                &mut runs,
+                keys.iter().map(Vec::as_slice),
+                span,
+            )
+            .expect("adds");
             all.extend(keys);
         }
         save(&mut batch, &runs);
@@ -215,12 +235,10 @@ mod tests {
         runs
     }
 
-    /// The ids of the runs whose chunks the store holds.
+    /// The ids of the runs there are files of.
     fn chunk_owners(store: &Store) -> Vec<u64> {
-        let mut owners: Vec<u64> = (store.scan(CHUNK).expect("scans").iter())
-            .map(|(key, _)| read_u64(key.get(CHUNK.len()..CHUNK.len() + 8)))
-            .collect();
-        owners.dedup();
+        let mut owners = RunFiles::of(store).ids().expect("lists");
+        owners.sort();
         owners
     }
 
@@ -249,14 +267,15 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         };
         assert_eq!(runs.runs.len(), 1, "one run in place of the sixteen");
+        assert_eq!(store.get(MERGING).expect("reads"), None);
+        seal(&merger, &store);
         assert_eq!(
             chunk_owners(&store),
             vec![runs.runs[0].id],
-            "the merged runs' chunks are gone"
+            "the merged runs' files are gone once that is committed"
         );
-        assert_eq!(store.get(MERGING).expect("reads"), None);
-        let get = |k: &[u8]| store.get(k);
-        let walked: Vec<Vec<u8>> = Merged::new(&get, &runs.runs, (b"", &[0xff]), false)
+        let (get, files) = (|k: &[u8]| store.get(k), RunFiles::of(&store));
+        let walked: Vec<Vec<u8>> = Merged::new(&get, &files, &runs.runs, (b"", &[0xff]), false)
             .collect::<Result<_, _>>()
             .expect("walks");
         assert_eq!(walked, all);
@@ -281,9 +300,9 @@ mod tests {
         let restarted = Merger::default();
         let runs = seal(&restarted, &store);
         assert_eq!(runs.runs.len(), FANOUT, "nothing was put in place");
-        assert_eq!(chunk_owners(&store), before, "the leftovers went");
         assert_eq!(store.get(MERGING).expect("reads"), None);
         seal(&restarted, &store);
+        assert_eq!(chunk_owners(&store), before, "the leftovers went");
         assert!(
             store.get(MERGING).expect("reads").is_some(),
             "and the merge starts again"

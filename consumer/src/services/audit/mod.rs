@@ -5,6 +5,7 @@
 //! - [`log`]: how the log is stored (in blocks), and appending a batch;
 //! - [`pages`]: the entries' pages, in segment files beside sled;
 //! - [`runs`]: the query indexes, as sorted runs merged in tiers;
+//! - [`run_files`]: the runs' chunks, a file per run beside sled;
 //! - [`merger`]: those merges, on a thread of their own;
 //! - [`head`]: signed tree heads;
 //! - [`query`]: finding events by resource, actor, op, source, time, changed path;
@@ -27,6 +28,7 @@ pub mod merkle;
 pub mod pages;
 pub mod prune;
 pub mod query;
+pub mod run_files;
 pub mod runs;
 pub mod verify;
 
@@ -47,6 +49,7 @@ use self::log::{
 use self::merger::Merger;
 use self::pages::Pages;
 use self::prune::{prune, remove_pruned_segments, Retention};
+use self::run_files::RunFiles;
 use self::runs::Runs;
 use crate::runtime::sinks::kafka::{KafkaSink, Oversized};
 use crate::runtime::StoreError;
@@ -61,9 +64,9 @@ const LAST_HEAD: &[u8] = b"audit/last_head";
 /// Key of the store's layout version; a store without it that holds entries was
 /// written with one entry per key (before version 2). Version 3 keeps leaf hashes
 /// in blocks of 256 entries, not 32; version 4 keeps pages in segment files
-/// beside sled, not in it.
+/// beside sled, not in it; version 5 keeps index-run chunks in files too.
 const LAYOUT: &[u8] = b"audit/layout";
-const LAYOUT_VERSION: &[u8] = b"4";
+const LAYOUT_VERSION: &[u8] = b"5";
 
 /// The `[audit]` section.
 #[derive(Clone, Serialize, Deserialize)]
@@ -232,7 +235,14 @@ impl Seal for Sealing {
         (self.merger)
             .step(&committed, context, &mut runs, pruned)
             .map_err(HandlerError::fatal)?;
-        runs::add_run(context, &mut runs, pending.keys.sorted(), (size, end));
+        let files = RunFiles::of(&committed);
+        runs::add_run(
+            context,
+            &files,
+            &mut runs,
+            pending.keys.sorted(),
+            (size, end),
+        )?;
         runs::save(context, &runs);
         context.put(SIZE, end.to_be_bytes().to_vec());
         *self.spare.lock().expect("not poisoned") = pending.into_spare();
@@ -351,7 +361,7 @@ impl Handler for Audit {
         if layout.is_some() || read_u64(context.get(SIZE)?.as_deref()) > 0 {
             return Err(HandlerError::fatal(
                 "this audit store was written in an older layout (one entry per key, leaf \
-                 hashes in blocks of 32, or pages inside sled); move its state directory \
+                 hashes in blocks of 32, or pages or index runs inside sled); move its state directory \
                  aside and restart: \
                  the service rebuilds the log from the topics while their retention lasts \
                  (the heads topic keeps what the old log signed)",

@@ -188,20 +188,7 @@ impl Pages {
 
     /// The segment files there are, by number.
     fn segments(&self) -> Result<Vec<u64>, StoreError> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io(e)),
-        };
-        let mut segments = Vec::new();
-        for entry in entries {
-            let name = entry.map_err(io)?.file_name();
-            let number = (name.to_str())
-                .and_then(|n| n.strip_suffix(".pages"))
-                .and_then(|n| n.parse::<u64>().ok());
-            segments.extend(number);
-        }
-        Ok(segments)
+        numbered_files(&self.dir, ".pages", |n| n.parse().ok())
     }
 
     /// Bytes the segment files take.
@@ -242,8 +229,32 @@ pub fn committed_end(store: &Store) -> Result<u64, StoreError> {
     Ok(read_u64(store.get(END)?.as_deref()))
 }
 
-fn io(error: std::io::Error) -> StoreError {
+/// An I/O error as the store's.
+pub(super) fn io(error: std::io::Error) -> StoreError {
     StoreError::from(sled::Error::Io(error))
+}
+
+/// The numbers of the files in `dir` named `<number><suffix>`, read by `parse`;
+/// none if `dir` is not there yet.
+pub(super) fn numbered_files(
+    dir: &Path,
+    suffix: &str,
+    parse: fn(&str) -> Option<u64>,
+) -> Result<Vec<u64>, StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(e)),
+    };
+    let mut numbers = Vec::new();
+    for entry in entries {
+        let name = entry.map_err(io)?.file_name();
+        let number = (name.to_str())
+            .and_then(|n| n.strip_suffix(suffix))
+            .and_then(parse);
+        numbers.extend(number);
+    }
+    Ok(numbers)
 }
 
 #[cfg(test)]

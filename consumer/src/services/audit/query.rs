@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use super::log::{
     indexed, page_of, read_u64, records, Entry, IndexKind, Provenance, Resource, SIZE,
 };
+use super::run_files::RunFiles;
 use super::runs::{Merged, Runs};
 use super::AuditError;
 use crate::runtime::{Store, StoreError};
@@ -138,7 +139,8 @@ impl<'a> Finder<'a> {
             from.map_or(0, |ms| ms.max(0) as u64),
             to.map_or(u64::MAX, |ms| ms.max(0) as u64),
         );
-        let keys = Merged::new(&get, &runs, (&start, &end), filters.newest_first);
+        let files = RunFiles::of(self.store);
+        let keys = Merged::new(&get, &files, &runs, (&start, &end), filters.newest_first);
         for (read, key) in keys.enumerate() {
             let key = key?;
             let position = key[prefix.len()..].to_vec();
@@ -162,7 +164,8 @@ impl<'a> Finder<'a> {
         let end = [prefix.as_slice(), &[0xff; 17]].concat();
         let get = |key: &[u8]| self.store.get(key);
         let runs = Runs::load(&get)?;
-        let mut keys = Merged::new(&get, &runs.runs, (&prefix, &end), false);
+        let files = RunFiles::of(self.store);
+        let mut keys = Merged::new(&get, &files, &runs.runs, (&prefix, &end), false);
         Ok(keys.next().transpose()?.map(|key| indexed(&key)))
     }
 

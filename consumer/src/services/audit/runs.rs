@@ -14,9 +14,9 @@
 //! runs as large as a busy one's.
 //!
 //! Runs cover consecutive ranges of the log, oldest first. The list of runs is
-//! one value ([`RUNS`]); a run's chunks are `audit/chunk/<run id><chunk number>`,
-//! found by binary search on their first keys, so a lookup reads a few chunks
-//! per run. Keys of pruned entries are dropped when their run is merged, and
+//! one value ([`RUNS`]); a run's chunks are kept by a [`Chunks`] store (a file
+//! per run beside sled in the service, [`super::run_files`]), found by binary
+//! search on their first keys, so a lookup reads a few chunks per run. Keys of pruned entries are dropped when their run is merged, and
 //! runs wholly below the pruned point are dropped at once.
 
 use std::cmp::Ordering;
@@ -24,12 +24,10 @@ use std::collections::BinaryHeap;
 
 use super::log::{indexed, read_u64, Get, State};
 use super::AuditError;
-use crate::runtime::Store;
+use crate::runtime::StoreError;
 
 /// Key of the list of runs.
 pub const RUNS: &[u8] = b"audit/runs";
-/// Prefix of run chunks.
-pub const CHUNK: &[u8] = b"audit/chunk/";
 /// Key of the id reserved for the merge under way, so a crash's leftovers of it
 /// are found and dropped.
 pub const MERGING: &[u8] = b"audit/merging";
@@ -51,6 +49,14 @@ pub const TIER_KEYS: u64 = 8_192;
 /// No merge writes more keys than this (bounds a batch's write): larger runs
 /// stay as they are.
 pub const MAX_MERGE_KEYS: u64 = 2_097_152;
+
+/// Where runs' chunks are kept, written once per run.
+pub trait Chunks {
+    /// Keeps run `id`'s chunks, durably, in place of any kept under that id.
+    fn put_run(&self, id: u64, chunks: &[Vec<u8>]) -> Result<(), StoreError>;
+    /// Chunk `n` of run `id`, if it is kept.
+    fn chunk(&self, id: u64, n: u32) -> Result<Option<Vec<u8>>, StoreError>;
+}
 
 /// One sorted run of index keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,21 +164,21 @@ pub fn fence_key(run: u64) -> Vec<u8> {
     [FENCE, &run.to_be_bytes()[..]].concat()
 }
 
-/// The key of chunk `n` of run `run`.
-pub fn chunk_key(run: u64, n: u32) -> Vec<u8> {
-    [CHUNK, &run.to_be_bytes()[..], &n.to_be_bytes()[..]].concat()
-}
-
-/// Adds a run of `keys` (sorted, log range `first..end`) to `runs`, its chunks
-/// in the batch's write ([`save`] writes the list).
+/// Adds a run of `keys` (sorted, log range `first..end`) to `runs`: its chunks
+/// to `chunks`, its fence in the batch's write ([`save`] writes the list).
 pub fn add_run<'k>(
     context: &mut impl State,
+    chunks: &dyn Chunks,
     runs: &mut Runs,
     keys: impl IntoIterator<Item = &'k [u8]>,
-    (first, end): (u64, u64),
-) {
-    let run = put_run(context, runs, encode_chunks(keys), (first, end));
+    span: (u64, u64),
+) -> Result<(), StoreError> {
+    let id = runs.reserve_id();
+    let run = write_run(chunks, id, encode_chunks(keys), span, |key, value| {
+        context.put(key, value);
+    })?;
     runs.runs.push(run);
+    Ok(())
 }
 
 /// Writes the list of runs.
@@ -205,11 +211,16 @@ pub struct MergedRun {
     run: Run,
 }
 
-/// The keys of `window` (consecutive runs), read through `get`, merged into one
-/// sorted run without those of entries below `pruned`.
-pub fn merge(get: &Get<'_>, window: &[Run], pruned: u64) -> Result<Encoded, AuditError> {
+/// The keys of `window` (consecutive runs), read through `get` and `chunks`,
+/// merged into one sorted run without those of entries below `pruned`.
+pub fn merge(
+    get: &Get<'_>,
+    chunks: &dyn Chunks,
+    window: &[Run],
+    pruned: u64,
+) -> Result<Encoded, AuditError> {
     let mut writer = ChunkWriter::default();
-    Merged::new(get, window, (b"", &[0xff; 1]), false).for_each_key(|key| {
+    Merged::new(get, chunks, window, (b"", &[0xff; 1]), false).for_each_key(|key| {
         if indexed(key) >= pruned {
             writer.push(key);
         }
@@ -218,19 +229,21 @@ pub fn merge(get: &Get<'_>, window: &[Run], pruned: u64) -> Result<Encoded, Audi
     Ok(writer.finish())
 }
 
-/// The merge of `window` as run `id`, its chunks and fence handed to `put`.
+/// The merge of `window` as run `id`: its chunks kept by `chunks`, its fence
+/// handed to `put`.
 pub fn merged_run(
+    chunks: &dyn Chunks,
     id: u64,
     window: &[Run],
     encoded: Encoded,
     put: impl FnMut(Vec<u8>, Vec<u8>),
-) -> MergedRun {
+) -> Result<MergedRun, StoreError> {
     let (first, last) = (window.first(), window.last());
     let span = (first.map_or(0, |r| r.first), last.map_or(0, |r| r.end));
-    MergedRun {
+    Ok(MergedRun {
         replaces: window.iter().map(|r| r.id).collect(),
-        run: write_run(id, encoded, span, put),
-    }
+        run: write_run(chunks, id, encoded, span, put)?,
+    })
 }
 
 /// Puts `merged` in place of the runs it replaces, in the batch's write, if they
@@ -253,18 +266,10 @@ pub fn install(context: &mut impl State, runs: &mut Runs, merged: MergedRun) -> 
     true
 }
 
-/// Removes the keys of run `id` that `committed` holds: a merge not put in place.
-pub fn drop_run_keys(
-    committed: &Store,
-    context: &mut impl State,
-    id: u64,
-) -> Result<(), AuditError> {
+/// Removes the fence of run `id`, a merge not put in place (its file goes with
+/// the next sweep, once no committed list names it).
+pub fn drop_run_keys(context: &mut impl State, id: u64) {
     context.remove(fence_key(id));
-    let chunks = [CHUNK, &id.to_be_bytes()[..]].concat();
-    for (key, _) in committed.scan(&chunks)? {
-        context.remove(key);
-    }
-    Ok(())
 }
 
 /// Drops the runs that cover only entries below `pruned`; returns how many went.
@@ -279,42 +284,34 @@ pub fn drop_pruned(context: &mut impl State, pruned: u64) -> Result<usize, Audit
     Ok(gone.len())
 }
 
-fn put_run(context: &mut impl State, runs: &mut Runs, encoded: Encoded, span: (u64, u64)) -> Run {
-    let id = runs.reserve_id();
-    write_run(id, encoded, span, |key, value| context.put(key, value))
-}
-
-/// Run `id` of `encoded` keys covering `first..end`; its fence and chunks go to
-/// `put`.
+/// Run `id` of `encoded` keys covering `first..end`: its chunks kept by
+/// `chunks`, its fence handed to `put`.
 fn write_run(
+    chunks: &dyn Chunks,
     id: u64,
     encoded: Encoded,
     (first, end): (u64, u64),
     mut put: impl FnMut(Vec<u8>, Vec<u8>),
-) -> Run {
+) -> Result<Run, StoreError> {
     let count = encoded.chunks.len() as u32;
     let fence =
         (encoded.chunks.iter().step_by(FENCE_EVERY as usize)).filter_map(|chunk| first_key(chunk));
     put(fence_key(id), encode_fence(fence));
-    for (n, chunk) in encoded.chunks.into_iter().enumerate() {
-        put(chunk_key(id, n as u32), chunk);
-    }
-    Run {
+    chunks.put_run(id, &encoded.chunks)?;
+    Ok(Run {
         id,
         keys: encoded.keys,
         chunks: count,
         first,
         end,
         times: encoded.times,
-    }
+    })
 }
 
+/// Removes the fences of `runs` (their files go with the next sweep).
 fn drop_runs(context: &mut impl State, runs: &[Run]) {
     for run in runs {
         context.remove(fence_key(run.id));
-        for n in 0..run.chunks {
-            context.remove(chunk_key(run.id, n));
-        }
     }
 }
 
@@ -475,6 +472,7 @@ fn first_key(mut chunk: &[u8]) -> Option<&[u8]> {
 /// The keys of one run between two bounds, in either direction, a chunk at a time.
 struct RunCursor<'a> {
     get: &'a Get<'a>,
+    chunks: &'a dyn Chunks,
     run: Run,
     start: Vec<u8>,
     end: Vec<u8>,
@@ -487,9 +485,15 @@ struct RunCursor<'a> {
 }
 
 impl<'a> RunCursor<'a> {
-    fn new(get: &'a Get<'a>, run: Run, (start, end): (&[u8], &[u8]), reverse: bool) -> Self {
+    fn new(
+        (get, chunks): (&'a Get<'a>, &'a dyn Chunks),
+        run: Run,
+        (start, end): (&[u8], &[u8]),
+        reverse: bool,
+    ) -> Self {
         Self {
             get,
+            chunks,
             run,
             start: start.to_vec(),
             end: end.to_vec(),
@@ -501,7 +505,7 @@ impl<'a> RunCursor<'a> {
     }
 
     fn chunk(&self, n: u32) -> Result<Vec<u8>, AuditError> {
-        (self.get)(&chunk_key(self.run.id, n))?.ok_or(AuditError::Corrupt("an index chunk"))
+        (self.chunks.chunk(self.run.id, n)?).ok_or(AuditError::Corrupt("an index chunk"))
     }
 
     /// Whether a chunk starting with `first` comes before where the walk starts.
@@ -640,11 +644,18 @@ pub struct Merged<'a> {
 }
 
 impl<'a> Merged<'a> {
-    /// A walk over `runs` between `bounds` (start included, end not).
-    pub fn new(get: &'a Get<'a>, runs: &[Run], bounds: (&[u8], &[u8]), reverse: bool) -> Self {
+    /// A walk over `runs` (their fences read through `get`, their chunks from
+    /// `chunks`) between `bounds` (start included, end not).
+    pub fn new(
+        get: &'a Get<'a>,
+        chunks: &'a dyn Chunks,
+        runs: &[Run],
+        bounds: (&[u8], &[u8]),
+        reverse: bool,
+    ) -> Self {
         Self {
             cursors: (runs.iter())
-                .map(|run| RunCursor::new(get, *run, bounds, reverse))
+                .map(|run| RunCursor::new((get, chunks), *run, bounds, reverse))
                 .collect(),
             heap: BinaryHeap::new(),
             started: false,
@@ -726,7 +737,8 @@ impl Iterator for Merged<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
+    use std::cell::RefCell;
+    use std::collections::{BTreeSet, HashMap};
 
     use super::super::log::tests::Memory;
     use super::super::log::State;
@@ -749,9 +761,32 @@ mod tests {
         [prefix.as_slice(), &ts.to_be_bytes(), &index.to_be_bytes()].concat()
     }
 
+    /// Chunks in memory.
+    #[derive(Default)]
+    struct MemoryChunks(RefCell<HashMap<u64, Vec<Vec<u8>>>>);
+
+    impl Chunks for MemoryChunks {
+        fn put_run(&self, id: u64, chunks: &[Vec<u8>]) -> Result<(), StoreError> {
+            self.0.borrow_mut().insert(id, chunks.to_vec());
+            Ok(())
+        }
+
+        fn chunk(&self, id: u64, n: u32) -> Result<Option<Vec<u8>>, StoreError> {
+            let runs = self.0.borrow();
+            Ok(runs.get(&id).and_then(|c| c.get(n as usize)).cloned())
+        }
+    }
+
+    /// A store's state and its runs' chunks, in memory.
+    #[derive(Default)]
+    struct Stored {
+        memory: Memory,
+        chunks: MemoryChunks,
+    }
+
     /// `batches` batches of `per_batch` events, five keys each.
-    fn filled(batches: u64, per_batch: u64, pruned: u64) -> (Memory, BTreeSet<Vec<u8>>) {
-        let (mut memory, mut all) = (Memory::default(), BTreeSet::new());
+    fn filled(batches: u64, per_batch: u64, pruned: u64) -> (Stored, BTreeSet<Vec<u8>>) {
+        let (mut stored, mut all) = (Stored::default(), BTreeSet::new());
         for batch in 0..batches {
             let span = (batch * per_batch, (batch + 1) * per_batch);
             let mut keys: Vec<Vec<u8>> = (span.0..span.1)
@@ -759,34 +794,38 @@ mod tests {
                 .collect();
             keys.sort();
             all.extend(keys.iter().cloned());
+            let Stored { memory, chunks } = &mut stored;
             let mut runs = Runs::load(&|k: &[u8]| memory.get(k)).expect("runs");
-            add_run(&mut memory, &mut runs, keys.iter().map(Vec::as_slice), span);
+            let keys = keys.iter().map(Vec::as_slice);
+            add_run(memory, chunks, &mut runs, keys, span).expect("adds");
             while let Some(window) = due_merge(&runs).map(<[Run]>::to_vec) {
-                let merged = merged_in(&mut memory, &mut runs, &window, pruned);
-                assert!(install(&mut memory, &mut runs, merged), "in place");
+                let merged = merged_in(&mut stored, &mut runs, &window, pruned);
+                assert!(install(&mut stored.memory, &mut runs, merged), "in place");
             }
-            save(&mut memory, &runs);
+            save(&mut stored.memory, &runs);
         }
-        (memory, all)
+        (stored, all)
     }
 
-    /// `window` merged, its chunks written to `memory` under a new id.
-    fn merged_in(memory: &mut Memory, runs: &mut Runs, window: &[Run], pruned: u64) -> MergedRun {
-        let encoded = merge(&|k: &[u8]| memory.get(k), window, pruned).expect("merges");
+    /// `window` merged, its run kept in `stored` under a new id.
+    fn merged_in(stored: &mut Stored, runs: &mut Runs, window: &[Run], pruned: u64) -> MergedRun {
+        let Stored { memory, chunks } = stored;
+        let encoded = merge(&|k: &[u8]| memory.get(k), chunks, window, pruned).expect("merges");
         let mut writes = Vec::new();
-        let merged = merged_run(runs.reserve_id(), window, encoded, |k, v| {
+        let merged = merged_run(chunks, runs.reserve_id(), window, encoded, |k, v| {
             writes.push((k, v))
-        });
+        })
+        .expect("writes");
         for (key, value) in writes {
             memory.put(key, value);
         }
         merged
     }
 
-    fn walk(memory: &Memory, bounds: (&[u8], &[u8]), reverse: bool) -> Vec<Vec<u8>> {
-        let get = |k: &[u8]| memory.get(k);
+    fn walk(stored: &Stored, bounds: (&[u8], &[u8]), reverse: bool) -> Vec<Vec<u8>> {
+        let get = |k: &[u8]| stored.memory.get(k);
         let runs = Runs::load(&get).expect("runs");
-        Merged::new(&get, &runs.runs, bounds, reverse)
+        Merged::new(&get, &stored.chunks, &runs.runs, bounds, reverse)
             .collect::<Result<_, _>>()
             .expect("walks")
     }
@@ -795,8 +834,8 @@ mod tests {
     fn runs_merge_in_tiers_and_walks_see_every_key_in_order() {
         // 273 batches of 2,000 keys: tier 0 runs merged into tier 1 (32,000
         // keys), those into tier 2 once sixteen of them are there.
-        let (memory, all) = filled(273, 400, 0);
-        let get = |k: &[u8]| memory.get(k);
+        let (stored, all) = filled(273, 400, 0);
+        let get = |k: &[u8]| stored.memory.get(k);
         let runs = Runs::load(&get).expect("runs");
         let tiers: Vec<u32> = runs.runs.iter().map(Run::tier).collect();
         assert!(
@@ -812,15 +851,9 @@ mod tests {
             runs.runs.iter().any(|r| r.chunks > FENCE_EVERY),
             "runs span fences"
         );
-        let chunks = memory.0.keys().filter(|k| k.starts_with(CHUNK)).count() as u32;
-        assert_eq!(
-            chunks,
-            runs.runs.iter().map(|r| r.chunks).sum::<u32>(),
-            "merged runs' chunks are gone"
-        );
-        let fences = memory.0.keys().filter(|k| k.starts_with(FENCE)).count();
-        assert_eq!(fences, runs.runs.len(), "one fence per run");
-        let everything = walk(&memory, (b"", &[0xff]), false);
+        let fences = (stored.memory.0.keys()).filter(|k| k.starts_with(FENCE));
+        assert_eq!(fences.count(), runs.runs.len(), "one fence per run");
+        let everything = walk(&stored, (b"", &[0xff]), false);
         assert_eq!(everything, all.iter().cloned().collect::<Vec<_>>());
         for field in [0, 5, 36] {
             let prefix = [b"r", format!("resource-{field}").as_bytes(), &[0]].concat();
@@ -828,71 +861,74 @@ mod tests {
             let end = [prefix.as_slice(), &1_700i64.to_be_bytes()].concat();
             let wanted: Vec<Vec<u8>> = all.range(start.clone()..end.clone()).cloned().collect();
             assert!(!wanted.is_empty());
-            assert_eq!(walk(&memory, (&start, &end), false), wanted);
+            assert_eq!(walk(&stored, (&start, &end), false), wanted);
             let overlapping = runs.overlapping(1_200, 1_700);
             assert!(
                 overlapping.len() < runs.runs.len(),
                 "runs outside the times are skipped"
             );
-            let only: Vec<Vec<u8>> = Merged::new(&get, &overlapping, (&start, &end), false)
+            let chunks = &stored.chunks;
+            let only: Vec<Vec<u8>> = Merged::new(&get, chunks, &overlapping, (&start, &end), false)
                 .collect::<Result<_, _>>()
                 .expect("walks");
             assert_eq!(only, wanted, "the skipped runs held none of it");
             let mut backwards = wanted.clone();
             backwards.reverse();
-            assert_eq!(walk(&memory, (&start, &end), true), backwards);
+            assert_eq!(walk(&stored, (&start, &end), true), backwards);
         }
     }
 
     #[test]
     fn a_slow_stream_of_small_batches_keeps_few_runs() {
-        let (memory, all) = filled(3_000, 1, 0);
-        let runs = Runs::load(&|k: &[u8]| memory.get(k)).expect("runs");
+        let (stored, all) = filled(3_000, 1, 0);
+        let runs = Runs::load(&|k: &[u8]| stored.memory.get(k)).expect("runs");
         assert!(runs.runs.len() < 2 * FANOUT, "{} runs", runs.runs.len());
-        assert_eq!(walk(&memory, (b"", &[0xff]), false).len(), all.len());
+        assert_eq!(walk(&stored, (b"", &[0xff]), false).len(), all.len());
     }
 
     #[test]
     fn pruned_keys_go_when_their_runs_merge_or_wholly_pruned_runs_are_dropped() {
-        let (mut memory, all) = filled(2 * FANOUT as u64, 400, 100);
-        let left = walk(&memory, (b"", &[0xff]), false);
+        let (mut stored, all) = filled(2 * FANOUT as u64, 400, 100);
+        let left = walk(&stored, (b"", &[0xff]), false);
         let expected: Vec<Vec<u8>> = all.iter().filter(|k| indexed(k) >= 100).cloned().collect();
         assert_eq!(left, expected, "the merges dropped keys below 100");
         let end = 2 * FANOUT as u64 * 400;
-        let dropped = drop_pruned(&mut memory, end).expect("drops");
+        let dropped = drop_pruned(&mut stored.memory, end).expect("drops");
         assert_eq!(dropped, 2, "both merged runs end at or below {end}");
-        assert!(walk(&memory, (b"", &[0xff]), false).is_empty());
+        assert!(walk(&stored, (b"", &[0xff]), false).is_empty());
     }
 
     /// `count` runs of 10 keys each, none merged.
-    fn unmerged(count: u64) -> (Memory, Runs) {
-        let (mut memory, mut runs) = (Memory::default(), Runs::default());
+    fn unmerged(count: u64) -> (Stored, Runs) {
+        let (mut stored, mut runs) = (Stored::default(), Runs::default());
         for batch in 0..count {
             let span = (batch * 10, batch * 10 + 10);
             let keys: Vec<Vec<u8>> = (span.0..span.1).map(|i| key(0, i)).collect();
-            add_run(&mut memory, &mut runs, keys.iter().map(Vec::as_slice), span);
+            let Stored { memory, chunks } = &mut stored;
+            let keys = keys.iter().map(Vec::as_slice);
+            add_run(memory, chunks, &mut runs, keys, span).expect("adds");
         }
-        (memory, runs)
+        (stored, runs)
     }
 
     #[test]
     fn a_merge_takes_the_oldest_runs_of_a_tier_so_none_is_stranded() {
-        let (mut memory, mut runs) = unmerged(FANOUT as u64 + 2);
+        let (mut stored, mut runs) = unmerged(FANOUT as u64 + 2);
         let window = due_merge(&runs).expect("due").to_vec();
         assert_eq!(window, runs.runs[..FANOUT], "the oldest sixteen");
-        let merged = merged_in(&mut memory, &mut runs, &window, 0);
-        assert!(install(&mut memory, &mut runs, merged));
+        let merged = merged_in(&mut stored, &mut runs, &window, 0);
+        assert!(install(&mut stored.memory, &mut runs, merged));
         assert_eq!(runs.runs.len(), 3, "the two newest wait for more");
         assert_eq!(runs.runs[0].keys, 10 * FANOUT as u64, "merged first");
     }
 
     #[test]
     fn a_merge_is_not_put_in_place_of_runs_pruned_meanwhile() {
-        let (mut memory, mut runs) = unmerged(FANOUT as u64);
+        let (mut stored, mut runs) = unmerged(FANOUT as u64);
         let window = due_merge(&runs).expect("due").to_vec();
-        let merged = merged_in(&mut memory, &mut runs, &window, 0);
+        let merged = merged_in(&mut stored, &mut runs, &window, 0);
         runs.runs.remove(0);
-        assert!(!install(&mut memory, &mut runs, merged));
+        assert!(!install(&mut stored.memory, &mut runs, merged));
         assert_eq!(runs.runs, window[1..], "left as they were");
     }
 
