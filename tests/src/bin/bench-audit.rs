@@ -226,7 +226,8 @@ type QueryOf = Box<dyn Fn(usize) -> Filters>;
 
 /// p50 and p99 of four queries on the audit store.
 fn query_latencies(store: &Store, events: u64) -> anyhow::Result<()> {
-    let finder = Finder::new(store, b"bench");
+    let files = RunFiles::of(store);
+    let finder = Finder::new(store, &files, b"bench");
     let day = |i: usize| {
         let from = START_MS + (i as i64 % 29) * DAY_MS;
         (Some(from), Some(from + DAY_MS))

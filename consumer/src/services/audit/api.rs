@@ -25,6 +25,7 @@ use super::head::key_id;
 use super::log::{entry_at, LogNodes, Quarantined, QUARANTINE};
 use super::merkle::{consistency_proof, inclusion_proof, leaf_hash, root};
 use super::query::{Filters, Finder, QueryError};
+use super::run_files::RunFiles;
 use super::verify::{signed_heads, verify};
 use super::{AuditConfig, AuditError};
 use crate::runtime::{Store, StoreError};
@@ -58,6 +59,8 @@ enum Role {
 /// What every request shares.
 struct Api {
     store: Store,
+    /// The store's index-run files, kept open from request to request.
+    files: RunFiles,
     key: VerifyingKey,
     cursor_key: Vec<u8>,
     read_tokens: Vec<String>,
@@ -138,6 +141,7 @@ pub fn router(config: &AuditConfig, store: Store, key: VerifyingKey) -> Router {
         Sha256::digest([b"changewire-audit-cursor\0", config.signing_key.as_bytes()].concat())
             .to_vec();
     let api = Arc::new(Api {
+        files: RunFiles::of(&store),
         store,
         key,
         cursor_key,
@@ -211,7 +215,7 @@ impl Api {
     }
 
     fn finder(&self) -> Finder<'_> {
-        Finder::new(&self.store, &self.cursor_key)
+        Finder::new(&self.store, &self.files, &self.cursor_key)
     }
 
     /// The page size asked for, within the limit.

@@ -10,9 +10,11 @@
 //! crash could hand out again). A later seal puts the run in place of the runs it
 //! replaces, in its batch's atomic write. A merge that fails or whose runs were
 //! pruned meanwhile, or the leftovers of one a crash cut short, are dropped by
-//! id, and the merge is done again. Each seal first deletes the run files the
+//! id, and the merge is done again. After start, and after a seal or a prune
+//! changed the run list, the next seal first deletes the run files the
 //! committed store no longer lists (replaced, pruned, or left by a crash).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
@@ -25,9 +27,23 @@ use super::runs::{
 use super::AuditError;
 use crate::runtime::{StateChanges, Store};
 
-/// The merge under way, if any: one at a time.
-#[derive(Default)]
-pub struct Merger(Mutex<Option<Running>>);
+/// The merge under way, if any (one at a time), and whether run files may be
+/// left to delete.
+pub struct Merger {
+    running: Mutex<Option<Running>>,
+    /// Set at start and whenever the run list changes; the next seal, which sees
+    /// that change committed, deletes what is no longer listed.
+    sweep_due: AtomicBool,
+}
+
+impl Default for Merger {
+    fn default() -> Self {
+        Self {
+            running: Mutex::default(),
+            sweep_due: AtomicBool::new(true),
+        }
+    }
+}
 
 /// A merge on its thread.
 struct Running {
@@ -50,8 +66,10 @@ impl Merger {
         runs: &mut Runs,
         pruned: u64,
     ) -> Result<(), AuditError> {
-        sweep(committed)?;
-        let mut running = self.0.lock().expect("not poisoned");
+        if self.sweep_due.swap(false, Ordering::Relaxed) {
+            sweep(committed)?;
+        }
+        let mut running = self.running.lock().expect("not poisoned");
         if let Some(release) = running.as_mut().and_then(|r| r.release.take()) {
             // The batch that reserved its id is committed now.
             let _ = release.send(());
@@ -70,7 +88,7 @@ impl Merger {
                     false
                 }
             };
-            forget(context, done.id, installed);
+            self.forget(context, done.id, installed);
             return Ok(());
         }
         if running.is_some() {
@@ -78,7 +96,7 @@ impl Merger {
         }
         if let Some(id) = context.get(MERGING)? {
             // Left by a crash or a stop: the merge is done again.
-            forget(context, read_u64(Some(&id)), false);
+            self.forget(context, read_u64(Some(&id)), false);
             return Ok(());
         }
         if let Some(window) = due_merge(runs).map(<[Run]>::to_vec) {
@@ -96,24 +114,34 @@ impl Merger {
         }
         Ok(())
     }
-}
 
-/// Clears the reservation of merge `id`, dropping its run's keys unless it was
-/// put in place.
-fn forget(context: &mut impl State, id: u64, installed: bool) {
-    if !installed {
-        drop_run_keys(context, id);
+    /// Has the next seal delete the files of runs a prune dropped.
+    pub fn runs_pruned(&self) {
+        self.sweep_due.store(true, Ordering::Relaxed);
     }
-    context.remove(MERGING.to_vec());
+
+    /// Clears the reservation of merge `id`, dropping its run's keys unless it
+    /// was put in place; either way some run's file is no longer listed.
+    fn forget(&self, context: &mut impl State, id: u64, installed: bool) {
+        if !installed {
+            drop_run_keys(context, id);
+        }
+        context.remove(MERGING.to_vec());
+        self.sweep_due.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Deletes the files of runs the committed store neither lists nor has a merge
 /// under way for: their removal is committed, so no later read needs them.
-fn sweep(committed: &Store) -> Result<usize, AuditError> {
+fn sweep(committed: &Store) -> Result<(), AuditError> {
     let runs = Runs::load(&|key: &[u8]| committed.get(key))?;
     let merging = committed.get(MERGING)?.map(|id| read_u64(Some(&id)));
     let listed = |id: u64| Some(id) == merging || runs.runs.iter().any(|r| r.id == id);
-    Ok(RunFiles::of(committed).sweep(listed)?)
+    let removed = RunFiles::of(committed).sweep(listed)?;
+    if removed > 0 {
+        tracing::debug!(removed, "deleted the files of runs no longer listed");
+    }
+    Ok(())
 }
 
 /// Merges `window` on a thread of its own; once released, writes the merged run
@@ -147,7 +175,7 @@ impl Drop for Merger {
     /// Stops the merge under way (unreleased, it gives up) and waits for it: it
     /// holds the store open.
     fn drop(&mut self) {
-        if let Ok(Some(running)) = self.0.get_mut().map(Option::take) {
+        if let Ok(Some(running)) = self.running.get_mut().map(Option::take) {
             drop(running.release);
             let _ = running.thread.join();
         }
@@ -159,7 +187,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::{Duration, Instant};
 
-    use super::super::runs::{add_run, save, Merged, FANOUT};
+    use super::super::runs::{add_run, drop_pruned, save, Merged, FANOUT};
     use super::*;
     use crate::runtime::StoreError;
 
@@ -203,8 +231,13 @@ mod tests {
 
     /// Commits [`FANOUT`] runs of 100 keys (one tier); their keys in order.
     fn committed_runs(store: &Store) -> Vec<Vec<u8>> {
+        commit_runs(store, FANOUT as u64)
+    }
+
+    /// Commits `count` runs of 100 keys; their keys in order.
+    fn commit_runs(store: &Store, count: u64) -> Vec<Vec<u8>> {
         let (mut batch, mut runs, mut all) = (Batch::new(store), Runs::default(), Vec::new());
-        for n in 0..FANOUT as u64 {
+        for n in 0..count {
             let span = (n * 100, n * 100 + 100);
             let keys: Vec<Vec<u8>> = (span.0..span.1)
                 .map(|i| [&b"t\0"[..], &i.to_be_bytes(), &i.to_be_bytes()].concat())
@@ -306,6 +339,34 @@ mod tests {
         assert!(
             store.get(MERGING).expect("reads").is_some(),
             "and the merge starts again"
+        );
+    }
+
+    #[test]
+    fn files_of_pruned_runs_go_with_the_seal_after_the_prune_says_so() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let store = Store::open(dir.path()).expect("opens");
+        commit_runs(&store, 2);
+        let merger = Merger::default();
+        seal(&merger, &store);
+        let both = chunk_owners(&store);
+        assert_eq!(both.len(), 2);
+
+        let mut batch = Batch::new(&store);
+        assert_eq!(drop_pruned(&mut batch, 100).expect("drops"), 1);
+        batch.commit();
+        seal(&merger, &store);
+        assert_eq!(
+            chunk_owners(&store),
+            both,
+            "no sweep while nothing said one is due"
+        );
+        merger.runs_pruned();
+        seal(&merger, &store);
+        assert_eq!(
+            chunk_owners(&store),
+            both[1..],
+            "the pruned run's file went"
         );
     }
 }

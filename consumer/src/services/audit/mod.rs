@@ -400,6 +400,7 @@ impl Handler for Audit {
             let pruned = prune(context, &self.retention, now_ms(now))?;
             if pruned > 0 {
                 tracing::info!(pruned, "pruned entries past retention (their hashes stay)");
+                self.merger.runs_pruned();
             }
             let removed = remove_pruned_segments(context.committed())?;
             if removed > 0 {

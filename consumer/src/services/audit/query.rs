@@ -100,13 +100,26 @@ impl From<StoreError> for QueryError {
 /// Runs queries against a store, signing cursors with `cursor_key`.
 pub struct Finder<'a> {
     store: &'a Store,
+    files: &'a RunFiles,
     cursor_key: &'a [u8],
 }
 
 impl<'a> Finder<'a> {
-    /// A finder over `store`.
-    pub fn new(store: &'a Store, cursor_key: &'a [u8]) -> Self {
-        Self { store, cursor_key }
+    /// A finder over `store`, reading its index runs through `files` (kept
+    /// from query to query, so their files stay open).
+    pub fn new(store: &'a Store, files: &'a RunFiles, cursor_key: &'a [u8]) -> Self {
+        Self {
+            store,
+            files,
+            cursor_key,
+        }
+    }
+
+    /// The committed runs; files of runs no longer among them are closed.
+    fn runs(&self) -> Result<Runs, AuditError> {
+        let runs = Runs::load(&|key: &[u8]| self.store.get(key))?;
+        (self.files).close_unless(|id| runs.runs.iter().any(|run| run.id == id));
+        Ok(runs)
     }
 
     /// Up to `limit` events matching `filters`, after `cursor` if given.
@@ -135,12 +148,17 @@ impl<'a> Finder<'a> {
         let changed = filters.changed.as_deref().map(PathPattern::parse);
         let get = |key: &[u8]| self.store.get(key);
         let (from, to) = (filters.from_ms, filters.to_ms);
-        let runs = Runs::load(&get)?.overlapping(
+        let runs = self.runs()?.overlapping(
             from.map_or(0, |ms| ms.max(0) as u64),
             to.map_or(u64::MAX, |ms| ms.max(0) as u64),
         );
-        let files = RunFiles::of(self.store);
-        let keys = Merged::new(&get, &files, &runs, (&start, &end), filters.newest_first);
+        let keys = Merged::new(
+            &get,
+            self.files,
+            &runs,
+            (&start, &end),
+            filters.newest_first,
+        );
         for (read, key) in keys.enumerate() {
             let key = key?;
             let position = key[prefix.len()..].to_vec();
@@ -163,9 +181,8 @@ impl<'a> Finder<'a> {
         let prefix = IndexKind::Id.prefix(&[&[id]]);
         let end = [prefix.as_slice(), &[0xff; 17]].concat();
         let get = |key: &[u8]| self.store.get(key);
-        let runs = Runs::load(&get)?;
-        let files = RunFiles::of(self.store);
-        let mut keys = Merged::new(&get, &files, &runs.runs, (&prefix, &end), false);
+        let runs = self.runs()?;
+        let mut keys = Merged::new(&get, self.files, &runs.runs, (&prefix, &end), false);
         Ok(keys.next().transpose()?.map(|key| indexed(&key)))
     }
 

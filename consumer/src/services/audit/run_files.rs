@@ -81,6 +81,12 @@ impl RunFiles {
         Ok(bytes)
     }
 
+    /// Closes the open files of runs `listed` says no to (their files may be
+    /// deleted: an open one would keep its space taken).
+    pub fn close_unless(&self, listed: impl Fn(u64) -> bool) {
+        (self.open.lock().expect("not poisoned")).retain(|id, _| listed(*id));
+    }
+
     /// Run `id`'s file, opened once; `None` when there is none or it does not
     /// parse (an altered store).
     fn opened(&self, id: u64) -> Result<Option<Arc<RunFile>>, StoreError> {
@@ -198,6 +204,31 @@ mod tests {
         ids.sort();
         assert_eq!(ids, [9]);
         assert_eq!(RunFiles::in_dir(dir.path()).chunk(7, 0)?, None, "swept");
+        Ok(())
+    }
+
+    #[test]
+    fn files_of_runs_no_longer_listed_are_closed() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().expect("a directory");
+        let files = RunFiles::in_dir(dir.path());
+        for id in [1, 2] {
+            files.put_run(id, &[b"chunk".to_vec()])?;
+            files.chunk(id, 0)?;
+        }
+        let open = |files: &RunFiles| {
+            let mut ids: Vec<u64> = files
+                .open
+                .lock()
+                .expect("not poisoned")
+                .keys()
+                .copied()
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(open(&files), [1, 2], "kept open once read");
+        files.close_unless(|id| id == 2);
+        assert_eq!(open(&files), [2]);
         Ok(())
     }
 
