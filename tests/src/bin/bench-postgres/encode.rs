@@ -38,15 +38,7 @@ pub fn measure() -> anyhow::Result<EncodeCost> {
     for _ in 0..ROUNDS {
         ours.push(per_change(|i| {
             let tuple = &tuples[i % tuples.len()];
-            let mut tx = TxContext::new(7, Lsn(i as u64), 0);
-            let change = Change {
-                op: Op::Create,
-                before: None,
-                after: Some(table.row(tuple)?),
-                lsn: Lsn(i as u64),
-            };
-            let event = info.event(&table, &mut tx, change, 0);
-            black_box((codec.encode(&event.event)?, event.key));
+            black_box(encode_insert(&info, &table, &codec, tuple, i as u64)?);
             Ok(())
         })?);
         baseline.push(per_change(|i| {
@@ -61,6 +53,41 @@ pub fn measure() -> anyhow::Result<EncodeCost> {
         ours_ns: median(ours),
         baseline_ns: median(baseline),
     })
+}
+
+/// An encoded event and its message key.
+pub type EncodedRecord = (Vec<u8>, Option<Vec<u8>>);
+
+/// `count` insert events as the producer encodes them for the bench table, with
+/// their keys: records shaped like the live load's, for the Kafka floor.
+pub fn insert_records(count: u64) -> anyhow::Result<Vec<EncodedRecord>> {
+    let (table, codec) = (bench_table(), Codec::json()?);
+    let info = SourceInfo {
+        name: "bench".into(),
+        db: "bench".into(),
+    };
+    (1..=count)
+        .map(|g| encode_insert(&info, &table, &codec, &tuple(g), g))
+        .collect()
+}
+
+/// `tuple` inserted at `lsn`, encoded the producer's way.
+fn encode_insert(
+    info: &SourceInfo,
+    table: &Table,
+    codec: &Codec,
+    tuple: &[Value],
+    lsn: u64,
+) -> anyhow::Result<EncodedRecord> {
+    let mut tx = TxContext::new(7, Lsn(lsn), 0);
+    let change = Change {
+        op: Op::Create,
+        before: None,
+        after: Some(table.row(tuple)?),
+        lsn: Lsn(lsn),
+    };
+    let event = info.event(table, &mut tx, change, 0);
+    Ok((codec.encode(&event.event)?, event.key))
 }
 
 /// `bench(id bigint PRIMARY KEY, n int, note text, doc jsonb)`.

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use changewire_kafka::Publisher;
+use changewire_kafka::{Lane, PublishMetrics, Publisher, Record};
 use changewire_producer::checkpoint::SledCheckpoints;
 use changewire_producer::postgres::{PostgresConfig, PostgresSource, SnapshotMode};
 use changewire_schemas::{Codec, TopicNames};
@@ -103,6 +103,8 @@ async fn main() -> anyhow::Result<()> {
         live.push((theirs, live_changewire(&stack, &db, rows, per_tx).await?));
     }
 
+    let floor = kafka_floor(&stack, rows).await?;
+
     let rate = |d: Duration| changes as f64 / d.as_secs_f64();
     println!();
     println!("| measure | value |");
@@ -138,22 +140,143 @@ async fn main() -> anyhow::Result<()> {
         peak_rss / 1024
     );
     print_live(&live, changes);
+    print_floor(&floor, &live, &encode, changes);
     Ok(())
 }
 
-/// One row per live pair, then the medians.
-fn print_live(live: &[(Duration, LiveRun)], changes: i64) {
+/// The Kafka floor and the best live time it leaves: PostgreSQL's CPU with
+/// `pg_recvlogical`, the floor's and the encoding's CPU, spread over both cores
+/// without loss (an optimistic bound: decoding pgoutput, scheduling and
+/// contention come on top).
+fn print_floor(
+    floor: &KafkaFloor,
+    live: &[(TheirLiveRun, LiveRun)],
+    encode: &encode::EncodeCost,
+    changes: i64,
+) {
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let theirs = median(live.iter().map(|(t, _)| t.elapsed.as_secs_f64()).collect());
+    let postgres = median(
+        live.iter()
+            .map(|(t, _)| t.postgres_cpu.as_secs_f64())
+            .collect(),
+    );
+    let [publish, read] = [&floor.publish, &floor.read].map(|(_, cpu)| cpu.bench_and_broker());
+    let encoding = encode.ours_ns * changes as f64 / 1e9;
+    let best = (postgres + publish + read + encoding) / 2.0;
     println!();
-    println!("| live run | load start -> pg_recvlogical sent all | load start -> all readable | ratio | CPU s: bench / PostgreSQL / broker | bench CPU per change |");
-    println!("|---|---|---|---|---|---|");
+    println!("| Kafka floor: {changes} producer-encoded inserts, no PostgreSQL | elapsed | CPU s: bench / broker |");
+    println!("|---|---|---|");
+    for (step, (elapsed, cpu)) in [
+        ("published until all acknowledged", &floor.publish),
+        ("then read by a consumer", &floor.read),
+    ] {
+        println!(
+            "| {step} | {:.2} s | {:.1} / {:.1} |",
+            elapsed.as_secs_f64(),
+            cpu.bench.as_secs_f64(),
+            cpu.broker.as_secs_f64()
+        );
+    }
+    println!(
+        "| best live time on 2 cores: (PostgreSQL {postgres:.1} + publish {publish:.1} + read {read:.1} + encoding {encoding:.1} CPU s) / 2 | {best:.2} s | ratio at most {:.2} (pg_recvlogical's median {theirs:.2} s) |",
+        theirs / best
+    );
+}
+
+/// What publishing producer-encoded events costs with no database, then reading
+/// them back: the live phase's publisher settings, lane limit and reader, one step
+/// after the other so that each one's CPU is its own.
+struct KafkaFloor {
+    /// From the first publish until the broker acknowledged the last record.
+    publish: (Duration, CpuTimes),
+    /// From the consumer's start until it counted every record.
+    read: (Duration, CpuTimes),
+}
+
+/// Measures the [`KafkaFloor`] for `rows` records shaped like the live load's
+/// inserts on a fresh three-partition topic.
+async fn kafka_floor(stack: &Stack, rows: i64) -> anyhow::Result<KafkaFloor> {
+    let records = encode::insert_records(1_000)?;
+    let topic = format!("{}.floor", unique_name("floor"));
+    changewire_tests::create_topics(stack, &[&topic], 3).await?;
+    let publisher = Publisher::for_source(&producer_kafka_config(stack)?)?;
+    let mut lane = publisher
+        .lane::<()>(PublishMetrics::default())
+        .with_limit(100_000);
+    // Connections and metadata first, as in the live phase.
+    publish_acknowledged(&mut lane, &topic, &records, 1).await?;
+    let expected = usize::try_from(rows)?;
+    let published = measured(publish_acknowledged(&mut lane, &topic, &records, expected)).await?;
+    let read = measured(async {
+        let consumer = TestConsumer::from_beginning(stack, &topic)?;
+        let read = consumer
+            .count(expected + 1, Duration::from_secs(600))
+            .await?;
+        ensure!(
+            read == expected + 1,
+            "only {read} of {} records were readable",
+            expected + 1
+        );
+        anyhow::Ok(())
+    })
+    .await?;
+    Ok(KafkaFloor {
+        publish: published,
+        read,
+    })
+}
+
+/// Publishes `count` of `records` (round the list) to `topic` and waits until the
+/// broker acknowledged them all.
+async fn publish_acknowledged(
+    lane: &mut Lane<()>,
+    topic: &str,
+    records: &[encode::EncodedRecord],
+    count: usize,
+) -> anyhow::Result<()> {
+    for (value, key) in records.iter().cycle().take(count) {
+        lane.publish(&Record::keyed(topic, key.as_deref(), Some(value)))
+            .await?;
+    }
+    lane.mark(());
+    lane.next_confirmed()
+        .await
+        .context("the lane closed before its mark")??;
+    Ok(())
+}
+
+/// Runs `step`, returning how long it took and the CPU spent meanwhile.
+async fn measured(
+    step: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<(Duration, CpuTimes)> {
+    let (cpu_before, started) = (CpuTimes::now(), Instant::now());
+    step.await?;
+    Ok((started.elapsed(), CpuTimes::now().since(&cpu_before)))
+}
+
+/// One row per live pair, then the medians.
+fn print_live(live: &[(TheirLiveRun, LiveRun)], changes: i64) {
+    println!();
+    println!("| live run | load start -> pg_recvlogical sent all (PostgreSQL CPU s) | load start -> all readable | ratio | changewire's load done / all acknowledged | CPU s: bench / PostgreSQL / broker | bench CPU per change |");
+    println!("|---|---|---|---|---|---|---|");
     let per_change = |run: &LiveRun| run.cpu.bench.as_secs_f64() * 1e6 / changes as f64;
+    let ratio = |theirs: &TheirLiveRun, ours: &LiveRun| {
+        theirs.elapsed.as_secs_f64() / ours.elapsed.as_secs_f64()
+    };
     for (i, (theirs, ours)) in live.iter().enumerate() {
         println!(
-            "| {} | {:.2} s | {:.2} s | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} us |",
+            "| {} | {:.2} s ({:.1}) | {:.2} s | {:.2} | {:.2} s / {:.2} s | {:.1} / {:.1} / {:.1} | {:.1} us |",
             i + 1,
-            theirs.as_secs_f64(),
+            theirs.elapsed.as_secs_f64(),
+            theirs.postgres_cpu.as_secs_f64(),
             ours.elapsed.as_secs_f64(),
-            theirs.as_secs_f64() / ours.elapsed.as_secs_f64(),
+            ratio(theirs, ours),
+            ours.loaded.as_secs_f64(),
+            ours.acknowledged.as_secs_f64(),
             ours.cpu.bench.as_secs_f64(),
             ours.cpu.postgres.as_secs_f64(),
             ours.cpu.broker.as_secs_f64(),
@@ -166,11 +289,11 @@ fn print_live(live: &[(Duration, LiveRun)], changes: i64) {
     };
     let ratio = median(
         live.iter()
-            .map(|(theirs, ours)| theirs.as_secs_f64() / ours.elapsed.as_secs_f64())
+            .map(|(theirs, ours)| ratio(theirs, ours))
             .collect(),
     );
     let cpu = median(live.iter().map(|(_, ours)| per_change(ours)).collect());
-    println!("| median | | | {ratio:.2} | | {cpu:.1} us |");
+    println!("| median | | | {ratio:.2} | | | {cpu:.1} us |");
 }
 
 /// Loads `rows` changes into `table` (6 inserts, 3 updates, 1 delete per 10 rows) in
@@ -246,7 +369,7 @@ async fn live_pg_recvlogical(
     db: &TestDatabase,
     rows: i64,
     per_tx: i64,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<TheirLiveRun> {
     let client = db.connect().await?;
     client.batch_execute("TRUNCATE live_theirs").await?;
     let slot = create_pgoutput_slot(&client).await?;
@@ -274,7 +397,7 @@ async fn live_pg_recvlogical(
         &slot,
     )
     .await?;
-    let started = Instant::now();
+    let (cpu_before, started) = (CpuTimes::now(), Instant::now());
     load(&client, "live_theirs", rows, per_tx).await?;
     let end_lsn: String = client
         .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
@@ -292,6 +415,7 @@ async fn live_pg_recvlogical(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let elapsed = started.elapsed();
+    let cpu = CpuTimes::now().since(&cpu_before);
     receiver.kill()?;
     receiver.wait()?;
     wait_until(
@@ -303,7 +427,18 @@ async fn live_pg_recvlogical(
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await?;
-    Ok(elapsed)
+    Ok(TheirLiveRun {
+        elapsed,
+        postgres_cpu: cpu.postgres,
+    })
+}
+
+/// What the live phase measured for `pg_recvlogical`.
+struct TheirLiveRun {
+    /// From the load's start until the walsender sent its end.
+    elapsed: Duration,
+    /// What PostgreSQL (the loading backend and the walsender) spent meanwhile.
+    postgres_cpu: Duration,
 }
 
 /// Polls `query` (one bool column, `$1` = `arg`) until it is true.
@@ -346,6 +481,11 @@ impl CpuTimes {
         times
     }
 
+    /// CPU seconds of the bench process and the broker together.
+    fn bench_and_broker(&self) -> f64 {
+        (self.bench + self.broker).as_secs_f64()
+    }
+
     fn since(&self, earlier: &Self) -> Self {
         Self {
             bench: self.bench.saturating_sub(earlier.bench),
@@ -357,7 +497,12 @@ impl CpuTimes {
 
 /// What the live end-to-end phase measured for changewire.
 struct LiveRun {
+    /// From the load's start until every event was readable.
     elapsed: Duration,
+    /// Until the load committed its last transaction.
+    loaded: Duration,
+    /// Until the producer had every event acknowledged by the broker.
+    acknowledged: Duration,
     cpu: CpuTimes,
 }
 
@@ -395,22 +540,38 @@ async fn live_changewire(
         "the warm-up change never became readable"
     );
     let (cpu_before, started) = (CpuTimes::now(), Instant::now());
-    let loader = {
+    let stages = {
         let client = db.connect().await?;
-        tokio::spawn(async move { load(&client, "live_ours", rows, per_tx).await })
+        let confirmed = running.confirmed.clone();
+        tokio::spawn(async move {
+            load(&client, "live_ours", rows, per_tx).await?;
+            let loaded = started.elapsed();
+            let end = lsn(&changewire_tests::current_wal_lsn(&client).await?)?;
+            while confirmed.get() < end {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // The client goes back with them: its backend's CPU counts only while
+            // the backend lives.
+            anyhow::Ok((loaded, started.elapsed(), client))
+        })
     };
     let expected = usize::try_from(rows)?;
     let read = consumer.count(expected, Duration::from_secs(600)).await?;
     let elapsed = started.elapsed();
     let cpu = CpuTimes::now().since(&cpu_before);
-    loader.await??;
+    let (loaded, acknowledged, _loader) = stages.await??;
     ensure!(
         read == expected,
         "only {read} of {rows} events were readable"
     );
     running.stop.send(true)?;
     running.task.await??;
-    Ok(LiveRun { elapsed, cpu })
+    Ok(LiveRun {
+        elapsed,
+        loaded,
+        acknowledged,
+        cpu,
+    })
 }
 
 /// Starts changewire on `slot` (created beforehand, no snapshot).
