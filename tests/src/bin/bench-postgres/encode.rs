@@ -10,6 +10,8 @@ use changewire_producer::postgres::encoding::Encoding;
 use changewire_producer::postgres::normalize::{Change, SourceInfo, Table, TxContext};
 use changewire_producer::postgres::pgoutput::{Column, Lsn, Relation, Value};
 use changewire_schemas::{ChangeEvent, Codec, EventId, Op, Transaction};
+
+use super::median;
 use serde_json::{Map, Number, Value as Json};
 
 /// Changes per timed round; rounds alternate between the two ways.
@@ -140,11 +142,6 @@ fn per_change(mut change: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Re
     }
     let spent: Duration = changewire_tests::cpu_time("self").saturating_sub(before);
     Ok(spent.as_nanos() as f64 / PER_ROUND as f64)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// The baseline's row: a `Value` object (numbers exact, the document parsed), and

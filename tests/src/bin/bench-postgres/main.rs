@@ -19,6 +19,9 @@
 //!    with the CPU time the bench process, PostgreSQL and the broker spent meanwhile;
 //!    LIVE_REPEATS pairs (default 3), alternating, and their median (single live runs
 //!    vary by +-15% on 2 cores).
+//! 6. the Kafka floor: the same number of producer-encoded events published and
+//!    read back with no database, and the best live time two cores allow (see
+//!    [`floor`]).
 //!
 //! `BENCH_KAFKA_PROPERTIES=name=value,...` passes librdkafka properties to the
 //! benchmarked producer (e.g. `compression.type=none`).
@@ -27,13 +30,14 @@
 //! numbers are part of what is measured.
 
 mod encode;
+mod floor;
 
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use changewire_kafka::{Lane, PublishMetrics, Publisher, Record};
+use changewire_kafka::Publisher;
 use changewire_producer::checkpoint::SledCheckpoints;
 use changewire_producer::postgres::{PostgresConfig, PostgresSource, SnapshotMode};
 use changewire_schemas::{Codec, TopicNames};
@@ -103,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
         live.push((theirs, live_changewire(&stack, &db, rows, per_tx).await?));
     }
 
-    let floor = kafka_floor(&stack, rows).await?;
+    let floor = floor::KafkaFloor::measure(&stack, rows).await?;
 
     let rate = |d: Duration| changes as f64 / d.as_secs_f64();
     println!();
@@ -140,122 +144,8 @@ async fn main() -> anyhow::Result<()> {
         peak_rss / 1024
     );
     print_live(&live, changes);
-    print_floor(&floor, &live, &encode, changes);
+    floor.print(&live, &encode, changes);
     Ok(())
-}
-
-/// The Kafka floor and the best live time it leaves: PostgreSQL's CPU with
-/// `pg_recvlogical`, the floor's and the encoding's CPU, spread over both cores
-/// without loss (an optimistic bound: decoding pgoutput, scheduling and
-/// contention come on top).
-fn print_floor(
-    floor: &KafkaFloor,
-    live: &[(TheirLiveRun, LiveRun)],
-    encode: &encode::EncodeCost,
-    changes: i64,
-) {
-    let median = |mut values: Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    let theirs = median(live.iter().map(|(t, _)| t.elapsed.as_secs_f64()).collect());
-    let postgres = median(
-        live.iter()
-            .map(|(t, _)| t.postgres_cpu.as_secs_f64())
-            .collect(),
-    );
-    let [publish, read] = [&floor.publish, &floor.read].map(|(_, cpu)| cpu.bench_and_broker());
-    let encoding = encode.ours_ns * changes as f64 / 1e9;
-    let best = (postgres + publish + read + encoding) / 2.0;
-    println!();
-    println!("| Kafka floor: {changes} producer-encoded inserts, no PostgreSQL | elapsed | CPU s: bench / broker |");
-    println!("|---|---|---|");
-    for (step, (elapsed, cpu)) in [
-        ("published until all acknowledged", &floor.publish),
-        ("then read by a consumer", &floor.read),
-    ] {
-        println!(
-            "| {step} | {:.2} s | {:.1} / {:.1} |",
-            elapsed.as_secs_f64(),
-            cpu.bench.as_secs_f64(),
-            cpu.broker.as_secs_f64()
-        );
-    }
-    println!(
-        "| best live time on 2 cores: (PostgreSQL {postgres:.1} + publish {publish:.1} + read {read:.1} + encoding {encoding:.1} CPU s) / 2 | {best:.2} s | ratio at most {:.2} (pg_recvlogical's median {theirs:.2} s) |",
-        theirs / best
-    );
-}
-
-/// What publishing producer-encoded events costs with no database, then reading
-/// them back: the live phase's publisher settings, lane limit and reader, one step
-/// after the other so that each one's CPU is its own.
-struct KafkaFloor {
-    /// From the first publish until the broker acknowledged the last record.
-    publish: (Duration, CpuTimes),
-    /// From the consumer's start until it counted every record.
-    read: (Duration, CpuTimes),
-}
-
-/// Measures the [`KafkaFloor`] for `rows` records shaped like the live load's
-/// inserts on a fresh three-partition topic.
-async fn kafka_floor(stack: &Stack, rows: i64) -> anyhow::Result<KafkaFloor> {
-    let records = encode::insert_records(1_000)?;
-    let topic = format!("{}.floor", unique_name("floor"));
-    changewire_tests::create_topics(stack, &[&topic], 3).await?;
-    let publisher = Publisher::for_source(&producer_kafka_config(stack)?)?;
-    let mut lane = publisher
-        .lane::<()>(PublishMetrics::default())
-        .with_limit(100_000);
-    // Connections and metadata first, as in the live phase.
-    publish_acknowledged(&mut lane, &topic, &records, 1).await?;
-    let expected = usize::try_from(rows)?;
-    let published = measured(publish_acknowledged(&mut lane, &topic, &records, expected)).await?;
-    let read = measured(async {
-        let consumer = TestConsumer::from_beginning(stack, &topic)?;
-        let read = consumer
-            .count(expected + 1, Duration::from_secs(600))
-            .await?;
-        ensure!(
-            read == expected + 1,
-            "only {read} of {} records were readable",
-            expected + 1
-        );
-        anyhow::Ok(())
-    })
-    .await?;
-    Ok(KafkaFloor {
-        publish: published,
-        read,
-    })
-}
-
-/// Publishes `count` of `records` (round the list) to `topic` and waits until the
-/// broker acknowledged them all.
-async fn publish_acknowledged(
-    lane: &mut Lane<()>,
-    topic: &str,
-    records: &[encode::EncodedRecord],
-    count: usize,
-) -> anyhow::Result<()> {
-    for (value, key) in records.iter().cycle().take(count) {
-        lane.publish(&Record::keyed(topic, key.as_deref(), Some(value)))
-            .await?;
-    }
-    lane.mark(());
-    lane.next_confirmed()
-        .await
-        .context("the lane closed before its mark")??;
-    Ok(())
-}
-
-/// Runs `step`, returning how long it took and the CPU spent meanwhile.
-async fn measured(
-    step: impl std::future::Future<Output = anyhow::Result<()>>,
-) -> anyhow::Result<(Duration, CpuTimes)> {
-    let (cpu_before, started) = (CpuTimes::now(), Instant::now());
-    step.await?;
-    Ok((started.elapsed(), CpuTimes::now().since(&cpu_before)))
 }
 
 /// One row per live pair, then the medians.
@@ -283,10 +173,6 @@ fn print_live(live: &[(TheirLiveRun, LiveRun)], changes: i64) {
             per_change(ours)
         );
     }
-    let median = |mut values: Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
     let ratio = median(
         live.iter()
             .map(|(theirs, ours)| ratio(theirs, ours))
@@ -731,4 +617,10 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
+}
+
+/// The middle value (the upper one of an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }

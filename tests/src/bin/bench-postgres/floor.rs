@@ -1,0 +1,124 @@
+//! The Kafka floor of the producer benchmark: what publishing producer-encoded
+//! events through librdkafka and reading them back costs with no database, and
+//! the best live time that leaves on two cores.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use changewire_kafka::{Lane, PublishMetrics, Publisher, Record};
+use changewire_tests::{unique_name, Stack, TestConsumer};
+
+use super::{encode, median, producer_kafka_config, CpuTimes, LiveRun, TheirLiveRun};
+
+/// What publishing producer-encoded events costs with no database, then reading
+/// them back: the live phase's publisher settings, lane limit and reader, one step
+/// after the other so that each one's CPU is its own.
+pub struct KafkaFloor {
+    /// From the first publish until the broker acknowledged the last record.
+    publish: (Duration, CpuTimes),
+    /// From the consumer's start until it counted every record.
+    read: (Duration, CpuTimes),
+}
+
+impl KafkaFloor {
+    /// Measures the floor for `rows` records shaped like the live load's
+    /// inserts on a fresh three-partition topic.
+    pub async fn measure(stack: &Stack, rows: i64) -> anyhow::Result<Self> {
+        let records = encode::insert_records(1_000)?;
+        let topic = format!("{}.floor", unique_name("floor"));
+        changewire_tests::create_topics(stack, &[&topic], 3).await?;
+        let publisher = Publisher::for_source(&producer_kafka_config(stack)?)?;
+        let mut lane = publisher
+            .lane::<()>(PublishMetrics::default())
+            .with_limit(100_000);
+        // Connections and metadata first, as in the live phase.
+        publish_acknowledged(&mut lane, &topic, &records, 1).await?;
+        let expected = usize::try_from(rows)?;
+        let published =
+            measured(publish_acknowledged(&mut lane, &topic, &records, expected)).await?;
+        let read = measured(async {
+            let consumer = TestConsumer::from_beginning(stack, &topic)?;
+            let read = consumer
+                .count(expected + 1, Duration::from_secs(600))
+                .await?;
+            ensure!(
+                read == expected + 1,
+                "only {read} of {} records were readable",
+                expected + 1
+            );
+            anyhow::Ok(())
+        })
+        .await?;
+        Ok(Self {
+            publish: published,
+            read,
+        })
+    }
+
+    /// Prints the floor and the best live time it leaves: PostgreSQL's CPU with
+    /// `pg_recvlogical`, the floor's and the encoding's CPU, spread over both cores
+    /// without loss (an optimistic bound: decoding pgoutput, scheduling and
+    /// contention come on top).
+    pub fn print(
+        &self,
+        live: &[(TheirLiveRun, LiveRun)],
+        encode: &encode::EncodeCost,
+        changes: i64,
+    ) {
+        let theirs = median(live.iter().map(|(t, _)| t.elapsed.as_secs_f64()).collect());
+        let postgres = median(
+            live.iter()
+                .map(|(t, _)| t.postgres_cpu.as_secs_f64())
+                .collect(),
+        );
+        let [publish, read] = [&self.publish, &self.read].map(|(_, cpu)| cpu.bench_and_broker());
+        let encoding = encode.ours_ns * changes as f64 / 1e9;
+        let best = (postgres + publish + read + encoding) / 2.0;
+        println!();
+        println!("| Kafka floor: {changes} producer-encoded inserts, no PostgreSQL | elapsed | CPU s: bench / broker |");
+        println!("|---|---|---|");
+        for (step, (elapsed, cpu)) in [
+            ("published until all acknowledged", &self.publish),
+            ("then read by a consumer", &self.read),
+        ] {
+            println!(
+                "| {step} | {:.2} s | {:.1} / {:.1} |",
+                elapsed.as_secs_f64(),
+                cpu.bench.as_secs_f64(),
+                cpu.broker.as_secs_f64()
+            );
+        }
+        println!(
+            "| best live time on 2 cores: (PostgreSQL {postgres:.1} + publish {publish:.1} + read {read:.1} + encoding {encoding:.1} CPU s) / 2 | {best:.2} s | ratio at most {:.2} (pg_recvlogical's median {theirs:.2} s) |",
+            theirs / best
+        );
+    }
+}
+
+/// Publishes `count` of `records` (round the list) to `topic` and waits until the
+/// broker acknowledged them all.
+async fn publish_acknowledged(
+    lane: &mut Lane<()>,
+    topic: &str,
+    records: &[encode::EncodedRecord],
+    count: usize,
+) -> anyhow::Result<()> {
+    for (value, key) in records.iter().cycle().take(count) {
+        lane.publish(&Record::keyed(topic, key.as_deref(), Some(value)))
+            .await?;
+    }
+    lane.mark(());
+    lane.next_confirmed()
+        .await
+        .context("the lane closed before its mark")??;
+    Ok(())
+}
+
+/// Runs `step`, returning how long it took and the CPU spent meanwhile.
+async fn measured(
+    step: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<(Duration, CpuTimes)> {
+    let (cpu_before, started) = (CpuTimes::now(), Instant::now());
+    step.await?;
+    Ok((started.elapsed(), CpuTimes::now().since(&cpu_before)))
+}
