@@ -29,24 +29,20 @@ pub struct EncodeCost {
 
 /// Measures both ways on rows shaped like the benchmark's table.
 pub fn measure() -> anyhow::Result<EncodeCost> {
-    let table = bench_table();
-    let info = SourceInfo {
-        name: "bench".into(),
-        db: "bench".into(),
-    };
-    let codec = Codec::json()?;
+    let inserts = Inserts::new()?;
+    let (table, info, codec) = (&inserts.table, &inserts.info, &inserts.codec);
     let tuples: Vec<Vec<Value>> = (1..=1000).map(tuple).collect();
     let (mut ours, mut baseline) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         ours.push(per_change(|i| {
             let tuple = &tuples[i % tuples.len()];
-            black_box(encode_insert(&info, &table, &codec, tuple, i as u64)?);
+            black_box(inserts.encode_tuple(tuple, i as u64)?);
             Ok(())
         })?);
         baseline.push(per_change(|i| {
             let tuple = &tuples[i % tuples.len()];
-            let (row, key) = value_row(&table, tuple);
-            let event = value_event(&info, &table, i as u64, row);
+            let (row, key) = value_row(table, tuple);
+            let event = value_event(info, table, i as u64, row);
             black_box((codec.encode(&event)?, key));
             Ok(())
         })?);
@@ -60,36 +56,43 @@ pub fn measure() -> anyhow::Result<EncodeCost> {
 /// An encoded event and its message key.
 pub type EncodedRecord = (Vec<u8>, Option<Vec<u8>>);
 
-/// `count` insert events as the producer encodes them for the bench table, with
-/// their keys: records shaped like the live load's, for the Kafka floor.
-pub fn insert_records(count: u64) -> anyhow::Result<Vec<EncodedRecord>> {
-    let (table, codec) = (bench_table(), Codec::json()?);
-    let info = SourceInfo {
-        name: "bench".into(),
-        db: "bench".into(),
-    };
-    (1..=count)
-        .map(|g| encode_insert(&info, &table, &codec, &tuple(g), g))
-        .collect()
+/// Inserts into the bench table, encoded the producer's way.
+pub struct Inserts {
+    info: SourceInfo,
+    table: Table,
+    codec: Codec,
 }
 
-/// `tuple` inserted at `lsn`, encoded the producer's way.
-fn encode_insert(
-    info: &SourceInfo,
-    table: &Table,
-    codec: &Codec,
-    tuple: &[Value],
-    lsn: u64,
-) -> anyhow::Result<EncodedRecord> {
-    let mut tx = TxContext::new(7, Lsn(lsn), 0);
-    let change = Change {
-        op: Op::Create,
-        before: None,
-        after: Some(table.row(tuple)?),
-        lsn: Lsn(lsn),
-    };
-    let event = info.event(table, &mut tx, change, 0);
-    Ok((codec.encode(&event.event)?, event.key))
+impl Inserts {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            info: SourceInfo {
+                name: "bench".into(),
+                db: "bench".into(),
+            },
+            table: bench_table(),
+            codec: Codec::json()?,
+        })
+    }
+
+    /// Row `g` as the live load inserts it: its tuple built as pgoutput's decoder
+    /// builds it, then written, encoded and keyed as the producer does.
+    pub fn encode(&self, g: u64) -> anyhow::Result<EncodedRecord> {
+        self.encode_tuple(&tuple(g), g)
+    }
+
+    /// `tuple` inserted at `lsn`, encoded with its key.
+    fn encode_tuple(&self, tuple: &[Value], lsn: u64) -> anyhow::Result<EncodedRecord> {
+        let mut tx = TxContext::new(7, Lsn(lsn), 0);
+        let change = Change {
+            op: Op::Create,
+            before: None,
+            after: Some(self.table.row(tuple)?),
+            lsn: Lsn(lsn),
+        };
+        let event = self.info.event(&self.table, &mut tx, change, 0);
+        Ok((self.codec.encode(&event.event)?, event.key))
+    }
 }
 
 /// `bench(id bigint PRIMARY KEY, n int, note text, doc jsonb)`.
