@@ -31,15 +31,14 @@ use std::collections::HashMap;
 use changewire_schemas::{ChangeEvent, Origin};
 use serde::{Deserialize, Serialize};
 
+use super::bytes::{read_u64, Writes};
 use super::merkle::{appended, leaf_hash, range_hash, Hash, Nodes};
-use super::pages::{Pages, Place};
+use super::pages::{page_key, Pages, Place, ENTRIES};
 use super::AuditError;
 use crate::runtime::{Context, Store, StoreError};
 
 /// Key of the log's size.
 pub const SIZE: &[u8] = b"audit/size";
-/// Prefix of where entry pages are.
-pub const ENTRIES: &[u8] = b"audit/entries/";
 /// Prefix of the leaf hashes of blocks.
 pub const LEAVES: &[u8] = b"audit/leaves/";
 /// Prefix of subtree hashes.
@@ -62,9 +61,6 @@ pub const BLOCK: u64 = 1 << BLOCK_LEVEL;
 /// compressed, to some 7 kB for JSON events). 12 kB pages made twice the sled
 /// writes when pages were stored in sled.
 pub const PAGE_BYTES: usize = 24_000;
-
-/// `(key, value)` pairs to write.
-pub type Writes = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Reads a state value (a handler's context, or the store).
 pub type Get<'a> = dyn Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError> + 'a;
@@ -140,11 +136,6 @@ impl IndexKind {
 /// The block holding the entry at `index`.
 pub fn block_of(index: u64) -> u64 {
     index >> BLOCK_LEVEL
-}
-
-/// The key of the page whose first entry is at `first`.
-pub fn page_key(first: u64) -> Vec<u8> {
-    [ENTRIES, &first.to_be_bytes()[..]].concat()
 }
 
 /// The stored page holding the entry at `index` (the last page starting at or
@@ -239,13 +230,6 @@ pub fn node_key(level: u32, index: u64) -> Vec<u8> {
 /// The key of the signed head of the tree over `size` leaves.
 pub fn head_key(size: u64) -> Vec<u8> {
     [HEAD, &size.to_be_bytes()[..]].concat()
-}
-
-/// Reads a big-endian `u64` value (0 when absent or malformed).
-pub fn read_u64(value: Option<&[u8]>) -> u64 {
-    value
-        .and_then(|v| v.try_into().ok())
-        .map_or(0, u64::from_be_bytes)
 }
 
 /// Adds an entry (`value`, logged at `index`) to a page.

@@ -19,7 +19,8 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
-use super::log::{read_u64, State};
+use super::bytes::read_u64;
+use super::log::State;
 use super::run_files::RunFiles;
 use super::runs::{
     drop_run_keys, due_merge, install, merge, merged_run, MergedRun, Run, Runs, MERGING,

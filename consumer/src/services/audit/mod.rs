@@ -20,6 +20,7 @@
 //! head and emits it to the `heads` Kafka sink.
 
 pub mod api;
+pub mod bytes;
 pub mod cli;
 pub mod head;
 pub mod log;
@@ -41,10 +42,11 @@ use changewire_schemas::ChangeEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use self::bytes::read_u64;
 use self::head::HeadSigner;
 use self::log::{
-    append_leaves, batch_pages, head_key, lacks, quarantine_key, read_u64, BatchKeys, Entries,
-    LogNodes, Provenance, Quarantined, PRUNED, SIZE,
+    append_leaves, batch_pages, head_key, lacks, quarantine_key, BatchKeys, Entries, LogNodes,
+    Provenance, Quarantined, PRUNED, SIZE,
 };
 use self::merger::Merger;
 use self::pages::Pages;

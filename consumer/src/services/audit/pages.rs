@@ -18,8 +18,16 @@ use std::io::ErrorKind;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
-use super::log::{page_key, read_u64, Writes};
+use super::bytes::{read_u64, Writes};
 use crate::runtime::{Store, StoreError};
+
+/// Prefix of where entry pages are.
+pub const ENTRIES: &[u8] = b"audit/entries/";
+
+/// The key of the page whose first entry is at `first`.
+pub fn page_key(first: u64) -> Vec<u8> {
+    [ENTRIES, &first.to_be_bytes()[..]].concat()
+}
 
 /// The directory, in the store's, of the segment files.
 pub const DIR: &str = "audit-pages";

@@ -14,8 +14,9 @@
 
 use std::time::Duration;
 
-use super::log::{load_page, page_key, read_u64, records, Entry, BLOCK, ENTRIES, PRUNED, SIZE};
-use super::pages::{committed_end, Pages, Place};
+use super::bytes::read_u64;
+use super::log::{load_page, records, Entry, BLOCK, PRUNED, SIZE};
+use super::pages::{committed_end, page_key, Pages, Place, ENTRIES};
 use super::runs::drop_pruned;
 use crate::runtime::{Context, HandlerError, Store, StoreError};
 

@@ -20,9 +20,8 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::log::{
-    indexed, page_of, read_u64, records, Entry, IndexKind, Provenance, Resource, SIZE,
-};
+use super::bytes::read_u64;
+use super::log::{indexed, page_of, records, Entry, IndexKind, Provenance, Resource, SIZE};
 use super::run_files::RunFiles;
 use super::runs::{Merged, Runs};
 use super::AuditError;

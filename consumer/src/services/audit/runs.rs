@@ -22,7 +22,8 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use super::log::{indexed, read_u64, Get, State};
+use super::bytes::read_u64;
+use super::log::{indexed, Get, State};
 use super::AuditError;
 use crate::runtime::StoreError;
 

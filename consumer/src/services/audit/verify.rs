@@ -11,9 +11,10 @@
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 
+use super::bytes::read_u64;
 use super::head::SignedHead;
 use super::log::{
-    leaves_key, node_key, pages, read_u64, records, Entry, BLOCK, BLOCK_LEVEL, HEAD, PRUNED, SIZE,
+    leaves_key, node_key, pages, records, Entry, BLOCK, BLOCK_LEVEL, HEAD, PRUNED, SIZE,
 };
 use super::merkle::{appended, leaf_hash, node_hash, Hash};
 use crate::runtime::{Store, StoreError};
