@@ -10,9 +10,9 @@ use changewire_producer::postgres::encoding::Encoding;
 use changewire_producer::postgres::normalize::{Change, SourceInfo, Table, TxContext};
 use changewire_producer::postgres::pgoutput::{Column, Lsn, Relation, Value};
 use changewire_schemas::{ChangeEvent, Codec, EventId, Op, Transaction};
+use serde_json::{Map, Number, Value as Json};
 
 use super::median;
-use serde_json::{Map, Number, Value as Json};
 
 /// Changes per timed round; rounds alternate between the two ways.
 const PER_ROUND: usize = 200_000;

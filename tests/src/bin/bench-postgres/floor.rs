@@ -8,11 +8,13 @@ use anyhow::{ensure, Context};
 use changewire_kafka::{Lane, PublishMetrics, Publisher, Record};
 use changewire_tests::{unique_name, Stack, TestConsumer};
 
-use super::{encode, median, producer_kafka_config, CpuTimes, LiveRun, TheirLiveRun};
+use super::{
+    encode, median, producer_kafka_config, CpuTimes, LiveRun, TheirLiveRun, MAX_IN_FLIGHT,
+};
 
 /// What writing, encoding and publishing insert events costs with no database,
-/// then reading them back: the live phase's publisher settings, lane limit and reader, one step
-/// after the other so that each one's CPU is its own.
+/// then reading them back: the live phase's publisher settings, lane limit and
+/// reader, one step after the other so that each one's CPU is its own.
 pub struct KafkaFloor {
     /// From the first row's encoding until the broker acknowledged the last record.
     publish: (Duration, CpuTimes),
@@ -30,7 +32,7 @@ impl KafkaFloor {
         let publisher = Publisher::for_source(&producer_kafka_config(stack)?)?;
         let mut lane = publisher
             .lane::<()>(PublishMetrics::default())
-            .with_limit(100_000);
+            .with_limit(MAX_IN_FLIGHT);
         // Connections and metadata first, as in the live phase.
         publish_acknowledged(&mut lane, &topic, &inserts, 0..1).await?;
         let expected = u64::try_from(rows)?;
@@ -59,9 +61,8 @@ impl KafkaFloor {
     }
 
     /// Prints the floor and the best live time it leaves: PostgreSQL's CPU with
-    /// `pg_recvlogical` and the floor's, spread over both cores
-    /// without loss (an optimistic bound: decoding pgoutput, scheduling and
-    /// contention come on top).
+    /// `pg_recvlogical` and the floor's, spread over both cores without loss (an
+    /// optimistic bound: decoding pgoutput, scheduling and contention come on top).
     pub fn print(&self, live: &[(TheirLiveRun, LiveRun)], changes: i64) {
         let theirs = median(live.iter().map(|(t, _)| t.elapsed.as_secs_f64()).collect());
         let postgres = median(
